@@ -1,0 +1,424 @@
+"""Typed settings, parsed once from Flower's flat run-config.
+
+Flower hands apps a flat ``dict[str, bool | int | float | str]`` whose keys are the
+dotted, kebab-case names declared under ``[tool.flwr.app.config]`` (``lora.r``,
+``train.local-steps``). :func:`parse_run_config` turns it into frozen dataclasses at the
+edge of each app, before any model loads, so that an unknown key or a bad value fails
+at start-up with the key named.
+
+Each field carries its run-config key and its help text in ``metadata``; the README's
+config reference is generated from them (:func:`config_reference_markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+Scalar = bool | int | float | str
+
+EMBEDDED = "embedded"
+"""Value of ``model.name`` / ``data.source`` that selects the offline default."""
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+PARTITIONERS = ("iid", "dirichlet", "by-field", "none")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+WEIGHTINGS = ("examples", "tokens")
+WIRE_DTYPES = ("float32", "float16")
+AGGREGATIONS = ("fedavg", "secagg+")
+DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or its value is invalid."""
+
+
+def setting(default: Any, key: str, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """Declare a dataclass field bound to run-config ``key`` with its help text."""
+    return field(default=default, metadata={"key": key, "help": help})
+
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"run-config '{key}' = {value!r}: {message}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"must be one of {', '.join(allowed)}", value)
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base causal LM and how it is quantized."""
+
+    name: str = setting(
+        EMBEDDED,
+        "model.name",
+        "Hugging Face hub id or local directory of a causal LM; `embedded` builds the "
+        "tiny offline Llama that the default run uses.",
+    )
+    quantization: str = setting(
+        "nf4",
+        "model.quantization",
+        "Base weight quantization through bitsandbytes: nf4 | fp4 | int8 | none.",
+    )
+    double_quant: bool = setting(
+        True, "model.double-quant", "Quantize the 4-bit quantization constants too."
+    )
+    compute_dtype: str = setting(
+        "bfloat16",
+        "model.compute-dtype",
+        "dtype of matmuls and LoRA weights: bfloat16 | float16 | float32.",
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "model.gradient-checkpointing",
+        "Recompute activations in backward to save memory (slower).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "model.name", "must not be empty", self.name)
+        _one_of("model.quantization", self.quantization, QUANTIZATIONS)
+        _one_of("model.compute-dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters: the only weights that train and travel."""
+
+    r: int = setting(8, "lora.r", "Rank of the LoRA update matrices.")
+    alpha: int = setting(16, "lora.alpha", "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = setting(0.0, "lora.dropout", "Dropout on the LoRA input, in [0, 1).")
+    target_modules: str = setting(
+        "all-linear",
+        "lora.target-modules",
+        "Comma-separated module names to adapt (e.g. `q_proj,v_proj`) or `all-linear`.",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "lora.r", "must be a positive integer", self.r)
+        _require(self.alpha > 0, "lora.alpha", "must be positive", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
+        _require(bool(self.modules), "lora.target-modules", "names no module", self.target_modules)
+
+    @property
+    def modules(self) -> str | list[str]:
+        """Target modules in the form peft's ``LoraConfig`` takes."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where each client's instruction data comes from and how it becomes tokens."""
+
+    source: str = setting(
+        EMBEDDED,
+        "data.source",
+        "`embedded` (bundled medical/finance/smart-home Q&A), a local .json/.jsonl/.csv/"
+        ".parquet file, or a Hugging Face dataset id. A SuperNode's node-config "
+        "`data-path` overrides it for that site.",
+    )
+    split: str = setting("train", "data.split", "Split to read from a hub dataset.")
+    instruction_column: str = setting(
+        "instruction", "data.instruction-column", "Column holding the prompt/question."
+    )
+    response_column: str = setting(
+        "response", "data.response-column", "Column holding the target answer."
+    )
+    prompt_template: str = setting(
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+        "data.prompt-template",
+        "Python format string with `{instruction}` that precedes the response.",
+    )
+    use_chat_template: bool = setting(
+        False,
+        "data.use-chat-template",
+        "Format with the tokenizer's chat template instead of `data.prompt-template`.",
+    )
+    partitioner: str = setting(
+        "by-field",
+        "data.partitioner",
+        "How simulation splits one dataset across virtual clients: iid | dirichlet | "
+        "by-field | none (every node uses the whole source, as a real site does).",
+    )
+    partition_by: str = setting(
+        "domain",
+        "data.partition-by",
+        "Column that `by-field` and `dirichlet` partition on.",
+    )
+    dirichlet_alpha: float = setting(
+        0.5, "data.dirichlet-alpha", "Concentration of the Dirichlet partitioner (> 0)."
+    )
+    eval_fraction: float = setting(
+        0.2, "data.eval-fraction", "Held-out fraction of each client's data, in (0, 1)."
+    )
+    max_seq_length: int = setting(
+        128, "data.max-seq-length", "Tokens per example after truncation."
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source.strip()), "data.source", "must not be empty", self.source)
+        _one_of("data.partitioner", self.partitioner, PARTITIONERS)
+        _require(
+            "{instruction}" in self.prompt_template or self.use_chat_template,
+            "data.prompt-template",
+            "must contain the placeholder {instruction}",
+            self.prompt_template,
+        )
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0", self.dirichlet_alpha)
+        _require(
+            0.0 < self.eval_fraction < 1.0, "data.eval-fraction", "must be in (0, 1)", self.eval_fraction
+        )
+        _require(self.max_seq_length >= 8, "data.max-seq-length", "must be >= 8", self.max_seq_length)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_steps: int = setting(10, "train.local-steps", "Optimizer steps per client per round.")
+    batch_size: int = setting(8, "train.batch-size", "Examples per micro-batch.")
+    grad_accum: int = setting(
+        1, "train.grad-accum", "Micro-batches accumulated into one optimizer step."
+    )
+    learning_rate: float = setting(3e-3, "train.learning-rate", "Peak AdamW learning rate.")
+    lr_schedule: str = setting(
+        "cosine",
+        "train.lr-schedule",
+        "How the learning rate moves across rounds: constant | cosine | linear "
+        "(decays towards `train.lr-min`).",
+    )
+    lr_min: float = setting(3e-4, "train.lr-min", "Learning rate of the last round.")
+    weight_decay: float = setting(0.0, "train.weight-decay", "AdamW weight decay.")
+    max_grad_norm: float = setting(
+        1.0, "train.max-grad-norm", "Per-step gradient clipping of local training (0 = off)."
+    )
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("train.local-steps", self.local_steps),
+            ("train.batch-size", self.batch_size),
+            ("train.grad-accum", self.grad_accum),
+        ):
+            _require(value > 0, key, "must be a positive integer", value)
+        _require(self.learning_rate > 0, "train.learning-rate", "must be > 0", self.learning_rate)
+        _one_of("train.lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _require(
+            0 <= self.lr_min <= self.learning_rate,
+            "train.lr-min",
+            "must be in [0, train.learning-rate]",
+            self.lr_min,
+        )
+        _require(self.weight_decay >= 0, "train.weight-decay", "must be >= 0", self.weight_decay)
+        _require(self.max_grad_norm >= 0, "train.max-grad-norm", "must be >= 0", self.max_grad_norm)
+
+    def learning_rate_at(self, server_round: int, num_rounds: int) -> float:
+        """Learning rate for ``server_round`` (1-based) of ``num_rounds``."""
+        if self.lr_schedule == "constant" or num_rounds <= 1:
+            return self.learning_rate
+        progress = (server_round - 1) / (num_rounds - 1)
+        if self.lr_schedule == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr_min + (self.learning_rate - self.lr_min) * shape
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, client sampling and aggregation on the server."""
+
+    num_rounds: int = setting(3, "fed.num-rounds", "Federated rounds.")
+    fraction_train: float = setting(
+        1.0, "fed.fraction-train", "Fraction of connected clients sampled to train, in (0, 1]."
+    )
+    fraction_evaluate: float = setting(
+        1.0, "fed.fraction-evaluate", "Fraction of clients sampled to evaluate, in (0, 1]."
+    )
+    min_train_clients: int = setting(
+        2, "fed.min-train-clients", "Fewest valid train replies a round needs to update the model."
+    )
+    min_evaluate_clients: int = setting(
+        1, "fed.min-evaluate-clients", "Fewest clients sampled for evaluation."
+    )
+    min_available_clients: int = setting(
+        2, "fed.min-available-clients", "Clients that must be connected before a round starts."
+    )
+    round_timeout: float = setting(
+        600.0, "fed.round-timeout", "Seconds to wait for replies; later clients are dropped."
+    )
+    weighting: str = setting(
+        "examples", "fed.weighting", "FedAvg weight of each client: examples | tokens."
+    )
+    wire_dtype: str = setting(
+        "float32", "fed.wire-dtype", "dtype of adapter weights on the wire: float32 | float16."
+    )
+    aggregation: str = setting(
+        "fedavg", "fed.aggregation", "fedavg, or secagg+ (the server only sees the sum)."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.num_rounds > 0, "fed.num-rounds", "must be a positive integer", self.num_rounds)
+        for key, value in (
+            ("fed.fraction-train", self.fraction_train),
+            ("fed.fraction-evaluate", self.fraction_evaluate),
+        ):
+            _require(0.0 < value <= 1.0, key, "must be in (0, 1]", value)
+        for key, count in (
+            ("fed.min-train-clients", self.min_train_clients),
+            ("fed.min-evaluate-clients", self.min_evaluate_clients),
+            ("fed.min-available-clients", self.min_available_clients),
+        ):
+            _require(count >= 1, key, "must be >= 1", count)
+        _require(self.round_timeout > 0, "fed.round-timeout", "must be > 0 seconds", self.round_timeout)
+        _one_of("fed.weighting", self.weighting, WEIGHTINGS)
+        _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _one_of("fed.aggregation", self.aggregation, AGGREGATIONS)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What the server writes."""
+
+    dir: str = setting(
+        "outputs",
+        "output.dir",
+        "Directory for per-round adapters, metrics.jsonl and summary.json (a run gets a "
+        "sub-directory named by its start time unless `output.run-name` is set).",
+    )
+    run_name: str = setting("", "output.run-name", "Fixed run sub-directory name (optional).")
+    local_only_baseline: bool = setting(
+        False,
+        "output.local-only-baseline",
+        "Also train a local-only adapter per client and report, on the union of all "
+        "held-out data, its loss next to the federated one. Clients then send their "
+        "local-only adapter once at the end: use it for benchmarking, not in production.",
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
+
+
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig),
+    ("lora", LoraSettings),
+    ("data", DataConfig),
+    ("train", TrainConfig),
+    ("fed", FederationConfig),
+    ("output", OutputConfig),
+)
+
+
+# --------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Scalar, expected: type) -> Scalar:
+    """Check a run-config scalar against the field's type; ints widen to floats."""
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"run-config '{key}' = {value!r}: expected {expected.__name__}, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _fields_by_key(section: type) -> dict[str, tuple[str, type]]:
+    hints = get_type_hints(section)
+    return {
+        f.metadata["key"]: (f.name, hints[f.name])
+        for f in dataclasses.fields(section)
+        if "key" in f.metadata
+    }
+
+
+def known_keys() -> dict[str, dataclasses.Field[Any]]:
+    """Every run-config key the apps understand, with its dataclass field."""
+    keys: dict[str, dataclasses.Field[Any]] = {}
+    for _, section in SECTIONS:
+        for f in dataclasses.fields(section):
+            keys[f.metadata["key"]] = f
+    for f in dataclasses.fields(RunConfig):
+        if "key" in f.metadata:
+            keys[f.metadata["key"]] = f
+    return keys
+
+
+def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:
+    """Build a :class:`RunConfig` from Flower's flat run-config.
+
+    Missing keys take their defaults, so an empty mapping (what
+    ``flwr.simulation.run_simulation`` passes) gives the embedded default run.
+
+    Raises
+    ------
+    ConfigError
+        A key is unknown (with the closest known key suggested) or a value has the
+        wrong type or is out of range (the message names the key).
+    """
+    known = known_keys()
+    for key in run_config:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown run-config key '{key}'{hint}")
+
+    sections: dict[str, Any] = {}
+    for section_name, section in SECTIONS:
+        kwargs = {
+            name: _coerce(key, run_config[key], expected)
+            for key, (name, expected) in _fields_by_key(section).items()
+            if key in run_config
+        }
+        sections[section_name] = section(**kwargs)
+    top = {
+        name: _coerce(key, run_config[key], expected)
+        for key, (name, expected) in _fields_by_key(RunConfig).items()
+        if key in run_config
+    }
+    return RunConfig(**sections, **top)
+
+
+def config_reference_markdown() -> str:
+    """A markdown table of every run-config key, its default and its meaning."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, f in known_keys().items():
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        shown = repr(default).replace("\n", "\\n") if isinstance(default, str) else default
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        lines.append(f"| `{key}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(lines)
