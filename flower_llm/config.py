@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     """A run-config key is unknown or its value is invalid."""
 
 
-def setting(default: Any, key: str, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def setting(default: Any, key: str, help: str) -> Any:
     """Declare a dataclass field bound to run-config ``key`` with its help text."""
     return field(default=default, metadata={"key": key, "help": help})
 
@@ -177,11 +177,18 @@ class DataConfig:
             "must contain the placeholder {instruction}",
             self.prompt_template,
         )
-        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0", self.dirichlet_alpha)
         _require(
-            0.0 < self.eval_fraction < 1.0, "data.eval-fraction", "must be in (0, 1)", self.eval_fraction
+            self.dirichlet_alpha > 0, "data.dirichlet-alpha", "must be > 0", self.dirichlet_alpha
         )
-        _require(self.max_seq_length >= 8, "data.max-seq-length", "must be >= 8", self.max_seq_length)
+        _require(
+            0.0 < self.eval_fraction < 1.0,
+            "data.eval-fraction",
+            "must be in (0, 1)",
+            self.eval_fraction,
+        )
+        _require(
+            self.max_seq_length >= 8, "data.max-seq-length", "must be >= 8", self.max_seq_length
+        )
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,9 @@ class FederationConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.num_rounds > 0, "fed.num-rounds", "must be a positive integer", self.num_rounds)
+        _require(
+            self.num_rounds > 0, "fed.num-rounds", "must be a positive integer", self.num_rounds
+        )
         for key, value in (
             ("fed.fraction-train", self.fraction_train),
             ("fed.fraction-evaluate", self.fraction_evaluate),
@@ -282,7 +291,9 @@ class FederationConfig:
             ("fed.min-available-clients", self.min_available_clients),
         ):
             _require(count >= 1, key, "must be >= 1", count)
-        _require(self.round_timeout > 0, "fed.round-timeout", "must be > 0 seconds", self.round_timeout)
+        _require(
+            self.round_timeout > 0, "fed.round-timeout", "must be > 0 seconds", self.round_timeout
+        )
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _one_of("fed.aggregation", self.aggregation, AGGREGATIONS)
@@ -347,12 +358,10 @@ def _coerce(key: str, value: Scalar, expected: type) -> Scalar:
     elif expected is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    elif expected is str:
-        if isinstance(value, str):
-            return value
+    elif expected is str and isinstance(value, str):
+        return value
     raise ConfigError(
-        f"run-config '{key}' = {value!r}: expected {expected.__name__}, "
-        f"got {type(value).__name__}"
+        f"run-config '{key}' = {value!r}: expected {expected.__name__}, got {type(value).__name__}"
     )
 
 

@@ -1,0 +1,83 @@
+"""ClientApp: QLoRA fine-tuning of the global adapter on this site's data.
+
+Thin by design: parse the run-config, get the (cached) session, call the library, reply.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_llm import wire
+from flower_llm.client import ClientSession, SessionCache, SiteIdentity
+from flower_llm.config import parse_run_config
+
+app = ClientApp()
+
+# The base model is the costly part of a client: keep it for the life of the process.
+SESSIONS = SessionCache()
+
+LOCAL_ONLY_STATE = "local-only-adapter"
+
+
+def session_for(context: Context) -> ClientSession:
+    """Parse settings at the edge and return this process's session."""
+    cfg = parse_run_config(context.run_config)
+    return SESSIONS.get(cfg, SiteIdentity.from_node_config(context.node_config))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received adapter; reply with it, the example and token counts."""
+    session = session_for(context)
+    config = msg.content[wire.CONFIG]
+    server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
+    learning_rate = float(config[wire.LEARNING_RATE])  # type: ignore[arg-type]
+    global_state = wire.from_array_record(msg.content[wire.ARRAYS])
+    wire_dtype = session.cfg.fed.wire_dtype
+
+    state, stats = session.train(global_state, server_round, learning_rate)
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.to_array_record(state, wire_dtype),
+            wire.METRICS: MetricRecord(
+                {
+                    wire.NUM_EXAMPLES: stats.examples,
+                    wire.NUM_TOKENS: stats.tokens,
+                    wire.TRAIN_LOSS: stats.loss,
+                    wire.TRAIN_SECONDS: stats.seconds,
+                }
+            ),
+        }
+    )
+
+    if session.cfg.output.local_only_baseline:
+        # The same steps on the same batches, but never averaged with anyone: the
+        # reference that tells whether federating helped this site.
+        kept = context.state.array_records.get(LOCAL_ONLY_STATE)
+        local_start = wire.from_array_record(kept) if kept is not None else global_state
+        local_state, _ = session.train(local_start, server_round, learning_rate)
+        context.state[LOCAL_ONLY_STATE] = wire.to_array_record(local_state)
+        if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
+            content[wire.LOCAL_ONLY_ARRAYS] = wire.to_array_record(local_state, wire_dtype)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received adapter on this site's held-out split."""
+    session = session_for(context)
+    stats = session.evaluate(wire.from_array_record(msg.content[wire.ARRAYS]))
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: stats.examples,
+            wire.EVAL_LOSS: stats.loss,
+            wire.EVAL_PERPLEXITY: stats.perplexity,
+            wire.EVAL_TOKEN_ACCURACY: stats.token_accuracy,
+            wire.EVAL_TOKENS: stats.tokens,
+        }
+    )
+    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+__all__ = ["ArrayRecord", "app"]

@@ -1,0 +1,144 @@
+"""One site's side of federated fine-tuning, independent of Flower's APIs.
+
+A :class:`ClientSession` holds the quantized base model with its LoRA adapters and the
+site's tokenized data. Both ClientApps (Message API and the legacy SecAgg+ one) drive the
+same session, so the training, evaluation and serialisation logic exists once.
+
+Loading a base model is the expensive part of a client; :class:`SessionCache` keeps one
+session per process and reuses it across rounds. Flower's simulation engine keeps its
+client processes alive, so there a model loads once per virtual-client actor; in a
+deployment, a SuperNode starts a fresh ClientApp process per message and the cache holds
+for that message only (see benchmarks for what a reload costs).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flower_llm.adapters import AdapterState, adapter_state, apply_lora, load_adapter_state
+from flower_llm.config import RunConfig
+from flower_llm.data import ClientData, make_dataloader, prepare_client_data
+from flower_llm.models import BaseModel, describe, load_base_model
+from flower_llm.train import EvalStats, TrainStats, cycle_batches, evaluate, train_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Which data this client holds: its own file, or a partition of a shared source."""
+
+    data_path: str | None = None
+    partition_id: int = 0
+    num_partitions: int = 1
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteIdentity:
+        """Read ``data-path`` (deployment) or ``partition-id``/``num-partitions`` (simulation)."""
+        data_path = node_config.get("data-path")
+        if data_path is not None and not isinstance(data_path, str):
+            raise ValueError(f"node-config 'data-path' must be a string, got {data_path!r}")
+        partition_id = int(node_config.get("partition-id", 0))
+        num_partitions = int(node_config.get("num-partitions", 1))
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(
+                f"node-config 'partition-id' = {partition_id} is outside "
+                f"[0, num-partitions = {num_partitions})"
+            )
+        return cls(data_path or None, partition_id, num_partitions)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed mixed from integers, stable across processes (unlike ``hash``)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % 2**31)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ClientSession:
+    """Base model + LoRA + local data of one site; trains and evaluates adapters."""
+
+    def __init__(self, cfg: RunConfig, site: SiteIdentity, device: torch.device | None = None):
+        self.cfg = cfg
+        self.site = site
+        seed_everything(cfg.seed)
+        self.base: BaseModel = load_base_model(cfg.model, device)
+        self.model = apply_lora(self.base.model, cfg.lora, self.base.name_or_path)
+        self.data: ClientData = prepare_client_data(
+            cfg.data,
+            self.base.tokenizer,
+            partition_id=site.partition_id,
+            num_partitions=site.num_partitions,
+            seed=cfg.seed,
+            data_path=site.data_path,
+        )
+        log.info(
+            "Client session: %s; %d train / %d held-out examples",
+            describe(self.base),
+            self.data.num_train_examples,
+            self.data.num_eval_examples,
+        )
+
+    def batches_for_round(self, server_round: int) -> Any:
+        """Training batches of a round, shuffled by (seed, site, round).
+
+        Deriving the order from the round rather than from iterator state keeps a
+        resumed run on the same batches as an uninterrupted one.
+        """
+        seed = derive_seed(self.cfg.seed, self.site.partition_id, server_round)
+        loader = make_dataloader(
+            self.data.train, self.cfg.train.batch_size, shuffle=True, seed=seed
+        )
+        return cycle_batches(loader)
+
+    def train(
+        self, global_state: AdapterState, server_round: int, learning_rate: float
+    ) -> tuple[AdapterState, TrainStats]:
+        """Start from ``global_state``, train the round's local steps, return the adapter."""
+        load_adapter_state(self.model, global_state)
+        torch.manual_seed(derive_seed(self.cfg.seed, self.site.partition_id, server_round, 1))
+        stats = train_adapter(
+            self.model,
+            self.batches_for_round(server_round),
+            steps=self.cfg.train.local_steps,
+            learning_rate=learning_rate,
+            grad_accum=self.cfg.train.grad_accum,
+            weight_decay=self.cfg.train.weight_decay,
+            max_grad_norm=self.cfg.train.max_grad_norm,
+        )
+        return adapter_state(self.model), stats
+
+    def evaluate(self, state: AdapterState) -> EvalStats:
+        """Held-out loss, perplexity and token accuracy of ``state`` on this site."""
+        load_adapter_state(self.model, state)
+        loader = make_dataloader(self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0)
+        return evaluate(self.model, loader)
+
+
+class SessionCache:
+    """One :class:`ClientSession` per process, rebuilt only when config or site change."""
+
+    def __init__(self) -> None:
+        self._key: tuple[RunConfig, SiteIdentity] | None = None
+        self._session: ClientSession | None = None
+
+    def get(self, cfg: RunConfig, site: SiteIdentity) -> ClientSession:
+        """The cached session for (cfg, site), loading the model on first use."""
+        key = (cfg, site)
+        if self._session is None or self._key != key:
+            self._session = None  # free the old model before loading a new one
+            self._session = ClientSession(cfg, site)
+            self._key = key
+        return self._session

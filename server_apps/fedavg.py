@@ -1,0 +1,164 @@
+"""ServerApp: weighted FedAvg of LoRA adapters, with outputs written every round."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flower_llm import wire
+from flower_llm.adapters import init_adapter, num_parameters
+from flower_llm.config import RunConfig, parse_run_config
+from flower_llm.models import resolve_model_path
+from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
+from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
+from strategies.rounds import RoundResult, federate
+
+log = logging.getLogger("flower_llm.server")
+
+app = ServerApp()
+
+
+def build_strategy(cfg: RunConfig) -> WeightedFedAvg:
+    """The strategy the run-config asks for."""
+    fed = cfg.fed
+    return WeightedFedAvg(
+        weighting=fed.weighting,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_clients=fed.min_train_clients,
+        min_evaluate_clients=fed.min_evaluate_clients,
+        min_available_clients=fed.min_available_clients,
+    )
+
+
+def round_row(result: RoundResult) -> dict[str, Any]:
+    """The metrics.jsonl line of a finished round."""
+    report = result.report
+    row: dict[str, Any] = {
+        "round": result.server_round,
+        "seconds": round(result.seconds, 3),
+        "clients-sampled": len(report.sampled),
+        "clients-replied": len(report.accepted),
+        "clients-dropped": len(report.dropped),
+        "dropped": {str(k): v for k, v in report.dropped.items()},
+        "bytes-down": report.bytes_down,
+        "bytes-up": report.bytes_up,
+        "updated": report.updated,
+    }
+    for prefix, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
+        for key, value in (metrics or {}).items():
+            name = key if key.startswith(prefix) else f"{prefix}/{key}"
+            row[name] = value
+    return row
+
+
+def evaluate_on_all_sites(
+    grid: Grid, arrays: ArrayRecord, node_ids: list[int], timeout: float
+) -> dict[str, Any] | None:
+    """Pooled held-out metrics of ``arrays`` over every site's evaluation split."""
+    messages = [
+        Message(
+            content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord()}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node,
+        )
+        for node in node_ids
+    ]
+    metrics = aggregate_eval_replies(grid.send_and_receive(messages, timeout=timeout))
+    return dict(metrics) if metrics is not None else None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run federated QLoRA fine-tuning and write the run directory."""
+    logging.basicConfig(level=logging.INFO)
+    cfg = parse_run_config(context.run_config)
+    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name)
+    run_dir.save_config(cfg)
+    started = time.perf_counter()
+
+    # The server needs the model's config only; adapter weights start as peft starts them.
+    name_or_path = resolve_model_path(cfg.model)
+    state, lora_cfg = init_adapter(cfg.model, cfg.lora, name_or_path, cfg.seed)
+    log.info("Global adapter: %d parameters, %s", num_parameters(state), run_dir.path)
+    arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
+
+    strategy = build_strategy(cfg)
+    strategy.summary()
+    num_rounds = cfg.fed.num_rounds
+    local_only: dict[int, ArrayRecord] = {}
+
+    def train_config(server_round: int) -> ConfigRecord:
+        last = server_round == num_rounds
+        return ConfigRecord(
+            {
+                wire.SERVER_ROUND: server_round,
+                wire.LEARNING_RATE: cfg.train.learning_rate_at(server_round, num_rounds),
+                wire.SEND_LOCAL_ONLY: bool(last and cfg.output.local_only_baseline),
+            }
+        )
+
+    def on_round_end(result: RoundResult) -> bool:
+        run_dir.save_adapter(
+            wire.from_array_record(result.arrays), lora_cfg, round_name(result.server_round)
+        )
+        row = round_row(result)
+        run_dir.append_metrics(row)
+        log.info(
+            "round %d: eval-loss %s, %d/%d clients, %.1fs",
+            result.server_round,
+            row.get("eval-loss"),
+            len(result.report.accepted),
+            len(result.report.sampled),
+            result.seconds,
+        )
+        for reply in strategy.last_valid:
+            if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
+                local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+        return False
+
+    final = federate(
+        strategy,
+        grid,
+        arrays,
+        first_round=1,
+        num_rounds=num_rounds,
+        timeout=cfg.fed.round_timeout,
+        train_config=train_config,
+        on_round_end=on_round_end,
+    )
+    run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
+
+    # ----------------------------------------------------------------------------------
+    # Summary, with the local-only comparison when asked for
+    # ----------------------------------------------------------------------------------
+    history = run_dir.read_metrics()
+    summary: dict[str, Any] = {
+        "rounds": len(history),
+        "seconds": round(time.perf_counter() - started, 2),
+        "adapter-parameters": num_parameters(state),
+        "final-adapter": str(run_dir.path / FINAL_ADAPTER),
+        "eval-loss-by-round": [row.get("eval-loss") for row in history],
+        "bytes-up": sum(row["bytes-up"] for row in history),
+        "bytes-down": sum(row["bytes-down"] for row in history),
+    }
+    if local_only:
+        nodes = sorted(grid.get_node_ids())
+        federated = evaluate_on_all_sites(grid, final, nodes, cfg.fed.round_timeout)
+        summary["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
+        per_site = {}
+        for node, local_arrays in sorted(local_only.items()):
+            metrics = evaluate_on_all_sites(grid, local_arrays, nodes, cfg.fed.round_timeout)
+            per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
+        summary["union-eval-loss/local-only"] = per_site
+        log.info(
+            "Held-out loss on all sites' data: federated %.4f; local-only %s",
+            summary["union-eval-loss/federated"],
+            ", ".join(f"{v:.4f}" for v in per_site.values() if v is not None),
+        )
+    run_dir.write_summary(summary)
+    log.info("Run finished: %s", run_dir.path)

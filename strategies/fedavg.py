@@ -1,0 +1,261 @@
+"""Weighted FedAvg over LoRA adapters that survives bad clients.
+
+Flower's ``FedAvg`` raises ``InconsistentMessageReplies`` on one malformed reply, which
+ends the whole ServerApp. Here each reply is checked on its own (keys, shapes, dtypes,
+NaN/Inf, weight); a bad one is dropped with a logged reason, and a round left with too
+few valid replies keeps the previous global adapter instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from flower_llm import wire
+from flower_llm.adapters import AdapterState
+from flower_llm.aggregation import update_problem, weighted_average
+
+log = logging.getLogger(__name__)
+
+WEIGHT_KEYS = {"examples": wire.NUM_EXAMPLES, "tokens": wire.NUM_TOKENS}
+
+
+@dataclass
+class RoundReport:
+    """Who took part in a round and what happened to their replies."""
+
+    sampled: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+    """node id -> reason its reply was not used."""
+    bytes_down: int = 0
+    bytes_up: int = 0
+    updated: bool = False
+    """Whether the global adapter changed this round."""
+
+
+@dataclass
+class ValidReply:
+    """A train reply that passed every check."""
+
+    node_id: int
+    state: AdapterState
+    weight: float
+    metrics: MetricRecord
+    content: RecordDict
+    """The whole reply, for records beyond the adapter (a local-only baseline, say)."""
+
+
+class WeightedFedAvg(FedAvg):
+    """FedAvg of adapter states, ``w = sum_k (n_k / n) * w_k``, with per-reply validation.
+
+    Parameters
+    ----------
+    weighting : str
+        ``"examples"`` weighs each client by ``num-examples``; ``"tokens"`` by the
+        response tokens it trained on (``num-tokens``).
+    fraction_train, fraction_evaluate : float
+        Fractions of connected nodes sampled per round.
+    min_train_clients : int
+        Valid replies needed to update the global adapter; fewer keeps the previous one.
+    min_evaluate_clients, min_available_clients : int
+        As Flower's ``min_evaluate_nodes`` and ``min_available_nodes``.
+    """
+
+    def __init__(
+        self,
+        *,
+        weighting: str = "examples",
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_clients: int = 2,
+        min_evaluate_clients: int = 1,
+        min_available_clients: int = 2,
+    ) -> None:
+        if weighting not in WEIGHT_KEYS:
+            raise ValueError(f"weighting must be one of {sorted(WEIGHT_KEYS)}, got {weighting!r}")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_clients,
+            min_evaluate_nodes=min_evaluate_clients,
+            min_available_nodes=min_available_clients,
+            weighted_by_key=WEIGHT_KEYS[weighting],
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
+        )
+        self.weighting = weighting
+        self.min_train_clients = min_train_clients
+        self.reference: AdapterState | None = None
+        self.report = RoundReport()
+        self.last_valid: list[ValidReply] = []
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info(
+            "WeightedFedAvg: weighting by %s, fraction train %.2f / evaluate %.2f, "
+            "min valid train replies %d",
+            self.weighting,
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.min_train_clients,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients and remember the adapter they start from."""
+        self.reference = wire.from_array_record(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.report = RoundReport(
+            sampled=[m.metadata.dst_node_id for m in messages],
+            bytes_down=wire.num_bytes(arrays) * len(messages),
+        )
+        return messages
+
+    # ----------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------
+
+    def check_reply(self, reply: Message) -> ValidReply | str:
+        """A :class:`ValidReply`, or the reason ``reply`` cannot be aggregated."""
+        if reply.has_error():
+            return f"client error: {reply.error.reason}"
+        content = reply.content
+        if wire.ARRAYS not in content.array_records:
+            return f"no ArrayRecord '{wire.ARRAYS}'"
+        if wire.METRICS not in content.metric_records:
+            return f"no MetricRecord '{wire.METRICS}'"
+        metrics = content.metric_records[wire.METRICS]
+        if self.weighted_by_key not in metrics:
+            return f"metric '{self.weighted_by_key}' missing"
+        weight = metrics[self.weighted_by_key]
+        try:
+            state = wire.from_array_record(content.array_records[wire.ARRAYS])
+        except (ValueError, TypeError) as err:
+            return f"unreadable adapter: {err}"
+        assert self.reference is not None, "configure_train sets the reference"
+        problem = update_problem(state, self.reference, weight)  # type: ignore[arg-type]
+        if problem is not None:
+            return problem
+        return ValidReply(reply.metadata.src_node_id, state, float(weight), metrics, content)  # type: ignore[arg-type]
+
+    def valid_replies(self, replies: Iterable[Message]) -> list[ValidReply]:
+        """Check every reply, log and record the dropped ones."""
+        valid: list[ValidReply] = []
+        for reply in replies:
+            self.report.bytes_up += (
+                sum(wire.num_bytes(r) for r in reply.content.array_records.values())
+                if not reply.has_error()
+                else 0
+            )
+            checked = self.check_reply(reply)
+            if isinstance(checked, str):
+                node = reply.metadata.src_node_id
+                log.warning("Dropping reply of node %d: %s", node, checked)
+                self.report.dropped[node] = checked
+            else:
+                valid.append(checked)
+        replied = {r.node_id for r in valid} | set(self.report.dropped)
+        for node in self.report.sampled:
+            if node not in replied:
+                self.report.dropped[node] = "no reply before the round timeout"
+                log.warning("Node %d did not reply before the round timeout", node)
+        self.report.accepted = [r.node_id for r in valid]
+        self.last_valid = valid
+        return valid
+
+    # ----------------------------------------------------------------------------------
+    # Aggregation
+    # ----------------------------------------------------------------------------------
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted average of the valid replies, or None to keep the previous adapter."""
+        valid = self.valid_replies(replies)
+        if len(valid) < self.min_train_clients:
+            log.warning(
+                "Round %d: %d valid replies, fewer than fed.min-train-clients = %d; "
+                "keeping the previous global adapter",
+                server_round,
+                len(valid),
+                self.min_train_clients,
+            )
+            return None, None
+        state = weighted_average([r.state for r in valid], [r.weight for r in valid])
+        self.report.updated = True
+        return wire.to_array_record(state), self.aggregate_train_metrics(valid)
+
+    def aggregate_train_metrics(self, valid: list[ValidReply]) -> MetricRecord:
+        """Weighted mean of scalar metrics; sums of counts."""
+        total = sum(r.weight for r in valid)
+        out = MetricRecord()
+        for key in (wire.NUM_EXAMPLES, wire.NUM_TOKENS):
+            out[key] = int(sum(int(r.metrics.get(key, 0)) for r in valid))  # type: ignore[call-overload]
+        shared = set.intersection(*(set(r.metrics) for r in valid)) - {
+            wire.NUM_EXAMPLES,
+            wire.NUM_TOKENS,
+        }
+        for key in sorted(shared):
+            values = [r.metrics[key] for r in valid]
+            if all(isinstance(v, int | float) for v in values):
+                weighted = (float(v) * r.weight / total for v, r in zip(values, valid, strict=True))  # type: ignore[arg-type]
+                out[key] = sum(weighted)
+        return out
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Token-weighted held-out loss and accuracy; perplexity from the pooled loss."""
+        return aggregate_eval_replies(replies)
+
+
+def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
+    """Pool evaluation replies as if all held-out tokens were one set.
+
+    Replies with errors or without the expected metrics are skipped with a log line.
+    """
+    import math
+
+    loss_sum = acc_sum = 0.0
+    tokens = examples = clients = 0
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("Evaluation reply of node %d is an error: %s", node, reply.error.reason)
+            continue
+        metrics = reply.content.metric_records.get(wire.METRICS)
+        needed = (wire.EVAL_LOSS, wire.EVAL_TOKENS, wire.EVAL_TOKEN_ACCURACY, wire.NUM_EXAMPLES)
+        if metrics is None or any(k not in metrics for k in needed):
+            log.warning("Evaluation reply of node %d lacks metrics %s; skipped", node, needed)
+            continue
+        loss, n_tok = float(metrics[wire.EVAL_LOSS]), int(metrics[wire.EVAL_TOKENS])  # type: ignore[arg-type]
+        if not math.isfinite(loss) or n_tok <= 0:
+            log.warning(
+                "Evaluation reply of node %d has loss %s on %d tokens; skipped", node, loss, n_tok
+            )
+            continue
+        loss_sum += loss * n_tok
+        acc_sum += float(metrics[wire.EVAL_TOKEN_ACCURACY]) * n_tok  # type: ignore[arg-type]
+        tokens += n_tok
+        examples += int(metrics[wire.NUM_EXAMPLES])  # type: ignore[arg-type]
+        clients += 1
+    if tokens == 0:
+        return None
+    loss = loss_sum / tokens
+    return MetricRecord(
+        {
+            wire.EVAL_LOSS: loss,
+            wire.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)),
+            wire.EVAL_TOKEN_ACCURACY: acc_sum / tokens,
+            wire.EVAL_TOKENS: tokens,
+            wire.NUM_EXAMPLES: examples,
+            "clients": clients,
+        }
+    )

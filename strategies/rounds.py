@@ -1,0 +1,79 @@
+"""The round loop: train, aggregate, evaluate, record; one callback per finished round.
+
+Flower's ``Strategy.start`` owns a similar loop but offers no hook between rounds, and
+everything a user cares about happens there: saving the adapter, appending metrics,
+accounting privacy, checkpointing for resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from flower_llm import wire
+from strategies.fedavg import RoundReport, WeightedFedAvg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """Everything known about a finished round."""
+
+    server_round: int
+    arrays: ArrayRecord
+    """The global adapter after the round (unchanged if the round did not update it)."""
+    train_metrics: MetricRecord | None
+    eval_metrics: MetricRecord | None
+    report: RoundReport
+    seconds: float
+
+
+def federate(
+    strategy: WeightedFedAvg,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    num_rounds: int,
+    timeout: float,
+    train_config: Callable[[int], ConfigRecord],
+    on_round_end: Callable[[RoundResult], bool | None],
+) -> ArrayRecord:
+    """Run rounds ``first_round .. num_rounds``; return the final global adapter.
+
+    ``train_config(round)`` gives the instruction config of a round (its learning rate,
+    for instance). ``on_round_end`` sees each finished round; returning True stops the
+    run early (a privacy budget about to be exceeded, say).
+    """
+    for server_round in range(first_round, num_rounds + 1):
+        start = time.perf_counter()
+        log.info("[ROUND %d/%d]", server_round, num_rounds)
+        messages = strategy.configure_train(server_round, arrays, train_config(server_round), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+
+        eval_config = ConfigRecord({wire.SERVER_ROUND: server_round})
+        eval_messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+        eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
+        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+
+        result = RoundResult(
+            server_round=server_round,
+            arrays=arrays,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            report=strategy.report,
+            seconds=time.perf_counter() - start,
+        )
+        if on_round_end(result):
+            log.info("Stopping after round %d", server_round)
+            break
+    return arrays

@@ -1,0 +1,216 @@
+"""WeightedFedAvg: same maths as Flower's FedAvg, but bad replies are dropped, not fatal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flower_llm import wire
+from flower_llm.aggregation import weighted_average
+from strategies.fedavg import WeightedFedAvg
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity() -> None:
+    """Messages are stamped with the run and node of the process that makes them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+SHAPES = {"layer.lora_A.weight": (4, 16), "layer.lora_B.weight": (16, 4)}
+
+
+def make_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def reply(node_id: int, state: dict[str, np.ndarray] | None, **metrics: float) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    content = RecordDict({wire.METRICS: MetricRecord(dict(metrics))})
+    if state is not None:
+        content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    return Message(content, reply_to=instruction)
+
+
+def strategy_with_reference(**kwargs: object) -> WeightedFedAvg:
+    strategy = WeightedFedAvg(**kwargs)  # type: ignore[arg-type]
+    strategy.reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    strategy.report.sampled = [1, 2, 3, 4]
+    return strategy
+
+
+def test_weighted_average_equals_flower_fedavg() -> None:
+    # Prepare
+    rng = np.random.default_rng(0)
+    states = [make_state(rng) for _ in range(3)]
+    counts = [10, 30, 60]
+    replies = [
+        reply(i + 1, s, **{wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: 1.0 + i})
+        for i, (s, n) in enumerate(zip(states, counts, strict=True))
+    ]
+    ours = strategy_with_reference()
+
+    # Execute
+    flower_arrays, flower_metrics = FedAvg().aggregate_train(1, replies)
+    our_arrays, our_metrics = ours.aggregate_train(1, replies)
+
+    # Assert
+    assert flower_arrays is not None and our_arrays is not None
+    for key in SHAPES:
+        np.testing.assert_allclose(
+            our_arrays[key].numpy(), flower_arrays[key].numpy(), rtol=1e-6, atol=1e-7
+        )
+    assert flower_metrics is not None and our_metrics is not None
+    assert our_metrics[wire.TRAIN_LOSS] == pytest.approx(flower_metrics[wire.TRAIN_LOSS])
+    assert our_metrics[wire.NUM_EXAMPLES] == sum(counts)
+
+
+def test_hand_computed_average() -> None:
+    # Prepare: w = (1*a + 3*b) / 4
+    a = {"w": np.full((2, 2), 1.0, np.float32)}
+    b = {"w": np.full((2, 2), 5.0, np.float32)}
+
+    # Execute
+    avg = weighted_average([a, b], [1, 3])
+
+    # Assert
+    np.testing.assert_array_equal(avg["w"], np.full((2, 2), 4.0, np.float32))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    weights=st.lists(st.floats(0.1, 1e4), min_size=1, max_size=6),
+    value=st.floats(-100, 100),
+)
+def test_average_of_identical_states_is_that_state(weights: list[float], value: float) -> None:
+    state = {"w": np.full((3,), value, np.float32)}
+    avg = weighted_average([state] * len(weights), weights)
+    np.testing.assert_allclose(avg["w"], state["w"], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    scale=st.floats(0.01, 1000),
+    seed=st.integers(0, 2**16),
+)
+def test_average_is_invariant_to_weight_scale(scale: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    states = [make_state(rng) for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    base = weighted_average(states, weights)
+    scaled = weighted_average(states, [w * scale for w in weights])
+    for key in base:
+        np.testing.assert_allclose(base[key], scaled[key], rtol=1e-5, atol=1e-6)
+
+
+def test_weighting_by_tokens_uses_num_tokens() -> None:
+    # Prepare
+    a = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    b = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
+    replies = [
+        reply(1, a, **{wire.NUM_EXAMPLES: 100, wire.NUM_TOKENS: 1}),
+        reply(2, b, **{wire.NUM_EXAMPLES: 1, wire.NUM_TOKENS: 3}),
+    ]
+
+    # Execute
+    arrays, _ = strategy_with_reference(weighting="tokens").aggregate_train(1, replies)
+
+    # Assert: token weights 1:3 give 0.75, example weights would give ~0.01
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["layer.lora_A.weight"].numpy(), 0.75)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("nan", "NaN"),
+        ("shape", "shape"),
+        ("missing-key", "missing"),
+        ("zero-weight", "not positive"),
+        ("negative-weight", "not positive"),
+        ("no-weight", "missing"),
+        ("int-dtype", "dtype"),
+        ("no-arrays", "no ArrayRecord"),
+        ("error", "client error"),
+    ],
+)
+def test_malformed_reply_is_dropped_and_round_goes_on(bad: str, reason: str) -> None:
+    # Prepare
+    rng = np.random.default_rng(1)
+    good = [reply(i, make_state(rng), **{wire.NUM_EXAMPLES: 10}) for i in (1, 2, 3)]
+    state = make_state(rng)
+    weight: dict[str, float] = {wire.NUM_EXAMPLES: 10}
+    if bad == "nan":
+        state["layer.lora_A.weight"][0, 0] = np.nan
+    elif bad == "shape":
+        state["layer.lora_A.weight"] = np.zeros((5, 16), np.float32)
+    elif bad == "missing-key":
+        del state["layer.lora_B.weight"]
+    elif bad == "zero-weight":
+        weight = {wire.NUM_EXAMPLES: 0}
+    elif bad == "negative-weight":
+        weight = {wire.NUM_EXAMPLES: -5}
+    elif bad == "no-weight":
+        weight = {wire.TRAIN_LOSS: 1.0}
+    elif bad == "int-dtype":
+        state["layer.lora_A.weight"] = np.ones((4, 16), np.int32)
+    if bad == "no-arrays":
+        broken = reply(4, None, **weight)
+    elif bad == "error":
+        instruction = Message(RecordDict(), dst_node_id=4, message_type=MessageType.TRAIN)
+        broken = Message(Error(code=1, reason="CUDA out of memory"), reply_to=instruction)
+    else:
+        broken = reply(4, state, **weight)
+    strategy = strategy_with_reference()
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [*good, broken])
+
+    # Assert: aggregate of the three good replies only
+    expected = weighted_average(
+        [wire.from_array_record(m.content[wire.ARRAYS]) for m in good], [10, 10, 10]
+    )
+    assert arrays is not None
+    for key in SHAPES:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key], rtol=1e-6)
+    assert 4 in strategy.report.dropped
+    assert reason in strategy.report.dropped[4]
+    assert strategy.report.accepted == [1, 2, 3]
+
+
+def test_too_few_valid_replies_keeps_previous_adapter() -> None:
+    # Prepare
+    rng = np.random.default_rng(2)
+    nan_state = make_state(rng)
+    nan_state["layer.lora_B.weight"][:] = np.inf
+    replies = [
+        reply(1, make_state(rng), **{wire.NUM_EXAMPLES: 5}),
+        reply(2, nan_state, **{wire.NUM_EXAMPLES: 5}),
+    ]
+    strategy = strategy_with_reference(min_train_clients=2)
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(3, replies)
+
+    # Assert
+    assert arrays is None and metrics is None
+    assert not strategy.report.updated
+    assert set(strategy.report.dropped) == {2, 3, 4}  # 3 and 4 never replied
+
+
+def test_invalid_weighting_is_refused() -> None:
+    with pytest.raises(ValueError, match="weighting"):
+        WeightedFedAvg(weighting="bytes")
