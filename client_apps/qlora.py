@@ -80,4 +80,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
-__all__ = ["ArrayRecord", "app"]
