@@ -429,5 +429,6 @@ def config_reference_markdown() -> str:
         shown = repr(default).replace("\n", "\\n") if isinstance(default, str) else default
         if isinstance(default, bool):
             shown = str(default).lower()
-        lines.append(f"| `{key}` | `{shown}` | {f.metadata['help']} |")
+        help_text = f.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{key}` | `{shown}` | {help_text} |")
     return "\n".join(lines)
