@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from peft import LoraConfig
 
 from flower_llm.adapters import save_adapter
 from flower_llm.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -49,9 +52,15 @@ def _default(value: Any) -> Any:
 class RunDirectory:
     """Where one run's outputs go."""
 
-    def __init__(self, root: str | Path, run_name: str = "") -> None:
+    def __init__(self, root: str | Path, run_name: str = "", *, resume: bool = False) -> None:
         name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.path = Path(root) / name
+        if not resume and self.path.exists() and any(self.path.iterdir()):
+            # A fresh run never writes into, or deletes, an earlier run's results.
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
+            kept = self.path.with_name(f"{name}.previous-{stamp}")
+            self.path.rename(kept)
+            log.warning("Kept the earlier run in %s", kept)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save_config(self, cfg: RunConfig) -> None:

@@ -1,0 +1,108 @@
+"""Start and stop real Flower processes from tests, the way a user does.
+
+Every test gets its own ``FLWR_HOME``; the local SuperLink that ``flwr run`` starts in the
+background is found by the log file it writes under that home and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def flwr_env(flwr_home: Path, cache: Path | None = None) -> dict[str, str]:
+    """Environment for Flower commands: isolated home, no per-run installs, offline hub."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "pyproject-flwr.toml", flwr_home / "config.toml")
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    if cache is not None:
+        env["FLOWER_LLM_CACHE"] = str(cache)
+    return env
+
+
+def local_superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of the local SuperLink processes started for ``flwr_home``."""
+    marker = str(flwr_home / "local-superlink" / "superlink.log")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if any("flower-superlink" in a for a in args[:2]) and marker in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after ``timeout``."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
+            if "zombie" in status:
+                break
+            time.sleep(0.2)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def flwr_run(
+    flwr_home: Path,
+    *,
+    run_config: str,
+    num_supernodes: int,
+    timeout: float,
+    cache: Path | None = None,
+    profile: str = "local",
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run . <profile> --stream`` from the project root; output captured."""
+    cmd = [
+        str(BIN / "flwr"),
+        "run",
+        ".",
+        profile,
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        "--run-config",
+        run_config,
+        *(extra or []),
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=flwr_env(flwr_home, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,77 @@
+"""`flwr run .` for real: the README's default job, on the embedded model, 4 sites, 3 rounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.flwr_procs import flwr_run, local_superlink_pids, stop_pids
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the default job once through `flwr run`; stop its local SuperLink by PID."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    out = tmp_path_factory.mktemp("outputs")
+    cache = tmp_path_factory.mktemp("cache")
+    try:
+        proc = flwr_run(
+            home,
+            run_config=f'output.dir="{out}" output.run-name="e2e"',
+            num_supernodes=4,
+            timeout=600,
+            cache=cache,
+        )
+    finally:
+        pids = local_superlink_pids(home)
+        stop_pids(pids)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert pids, "flwr run should have started a local SuperLink"
+    assert not local_superlink_pids(home), "the local SuperLink should be stopped"
+    run_dir = out / "e2e"
+    assert (run_dir / "summary.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return run_dir
+
+
+def test_heldout_loss_falls_round_over_round(default_run: Path) -> None:
+    summary = json.loads((default_run / "summary.json").read_text())
+    losses = summary["eval-loss-by-round"]
+    assert len(losses) == 3
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+
+
+def test_every_site_took_part_in_every_round(default_run: Path) -> None:
+    rows = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["clients-sampled"] == 4
+        assert row["clients-replied"] == 4
+        assert row["bytes-up"] > 0 and row["bytes-down"] > 0
+
+
+def test_federated_adapter_beats_every_local_only_adapter(default_run: Path) -> None:
+    summary = json.loads((default_run / "summary.json").read_text())
+    federated = summary["union-eval-loss/federated"]
+    local_only = summary["union-eval-loss/local-only"]
+    assert len(local_only) == 4
+    assert all(federated < loss for loss in local_only.values()), (federated, local_only)
+
+
+def test_final_adapter_loads_with_peft(default_run: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flower_llm.adapters import adapter_state
+
+    config = json.loads((default_run / "final" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, default_run / "final")
+    state = adapter_state(model)
+    assert state, "the adapter should hold LoRA weights"
+    # B matrices start at zero: after training they must not be.
+    assert any(np.abs(v).max() > 0 for k, v in state.items() if "lora_B" in k)
