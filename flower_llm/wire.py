@@ -57,5 +57,5 @@ def from_array_record(record: ArrayRecord) -> AdapterState:
 
 
 def num_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the arrays in ``record``."""
+    """Serialized bytes of the arrays in ``record`` (values plus small per-array headers)."""
     return int(sum(len(array.data) for array in record.values()))
