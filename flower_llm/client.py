@@ -91,6 +91,11 @@ class ClientSession:
             self.data.num_eval_examples,
         )
 
+    @property
+    def pad_id(self) -> int:
+        """Token id used for padding."""
+        return int(self.base.tokenizer.pad_token_id)
+
     def batches_for_round(self, server_round: int) -> Any:
         """Training batches of a round, shuffled by (seed, site, round).
 
@@ -99,7 +104,7 @@ class ClientSession:
         """
         seed = derive_seed(self.cfg.seed, self.site.partition_id, server_round)
         loader = make_dataloader(
-            self.data.train, self.cfg.train.batch_size, shuffle=True, seed=seed
+            self.data.train, self.cfg.train.batch_size, shuffle=True, seed=seed, pad_id=self.pad_id
         )
         return cycle_batches(loader)
 
@@ -123,7 +128,9 @@ class ClientSession:
     def evaluate(self, state: AdapterState) -> EvalStats:
         """Held-out loss, perplexity and token accuracy of ``state`` on this site."""
         load_adapter_state(self.model, state)
-        loader = make_dataloader(self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0)
+        loader = make_dataloader(
+            self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0, pad_id=self.pad_id
+        )
         return evaluate(self.model, loader)
 
 

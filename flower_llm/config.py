@@ -96,8 +96,8 @@ class ModelConfig:
 class LoraSettings:
     """LoRA adapters: the only weights that train and travel."""
 
-    r: int = setting(8, "lora.r", "Rank of the LoRA update matrices.")
-    alpha: int = setting(16, "lora.alpha", "LoRA scaling numerator (scale = alpha / r).")
+    r: int = setting(16, "lora.r", "Rank of the LoRA update matrices.")
+    alpha: int = setting(32, "lora.alpha", "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = setting(0.0, "lora.dropout", "Dropout on the LoRA input, in [0, 1).")
     target_modules: str = setting(
         "all-linear",
@@ -195,7 +195,7 @@ class DataConfig:
 class TrainConfig:
     """Local training on each client."""
 
-    local_steps: int = setting(10, "train.local-steps", "Optimizer steps per client per round.")
+    local_steps: int = setting(20, "train.local-steps", "Optimizer steps per client per round.")
     batch_size: int = setting(8, "train.batch-size", "Examples per micro-batch.")
     grad_accum: int = setting(
         1, "train.grad-accum", "Micro-batches accumulated into one optimizer step."
@@ -207,7 +207,7 @@ class TrainConfig:
         "How the learning rate moves across rounds: constant | cosine | linear "
         "(decays towards `train.lr-min`).",
     )
-    lr_min: float = setting(3e-4, "train.lr-min", "Learning rate of the last round.")
+    lr_min: float = setting(1e-3, "train.lr-min", "Learning rate of the last round.")
     weight_decay: float = setting(0.0, "train.weight-decay", "AdamW weight decay.")
     max_grad_norm: float = setting(
         1.0, "train.max-grad-norm", "Per-step gradient clipping of local training (0 = off)."
