@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from flower_llm import wire
 from flower_llm.client import ClientSession, SessionCache, SiteIdentity
 from flower_llm.config import parse_run_config
+from flower_llm.logs import setup_logging
 
 app = ClientApp()
 
@@ -22,6 +23,7 @@ LOCAL_ONLY_STATE = "local-only-adapter"
 
 def session_for(context: Context) -> ClientSession:
     """Parse settings at the edge and return this process's session."""
+    setup_logging()
     cfg = parse_run_config(context.run_config)
     return SESSIONS.get(cfg, SiteIdentity.from_node_config(context.node_config))
 

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_llm import wire
 from flower_llm.adapters import init_adapter, num_parameters
 from flower_llm.config import RunConfig, parse_run_config
+from flower_llm.logs import setup_logging
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
@@ -56,6 +57,10 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     return row
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+
 def evaluate_on_all_sites(
     grid: Grid, arrays: ArrayRecord, node_ids: list[int], timeout: float
 ) -> dict[str, Any] | None:
@@ -75,7 +80,7 @@ def evaluate_on_all_sites(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
     cfg = parse_run_config(context.run_config)
     run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name)
     run_dir.save_config(cfg)
@@ -109,11 +114,17 @@ def main(grid: Grid, context: Context) -> None:
         row = round_row(result)
         run_dir.append_metrics(row)
         log.info(
-            "round %d: eval-loss %s, %d/%d clients, %.1fs",
+            "round %d/%d: eval loss %s, perplexity %s, train loss %s | %d/%d clients, "
+            "%d dropped | %.2f MB up | %.1fs",
             result.server_round,
-            row.get("eval-loss"),
+            num_rounds,
+            _fmt(row.get("eval-loss")),
+            _fmt(row.get("eval-perplexity")),
+            _fmt(row.get("train-loss")),
             len(result.report.accepted),
             len(result.report.sampled),
+            len(result.report.dropped),
+            result.report.bytes_up / 1e6,
             result.seconds,
         )
         for reply in strategy.last_valid:
@@ -155,6 +166,12 @@ def main(grid: Grid, context: Context) -> None:
             metrics = evaluate_on_all_sites(grid, local_arrays, nodes, cfg.fed.round_timeout)
             per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
         summary["union-eval-loss/local-only"] = per_site
+        local_losses = [v for v in per_site.values() if v is not None]
+        summary["federated-beats-every-local-only"] = bool(
+            summary["union-eval-loss/federated"] is not None
+            and local_losses
+            and all(summary["union-eval-loss/federated"] < v for v in local_losses)
+        )
         log.info(
             "Held-out loss on all sites' data: federated %.4f; local-only %s",
             summary["union-eval-loss/federated"],
