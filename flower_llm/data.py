@@ -132,6 +132,9 @@ def partition(
         )
     partitioner: Any
     if cfg.partitioner == "iid":
+        # flwr-datasets' IidPartitioner cuts contiguous shards: shuffle first, or a
+        # file sorted by domain would give each site one domain.
+        dataset = dataset.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif cfg.partitioner == "dirichlet":
         partitioner = DirichletPartitioner(
