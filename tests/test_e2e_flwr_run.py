@@ -75,3 +75,24 @@ def test_final_adapter_loads_with_peft(default_run: Path) -> None:
     assert state, "the adapter should hold LoRA weights"
     # B matrices start at zero: after training they must not be.
     assert any(np.abs(v).max() > 0 for k, v in state.items() if "lora_B" in k)
+
+
+def test_bad_run_config_value_stops_the_run_naming_the_key(tmp_path: Path) -> None:
+    # Prepare
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+
+    # Execute
+    try:
+        proc = flwr_run(
+            home,
+            run_config=f'lora.r=-1 output.dir="{out}" output.run-name="bad"',
+            num_supernodes=2,
+            timeout=300,
+        )
+    finally:
+        stop_pids(local_superlink_pids(home))
+
+    # Assert: the ServerApp refuses before any model loads or any round starts
+    output = proc.stdout + proc.stderr
+    assert "run-config 'lora.r' = -1: must be a positive integer" in output
+    assert not (out / "bad" / "metrics.jsonl").exists()
