@@ -320,6 +320,120 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: client-level DP-FedAvg on the server, DP-SGD on the clients.
+
+    See docs/privacy.md for what each mode protects and the assumptions of the accounting.
+    """
+
+    mode: str = setting(
+        "off",
+        "privacy.mode",
+        "Client-level DP-FedAvg: off | server-fixed (the server clips each update) | "
+        "server-adaptive (clip norm follows a quantile of update norms, Andrew et al. 2021) "
+        "| client-fixed (clients clip, the server only adds noise).",
+    )
+    noise_multiplier: float = setting(
+        1.0,
+        "privacy.noise-multiplier",
+        "Noise standard deviation of DP-FedAvg relative to the clip norm (>= 0); see "
+        "`calibrate_noise_multiplier` to pick it for a target epsilon.",
+    )
+    clip_norm: float = setting(
+        0.1,
+        "privacy.clip-norm",
+        "L2 bound on each client's adapter update (the initial bound in server-adaptive).",
+    )
+    target_epsilon: float = setting(
+        0.0,
+        "privacy.target-epsilon",
+        "Stop before a round would take epsilon above this budget (0 = no budget stop).",
+    )
+    delta: float = setting(
+        1e-5, "privacy.delta", "delta of the (epsilon, delta) guarantee, in (0, 1)."
+    )
+    min_sampled_clients: int = setting(
+        2,
+        "privacy.min-sampled-clients",
+        "Refuse to start when the expected clients per round (fed.fraction-train x "
+        "connected clients) is below this: DP noise swamps small cohorts.",
+    )
+    target_quantile: float = setting(
+        0.5,
+        "privacy.target-quantile",
+        "server-adaptive: fraction of updates the clip norm should leave unclipped, in [0, 1].",
+    )
+    clip_learning_rate: float = setting(
+        0.2,
+        "privacy.clip-learning-rate",
+        "server-adaptive: step size of the geometric clip-norm update (> 0).",
+    )
+    clipped_count_stddev: float = setting(
+        0.0,
+        "privacy.clipped-count-stddev",
+        "server-adaptive: noise on the unclipped count (0 = expected clients / 20, as "
+        "Andrew et al.); must exceed noise-multiplier / 2.",
+    )
+    dpsgd: bool = setting(
+        False,
+        "privacy.dpsgd",
+        "Sample-level DP-SGD (Opacus) in each client's local training.",
+    )
+    dpsgd_noise_multiplier: float = setting(
+        1.0, "privacy.dpsgd-noise-multiplier", "DP-SGD noise relative to the per-sample clip."
+    )
+    dpsgd_max_grad_norm: float = setting(
+        1.0, "privacy.dpsgd-max-grad-norm", "DP-SGD per-sample gradient L2 bound (> 0)."
+    )
+    dpsgd_delta: float = setting(
+        1e-5, "privacy.dpsgd-delta", "delta of each client's sample-level guarantee, in (0, 1)."
+    )
+
+    def __post_init__(self) -> None:
+        _one_of("privacy.mode", self.mode, DP_MODES)
+        for key, value in (
+            ("privacy.noise-multiplier", self.noise_multiplier),
+            ("privacy.target-epsilon", self.target_epsilon),
+            ("privacy.clipped-count-stddev", self.clipped_count_stddev),
+            ("privacy.dpsgd-noise-multiplier", self.dpsgd_noise_multiplier),
+        ):
+            _require(math.isfinite(value) and value >= 0, key, "must be >= 0", value)
+        for key, value in (
+            ("privacy.clip-norm", self.clip_norm),
+            ("privacy.clip-learning-rate", self.clip_learning_rate),
+            ("privacy.dpsgd-max-grad-norm", self.dpsgd_max_grad_norm),
+        ):
+            _require(math.isfinite(value) and value > 0, key, "must be > 0", value)
+        for key, value in (
+            ("privacy.delta", self.delta),
+            ("privacy.dpsgd-delta", self.dpsgd_delta),
+        ):
+            _require(0.0 < value < 1.0, key, "must be in (0, 1)", value)
+        _require(
+            self.min_sampled_clients >= 1,
+            "privacy.min-sampled-clients",
+            "must be >= 1",
+            self.min_sampled_clients,
+        )
+        _require(
+            0.0 <= self.target_quantile <= 1.0,
+            "privacy.target-quantile",
+            "must be in [0, 1]",
+            self.target_quantile,
+        )
+
+    @property
+    def client_level(self) -> bool:
+        """Whether DP-FedAvg (client-level DP) is on."""
+        return self.mode != "off"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any DP mechanism (client- or sample-level) is on."""
+        return self.client_level or self.dpsgd
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, grouped by concern."""
 
@@ -329,7 +443,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
+
+    def __post_init__(self) -> None:
+        _check_privacy_combinations(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -339,7 +457,54 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("train", TrainConfig),
     ("fed", FederationConfig),
     ("output", OutputConfig),
+    ("privacy", PrivacyConfig),
 )
+
+
+def _check_privacy_combinations(cfg: RunConfig) -> None:
+    """Refuse settings that would silently void a DP guarantee, naming the key to change."""
+    privacy = cfg.privacy
+    if privacy.enabled:
+        # The local-only baseline trains without DP and sends that adapter to the server.
+        _require(
+            not cfg.output.local_only_baseline,
+            "output.local-only-baseline",
+            "must be false when privacy is on: the local-only adapter is sent to the server "
+            "without clipping or noise",
+            cfg.output.local_only_baseline,
+        )
+    if privacy.client_level:
+        # Server-side clipping needs each update; under SecAgg+ the server sees only the sum.
+        # Client-fixed under SecAgg+ would be sound but is not wired into that path yet.
+        _require(
+            cfg.fed.aggregation == "fedavg",
+            "fed.aggregation",
+            f"privacy.mode = {privacy.mode!r} needs fed.aggregation = 'fedavg'",
+            cfg.fed.aggregation,
+        )
+    if privacy.mode == "client-fixed":
+        # float16 rounding of the whole adapter (not just the update) can push a clipped
+        # update above the clip norm, and the server refuses such replies.
+        _require(
+            cfg.fed.wire_dtype == "float32",
+            "fed.wire-dtype",
+            "must be float32 with privacy.mode = 'client-fixed'",
+            cfg.fed.wire_dtype,
+        )
+    if privacy.dpsgd:
+        # One optimizer step per Poisson-sampled batch is what the Opacus accountant counts.
+        _require(
+            cfg.train.grad_accum == 1,
+            "train.grad-accum",
+            "must be 1 with privacy.dpsgd (each step is one Poisson-sampled batch)",
+            cfg.train.grad_accum,
+        )
+        _require(
+            not cfg.model.gradient_checkpointing,
+            "model.gradient-checkpointing",
+            "must be false with privacy.dpsgd (recomputed forwards confuse Opacus' hooks)",
+            cfg.model.gradient_checkpointing,
+        )
 
 
 # --------------------------------------------------------------------------------------
