@@ -73,7 +73,7 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> Non
     tensors = {
         k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dtype) for k, v in state.items()
     }
-    result = set_peft_model_state_dict(model, tensors)
+    result: Any = set_peft_model_state_dict(model, tensors)
     if result.unexpected_keys:
         raise ValueError(f"peft did not accept adapter keys {result.unexpected_keys[:3]}")
 
@@ -110,7 +110,9 @@ def init_adapter(
             state[key] = values.numpy().astype(np.float32)
         else:
             state[key] = np.zeros(tuple(tensor.shape), dtype=np.float32)
-    return state, peft_model.peft_config["default"]
+    resolved = peft_model.peft_config["default"]
+    assert isinstance(resolved, LoraConfig)
+    return state, resolved
 
 
 def save_adapter(state: Mapping[str, np.ndarray], config: LoraConfig, out_dir: str | Path) -> Path:

@@ -79,7 +79,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> Bas
         tokenizer.pad_token = tokenizer.eos_token
 
     quant = quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
         dtype=DTYPES[cfg.compute_dtype],

@@ -197,7 +197,8 @@ class WeightedFedAvg(FedAvg):
         total = sum(r.weight for r in valid)
         out = MetricRecord()
         for key in (wire.NUM_EXAMPLES, wire.NUM_TOKENS):
-            out[key] = int(sum(int(r.metrics.get(key, 0)) for r in valid))  # type: ignore[call-overload]
+            counts: list[int] = [int(r.metrics.get(key, 0)) for r in valid]  # type: ignore[arg-type]
+            out[key] = sum(counts)
         shared = set.intersection(*(set(r.metrics) for r in valid)) - {
             wire.NUM_EXAMPLES,
             wire.NUM_TOKENS,
