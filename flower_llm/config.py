@@ -570,7 +570,7 @@ def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown run-config key '{key}'{hint}")
 
-    sections: dict[str, Any] = {}
+    sections: dict[str, Any] = {}  # section name -> dataclass instance
     for section_name, section in SECTIONS:
         kwargs = {
             name: _coerce(key, run_config[key], expected)
@@ -578,7 +578,7 @@ def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:
             if key in run_config
         }
         sections[section_name] = section(**kwargs)
-    top = {
+    top: dict[str, Any] = {
         name: _coerce(key, run_config[key], expected)
         for key, (name, expected) in _fields_by_key(RunConfig).items()
         if key in run_config
