@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from flower_llm.config import RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
 from flower_llm.models import BaseModel, describe, load_base_model
 from flower_llm.train import EvalStats, TrainStats, cycle_batches, evaluate, train_adapter
+
+if TYPE_CHECKING:  # opacus loads only when DP-SGD is on
+    from flower_llm.privacy.dpsgd import DpSgdResult
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,41 @@ class ClientSession:
             max_grad_norm=self.cfg.train.max_grad_norm,
         )
         return adapter_state(self.model), stats
+
+    def train_dp(
+        self,
+        global_state: AdapterState,
+        learning_rate: float,
+        accountant_state: str | None = None,
+        seed: int | None = None,
+    ) -> tuple[AdapterState, DpSgdResult]:
+        """As :meth:`train`, with sample-level DP-SGD (``privacy.dpsgd-*`` settings).
+
+        ``accountant_state`` is the JSON the previous round returned in its
+        :class:`~flower_llm.privacy.dpsgd.DpSgdResult`: epsilon accumulates over rounds.
+        Batches and noise are drawn from an operating-system seed unless ``seed`` is given
+        (tests): the run-config seed is public, and known noise protects nothing.
+        """
+        from flower_llm.privacy.dpsgd import train_adapter_dpsgd
+
+        privacy = self.cfg.privacy
+        load_adapter_state(self.model, global_state)
+        result = train_adapter_dpsgd(
+            self.model,
+            self.data.train,
+            steps=self.cfg.train.local_steps,
+            batch_size=self.cfg.train.batch_size,
+            learning_rate=learning_rate,
+            weight_decay=self.cfg.train.weight_decay,
+            noise_multiplier=privacy.dpsgd_noise_multiplier,
+            max_grad_norm=privacy.dpsgd_max_grad_norm,
+            delta=privacy.dpsgd_delta,
+            pad_id=self.pad_id,
+            accountant_state=accountant_state,
+            seed=seed,
+        )
+        # Read from the PEFT model, not Opacus' wrapper (whose keys gain "_module.").
+        return adapter_state(self.model), result
 
     def evaluate(self, state: AdapterState) -> EvalStats:
         """Held-out loss, perplexity and token accuracy of ``state`` on this site."""
