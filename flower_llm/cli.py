@@ -1,0 +1,671 @@
+"""``flower-llm``: reports, generation, merging, evaluation and memory plans for runs.
+
+Sub-commands (``flower-llm COMMAND --help`` for every option)::
+
+    flower-llm report RUN_DIR
+    flower-llm generate --run RUN_DIR [--adapter final|round-003] --prompt TEXT
+    flower-llm merge --run RUN_DIR --out DIR
+    flower-llm evaluate --data FILE_OR_embedded (--run RUN_DIR | --model NAME_OR_PATH)
+    flower-llm plan --model NAME_OR_CONFIG --gpu-mem 8GiB
+
+Exit codes: 0 success; 1 ``plan`` says the client does not fit; 2 bad arguments (a
+one-line message on stderr, no traceback). Results go to stdout, progress to stderr.
+
+Heavy libraries (torch, transformers, peft, matplotlib) are imported inside the commands
+that use them, so a mistyped command fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flower_llm.config import (
+    COMPUTE_DTYPES,
+    EMBEDDED,
+    QUANTIZATIONS,
+    SECTIONS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+)
+from flower_llm.plan import MemoryPlan, PlanSettings, format_bytes, parse_memory
+
+log = logging.getLogger("flower_llm.cli")
+
+PROG = "flower-llm"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file name, as flower_llm.adapters writes it
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Where a model comes from: a run's adapter, or a base model by name
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A base model, an optional adapter, and the settings to load and prompt them."""
+
+    base: str
+    """Hub id or local directory of the base model."""
+    adapter: Path | None
+    cfg: RunConfig
+    """The run's settings (quantization, prompt format), or defaults without a run."""
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The :class:`RunConfig` a run recorded in ``config.json`` (defaults if it has none).
+
+    Keys this version does not know (a newer run) are ignored; a value that is invalid
+    now raises :class:`UsageError`.
+    """
+    file = run_dir / "config.json"
+    if not file.is_file():
+        log.warning("%s has no config.json: using default settings", run_dir)
+        return RunConfig()
+    try:
+        recorded = json.loads(file.read_text())
+        sections: dict[str, Any] = {}
+        for name, section in SECTIONS:
+            known = {f.name for f in dataclasses.fields(section)}
+            values = recorded.get(name, {})
+            sections[name] = section(**{k: v for k, v in values.items() if k in known})
+        top = {k: recorded[k] for k in ("seed",) if k in recorded}
+        return RunConfig(**sections, **top)
+    except (json.JSONDecodeError, ConfigError, TypeError, AttributeError) as error:
+        raise UsageError(f"cannot read the settings in {file}: {error}") from None
+
+
+def adapter_dirs(run_dir: Path) -> list[str]:
+    """Names of the adapters a run saved: ``round-001``, ..., ``final``."""
+    return sorted(
+        p.name for p in run_dir.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+    )
+
+
+def find_adapter(run_dir: Path, name: str | None) -> Path:
+    """The adapter directory ``name`` of a run; by default ``final``, else the last round.
+
+    ``name`` may also be the path of any PEFT adapter directory.
+    """
+    available = adapter_dirs(run_dir)
+    if name is None:
+        if not available:
+            raise UsageError(f"run directory {run_dir} has no adapter (no final/ or round-NNN/)")
+        chosen = "final" if "final" in available else available[-1]
+        if chosen != "final":
+            log.info("No final adapter yet in %s: using %s", run_dir, chosen)
+        return run_dir / chosen
+    if name in available:
+        return run_dir / name
+    if (Path(name) / ADAPTER_CONFIG).is_file():
+        return Path(name)
+    listed = ", ".join(available) or "none"
+    raise UsageError(f"no adapter {name!r} in {run_dir} (available: {listed})")
+
+
+def _base_from_adapter(adapter: Path, cfg: RunConfig) -> str:
+    """The base model an adapter was trained on, as its ``adapter_config.json`` names it."""
+    try:
+        recorded = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {error}") from None
+    base = recorded.get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{adapter / ADAPTER_CONFIG} names no base model: pass --base")
+    if not Path(base).exists() and base.startswith(("/", ".", "~")):
+        if cfg.model.name == EMBEDDED:
+            # The embedded model lives in a cache; rebuild it where this machine keeps it.
+            return EMBEDDED
+        raise UsageError(f"base model {base} (named in {adapter / ADAPTER_CONFIG}) not found")
+    return str(base)
+
+
+def resolve_source(args: argparse.Namespace) -> ModelSource:
+    """Turn ``--run/--model/--adapter/--base/--quantization`` into a :class:`ModelSource`."""
+    if args.run is not None:
+        run_dir = Path(args.run)
+        if not run_dir.is_dir():
+            raise UsageError(f"run directory {run_dir} does not exist")
+        cfg = load_run_config(run_dir)
+        run_adapter = find_adapter(run_dir, args.adapter)
+        base = args.base or _base_from_adapter(run_adapter, cfg)
+        adapter: Path | None = run_adapter
+    else:
+        cfg = RunConfig(model=ModelConfig(name=args.model))
+        adapter = None
+        if args.adapter is not None:
+            adapter = Path(args.adapter)
+            if not (adapter / ADAPTER_CONFIG).is_file():
+                raise UsageError(f"{adapter} is not an adapter directory (no {ADAPTER_CONFIG})")
+        base = args.base or args.model
+    if base != EMBEDDED and base.startswith(("/", ".", "~")) and not Path(base).exists():
+        raise UsageError(f"base model {base} not found")
+    overrides: dict[str, Any] = {"name": base, "gradient_checkpointing": False}
+    if getattr(args, "quantization", None):
+        overrides["quantization"] = args.quantization
+    model_cfg = dataclasses.replace(cfg.model, **overrides)
+    return ModelSource(base, adapter, dataclasses.replace(cfg, model=model_cfg))
+
+
+def _quiet_libraries() -> None:
+    """Progress bars of transformers/datasets would drown ours on stderr."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    from flower_llm.models import default_device
+
+    return torch.device(name) if name else default_device()
+
+
+def load_for_inference(source: ModelSource, device: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the base as the run loaded it, with the adapter applied."""
+    from peft import PeftModel
+
+    from flower_llm.models import describe, load_base_model
+
+    _quiet_libraries()
+    try:
+        base = load_base_model(source.cfg.model, device)
+    except OSError as error:  # transformers' way of saying "no such model"
+        raise UsageError(f"cannot load model {source.base!r}: {_first_line(error)}") from None
+    log.info("Loaded %s", describe(base))
+    model = base.model
+    if source.adapter is not None:
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 a deprecated question; the answer is still right.
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
+            model = PeftModel.from_pretrained(model, source.adapter)
+        log.info("Applied adapter %s", source.adapter)
+    model.eval()
+    return model, base.tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------
+# Prompting and greedy generation
+# --------------------------------------------------------------------------------------
+
+
+def prompt_ids(instruction: str, tokenizer: Any, cfg: Any) -> list[int]:
+    """Token ids of the prompt for ``instruction``, exactly as training encodes prompts.
+
+    The template (or chat template) of :func:`flower_llm.data.format_prompt`, and the
+    prompt part of :func:`flower_llm.data.encode_example` (BOS handling included), so
+    generation starts where training's responses started.
+    """
+    from flower_llm.data import IGNORE_INDEX, encode_example, format_prompt
+
+    prompt, _ = format_prompt(
+        {cfg.instruction_column: instruction, cfg.response_column: ""}, cfg, tokenizer
+    )
+    # encode_example tokenizes prompt and response separately, so the masked prefix of a
+    # placeholder response's encoding is the prompt's ids, whatever the response is.
+    encoded = encode_example(prompt, "x", tokenizer, max_len=2**31)
+    if encoded is None:
+        raise ValueError("the tokenizer gives no token for a response")
+    return [
+        t
+        for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True)
+        if label == IGNORE_INDEX
+    ]
+
+
+def greedy_completion(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of ``ids``, decoded without special tokens and stripped.
+
+    One prompt at a time: no padding, so the answer cannot depend on what else is in a
+    batch (exact match compares these strings).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,  # the training loader turns the cache off
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return str(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)).strip()
+
+
+def exact_match(generated: str, reference: str, tokenizer: Any) -> bool:
+    """Whether ``generated`` (decoded) equals ``reference`` after stripping.
+
+    The reference goes through the tokenizer and back first, as the generation did: a
+    tokenizer whose decoding is lossy (a word-level one may write ``400`` as ``4 0 0``,
+    an unknown word as nothing) would otherwise make every answer wrong. Where decoding
+    is lossless this changes nothing.
+    """
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    round_trip = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    return generated.strip() == round_trip
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the per-round table and rewrite report.md, the plot and TensorBoard files."""
+    from flower_llm.report import format_table, read_run, write_report_files
+
+    try:
+        records = read_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    print(format_table(records.rows))
+    try:
+        write_report_files(records, wandb_project=args.wandb_project)
+    except ImportError as error:  # matplotlib and tensorboard are the `report` extra
+        raise UsageError(
+            f"{error.name or error} is not installed: pip install 'flower-llm[report]'"
+        ) from None
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the greedy completion of one prompt."""
+    source = resolve_source(args)
+    model, tokenizer = load_for_inference(source, _device(args.device))
+    ids = prompt_ids(args.prompt, tokenizer, source.cfg.data)
+    print(greedy_completion(model, tokenizer, ids, args.max_new_tokens))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge an adapter into its full-precision base and save a plain HF model directory."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output directory {out} exists and is not empty")
+    source = resolve_source(args)
+    if source.adapter is None:
+        raise UsageError("merge needs an adapter: --run RUN_DIR or --model NAME --adapter DIR")
+    dtype = args.dtype or source.cfg.model.compute_dtype
+    # Full precision on purpose: merging into 4-bit weights would re-quantize the sum.
+    full = dataclasses.replace(source.cfg.model, quantization="none", compute_dtype=dtype)
+    model, _ = load_for_inference(
+        dataclasses.replace(source, cfg=dataclasses.replace(source.cfg, model=full)),
+        _device(args.device),
+    )
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True  # the training loader turned it off; users generate
+
+    from transformers import AutoTokenizer
+
+    from flower_llm.models import resolve_model_path
+
+    # Written next to the target and renamed: a crash never leaves half a model at `out`.
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    # A fresh tokenizer: the loader may have given it a pad token the base never had.
+    AutoTokenizer.from_pretrained(resolve_model_path(full)).save_pretrained(staging)
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    log.info("Merged %s into %s (%s): %s", source.adapter, source.base, dtype, out)
+    print(out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Held-out loss, perplexity, token accuracy and exact match on a dataset."""
+    from flower_llm.data import load_records, make_dataloader, tokenize_dataset
+    from flower_llm.train import evaluate
+
+    source = resolve_source(args)
+    columns = {
+        k: v
+        for k, v in (
+            ("instruction_column", args.instruction_column),
+            ("response_column", args.response_column),
+        )
+        if v
+    }
+    try:
+        data_cfg = dataclasses.replace(source.cfg.data, source=args.data, **columns)
+        _quiet_libraries()
+        records = load_records(data_cfg)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if args.limit is not None and args.limit < len(records):
+        # A seeded sample: the first rows of a file are often all of one kind.
+        records = records.shuffle(seed=args.seed).select(range(args.limit))
+
+    model, tokenizer = load_for_inference(source, _device(args.device))
+    examples = tokenize_dataset(records, tokenizer, data_cfg)
+    dropped = examples.num_dropped
+    if not examples:
+        raise UsageError(f"no example of {args.data} keeps a response token after truncation")
+    log.info("Evaluating on %d examples (%d dropped by truncation)", len(examples), dropped)
+    loader = make_dataloader(examples, args.batch_size, shuffle=False, seed=0)
+    stats = evaluate(model, loader)
+    result: dict[str, Any] = {
+        "examples": stats.examples,
+        "dropped": dropped,
+        "tokens": stats.tokens,
+        "loss": stats.loss,
+        "perplexity": stats.perplexity,
+        "token-accuracy": stats.token_accuracy,
+    }
+    if args.exact_match:
+        pairs = [
+            (str(r[data_cfg.instruction_column]), str(r[data_cfg.response_column]).strip())
+            for r in records
+            if r[data_cfg.instruction_column] is not None
+            and r[data_cfg.response_column] is not None
+        ]
+        matches = 0
+        for index, (instruction, reference) in enumerate(pairs, 1):
+            # Enough tokens to reproduce the reference and a little more: an answer that
+            # runs on past it is no exact match anyway.
+            budget = args.max_new_tokens or (
+                len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + 8
+            )
+            ids = prompt_ids(instruction, tokenizer, data_cfg)
+            generated = greedy_completion(model, tokenizer, ids, budget)
+            matches += exact_match(generated, reference, tokenizer)
+            if index % 25 == 0 or index == len(pairs):
+                log.info("Exact match: %d/%d generated, %d match", index, len(pairs), matches)
+        result["exact-match"] = matches / len(pairs)
+        result["exact-match-count"] = matches
+        result["exact-match-total"] = len(pairs)
+
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_format_evaluation(result))
+    return 0
+
+
+def _format_evaluation(result: dict[str, Any]) -> str:
+    lines = [
+        f"examples     {result['examples']} ({result['dropped']} dropped by truncation)",
+        f"loss         {result['loss']:.4f}",
+        f"perplexity   {result['perplexity']:.4g}",
+        f"token acc    {result['token-accuracy']:.3f}",
+    ]
+    if "exact-match" in result:
+        lines.append(
+            f"exact match  {result['exact-match']:.3f} "
+            f"({result['exact-match-count']}/{result['exact-match-total']})"
+        )
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory breakdown; exit 1 when it does not fit ``--gpu-mem``."""
+    from flower_llm.plan import estimate_memory, load_model_config
+
+    try:
+        settings = PlanSettings(
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lora_r=args.lora_r,
+            target_modules=args.target_modules,
+            quantization=args.quantization,
+            double_quant=args.double_quant,
+            compute_dtype=args.compute_dtype,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        config = load_model_config(args.model)
+        plan = estimate_memory(config, settings, gpu_bytes=args.gpu_mem, model=args.model)
+    except (ValueError, ConfigError) as error:
+        raise UsageError(str(error)) from None
+    print(format_plan(plan))
+    return 1 if plan.fits is False else 0
+
+
+def _count(number: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if number >= size:
+            return f"{number / size:.2f} {unit}"
+    return str(number)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The breakdown ``plan`` prints."""
+    s, shape = plan.settings, plan.shape
+    quant = s.quantization + (" + double quant" if s.double_quant and "4" in s.quantization else "")
+    other_dtype = "fp32" if s.quantization != "none" else s.compute_dtype
+    checkpointing = "on" if s.gradient_checkpointing else "off"
+    layer_kib = plan.layer_activation_bytes / 1024
+    rows = [
+        (
+            "quantized linear weights" if s.quantization != "none" else "linear weights",
+            f"{_count(plan.quantized_parameters)} params",
+            plan.quantized_weight_bytes,
+            quant,
+        ),
+        (
+            "other weights",
+            f"{_count(plan.other_parameters)} params",
+            plan.other_weight_bytes,
+            f"embeddings, lm_head, norms in {other_dtype}",
+        ),
+        (
+            "LoRA weights/grads/AdamW",
+            f"{_count(plan.lora_parameters)} params",
+            plan.lora_bytes,
+            "16 B/param, fp32",
+        ),
+        (
+            "activations",
+            f"{s.tokens} tokens",
+            plan.activation_bytes,
+            f"{layer_kib:.0f} KiB/token/layer x {shape.num_layers} layers, "
+            f"checkpointing {checkpointing}",
+        ),
+        ("logits and loss", "", plan.logits_bytes, f"vocab {shape.vocab_size}"),
+        ("CUDA context", "", plan.cuda_context_bytes, ""),
+    ]
+    lines = [
+        f"Memory plan for {plan.model} ({shape.model_type}, "
+        f"{_count(plan.num_parameters)} parameters): batch {s.batch_size} x {s.seq_len} "
+        f"tokens, LoRA r={s.lora_r} on {s.target_modules}, compute {s.compute_dtype}",
+    ]
+    lines += [
+        f"  {name:<26}{count:>16}  {format_bytes(size):>11}  {note}".rstrip()
+        for name, count, size, note in rows
+    ]
+    lines.append(f"  {'total':<26}{'':>16}  {format_bytes(plan.total_bytes):>11}")
+    if plan.gpu_bytes is not None:
+        spare = plan.gpu_bytes - plan.total_bytes
+        if plan.fits:
+            verdict = f"fits in {format_bytes(plan.gpu_bytes)} ({format_bytes(spare)} to spare)"
+        else:
+            verdict = (
+                f"does not fit in {format_bytes(plan.gpu_bytes)} (short by {format_bytes(-spare)})"
+            )
+            if not s.gradient_checkpointing:
+                verdict += "; try --gradient-checkpointing"
+        lines.append(verdict)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_source(parser: argparse.ArgumentParser, *, quantization: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--run", metavar="RUN_DIR", help="a run directory written by the server")
+    group.add_argument(
+        "--model", metavar="NAME_OR_PATH", help="a base model (hub id, directory or embedded)"
+    )
+    parser.add_argument(
+        "--adapter",
+        metavar="NAME_OR_DIR",
+        help="with --run: final (default; else the last round) or round-003; "
+        "with --model: an adapter directory (default: none)",
+    )
+    parser.add_argument(
+        "--base", metavar="NAME_OR_PATH", help="override the base model the adapter names"
+    )
+    if quantization:
+        parser.add_argument(
+            "--quantization",
+            choices=QUANTIZATIONS,
+            help="override how the base is loaded (default: as the run did, else nf4)",
+        )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flower-llm`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Reports, inference and memory plans for flower-llm runs."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, parents=[common])
+
+    report = command("report", "per-round table, plot and TensorBoard files")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument(
+        "--wandb-project", help="also log to this W&B project (needs wandb installed)"
+    )
+    report.set_defaults(handler=cmd_report)
+
+    generate = command("generate", "greedy completion of one prompt")
+    _add_source(generate)
+    generate.add_argument("--prompt", required=True, help="the instruction to answer")
+    generate.add_argument("--max-new-tokens", type=_positive, default=64)
+    generate.set_defaults(handler=cmd_generate)
+
+    merge = command("merge", "merge an adapter into its full-precision base")
+    _add_source(merge, quantization=False)
+    merge.add_argument("--out", required=True, metavar="DIR", help="new model directory")
+    merge.add_argument(
+        "--dtype", choices=COMPUTE_DTYPES, help="dtype of the merged weights (default: the run's)"
+    )
+    merge.set_defaults(handler=cmd_merge)
+
+    evaluate = command("evaluate", "loss, perplexity, token accuracy and exact match")
+    evaluate.add_argument(
+        "--data", required=True, metavar="FILE", help=".json/.jsonl/.csv/.parquet, or embedded"
+    )
+    _add_source(evaluate)
+    evaluate.add_argument("--limit", type=_positive, help="evaluate a seeded sample of N rows")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    evaluate.add_argument("--batch-size", type=_positive, default=8)
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        help="generation budget for exact match (default: reference length + 8)",
+    )
+    evaluate.add_argument(
+        "--exact-match",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate greedily and compare with the reference (slow on big models)",
+    )
+    evaluate.add_argument("--instruction-column", help="default: the run's, else instruction")
+    evaluate.add_argument("--response-column", help="default: the run's, else response")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    plan = command("plan", "estimate the GPU memory of one QLoRA client")
+    plan.add_argument(
+        "--model", required=True, metavar="NAME_OR_CONFIG", help="hub id, directory, config.json"
+    )
+    plan.add_argument("--gpu-mem", type=_memory, metavar="SIZE", help="e.g. 8GiB, 24GB")
+    plan.add_argument("--seq-len", type=_positive, default=512)
+    plan.add_argument("--batch-size", type=_positive, default=4)
+    plan.add_argument("--lora-r", type=_positive, default=16)
+    plan.add_argument("--target-modules", default="all-linear")
+    plan.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
+    plan.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
+    plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.set_defaults(handler=cmd_plan)
+    return parser
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest swaps it per test)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _configure_logging(quiet: bool) -> None:
+    # bitsandbytes (imported by peft) logs a failed optional-kernel lookup on CPU; its
+    # fallback is correct, so keep it off the terminal, as flower_llm.models does.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logger = logging.getLogger("flower_llm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flower-llm``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
+    _configure_logging(args.quiet)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except UsageError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
