@@ -5,11 +5,11 @@ Thin by design: parse the run-config, get the (cached) session, call the library
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_llm import wire
-from flower_llm.client import ClientSession, SessionCache, SiteIdentity
+from flower_llm.client import ClientSession, SessionCache, SiteIdentity, clip_adapter_update
 from flower_llm.config import parse_run_config
 from flower_llm.logs import setup_logging
 
@@ -19,6 +19,8 @@ app = ClientApp()
 SESSIONS = SessionCache()
 
 LOCAL_ONLY_STATE = "local-only-adapter"
+# This site's DP-SGD accountant (Opacus RDP history as JSON), kept across rounds.
+DPSGD_ACCOUNTANT_STATE = "dpsgd-accountant"
 
 
 def session_for(context: Context) -> ClientSession:
@@ -38,19 +40,32 @@ def train(msg: Message, context: Context) -> Message:
     global_state = wire.from_array_record(msg.content[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 
-    state, stats = session.train(global_state, server_round, learning_rate)
-    content = RecordDict(
+    dpsgd_epsilon = None
+    if session.cfg.privacy.dpsgd:
+        kept_accountant = context.state.config_records.get(DPSGD_ACCOUNTANT_STATE)
+        history = str(kept_accountant["history"]) if kept_accountant is not None else None
+        state, dp_result = session.train_dp(global_state, learning_rate, history)
+        context.state[DPSGD_ACCOUNTANT_STATE] = ConfigRecord(
+            {"history": dp_result.accountant_state}
+        )
+        stats, dpsgd_epsilon = dp_result.stats, dp_result.epsilon
+    else:
+        state, stats = session.train(global_state, server_round, learning_rate)
+    if wire.CLIP_NORM in config:
+        # privacy.mode = client-fixed: bound the update before it leaves the site.
+        state = clip_adapter_update(state, global_state, float(config[wire.CLIP_NORM]))  # type: ignore[arg-type]
+    metrics = MetricRecord(
         {
-            wire.ARRAYS: wire.to_array_record(state, wire_dtype),
-            wire.METRICS: MetricRecord(
-                {
-                    wire.NUM_EXAMPLES: stats.examples,
-                    wire.NUM_TOKENS: stats.tokens,
-                    wire.TRAIN_LOSS: stats.loss,
-                    wire.TRAIN_SECONDS: stats.seconds,
-                }
-            ),
+            wire.NUM_EXAMPLES: stats.examples,
+            wire.NUM_TOKENS: stats.tokens,
+            wire.TRAIN_LOSS: stats.loss,
+            wire.TRAIN_SECONDS: stats.seconds,
         }
+    )
+    if dpsgd_epsilon is not None:
+        metrics[wire.DPSGD_EPSILON] = dpsgd_epsilon
+    content = RecordDict(
+        {wire.ARRAYS: wire.to_array_record(state, wire_dtype), wire.METRICS: metrics}
     )
 
     if session.cfg.output.local_only_baseline:
@@ -80,5 +95,3 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
-
-

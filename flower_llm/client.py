@@ -172,6 +172,27 @@ class ClientSession:
         return evaluate(self.model, loader)
 
 
+def clip_adapter_update(
+    state: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray], clip_norm: float
+) -> AdapterState:
+    """``global + clip(state - global, clip_norm)``: a site's client-side DP-FedAvg clipping.
+
+    The update is clipped in float64 and added back in float64, so the float32 adapter that
+    leaves the site differs from the global one by at most ``clip_norm`` up to float32
+    rounding of the weights (the server allows a relative 1e-4 for that).
+    """
+    from flower_llm.privacy.mechanism import clip_update
+
+    update = {
+        k: state[k].astype(np.float64) - global_state[k].astype(np.float64) for k in global_state
+    }
+    clipped, _, _ = clip_update(update, clip_norm)
+    return {
+        k: (global_state[k].astype(np.float64) + clipped[k]).astype(np.float32)
+        for k in global_state
+    }
+
+
 class SessionCache:
     """One :class:`ClientSession` per process, rebuilt only when config or site change."""
 

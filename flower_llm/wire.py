@@ -28,11 +28,15 @@ EVAL_PERPLEXITY = "eval-perplexity"
 EVAL_TOKEN_ACCURACY = "eval-token-accuracy"
 EVAL_TOKENS = "eval-tokens"
 TRAIN_SECONDS = "train-seconds"
+# Sample-level epsilon of a site under DP-SGD; the server keeps the maximum, never a mean.
+DPSGD_EPSILON = "dpsgd-epsilon"
 
 # Config keys in instructions.
 SERVER_ROUND = "server-round"
 LEARNING_RATE = "learning-rate"
 SEND_LOCAL_ONLY = "send-local-only"
+# client-fixed DP-FedAvg: the L2 bound a client must clip its update to before replying.
+CLIP_NORM = "clip-norm"
 
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 

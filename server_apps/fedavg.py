@@ -15,6 +15,7 @@ from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
+from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.rounds import RoundResult, federate
 
@@ -23,10 +24,10 @@ log = logging.getLogger("flower_llm.server")
 app = ServerApp()
 
 
-def build_strategy(cfg: RunConfig) -> WeightedFedAvg:
+def build_strategy(cfg: RunConfig) -> WeightedFedAvg | DifferentialPrivacyFedAvg:
     """The strategy the run-config asks for."""
     fed = cfg.fed
-    return WeightedFedAvg(
+    strategy = WeightedFedAvg(
         weighting=fed.weighting,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
@@ -34,6 +35,11 @@ def build_strategy(cfg: RunConfig) -> WeightedFedAvg:
         min_evaluate_clients=fed.min_evaluate_clients,
         min_available_clients=fed.min_available_clients,
     )
+    if cfg.privacy.client_level:
+        # Outermost wrapper: whatever observes the aggregate (outputs, checkpoints,
+        # evaluation) sees the noised adapter only.
+        return DifferentialPrivacyFedAvg.from_config(strategy, cfg)
+    return strategy
 
 
 def round_row(result: RoundResult) -> dict[str, Any]:
@@ -94,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = build_strategy(cfg)
     strategy.summary()
+    privacy_warnings = dpsgd_warnings(cfg)
     num_rounds = cfg.fed.num_rounds
     local_only: dict[int, ArrayRecord] = {}
 
@@ -112,6 +119,8 @@ def main(grid: Grid, context: Context) -> None:
             wire.from_array_record(result.arrays), lora_cfg, round_name(result.server_round)
         )
         row = round_row(result)
+        if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.last_round is not None:
+            row.update(strategy.last_round.as_row())  # epsilon, delta, clip norm, noise
         run_dir.append_metrics(row)
         log.info(
             "round %d/%d: eval loss %s, perplexity %s, train loss %s | %d/%d clients, "
@@ -130,6 +139,15 @@ def main(grid: Grid, context: Context) -> None:
         for reply in strategy.last_valid:
             if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
                 local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+        if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted():
+            log.warning(
+                "Privacy budget: stopping after round %d at epsilon %.4g; one more round "
+                "would exceed privacy.target-epsilon = %g",
+                result.server_round,
+                strategy.epsilon(),
+                strategy.target_epsilon,
+            )
+            return True
         return False
 
     final = federate(
@@ -157,6 +175,8 @@ def main(grid: Grid, context: Context) -> None:
         "bytes-up": sum(row["bytes-up"] for row in history),
         "bytes-down": sum(row["bytes-down"] for row in history),
     }
+    if cfg.privacy.enabled:
+        summary["privacy"] = privacy_summary(strategy, cfg, history, privacy_warnings)
     if local_only:
         nodes = sorted(grid.get_node_ids())
         federated = evaluate_on_all_sites(grid, final, nodes, cfg.fed.round_timeout)

@@ -193,15 +193,23 @@ class WeightedFedAvg(FedAvg):
         return wire.to_array_record(state), self.aggregate_train_metrics(valid)
 
     def aggregate_train_metrics(self, valid: list[ValidReply]) -> MetricRecord:
-        """Weighted mean of scalar metrics; sums of counts."""
+        """Weighted mean of scalar metrics; sums of counts; the maximum of any epsilon."""
         total = sum(r.weight for r in valid)
         out = MetricRecord()
         for key in (wire.NUM_EXAMPLES, wire.NUM_TOKENS):
             counts: list[int] = [int(r.metrics.get(key, 0)) for r in valid]  # type: ignore[arg-type]
             out[key] = sum(counts)
+        # A privacy guarantee is only as strong as its weakest site: report the worst
+        # epsilon of any replying site, never an average that would understate it.
+        reported = set().union(*(set(r.metrics) for r in valid))
+        for key in sorted(k for k in reported if k.endswith("epsilon")):
+            values = [r.metrics[key] for r in valid if key in r.metrics]
+            if all(isinstance(v, int | float) for v in values):
+                out[key] = max(float(v) for v in values)  # type: ignore[arg-type]
         shared = set.intersection(*(set(r.metrics) for r in valid)) - {
             wire.NUM_EXAMPLES,
             wire.NUM_TOKENS,
+            *(k for k in reported if k.endswith("epsilon")),
         }
         for key in sorted(shared):
             values = [r.metrics[key] for r in valid]

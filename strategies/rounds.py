@@ -9,16 +9,50 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from flower_llm import wire
-from strategies.fedavg import RoundReport, WeightedFedAvg
+from strategies.fedavg import RoundReport
 
 log = logging.getLogger(__name__)
+
+
+class RoundStrategy(Protocol):
+    """What the loop needs: ``WeightedFedAvg`` and the wrappers around it (DP-FedAvg)."""
+
+    @property
+    def report(self) -> RoundReport:
+        """Who took part in the last round and what happened to their replies."""
+        ...
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Instructions of a training round."""
+        ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global adapter (None keeps the previous one) and train metrics."""
+        ...
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Instructions of an evaluation round."""
+        ...
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Pooled evaluation metrics."""
+        ...
 
 
 @dataclass
@@ -35,7 +69,7 @@ class RoundResult:
 
 
 def federate(
-    strategy: WeightedFedAvg,
+    strategy: RoundStrategy,
     grid: Grid,
     arrays: ArrayRecord,
     *,
