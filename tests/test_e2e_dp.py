@@ -1,0 +1,88 @@
+"""`flwr run .` with DP: server-fixed DP-FedAvg plus clients' DP-SGD, stopped by the budget.
+
+One real run (2 simulated sites, 3 local steps): the privacy budget holds two rounds of the
+three asked for, so the run must stop after round 2, record epsilon and delta every round,
+and every site's DP-SGD accountant must survive from one round to the next (Flower's
+per-node state).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flower_llm.privacy import epsilon_after
+from tests.flwr_procs import flwr_run, local_superlink_pids, stop_pids
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SIGMA, DELTA = 0.5, 1e-5
+# q = 1 (fed.fraction-train = 1.0): a budget between epsilon after 2 and after 3 rounds.
+TARGET = (epsilon_after(2, SIGMA, 1.0, DELTA) + epsilon_after(3, SIGMA, 1.0, DELTA)) / 2
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run once through `flwr run`; stop its local SuperLink by PID."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    out = tmp_path_factory.mktemp("outputs")
+    cache = tmp_path_factory.mktemp("cache")
+    run_config = " ".join(
+        [
+            f'output.dir="{out}"',
+            'output.run-name="dp"',
+            "output.local-only-baseline=false",
+            "fed.num-rounds=3",
+            "train.local-steps=3",
+            'privacy.mode="server-fixed"',
+            f"privacy.noise-multiplier={SIGMA}",
+            "privacy.clip-norm=0.5",
+            f"privacy.delta={DELTA}",
+            f"privacy.target-epsilon={TARGET}",
+            "privacy.dpsgd=true",
+            "privacy.dpsgd-noise-multiplier=1.0",
+        ]
+    )
+    try:
+        proc = flwr_run(home, run_config=run_config, num_supernodes=2, timeout=300, cache=cache)
+    finally:
+        stop_pids(local_superlink_pids(home))
+    run_dir = out / "dp"
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (run_dir / "summary.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return run_dir
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_epsilon_and_delta_are_recorded_every_round_and_grow(dp_run: Path) -> None:
+    history = rows(dp_run)
+    epsilons = [row["epsilon"] for row in history]
+    assert all(row["delta"] == DELTA for row in history)
+    for r, eps in enumerate(epsilons, start=1):
+        assert eps == pytest.approx(epsilon_after(r, SIGMA, 1.0, DELTA), rel=1e-9)
+    assert all(row["dp-expected-clients"] == 2 for row in history)
+    assert all(row["dp-noise-stddev"] == pytest.approx(SIGMA * 0.5 / 2) for row in history)
+
+
+def test_the_budget_stops_the_run_before_it_is_exceeded(dp_run: Path) -> None:
+    history = rows(dp_run)
+    assert [row["round"] for row in history] == [1, 2]  # 3 asked for, 2 fit the budget
+    summary = json.loads((dp_run / "summary.json").read_text())
+    client_level = summary["privacy"]["client-level"]
+    assert client_level["epsilon"] <= TARGET
+    assert client_level["budget-exhausted"] is True
+    assert (dp_run / "final" / "adapter_model.safetensors").exists()
+
+
+def test_every_sites_dpsgd_accountant_carries_over_rounds(dp_run: Path) -> None:
+    history = rows(dp_run)
+    dpsgd = [row["train/dpsgd-epsilon"] for row in history]
+    assert 0 < dpsgd[0] < dpsgd[1], dpsgd  # a fresh accountant each round would repeat
+    summary = json.loads((dp_run / "summary.json").read_text())
+    assert summary["privacy"]["sample-level"]["epsilon-max-over-sites"] == pytest.approx(dpsgd[1])
