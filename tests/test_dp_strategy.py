@@ -617,3 +617,21 @@ def test_server_builds_the_dp_wrapper_only_when_asked() -> None:
     assert isinstance(plain, WeightedFedAvg)
     assert isinstance(wrapped, DifferentialPrivacyFedAvg)
     assert wrapped.mode == "server-adaptive" and wrapped.sampling_rate == 0.5
+
+
+def test_summary_reports_the_worst_site_dpsgd_epsilon_and_warns_on_zero_noise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    cfg = parse_run_config({"privacy.dpsgd": True, "privacy.dpsgd-noise-multiplier": 0.0})
+    history = [{"round": 1, "train/dpsgd-epsilon": 2.5}, {"round": 2, "train/dpsgd-epsilon": 4.0}]
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        warnings = dp_module.dpsgd_warnings(cfg)
+    summary = dp_module.privacy_summary(WeightedFedAvg(), cfg, history, warnings)
+
+    # Assert
+    assert "NO sample-level privacy" in caplog.text
+    assert summary["sample-level"]["epsilon-max-over-sites"] == 4.0
+    assert summary["warnings"] == warnings and "client-level" not in summary
