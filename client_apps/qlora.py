@@ -33,6 +33,12 @@ def session_for(context: Context) -> ClientSession:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter; reply with it, the example and token counts."""
+    if parse_run_config(context.run_config).fed.aggregation == "secagg+":
+        # SecAgg+ exists only on Flower's legacy API: its ClientApp runs the protocol's four
+        # stages (all train messages) around the same session.
+        from client_apps.secagg import app as secagg_app
+
+        return secagg_app(msg, context)
     session = session_for(context)
     config = msg.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]

@@ -434,6 +434,85 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ (``fed.aggregation = "secagg+"``); 0 means derived from the run each round.
+
+    See docs/security.md for what each setting trades and how the automatic values are found.
+    """
+
+    num_shares: int = setting(
+        0,
+        "secagg.num-shares",
+        "SecAgg+ neighbours (itself included) each client secret-shares its keys with, >= 3 "
+        "(0 = all sampled clients up to 32, ~4 log2 n beyond).",
+    )
+    reconstruction_threshold: int = setting(
+        0,
+        "secagg.reconstruction-threshold",
+        "Shares needed to unmask a client; every client needs this many live neighbours, "
+        "in [2, num-shares) (0 = a strict majority of num-shares).",
+    )
+    clipping_range: float = setting(
+        0.0,
+        "secagg.clipping-range",
+        "Bound on every value of a client's adapter update, which clients clip to before "
+        "masking (0 = the most one round of local AdamW can move a weight, x1.25).",
+    )
+    quantization_range: int = setting(
+        0,
+        "secagg.quantization-range",
+        "Integer levels per value over [-clipping-range, clipping-range], in [2^16, 2^30] "
+        "(0 = the largest power of two whose sum over the sampled clients fits 2^32).",
+    )
+    max_weight: float = setting(
+        0.0,
+        "secagg.max-weight",
+        "Largest FedAvg weight a client may report; larger ones are clamped (0 = local-steps "
+        "x grad-accum x batch-size examples, x max-seq-length for tokens, 1 with DP).",
+    )
+    timeout: float = setting(
+        0.0,
+        "secagg.timeout",
+        "Seconds each of the four SecAgg+ stages waits for replies (0 = fed.round-timeout).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_shares == 0 or self.num_shares >= 3,
+            "secagg.num-shares",
+            "must be 0 (auto) or >= 3",
+            self.num_shares,
+        )
+        _require(
+            self.reconstruction_threshold == 0 or self.reconstruction_threshold >= 2,
+            "secagg.reconstruction-threshold",
+            "must be 0 (auto) or >= 2",
+            self.reconstruction_threshold,
+        )
+        if self.num_shares and self.reconstruction_threshold:
+            _require(
+                self.reconstruction_threshold < self.num_shares,
+                "secagg.reconstruction-threshold",
+                f"must be < secagg.num-shares = {self.num_shares} (no dropout could be "
+                "tolerated, and Flower refuses it)",
+                self.reconstruction_threshold,
+            )
+        _require(
+            self.quantization_range == 0 or 2**16 <= self.quantization_range <= 2**30,
+            "secagg.quantization-range",
+            "must be 0 (auto) or in [2^16, 2^30]: fewer levels lose precision, more overflow "
+            "Flower's int32 rounding",
+            self.quantization_range,
+        )
+        for key, value in (
+            ("secagg.clipping-range", self.clipping_range),
+            ("secagg.max-weight", self.max_weight),
+            ("secagg.timeout", self.timeout),
+        ):
+            _require(math.isfinite(value) and value >= 0, key, "must be 0 (auto) or > 0", value)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, grouped by concern."""
 
@@ -444,10 +523,12 @@ class RunConfig:
     fed: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
 
     def __post_init__(self) -> None:
         _check_privacy_combinations(self)
+        _check_secagg_combinations(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -458,6 +539,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("fed", FederationConfig),
     ("output", OutputConfig),
     ("privacy", PrivacyConfig),
+    ("secagg", SecAggConfig),
 )
 
 
@@ -473,13 +555,14 @@ def _check_privacy_combinations(cfg: RunConfig) -> None:
             "without clipping or noise",
             cfg.output.local_only_baseline,
         )
-    if privacy.client_level:
+    if privacy.client_level and privacy.mode != "client-fixed":
         # Server-side clipping needs each update; under SecAgg+ the server sees only the sum.
-        # Client-fixed under SecAgg+ would be sound but is not wired into that path yet.
+        # Client-fixed works there: clients clip, the server noises the sum.
         _require(
             cfg.fed.aggregation == "fedavg",
             "fed.aggregation",
-            f"privacy.mode = {privacy.mode!r} needs fed.aggregation = 'fedavg'",
+            f"privacy.mode = {privacy.mode!r} needs fed.aggregation = 'fedavg' (under "
+            "secagg+ use privacy.mode = 'client-fixed')",
             cfg.fed.aggregation,
         )
     if privacy.mode == "client-fixed":
@@ -505,6 +588,26 @@ def _check_privacy_combinations(cfg: RunConfig) -> None:
             "must be false with privacy.dpsgd (recomputed forwards confuse Opacus' hooks)",
             cfg.model.gradient_checkpointing,
         )
+
+
+def _check_secagg_combinations(cfg: RunConfig) -> None:
+    """Refuse settings that would send an individual update around SecAgg+'s masking."""
+    if cfg.fed.aggregation != "secagg+":
+        return
+    _require(
+        not cfg.output.local_only_baseline,
+        "output.local-only-baseline",
+        "must be false with fed.aggregation = 'secagg+': the local-only adapter would reach "
+        "the server unmasked",
+        cfg.output.local_only_baseline,
+    )
+    _require(
+        not cfg.privacy.dpsgd,
+        "privacy.dpsgd",
+        "is not wired into the SecAgg+ client yet; use privacy.mode = 'client-fixed' "
+        "(client-level DP) with fed.aggregation = 'secagg+'",
+        cfg.privacy.dpsgd,
+    )
 
 
 # --------------------------------------------------------------------------------------

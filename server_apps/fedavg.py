@@ -88,6 +88,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()
     cfg = parse_run_config(context.run_config)
+    if cfg.fed.aggregation == "secagg+":
+        # SecAgg+ runs on Flower's legacy workflow; imported here as it imports this module.
+        from server_apps.secagg import run as run_secagg
+
+        run_secagg(grid, context, cfg)
+        return
     run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name)
     run_dir.save_config(cfg)
     started = time.perf_counter()

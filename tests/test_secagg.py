@@ -1,0 +1,776 @@
+"""SecAgg+: derived parameters, the error bound, the encoding, and the real Flower workflow.
+
+The workflow tests run Flower's own ``SecAggPlusWorkflow`` and ``secaggplus_mod`` in-process
+(``run_simulation``) with the project's server loop and legacy ClientApp; only training is
+replaced by a fake session whose updates the test can recompute, so the SecAgg+ aggregate can
+be held against exact weighted FedAvg.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.serverapp import Grid, ServerApp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client_apps.secagg import SecAggClient, client_weight, hide_weight_mod, make_app
+from flower_llm import secagg, wire
+from flower_llm.config import ConfigError, RunConfig, parse_run_config
+from flower_llm.train import TrainStats
+from strategies.secagg import SecAggFedAvg
+
+# --------------------------------------------------------------------------------------
+# Derived parameters
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("num_sampled", "shares", "threshold", "quantization"),
+    [
+        (3, 3, 2, 2**30),
+        (4, 4, 3, 2**29),
+        (10, 10, 6, 2**28),
+        (20, 20, 11, 2**27),
+        (100, 29, 15, 2**25),
+    ],
+)
+def test_auto_parameters(num_sampled: int, shares: int, threshold: int, quantization: int) -> None:
+    params = secagg.derive_params(RunConfig(), num_sampled=num_sampled)
+    assert params.num_shares == shares
+    assert params.reconstruction_threshold == threshold
+    assert params.quantization_range == quantization
+    # the masked sum of every client's largest value must not wrap the modulus
+    assert num_sampled * params.quantization_range < secagg.MODULUS_RANGE
+    assert params.max_weight == 20 * 1 * 8  # local-steps x grad-accum x batch-size
+    assert params.timeout == RunConfig().fed.round_timeout
+
+
+def test_max_weight_follows_weighting_and_dp() -> None:
+    tokens = parse_run_config({"fed.weighting": "tokens", "data.max-seq-length": 64})
+    dp = parse_run_config({"privacy.mode": "client-fixed", "output.local-only-baseline": False})
+    assert secagg.auto_max_weight(tokens) == 20 * 8 * 63
+    assert secagg.auto_max_weight(dp) == 1.0
+
+
+def test_explicit_settings_win() -> None:
+    cfg = parse_run_config(
+        {
+            "secagg.num-shares": 5,
+            "secagg.reconstruction-threshold": 4,
+            "secagg.clipping-range": 0.5,
+            "secagg.quantization-range": 2**20,
+            "secagg.max-weight": 7.0,
+            "secagg.timeout": 30.0,
+        }
+    )
+    params = secagg.derive_params(cfg, num_sampled=8)
+    assert (params.num_shares, params.reconstruction_threshold) == (5, 4)
+    assert (params.clipping_range, params.quantization_range) == (0.5, 2**20)
+    assert (params.max_weight, params.timeout) == (7.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("run_config", "num_sampled", "named"),
+    [
+        ({}, 2, "fed.aggregation"),
+        ({"secagg.num-shares": 7}, 5, "secagg.num-shares"),
+        ({"secagg.reconstruction-threshold": 5}, 5, "secagg.reconstruction-threshold"),
+        ({"secagg.reconstruction-threshold": 6}, 5, "secagg.reconstruction-threshold"),
+        ({"secagg.quantization-range": 2**30}, 4, "secagg.quantization-range"),
+    ],
+)
+def test_round_settings_that_cannot_work_name_the_key(
+    run_config: dict[str, Any], num_sampled: int, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"'{named}'"):
+        secagg.derive_params(parse_run_config(run_config), num_sampled=num_sampled)
+
+
+@pytest.mark.parametrize(
+    ("run_config", "named"),
+    [
+        ({"secagg.num-shares": 2}, "secagg.num-shares"),
+        ({"secagg.reconstruction-threshold": 1}, "secagg.reconstruction-threshold"),
+        (
+            {"secagg.num-shares": 5, "secagg.reconstruction-threshold": 5},
+            "secagg.reconstruction-threshold",
+        ),
+        ({"secagg.quantization-range": 1000}, "secagg.quantization-range"),
+        ({"secagg.quantization-range": 2**31}, "secagg.quantization-range"),
+        ({"secagg.clipping-range": -1.0}, "secagg.clipping-range"),
+        ({"secagg.max-weight": float("nan")}, "secagg.max-weight"),
+        (
+            {"fed.aggregation": "secagg+", "output.local-only-baseline": True},
+            "output.local-only-baseline",
+        ),
+        (
+            {
+                "fed.aggregation": "secagg+",
+                "output.local-only-baseline": False,
+                "privacy.mode": "server-fixed",
+            },
+            "fed.aggregation",
+        ),
+        (
+            {
+                "fed.aggregation": "secagg+",
+                "output.local-only-baseline": False,
+                "privacy.dpsgd": True,
+            },
+            "privacy.dpsgd",
+        ),
+    ],
+)
+def test_bad_secagg_config_names_the_key(run_config: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{named}'"):
+        parse_run_config(run_config)
+
+
+def test_secagg_with_client_side_dp_is_accepted() -> None:
+    cfg = parse_run_config(
+        {
+            "fed.aggregation": "secagg+",
+            "output.local-only-baseline": False,
+            "privacy.mode": "client-fixed",
+            "privacy.clip-norm": 0.05,
+        }
+    )
+    params = secagg.derive_params(cfg, num_sampled=5)
+    assert params.clipping_range <= 0.05  # an L2-clipped update has no larger value
+    assert params.max_weight == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# The automatic clipping range bounds what local AdamW can do
+# --------------------------------------------------------------------------------------
+
+
+def test_adam_step_bound_values() -> None:
+    assert secagg.adam_step_bound(1) == pytest.approx(1.0)
+    assert secagg.adam_step_bound(20) == pytest.approx(1.156, abs=1e-3)
+    # the limit for t -> inf is (1-b1)/sqrt(1-b2) / sqrt(1 - b1^2/b2)
+    assert secagg.adam_step_bound(10**6) == pytest.approx(
+        0.1 / math.sqrt(0.001 * (1 - 0.81 / 0.999))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_never_moves_a_weight_further_than_the_bound(dtype: torch.dtype) -> None:
+    # Prepare: adversarial gradients, sparse bursts and sign flips across six orders of size
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter((torch.rand(64, 64, generator=gen) * 2 - 1).to(dtype) * 0.2)
+    start = weight.detach().clone().float()
+    lr, steps = 0.01, 30
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
+
+    # Execute
+    for t in range(steps):
+        scale = 10.0 ** torch.randint(-4, 3, (64, 64), generator=gen)
+        burst = (torch.rand(64, 64, generator=gen) < 0.1) | (t % 7 == 0)
+        sign = torch.where(torch.rand(64, 64, generator=gen) < 0.5, -1.0, 1.0)
+        weight.grad = (scale * burst * sign).to(dtype)
+        optimizer.step()
+
+    # Assert
+    moved = float((weight.detach().float() - start).abs().max())
+    bound = secagg.local_update_bound(
+        learning_rate=lr,
+        steps=steps,
+        start_max_abs=float(start.abs().max()),
+        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+    )
+    assert moved <= bound
+    assert moved > 0.3 * bound  # not vacuous: some weights get within reach of it
+
+
+# --------------------------------------------------------------------------------------
+# The error bound, against Flower's own quantization arithmetic
+# --------------------------------------------------------------------------------------
+
+
+def emulate_secagg_mean(
+    values: list[np.ndarray], weights: list[int], c: float, q_range: int, max_weight: float
+) -> np.ndarray:
+    """What secaggplus_mod + SecAggPlusWorkflow compute, masks left out (they cancel mod M)."""
+    total_q, total = 0, np.zeros_like(values[0], dtype=np.int64)
+    for value, weight in zip(values, weights, strict=True):
+        q = round(weight / max_weight * q_range)  # secaggplus_mod: weight as a factor
+        total_q += q
+        total += quantize([value * (q / q_range)], c, q_range)[0]
+    assert total.max() < secagg.MODULUS_RANGE
+    mean = dequantize([total], c, q_range)[0] - (len(values) - 1) * c  # workflow's offset
+    return mean * (q_range / total_q)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_clients=st.integers(3, 20),
+    weights=st.lists(st.integers(1, 160), min_size=20, max_size=20),
+    bits=st.integers(16, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_error_bound_holds_for_flowers_arithmetic(
+    num_clients: int, weights: list[int], bits: int, seed: int
+) -> None:
+    # Prepare
+    rng = np.random.default_rng(seed)
+    c, max_weight = 0.08, 160.0
+    q_range = min(2**bits, secagg.auto_quantization_range(num_clients))
+    values = [rng.uniform(-c, c, 500) for _ in range(num_clients)]  # float64, as clients send
+    weights = weights[:num_clients]
+
+    # Execute
+    got = emulate_secagg_mean(values, weights, c, q_range, max_weight)
+    exact = np.average(np.stack(values).astype(np.float64), axis=0, weights=weights)
+
+    # Assert
+    bound = secagg.aggregate_error_bound(c, q_range, [w / max_weight for w in weights])
+    assert np.abs(got - exact).max() <= bound
+
+
+def test_error_bound_is_about_three_levels_at_full_weight() -> None:
+    assert secagg.aggregate_error_bound(1.0, 2**20, [1.0] * 10) == pytest.approx(
+        3 / 2**20, rel=1e-5
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.dictionaries(
+        st.text("abcdefgh.", min_size=1, max_size=12),
+        st.tuples(st.integers(1, 5), st.integers(1, 5)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_arrays_round_trip_in_sorted_key_order(shapes: dict[str, tuple[int, int]]) -> None:
+    rng = np.random.default_rng(0)
+    state = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    arrays = secagg.state_to_arrays(state)
+    assert [a.shape for a in arrays] == [state[k].shape for k in sorted(state)]
+    back = secagg.arrays_to_state(arrays, secagg.ordered_keys(state))
+    assert list(back) == sorted(state)
+    for key in state:
+        np.testing.assert_array_equal(back[key], state[key])
+
+
+def test_encode_sends_the_clipped_delta_and_scaled_metrics() -> None:
+    # Prepare
+    global_state = {"a": np.ones((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    local = {"a": global_state["a"] + 0.01, "b": np.array([0.5, -0.02, 0.0], np.float32)}
+
+    # Execute
+    encoded = secagg.encode_update(
+        local, global_state, clipping_range=0.1, metrics={"train-loss": 2.0}
+    )
+    delta, means = secagg.decode_aggregate(encoded.arrays, ["a", "b"], 0.1)
+
+    # Assert
+    np.testing.assert_allclose(delta["a"], 0.01, atol=1e-7)
+    np.testing.assert_allclose(delta["b"], [0.1, -0.02, 0.0], atol=1e-7)  # 0.5 clipped to c
+    assert encoded.clipped_values == 1
+    # float32 cannot resolve 2^25+ quantization levels inside secaggplus_mod
+    assert all(a.dtype == np.float64 for a in encoded.arrays)
+    assert means["train-loss"] == pytest.approx(2.0)
+    assert float(np.abs(encoded.arrays[-1]).max()) <= 0.1  # metrics stay inside [-c, c]
+
+
+def test_l2_clipping_before_the_elementwise_clip() -> None:
+    global_state = {"a": np.zeros(4, np.float32)}
+    local = {"a": np.array([3.0, 4.0, 0.0, 0.0], np.float32)}  # norm 5
+    encoded = secagg.encode_update(local, global_state, clipping_range=10.0, l2_clip_norm=1.0)
+    np.testing.assert_allclose(encoded.arrays[0], [0.6, 0.8, 0.0, 0.0], rtol=1e-6)
+    assert encoded.norm_before_clip == pytest.approx(5.0)
+
+
+# --------------------------------------------------------------------------------------
+# Client pieces without Flower's runtime
+# --------------------------------------------------------------------------------------
+
+
+class FakeSession:
+    """Trains nothing: ``local = global + a delta drawn from (partition, round)``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        partition: int,
+        examples: int = 160,
+        dropouts: dict[int, set[int]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.partition = partition
+        self.examples = examples
+        self.dropouts = dropouts or {}
+        """server round -> partitions whose fit raises (stage 'collect masked vectors')."""
+
+    def train(
+        self, global_state: dict[str, np.ndarray], server_round: int, learning_rate: float
+    ) -> tuple[dict[str, np.ndarray], TrainStats]:
+        if self.partition in self.dropouts.get(server_round, ()):
+            raise RuntimeError(f"partition {self.partition} drops out in round {server_round}")
+        delta = fake_delta(
+            {k: v.shape for k, v in global_state.items()}, self.partition, server_round
+        )
+        local = {k: global_state[k] + delta[k] for k in global_state}
+        stats = TrainStats(
+            loss=1.0 + self.partition, steps=1, examples=self.examples, tokens=10, seconds=0.0
+        )
+        return local, stats
+
+
+def fake_delta(
+    shapes: dict[str, tuple[int, ...]], partition: int, server_round: int
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([partition, server_round])
+    return {k: rng.uniform(-0.02, 0.02, shapes[k]).astype(np.float32) for k in sorted(shapes)}
+
+
+def sent_update(
+    global_state: dict[str, np.ndarray], delta: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The update a FakeSession client sends: float32 ``global + delta``, minus the global."""
+    return {k: (global_state[k] + delta[k]).astype(np.float64) - global_state[k] for k in delta}
+
+
+def test_client_sends_update_weight_and_no_plaintext_metrics() -> None:
+    # Prepare
+    cfg = RunConfig()
+    client = SecAggClient(FakeSession(cfg, partition=1, examples=120), keys=["a", "b"])
+    parameters = [np.zeros((2, 3), np.float32), np.ones(4, np.float32)]
+    config = {
+        wire.SERVER_ROUND: 1,
+        wire.LEARNING_RATE: 0.01,
+        secagg.CLIPPING_RANGE: 0.05,
+        secagg.MAX_WEIGHT: 160.0,
+    }
+
+    # Execute
+    arrays, weight, metrics = client.fit(parameters, config)
+
+    # Assert
+    expected = fake_delta({"a": (2, 3), "b": (4,)}, 1, 1)
+    np.testing.assert_allclose(arrays[0], expected["a"], atol=1e-7)
+    np.testing.assert_allclose(arrays[1], expected["b"], atol=1e-6)
+    assert arrays[2] * secagg.LOSS_BOUND / 0.05 == pytest.approx(2.0)  # loss, masked later
+    assert weight == 120
+    assert metrics == {}
+
+
+def test_client_weight_is_clamped_and_uniform_under_dp() -> None:
+    stats = TrainStats(loss=1.0, steps=1, examples=200, tokens=5000, seconds=0.0)
+    dp = parse_run_config({"privacy.mode": "client-fixed", "output.local-only-baseline": False})
+    assert client_weight(RunConfig(), stats, 160.0) == 160
+    assert client_weight(parse_run_config({"fed.weighting": "tokens"}), stats, 1e9) == 5000
+    assert client_weight(dp, stats, 1.0) == 1
+
+
+def test_hide_weight_mod_replaces_the_plaintext_weight_and_packs_uint32() -> None:
+    # Prepare
+    masked = [np.array([5], np.int64), np.array([[2**32 - 1, 0], [7, 9]], np.int64)]
+    reply_content = RecordDict()
+    reply_content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 137})
+    from flwr.app import ConfigRecord
+
+    reply_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]}
+    )
+
+    def call_next(msg: Message, ctx: Context) -> Message:
+        return Message(reply_content, reply_to=msg)
+
+    from flwr.app import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+
+    # Execute
+    reply = hide_weight_mod(msg, Context(1, 3, {}, RecordDict(), {}), call_next)
+
+    # Assert
+    from flwr.common import bytes_to_ndarray
+
+    assert reply.content.metric_records["fitres.num_examples"]["num_examples"] == 1
+    sent = [
+        bytes_to_ndarray(b)
+        for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+    ]
+    assert all(a.dtype == np.uint32 for a in sent)
+    for got, want in zip(sent, masked, strict=True):
+        np.testing.assert_array_equal(got.astype(np.int64), want)
+
+
+def test_strategy_refuses_per_client_updates() -> None:
+    strategy = SecAggFedAvg()
+    one = ndarrays_to_parameters([np.ones(3)])
+    other = ndarrays_to_parameters([np.zeros(3)])
+    results = [(None, FitRes(Status(0, ""), p, 1, {})) for p in (one, other)]
+    with pytest.raises(RuntimeError, match="per-client updates"):
+        strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
+
+
+def test_dp_sensitivity_adds_what_rounding_can_add_to_the_norm() -> None:
+    sensitivity = secagg.dp_sensitivity(0.1, 0.1, 2**29, 10_000)
+    assert sensitivity == pytest.approx(0.1 + 2 * 0.1 / 2**29 * 100)
+
+
+# --------------------------------------------------------------------------------------
+# The real workflow, in-process
+# --------------------------------------------------------------------------------------
+
+SYNTHETIC_SHAPES = {
+    "layer.0.lora_A": (8, 512),
+    "layer.0.lora_B": (512, 8),
+    "layer.1.lora_A": (8, 640),
+}
+EXAMPLES = [160, 120, 80, 40, 150]
+"""Weights of partitions 0..4: unequal, so the test sees weighted, not plain, averaging."""
+
+
+class RecordingStrategy(SecAggFedAvg):
+    """Records, per round, every payload ``aggregate_fit`` receives."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.received: dict[int, list[tuple[int, int, list[np.ndarray]]]] = {}
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        from flwr.common import parameters_to_ndarrays
+
+        self.received[server_round] = [
+            (proxy.node_id, id(res.parameters), parameters_to_ndarrays(res.parameters))
+            for proxy, res in results
+        ]
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def simulation_client_app(
+    cfg: RunConfig,
+    shapes: dict[str, tuple[int, ...]] | None,
+    dropouts: dict[int, set[int]] | None = None,
+) -> ClientApp:
+    """Message-API ClientApp that delegates train to the legacy SecAgg+ app, like qlora's.
+
+    Ray pickles this app into its workers: everything the fakes need travels in closures.
+    """
+
+    def trainer_for(context: Context) -> tuple[FakeSession, list[str]]:
+        partition = int(context.node_config["partition-id"])
+        keys = sorted(shapes) if shapes is not None else real_adapter_keys(cfg)
+        return FakeSession(cfg, partition, EXAMPLES[partition], dropouts), keys
+
+    legacy = make_app(trainer_for)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return legacy(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord(
+            {
+                wire.NUM_EXAMPLES: 10,
+                wire.EVAL_LOSS: 1.0,
+                wire.EVAL_PERPLEXITY: math.e,
+                wire.EVAL_TOKEN_ACCURACY: 0.5,
+                wire.EVAL_TOKENS: 100,
+            }
+        )
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+def real_adapter_keys(cfg: RunConfig) -> list[str]:
+    from flower_llm.adapters import init_adapter
+    from flower_llm.models import resolve_model_path
+
+    state, _ = init_adapter(cfg.model, cfg.lora, resolve_model_path(cfg.model), cfg.seed)
+    return secagg.ordered_keys(state)
+
+
+def simulate(server_main: Any, client_app: ClientApp, num_supernodes: int) -> None:
+    from flwr.simulation import run_simulation
+
+    server = ServerApp()
+    server.main()(server_main)
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+
+
+@pytest.fixture(scope="module")
+def weighted_run() -> dict[str, Any]:
+    """Two SecAgg+ rounds of 4 clients with unequal weights and a recording strategy."""
+    from server_apps.secagg import federate_secagg
+
+    cfg = parse_run_config({"fed.num-rounds": 2, "fed.min-available-clients": 4})
+    rng = np.random.default_rng(7)
+    start = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SYNTHETIC_SHAPES.items()}
+    out: dict[str, Any] = {"start": start, "params": {}, "states": {}}
+    strategy = RecordingStrategy(min_train_clients=3, min_available_clients=4)
+
+    def main(grid: Grid, context: Context) -> None:
+        def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
+            out["params"][result.server_round] = params
+            out["states"][result.server_round] = wire.from_array_record(result.arrays)
+            out.setdefault("reports", {})[result.server_round] = report
+
+        out["final"] = federate_secagg(
+            grid, context, cfg, start, on_round_end=on_round_end, strategy=strategy, evaluate=False
+        )
+
+    simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=4)
+    out["strategy"] = strategy
+    return out
+
+
+@pytest.mark.slow
+def test_secagg_aggregate_equals_weighted_fedavg_within_the_bound(
+    weighted_run: dict[str, Any],
+) -> None:
+    strategy: RecordingStrategy = weighted_run["strategy"]
+    global_state = weighted_run["start"]
+    keys = sorted(SYNTHETIC_SHAPES)
+    for server_round in (1, 2):
+        # Prepare: the exact weighted FedAvg of the same client updates
+        params: secagg.SecAggParams = weighted_run["params"][server_round]
+        # what each client sent: its float32 local adapter minus the global, in float64
+        deltas = [
+            sent_update(global_state, fake_delta(SYNTHETIC_SHAPES, p, server_round))
+            for p in range(4)
+        ]
+        weights = EXAMPLES[:4]
+        exact = {
+            k: np.average(
+                np.stack([d[k] for d in deltas]).astype(np.float64), axis=0, weights=weights
+            )
+            for k in keys
+        }
+
+        # Execute: what the workflow unmasked
+        (_, _, aggregate), *_ = strategy.received[server_round]
+        got, _ = secagg.decode_aggregate(aggregate, keys, params.clipping_range)
+
+        # Assert
+        bound = params.error_bound([w / params.max_weight for w in weights])
+        assert bound < 1e-6 * params.clipping_range
+        worst = max(float(np.abs(got[k] - exact[k]).max()) for k in keys)
+        assert worst <= bound, (worst, bound)
+        # ... and the new global adapter is global + that mean update
+        state = weighted_run["states"][server_round]
+        for k in keys:
+            np.testing.assert_allclose(state[k], global_state[k] + exact[k], rtol=0, atol=1e-6)
+        global_state = state
+
+
+@pytest.mark.slow
+def test_the_strategy_only_ever_receives_one_summed_update(weighted_run: dict[str, Any]) -> None:
+    strategy: RecordingStrategy = weighted_run["strategy"]
+    assert set(strategy.received) == {1, 2}
+    for server_round, received in strategy.received.items():
+        # Flower attaches the one aggregate to every surviving client's FitRes: one payload
+        assert len(received) == 4
+        assert len({payload_id for _, payload_id, _ in received}) == 1
+        aggregate = received[0][2]
+        assert all(
+            all(np.array_equal(a, b) for a, b in zip(aggregate, r[2], strict=True))
+            for r in received
+        )
+        # ... and it is no single client's update
+        for partition in range(4):
+            own = fake_delta(SYNTHETIC_SHAPES, partition, server_round)
+            distance = max(
+                float(np.abs(aggregate[i] - own[k]).max()) for i, k in enumerate(sorted(own))
+            )
+            assert distance > 1e-3
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The real server main with 5 fake clients: a dropout, a failed round, a recovery."""
+    from server_apps.secagg import run
+
+    out_dir = tmp_path_factory.mktemp("secagg-runs")
+    cfg = parse_run_config(
+        {
+            "fed.num-rounds": 3,
+            "fed.min-available-clients": 5,
+            "fed.min-train-clients": 3,
+            "output.dir": str(out_dir),
+            "output.run-name": "dropout",
+            "output.local-only-baseline": False,
+            "fed.aggregation": "secagg+",
+        }
+    )
+    # round 1: one client raises after the shares went round; round 2: three of five do
+    dropouts = {1: {0}, 2: {0, 1, 2}}
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.ERROR)
+    logging.getLogger("flower_llm.server").addHandler(handler)
+    try:
+        client_app = simulation_client_app(cfg, None, dropouts)
+        simulate(lambda grid, context: run(grid, context, cfg), client_app, 5)
+    finally:
+        logging.getLogger("flower_llm.server").removeHandler(handler)
+    return {"dir": out_dir / "dropout", "cfg": cfg, "errors": [r.getMessage() for r in records]}
+
+
+def load_adapter(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_dropout_above_threshold_still_gives_the_right_aggregate(
+    dropout_run: dict[str, Any],
+) -> None:
+    # Prepare
+    from flower_llm.adapters import init_adapter
+    from flower_llm.models import resolve_model_path
+
+    cfg: RunConfig = dropout_run["cfg"]
+    start, _ = init_adapter(cfg.model, cfg.lora, resolve_model_path(cfg.model), cfg.seed)
+    rows = [
+        json.loads(line) for line in (dropout_run["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
+
+    # Execute
+    after = load_adapter(dropout_run["dir"] / "round-001")
+
+    # Assert: partition 0 dropped in the masked-input stage; 1..4 are in the sum
+    row = rows[0]
+    assert row["secagg-failed"] is None and row["updated"] is True
+    assert row["clients-sampled"] == 5 and row["clients-replied"] == 4
+    assert list(row["dropped"].values()) == [
+        "dropped out in SecAgg+ stage 'collect-masked-vectors'"
+    ]
+    shapes = {k: v.shape for k, v in start.items()}
+    deltas = [sent_update(start, fake_delta(shapes, p, 1)) for p in range(1, 5)]
+    weights = EXAMPLES[1:5]
+    bound = row["secagg-error-bound"] * 4  # bound at full weight; weights here are >= 1/4 of it
+    for key in start:
+        exact = np.average(np.stack([d[key] for d in deltas]), axis=0, weights=weights)
+        np.testing.assert_allclose(after[key], start[key] + exact, rtol=0, atol=bound + 1e-6)
+
+
+@pytest.mark.slow
+def test_below_threshold_the_round_fails_cleanly_and_says_so(dropout_run: dict[str, Any]) -> None:
+    rows = [
+        json.loads(line) for line in (dropout_run["dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    failed = rows[1]
+    assert failed["updated"] is False
+    assert "halted in stage 'collect-masked-vectors'" in failed["secagg-failed"]
+    assert "2 of 5 sampled clients left" in failed["secagg-failed"]
+    before, after = (load_adapter(dropout_run["dir"] / f"round-00{r}") for r in (1, 2))
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+    assert any("Round 2 failed" in message for message in dropout_run["errors"])
+    # the run goes on: all five are back in round 3
+    assert rows[2]["updated"] is True and rows[2]["clients-replied"] == 5
+    summary = json.loads((dropout_run["dir"] / "summary.json").read_text())
+    assert summary["rounds-failed"] == 1
+
+
+@pytest.fixture(scope="module")
+def dp_run() -> dict[str, Any]:
+    """One SecAgg+ round with client-fixed DP: clients clip to C, the server adds noise."""
+    from server_apps.secagg import federate_secagg
+
+    cfg = parse_run_config(
+        {
+            "fed.num-rounds": 1,
+            "fed.min-available-clients": 4,
+            "privacy.mode": "client-fixed",
+            "privacy.clip-norm": 0.5,
+            "privacy.noise-multiplier": 0.8,
+        }
+    )
+    rng = np.random.default_rng(3)
+    start = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SYNTHETIC_SHAPES.items()}
+    out: dict[str, Any] = {"cfg": cfg, "start": start}
+    strategy = SecAggFedAvg(min_train_clients=3, min_available_clients=4)
+
+    def main(grid: Grid, context: Context) -> None:
+        def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
+            out.update(result=result, report=report, params=params, aggregate=strategy.aggregate)
+
+        out["final"] = federate_secagg(
+            grid, context, cfg, start, on_round_end=on_round_end, strategy=strategy, evaluate=False
+        )
+
+    simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=4)
+    return out
+
+
+@pytest.mark.slow
+def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict[str, Any]) -> None:
+    # Prepare: every client's update clipped to C = 0.5 (their norms are ~5), equal weights
+    from flower_llm.privacy.accounting import RdpAccountant
+
+    cfg: RunConfig = dp_run["cfg"]
+    keys = sorted(SYNTHETIC_SHAPES)
+    params: secagg.SecAggParams = dp_run["params"]
+    start = dp_run["start"]
+    clipped = []
+    for p in range(4):
+        sent = sent_update(start, fake_delta(SYNTHETIC_SHAPES, p, 1))
+        norm = math.sqrt(sum(float(np.sum(v**2)) for v in sent.values()))
+        assert norm > 1.0  # clipping binds
+        clipped.append({k: v * (0.5 / norm) for k, v in sent.items()})
+    exact = {k: np.mean([c[k] for c in clipped], axis=0) for k in keys}
+
+    # Execute: the unmasked mean (no noise yet) and the saved adapter (noise added)
+    unmasked, _ = secagg.decode_aggregate(dp_run["aggregate"], keys, params.clipping_range)
+    final = dp_run["final"]
+    noise = np.concatenate(
+        [(final[k].astype(np.float64) - start[k] - exact[k]).ravel() for k in keys]
+    )
+
+    # Assert: SecAgg+ averaged exactly the clipped updates, uniformly weighted
+    assert params.max_weight == 1.0
+    for k in keys:
+        np.testing.assert_allclose(unmasked[k], exact[k], rtol=0, atol=params.error_bound())
+    # ... the server added N(0, std^2) with std = sigma (C + rounding) / m
+    privacy = dp_run["report"].privacy
+    std = privacy["dp-noise-stddev"]
+    assert std == pytest.approx(0.8 * 0.5 / 4, rel=1e-3)
+    assert np.std(noise) == pytest.approx(std, rel=0.03)
+    assert abs(np.mean(noise)) < 5 * std / math.sqrt(noise.size)
+    # ... and epsilon is the accountant's after one round with every client sampled
+    reference = RdpAccountant(0.8, 1.0, cfg.privacy.delta)
+    reference.step()
+    assert privacy["epsilon"] == pytest.approx(reference.epsilon())
+    assert privacy["dp-expected-clients"] == 4
+    assert "train-loss" not in dp_run["result"].train_metrics  # would leak without noise
