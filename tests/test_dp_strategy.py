@@ -635,3 +635,51 @@ def test_summary_reports_the_worst_site_dpsgd_epsilon_and_warns_on_zero_noise(
     assert "NO sample-level privacy" in caplog.text
     assert summary["sample-level"]["epsilon-max-over-sites"] == 4.0
     assert summary["warnings"] == warnings and "client-level" not in summary
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_the_same_epsilon_and_noise(
+    tmp_path: Any,
+) -> None:
+    checkpoint = pytest.importorskip("flower_llm.checkpoint")
+
+    # Prepare: two real rounds, then the ServerApp's checkpoint of round 2
+    cfg = parse_run_config(
+        {
+            "privacy.mode": "server-fixed",
+            "privacy.noise-multiplier": 0.9,
+            "fed.fraction-train": 0.5,
+            "output.local-only-baseline": False,
+        }
+    )
+    rng = np.random.default_rng(12)
+    reference = random_state(rng)
+    grid = InProcessGrid(12)
+    updates = {n: random_state(rng, 0.05) for n in grid.nodes}
+
+    def client(n: int, _m: Message) -> State:
+        return {k: reference[k] + updates[n][k] for k in SHAPES}
+
+    def strategy(seed: int) -> DifferentialPrivacyFedAvg:
+        inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1)
+        return DifferentialPrivacyFedAvg.from_config(inner, cfg, seed=seed)
+
+    original = strategy(seed=21)
+    for r in (1, 2):
+        one_round(original, grid, reference, client, server_round=r)
+    checkpoint.write_round_checkpoint(tmp_path, cfg, 2, to_record(reference), original, [])
+
+    # Execute: a restarted server builds a fresh strategy and resumes into it
+    resumed = strategy(seed=22)
+    checkpoint.resume_from_checkpoint(tmp_path, cfg, resumed)
+    a, _ = one_round(original, grid, reference, client, server_round=3)
+    b, _ = one_round(resumed, grid, reference, client, server_round=3)
+
+    # Assert
+    assert resumed.accountant.rounds == 3
+    assert (
+        resumed.epsilon()
+        == original.epsilon()
+        == pytest.approx(epsilon_after(3, 0.9, 0.5, 1e-5), rel=1e-9)
+    )
+    for key in SHAPES:
+        np.testing.assert_array_equal(a[key], b[key])
