@@ -20,13 +20,14 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from peft import LoraConfig
 
-from flower_llm.adapters import save_adapter
 from flower_llm.config import RunConfig
+
+if TYPE_CHECKING:  # peft is slow to import; `flower-llm report` does not need it
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class RunDirectory:
 
     def save_adapter(self, state: Mapping[str, np.ndarray], config: LoraConfig, name: str) -> Path:
         """Save a PEFT-format adapter under ``name`` (``round-003``, ``final``)."""
+        from flower_llm.adapters import save_adapter
+
         return save_adapter(state, config, self.path / name)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
