@@ -317,6 +317,21 @@ class OutputConfig:
         "held-out data, its loss next to the federated one. Clients then send their "
         "local-only adapter once at the end: use it for benchmarking, not in production.",
     )
+    resume: bool = setting(
+        False,
+        "output.resume",
+        "Continue the run in `output.dir`/`output.run-name` from its last completed round "
+        "(its checkpoint.safetensors) instead of starting over; needs `output.run-name` "
+        "and the same model, lora, data, train, fed, privacy settings and seed.",
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            not self.resume or bool(self.run_name.strip()),
+            "output.run-name",
+            "must name the run to continue when output.resume = true",
+            self.run_name,
+        )
 
 
 @dataclass(frozen=True)
@@ -529,6 +544,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_privacy_combinations(self)
         _check_secagg_combinations(self)
+        _check_resume_combinations(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -607,6 +623,35 @@ def _check_secagg_combinations(cfg: RunConfig) -> None:
         "is not wired into the SecAgg+ client yet; use privacy.mode = 'client-fixed' "
         "(client-level DP) with fed.aggregation = 'secagg+'",
         cfg.privacy.dpsgd,
+    )
+
+
+def _check_resume_combinations(cfg: RunConfig) -> None:
+    """Refuse to resume what the server's checkpoint cannot restore (it lives on clients)."""
+    if not cfg.output.resume:
+        return
+    _require(
+        cfg.fed.aggregation == "fedavg",
+        "fed.aggregation",
+        "must be 'fedavg' with output.resume = true (SecAgg+ runs on Flower's legacy "
+        "workflow, which this project does not checkpoint)",
+        cfg.fed.aggregation,
+    )
+    # Each site keeps its DP-SGD accountant and its local-only adapter in Flower's
+    # per-run node state, which a new run starts empty.
+    _require(
+        not cfg.privacy.dpsgd,
+        "privacy.dpsgd",
+        "cannot be resumed: each site's DP-SGD accountant lives in the run's node state "
+        "and would restart at zero, under-reporting epsilon",
+        cfg.privacy.dpsgd,
+    )
+    _require(
+        not cfg.output.local_only_baseline,
+        "output.local-only-baseline",
+        "must be false with output.resume = true: each site's local-only adapter lives "
+        "in the run's node state and would restart from the global one",
+        cfg.output.local_only_baseline,
     )
 
 

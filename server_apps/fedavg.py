@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_llm import wire
 from flower_llm.adapters import init_adapter, num_parameters
+from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, write_round_checkpoint
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging
 from flower_llm.models import resolve_model_path
@@ -94,8 +96,7 @@ def main(grid: Grid, context: Context) -> None:
 
         run_secagg(grid, context, cfg)
         return
-    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name)
-    run_dir.save_config(cfg)
+    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume)
     started = time.perf_counter()
 
     # The server needs the model's config only; adapter weights start as peft starts them.
@@ -105,6 +106,19 @@ def main(grid: Grid, context: Context) -> None:
     arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
 
     strategy = build_strategy(cfg)
+    # Flower samples nodes with the global `random`: the seed makes sampling repeatable
+    # (a resumed run restores the state its checkpoint saved instead).
+    random.seed(cfg.seed)
+    first_round, resumed_after = 1, None
+    if cfg.output.resume:
+        checkpoint = resume_from_checkpoint(run_dir.path, cfg, strategy)
+        arrays = arrays_to_record(checkpoint.adapter)
+        resumed_after = checkpoint.server_round
+        # A run that had decided to stop (privacy budget) only writes its final outputs.
+        first_round = cfg.fed.num_rounds + 1 if checkpoint.stopped else resumed_after + 1
+        log.info("Resuming %s after round %d", run_dir.path, resumed_after)
+    # After the resume checks: a refused resume leaves the run's config.json as it was.
+    run_dir.save_config(cfg)
     strategy.summary()
     privacy_warnings = dpsgd_warnings(cfg)
     num_rounds = cfg.fed.num_rounds
@@ -145,6 +159,16 @@ def main(grid: Grid, context: Context) -> None:
         for reply in strategy.last_valid:
             if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
                 local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+        # Last, once the round's outputs are on disk: a restart continues from here.
+        write_round_checkpoint(
+            run_dir.path,
+            cfg,
+            result.server_round,
+            result.arrays,
+            strategy,
+            run_dir.read_metrics(),
+            stopped=isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted(),
+        )
         if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted():
             log.warning(
                 "Privacy budget: stopping after round %d at epsilon %.4g; one more round "
@@ -160,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy,
         grid,
         arrays,
-        first_round=1,
+        first_round=first_round,
         num_rounds=num_rounds,
         timeout=cfg.fed.round_timeout,
         train_config=train_config,
@@ -181,6 +205,8 @@ def main(grid: Grid, context: Context) -> None:
         "bytes-up": sum(row["bytes-up"] for row in history),
         "bytes-down": sum(row["bytes-down"] for row in history),
     }
+    if resumed_after is not None:
+        summary["resumed-after-round"] = resumed_after
     if cfg.privacy.enabled:
         summary["privacy"] = privacy_summary(strategy, cfg, history, privacy_warnings)
     if local_only:

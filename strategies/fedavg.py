@@ -94,6 +94,8 @@ class WeightedFedAvg(FedAvg):
         self.reference: AdapterState | None = None
         self.report = RoundReport()
         self.last_valid: list[ValidReply] = []
+        self.instructions: list[Message] = []
+        """The last round's train messages (the Grid gives them their ids when it sends)."""
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -112,6 +114,7 @@ class WeightedFedAvg(FedAvg):
         """Sample clients and remember the adapter they start from."""
         self.reference = wire.from_array_record(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.instructions = messages
         self.report = RoundReport(
             sampled=[m.metadata.dst_node_id for m in messages],
             bytes_down=wire.num_bytes(arrays) * len(messages),
@@ -148,6 +151,13 @@ class WeightedFedAvg(FedAvg):
     def valid_replies(self, replies: Iterable[Message]) -> list[ValidReply]:
         """Check every reply, log and record the dropped ones."""
         valid: list[ValidReply] = []
+        # For a node that stopped heartbeating, the SuperLink itself replies with an error
+        # (src = the SuperLink): attribute it to the node the instruction went to.
+        addressed = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self.instructions
+            if m.metadata.message_id  # set by the Grid when it sends
+        }
         for reply in replies:
             self.report.bytes_up += (
                 sum(wire.num_bytes(r) for r in reply.content.array_records.values())
@@ -156,7 +166,7 @@ class WeightedFedAvg(FedAvg):
             )
             checked = self.check_reply(reply)
             if isinstance(checked, str):
-                node = reply.metadata.src_node_id
+                node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 log.warning("Dropping reply of node %d: %s", node, checked)
                 self.report.dropped[node] = checked
             else:
@@ -166,6 +176,10 @@ class WeightedFedAvg(FedAvg):
             if node not in replied:
                 self.report.dropped[node] = "no reply before the round timeout"
                 log.warning("Node %d did not reply before the round timeout", node)
+        # Replies arrive in any order; summing them in node order makes the aggregate
+        # bit-for-bit repeatable (a one-ulp difference grows through bf16 training and
+        # AdamW into visibly different adapters, so a resumed run would drift).
+        valid.sort(key=lambda r: r.node_id)
         self.report.accepted = [r.node_id for r in valid]
         self.last_valid = valid
         return valid

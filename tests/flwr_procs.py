@@ -106,3 +106,89 @@ def flwr_run(
         timeout=timeout,
         check=False,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Deployments: a SuperLink and SuperNodes started by scripts/deploy/, found by PID
+# --------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` consecutive TCP ports on 127.0.0.1 that nothing listens on right now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randint(20000, 60000 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(first, first + count))
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def add_connection(flwr_home: Path, name: str, address: str, root_certificates: Path) -> None:
+    """Append a ``[superlink.<name>]`` connection to ``$FLWR_HOME/config.toml``."""
+    with (flwr_home / "config.toml").open("a") as fh:
+        fh.write(
+            f'\n[superlink.{name}]\naddress = "{address}"\n'
+            f'root-certificates = "{root_certificates}"\n'
+        )
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            # Field 4 of /proc/<pid>/stat is the parent; the name before it may hold spaces.
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(proc.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree."""
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ('' if it is gone)."""
+    try:
+        return (Path(f"/proc/{pid}") / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def descendants_running(pid: int, program: str) -> list[int]:
+    """Live (non-zombie) descendants of ``pid`` whose command line names ``program``."""
+    found = []
+    for child in descendants(pid):
+        try:
+            state = (Path(f"/proc/{child}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and program in cmdline(child):
+            found.append(child)
+    return found
+
+
+def read_pid_file(path: Path) -> dict[str, int]:
+    """``{name: pid}`` from a pid file of "name pid" lines (scripts/deploy/)."""
+    pids = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            name, pid = line.split()
+            pids[name] = int(pid)
+    return pids

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A whole Flower deployment on one machine: a SuperLink with TLS and SuperNode
+# authentication, and N SuperNodes, each with its own key and its own data file.
+#
+#   bash scripts/deploy/start-local-deployment.sh [N]        (default 3)
+#   flwr run . deployment --stream                             (after `. scripts/flwr-env.sh`)
+#   bash scripts/deploy/stop-local-deployment.sh
+#
+# Everything lives under $DEPLOY_DIR (default .deploy/): certs/ and keys/ (make-certs.sh),
+# data/site-<i>.jsonl (make_site_data.py), logs/<process>.log and the pid file.
+# docs/deployment.md explains what runs where when the sites are separate machines.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+N="${1:-3}"
+
+if [ -s "$PID_FILE" ]; then
+  echo "A deployment seems to be running ($PID_FILE); stop it first:" >&2
+  echo "  bash scripts/deploy/stop-local-deployment.sh" >&2
+  exit 1
+fi
+mkdir -p "$DEPLOY_DIR" "$LOGS"
+: >"$PID_FILE"
+# Whatever fails from here on, leave nothing running.
+trap 'echo "start-local-deployment failed; stopping what was started" >&2;
+      bash "$(dirname "$0")/stop-local-deployment.sh"' ERR
+
+# --- Certificates, keys and per-site data (kept if already there) ---------------------
+bash "$(dirname "$0")/make-certs.sh" "$N"
+missing=0
+for i in $(seq 0 $((N - 1))); do [ -s "$DATA/site-$i.jsonl" ] || missing=1; done
+if [ "$missing" = 1 ]; then
+  python "$(dirname "$0")/make_site_data.py" "$N" --out "$DATA"
+fi
+
+# --- SuperLink ---------------------------------------------------------------------------
+# One HTTPS port serves the Fleet API (SuperNodes), the Control API (`flwr`) and the
+# Runtime API (the ServerApp process it starts: --isolation subprocess).
+start_logged superlink flower-superlink \
+  --ssl-ca-certfile "$CERTS/ca.crt" \
+  --ssl-certfile "$CERTS/server.crt" \
+  --ssl-keyfile "$CERTS/server.key" \
+  --enable-supernode-auth \
+  --isolation subprocess \
+  --disable-runtime-dependency-installation \
+  --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT"
+for _ in $(seq 1 120); do
+  curl -sf --cacert "$CERTS/ca.crt" "https://127.0.0.1:$SUPERLINK_PORT/health" >/dev/null && break
+  sleep 0.5
+done
+curl -sf --cacert "$CERTS/ca.crt" "https://127.0.0.1:$SUPERLINK_PORT/health" >/dev/null || {
+  echo "SuperLink did not come up; see $LOGS/superlink.log" >&2
+  false
+}
+echo "SuperLink on https://$SUPERLINK_HOST:$SUPERLINK_PORT (log $LOGS/superlink.log)"
+
+# --- Register the SuperNodes' public keys (what the coordinator does per site) -----------
+# `flwr` reaches the SuperLink through the profile: make sure it names this one.
+python - "$FLWR_HOME/config.toml" "$PROFILE" "$SUPERLINK_PORT" <<'PY'
+import sys, tomllib
+path, profile, port = sys.argv[1:]
+conn = tomllib.load(open(path, "rb")).get("superlink", {}).get(profile)
+if not isinstance(conn, dict) or not str(conn.get("address", "")).endswith(f":{port}"):
+    sys.exit(f"profile [superlink.{profile}] in {path} must have address = "
+             f'"127.0.0.1:{port}" (it has {conn}); set PROFILE or SUPERLINK_PORT to match')
+PY
+for i in $(seq 0 $((N - 1))); do
+  flwr supernode register "$KEYS/supernode-$i.pub" "$PROFILE" --name "site-$i" >/dev/null
+  echo "Registered keys/supernode-$i.pub"
+done
+
+# --- SuperNodes ----------------------------------------------------------------------------
+for i in $(seq 0 $((N - 1))); do
+  bash "$(dirname "$0")/start-supernode.sh" "$i"
+done
+echo "Deployment up: $N SuperNodes. Run:  flwr run . $PROFILE --stream"

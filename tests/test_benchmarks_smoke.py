@@ -1,0 +1,173 @@
+"""Benchmarks: the cheap ones run in --quick mode and write sane JSON; counts are exact.
+
+No timing is asserted anywhere: the figures are ratios measured on whatever machine runs
+the test, and the smoke test only checks that each benchmark runs and reports what it
+promises.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks import aggregation, run_all, wire_bytes
+
+
+@pytest.fixture(autouse=True)
+def restore_process_settings() -> Iterator[None]:
+    """Benchmarks pin torch threads and quiet loggers for their own process: undo it here."""
+    import logging
+
+    import torch
+    import transformers
+
+    threads = torch.get_num_threads()
+    verbosity = transformers.logging.get_verbosity()
+    flwr_level = logging.getLogger("flwr").level
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+    transformers.logging.enable_progress_bar()
+    logging.getLogger("flwr").setLevel(flwr_level)
+
+
+def analytic_lora_params(dims: dict[str, int], r: int) -> int:
+    """``sum over layers of r * (in + out)`` over every Linear of a Llama block.
+
+    peft's ``all-linear`` adapts q, k, v, o, gate, up and down (never ``lm_head``).
+    """
+    hidden, inter = dims["hidden_size"], dims["intermediate_size"]
+    head_dim = hidden // dims["num_attention_heads"]
+    kv = dims["num_key_value_heads"] * head_dim
+    linears = [
+        (hidden, hidden),  # q_proj
+        (hidden, kv),  # k_proj
+        (hidden, kv),  # v_proj
+        (hidden, hidden),  # o_proj
+        (hidden, inter),  # gate_proj
+        (hidden, inter),  # up_proj
+        (inter, hidden),  # down_proj
+    ]
+    return dims["num_hidden_layers"] * sum(r * (fan_in + fan_out) for fan_in, fan_out in linears)
+
+
+def test_llama3_8b_lora_r8_count_equals_the_analytic_count() -> None:
+    # Prepare
+    dims = wire_bytes.ARCHITECTURES["Llama-3-8B"]
+
+    # Execute
+    (row,) = wire_bytes.real_architectures(["Llama-3-8B"])
+
+    # Assert: 32 layers x 8 x (2*8192 + 2*5120 + 3*18432) = 20,971,520
+    assert row["lora"]["8"]["params"] == analytic_lora_params(dims, 8) == 20_971_520
+    assert row["lora"]["8"]["arrays"] == 32 * 7 * 2
+    assert row["params"] == row["published-params"] == 8_030_261_248
+    lora_bytes = row["lora"]["8"]["bytes"]
+    assert lora_bytes["float16"] < lora_bytes["float32"] < row["full-bytes"]["float16"]
+    # float32 on the wire: 4 bytes a value plus one small .npy header per array.
+    assert 0 < lora_bytes["float32"] - 4 * 20_971_520 <= 256 * 448
+
+
+def test_tied_embeddings_count_once() -> None:
+    (row,) = wire_bytes.real_architectures(["Qwen2.5-0.5B"])
+    assert row["params"] == row["published-params"] == 494_032_768
+
+
+def test_npy_header_formula_matches_numpy(tmp_path: Path) -> None:
+    import numpy as np
+
+    for shape, dtype in [((3, 5), np.float32), ((4096, 8), np.float16), ((7,), np.float32)]:
+        path = tmp_path / "a.npy"
+        np.save(path, np.zeros(shape, dtype))
+        assert wire_bytes.npy_bytes(shape, dtype) == path.stat().st_size
+
+
+@pytest.mark.slow
+def test_wire_bytes_quick_writes_sane_results(tmp_path: Path) -> None:
+    # Execute
+    wire_bytes.main(["--quick", "--out", str(tmp_path)])
+
+    # Assert
+    result = json.loads((tmp_path / "wire_bytes.json").read_text())
+    assert {"machine", "architectures", "tiny-model", "float16", "headlines"} <= set(result)
+    assert {"cpu-model", "cores", "ram-gib", "torch", "flwr", "date"} <= set(result["machine"])
+    for arch in result["architectures"]:
+        for lora in arch["lora"].values():
+            assert lora["bytes"]["float32"] < arch["full-bytes"]["float32"]
+    tiny = result["tiny-model"]
+    assert tiny["adapter-bytes"]["float32"] < tiny["full-bytes"]["float32"]
+    assert tiny["adapter-bytes"]["float16"] < tiny["adapter-bytes"]["float32"]
+    assert tiny["header-formula-matches-measured"] is True
+    fp16 = result["float16"]
+    (first,) = fp16["by-round"]
+    # Rounding to float16 moves the held-out loss a little, not a lot.
+    assert first["loss-float32"] < fp16["initial-loss"]
+    assert fp16["max-abs-loss-diff-same-training"] < 0.05
+    assert "| Llama-3-8B |" in (tmp_path / "wire_bytes.md").read_text()
+
+
+def test_aggregation_quick_writes_sane_results(tmp_path: Path) -> None:
+    # Execute
+    aggregation.main(["--quick", "--out", str(tmp_path)])
+
+    # Assert
+    result = json.loads((tmp_path / "aggregation.json").read_text())
+    assert {"rows", "fits", "phases-of-ours", "profile-of-ours", "headlines"} <= set(result)
+    assert [r["clients"] for r in result["rows"]] == [4, 8, 16]
+    for row in result["rows"]:
+        assert set(row["seconds"]) == {"ours", "flower", "streamed"}
+        assert all(s > 0 for s in row["seconds"].values())
+        assert row["ratio-ours-vs-flower"] > 0
+        # Same weighted average as Flower's FedAvg, ours and the prototype alike.
+        assert row["max-abs-diff-vs-flower"]["ours"] < 1e-6
+        assert row["max-abs-diff-vs-flower"]["streamed"] < 1e-6
+    assert set(result["fits"][str(result["rows"][0]["params"])]) == {"ours", "flower", "streamed"}
+    assert result["phases-of-ours"] and result["profile-of-ours"]
+
+    # The combined README picks the headline rows up.
+    readme = run_all.combine(tmp_path, ["aggregation", "wire_bytes"])
+    assert "ours / Flower FedAvg" in readme and "<= 1.0x" in readme
+    assert (tmp_path / "README.md").read_text() == readme
+
+
+def test_streamed_prototype_skips_a_bad_reply_like_ours() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from flower_llm import wire
+
+    # Prepare
+    aggregation.task_identity()
+    shapes = aggregation.adapter_shapes(2_000, 1)
+    replies = aggregation.make_replies(shapes, 3)
+    key = next(iter(shapes))
+    bad = replies[1].content[wire.ARRAYS]
+    replies[1].content[wire.ARRAYS] = ArrayRecord(
+        {k: Array(np.zeros((2, 2), np.float32)) if k == key else v for k, v in bad.items()}
+    )
+    reference = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+
+    # Execute
+    ours = aggregation.ours_factory(shapes, 3)(replies)
+    streamed = aggregation.streamed_aggregate(replies, reference, wire.NUM_EXAMPLES)
+
+    # Assert: both drop reply 2 (wrong shape) and average the other two alike
+    assert streamed is not None
+    for k in shapes:
+        np.testing.assert_allclose(streamed[k], ours[k].numpy(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the skip path without CUDA"
+)
+def test_gpu_benchmark_skips_without_cuda(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import gpu_qlora
+
+    assert gpu_qlora.main(["--out", str(tmp_path)]) is None
+    assert "skipped" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
