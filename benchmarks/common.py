@@ -113,7 +113,13 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="Tiny sizes, a few seconds: for the smoke test."
     )
-    p.add_argument("--out", type=Path, default=RESULTS, help="Directory for the JSON and table.")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="Directory for the JSON and table (default benchmarks/results, or "
+        "benchmarks/results/quick with --quick).",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -122,6 +128,13 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         "threads spin-waiting on a busy core made tiny-model steps ~40x slower).",
     )
     return p
+
+
+def resolve_out(out: Path, quick: bool) -> Path:
+    """Where results go: ``--quick`` runs never overwrite the full results in RESULTS."""
+    if quick and Path(out).resolve() == RESULTS.resolve():
+        return RESULTS / "quick"
+    return Path(out)
 
 
 def setup(threads: int) -> None:
@@ -158,6 +171,7 @@ def finish(
     title = f"## {name}{' (quick mode)' if quick else ''}\n\n"
     header = f"Machine: {machine_line(machine)}. Ran {full['seconds']} s.\n\n"
     text = title + header + markdown.rstrip() + "\n"
+    out_dir = resolve_out(out_dir, quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(full, indent=2, default=_json_default))
     (out_dir / f"{name}.md").write_text(text)
@@ -289,7 +303,8 @@ def mid_model_dir(cache_root: Path | None = None) -> Path:
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model: Any = LlamaForCausalLM(config)
+        model = model.to(torch.bfloat16)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

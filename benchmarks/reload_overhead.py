@@ -24,7 +24,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def measure(
     def new_session_round() -> None:
         _round(ClientSession(cfg, site), incoming)
 
-    variants = {
+    variants: dict[str, Callable[[], object]] = {
         "cached": cached_round,
         "reload model": reload_model_round,
         "new session": new_session_round,
