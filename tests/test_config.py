@@ -70,7 +70,7 @@ def test_bad_value_names_the_key(run_config: dict[str, object], named: str) -> N
 
 
 def test_unknown_key_is_refused_with_a_suggestion() -> None:
-    with pytest.raises(ConfigError, match="unknown run-config key 'lora.rank'.*'lora.r'"):
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'lora\.rank'.*'lora\.r'"):
         parse_run_config({"lora.rank": 8})
 
 

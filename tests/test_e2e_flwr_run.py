@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_heldout_loss_falls_round_over_round(default_run: Path) -> None:
     summary = json.loads((default_run / "summary.json").read_text())
     losses = summary["eval-loss-by-round"]
     assert len(losses) == 3
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
 def test_every_site_took_part_in_every_round(default_run: Path) -> None:

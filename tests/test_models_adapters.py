@@ -48,7 +48,8 @@ def test_base_model_is_really_4bit(tiny_model_dir: Path) -> None:
     decoder_linears = [
         name
         for name, module in base.model.named_modules()
-        if isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit) and ".layers." in name
+        if isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit)
+        and ".layers." in name
         and "lora" not in name
     ]
     quantized = quantized_linear_layers(base.model)
@@ -104,7 +105,9 @@ def test_training_changes_lora_weights_only(tiny_model_dir: Path) -> None:
         n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
     lora_before = adapter_state(model)
-    batch = random_batch(base.tokenizer.vocab_size if hasattr(base.tokenizer, "vocab_size") else 100)
+    batch = random_batch(
+        base.tokenizer.vocab_size if hasattr(base.tokenizer, "vocab_size") else 100
+    )
 
     def batches():  # type: ignore[no-untyped-def]
         while True:
@@ -125,7 +128,9 @@ def test_training_changes_lora_weights_only(tiny_model_dir: Path) -> None:
 def test_adapter_state_round_trip_through_model(tiny_model_dir: Path) -> None:
     _, _, model = loaded(tiny_model_dir)
     rng = np.random.default_rng(0)
-    state = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in adapter_state(model).items()}
+    state = {
+        k: rng.normal(size=v.shape).astype(np.float32) for k, v in adapter_state(model).items()
+    }
     load_adapter_state(model, state)
     back = adapter_state(model)
     for key in state:
