@@ -52,7 +52,7 @@ def adapter_state(model: PeftModel) -> AdapterState:
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
 
 
-def check_compatible(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+def check_compatible(state: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the first key or shape where ``state`` differs."""
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
@@ -63,12 +63,15 @@ def check_compatible(state: Mapping[str, np.ndarray], reference: Mapping[str, np
         )
     for key, ref in reference.items():
         if state[key].shape != ref.shape:
-            raise ValueError(f"adapter '{key}' has shape {state[key].shape}, expected {ref.shape}")
+            raise ValueError(
+                f"adapter '{key}' has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+            )
 
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
     """Overwrite the adapter weights of ``model`` with ``state`` (checked, in place)."""
-    check_compatible(state, adapter_state(model))
+    # Compare with the model's own tensors (shapes only): no float32 copy of the adapter.
+    check_compatible(state, get_peft_model_state_dict(model))
     dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
     tensors = {
         k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dtype) for k, v in state.items()

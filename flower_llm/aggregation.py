@@ -32,19 +32,46 @@ def weighted_average(
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    factors = [float(w) / total for w in weights]
     result: AdapterState = {}
-    for key in states[0]:
-        acc = np.zeros(states[0][key].shape, dtype=np.float64)
-        for state, weight in zip(states, weights, strict=True):
-            acc += state[key].astype(np.float64) * (weight / total)
+    for key, first in states[0].items():
+        # One float64 accumulator and one scratch buffer per array, whatever the number
+        # of clients; the replies are read as they are (float32 or float16, views of the
+        # messages' bytes) and cast inside the ufunc loop, so no client's array is copied.
+        acc = np.zeros(first.shape, dtype=np.float64)
+        scratch = np.empty(first.shape, dtype=np.float64)
+        for state, factor in zip(states, factors, strict=True):
+            np.multiply(state[key], factor, out=scratch, dtype=np.float64)
+            acc += scratch
         result[key] = acc.astype(np.float32)
     return result
 
 
+def all_finite(state: Mapping[str, np.ndarray]) -> bool:
+    """Whether every value of every array is finite (neither NaN nor +-Inf)."""
+    return all(bool(np.isfinite(value).all()) for value in state.values())
+
+
+def non_finite_key(state: Mapping[str, np.ndarray]) -> str | None:
+    """The first array of ``state`` that holds NaN or Inf, or None."""
+    return next((key for key, value in state.items() if not np.isfinite(value).all()), None)
+
+
 def update_problem(
-    state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], weight: float
+    state: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    weight: float,
+    *,
+    check_finite: bool = True,
 ) -> str | None:
-    """Why a client update cannot be averaged into ``reference``, or None if it can."""
+    """Why a client update cannot be averaged into ``reference``, or None if it can.
+
+    ``check_finite=False`` leaves out the NaN/Inf scan, which reads every value: a caller
+    that averages first can check the aggregate once instead. With positive finite weights
+    the weighted average of finite values is finite (each term is at most the largest
+    value in size), so a non-finite aggregate means some reply holds NaN or Inf, and only
+    then is each reply scanned to find it.
+    """
     if not isinstance(weight, int | float) or isinstance(weight, bool):
         return f"weight {weight!r} is not a number"
     if not np.isfinite(weight) or weight <= 0:
@@ -61,6 +88,8 @@ def update_problem(
             return f"'{key}' has shape {value.shape}, expected {ref.shape}"
         if not np.issubdtype(value.dtype, np.floating):
             return f"'{key}' has dtype {value.dtype}, expected float"
-        if not np.all(np.isfinite(value)):
-            return f"'{key}' holds NaN or Inf"
+    if check_finite:
+        bad = non_finite_key(state)
+        if bad is not None:
+            return f"'{bad}' holds NaN or Inf"
     return None

@@ -4,17 +4,20 @@ A :class:`ClientSession` holds the quantized base model with its LoRA adapters a
 site's tokenized data. Both ClientApps (Message API and the legacy SecAgg+ one) drive the
 same session, so the training, evaluation and serialisation logic exists once.
 
-Loading a base model is the expensive part of a client; :class:`SessionCache` keeps one
-session per process and reuses it across rounds. Flower's simulation engine keeps its
-client processes alive, so there a model loads once per virtual-client actor; in a
-deployment, a SuperNode starts a fresh ClientApp process per message and the cache holds
-for that message only (see benchmarks for what a reload costs).
+Loading a base model is the expensive part of a client; :class:`SessionCache` loads it
+once per process and shares it between rounds and between the sites the process serves.
+Flower's simulation engine keeps its client processes alive and hands each one a different
+virtual client on nearly every call, so there the model loads once per actor and only the
+site's data is prepared per site; in a deployment, a SuperNode starts a fresh ClientApp
+process per message and the cache holds for that message only (see benchmarks for what a
+reload costs).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,15 +73,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class ClientSession:
-    """Base model + LoRA + local data of one site; trains and evaluates adapters."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A base model with LoRA applied: what every site of the same settings can share.
 
-    def __init__(self, cfg: RunConfig, site: SiteIdentity, device: torch.device | None = None):
+    Sharing is safe because a session never relies on what the adapter held before: every
+    train and evaluate call first loads the adapter it is given, seeds dropout from
+    (seed, site, round), and the base weights are frozen.
+    """
+
+    base: BaseModel
+    model: Any
+    """The PEFT model around ``base.model``."""
+
+
+def load_model(cfg: RunConfig, device: torch.device | None = None) -> LoadedModel:
+    """Load the base model of ``cfg.model`` and apply ``cfg.lora``."""
+    seed_everything(cfg.seed)
+    base = load_base_model(cfg.model, device)
+    model = apply_lora(base.model, cfg.lora, base.name_or_path)
+    log.info("Loaded base model: %s", describe(base))
+    return LoadedModel(base, model)
+
+
+class ClientSession:
+    """Base model + LoRA + local data of one site; trains and evaluates adapters.
+
+    ``loaded`` shares a model that is already loaded (see :class:`SessionCache`); without
+    it the session loads its own.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        site: SiteIdentity,
+        device: torch.device | None = None,
+        *,
+        loaded: LoadedModel | None = None,
+    ):
         self.cfg = cfg
         self.site = site
+        if loaded is None:
+            loaded = load_model(cfg, device)
         seed_everything(cfg.seed)
-        self.base: BaseModel = load_base_model(cfg.model, device)
-        self.model = apply_lora(self.base.model, cfg.lora, self.base.name_or_path)
+        self.base: BaseModel = loaded.base
+        self.model = loaded.model
         self.data: ClientData = prepare_client_data(
             cfg.data,
             self.base.tokenizer,
@@ -88,8 +127,8 @@ class ClientSession:
             data_path=site.data_path,
         )
         log.info(
-            "Client session: %s; %d train / %d held-out examples",
-            describe(self.base),
+            "Client session for %s: %d train / %d held-out examples",
+            site.data_path or f"partition {site.partition_id} of {site.num_partitions}",
             self.data.num_train_examples,
             self.data.num_eval_examples,
         )
@@ -194,17 +233,40 @@ def clip_adapter_update(
 
 
 class SessionCache:
-    """One :class:`ClientSession` per process, rebuilt only when config or site change."""
+    """The sessions of one process: one model, shared by every site the process serves.
 
-    def __init__(self) -> None:
-        self._key: tuple[RunConfig, SiteIdentity] | None = None
-        self._session: ClientSession | None = None
+    The model loads once per (``model.*``, ``lora.*``) settings; a change of either frees
+    it and loads the new one. Each site's session (its prepared data) is kept for the
+    ``max_sites`` sites used last, so a simulation actor that serves many virtual clients
+    re-prepares only the data of a site it has not seen recently, never the model.
+    """
+
+    def __init__(self, max_sites: int = 8) -> None:
+        if max_sites < 1:
+            raise ValueError(f"max_sites must be >= 1, got {max_sites}")
+        self.max_sites = max_sites
+        self.model_loads = 0
+        self._model_key: tuple[Any, Any] | None = None
+        self._loaded: LoadedModel | None = None
+        self._sessions: OrderedDict[tuple[RunConfig, SiteIdentity], ClientSession] = OrderedDict()
 
     def get(self, cfg: RunConfig, site: SiteIdentity) -> ClientSession:
-        """The cached session for (cfg, site), loading the model on first use."""
+        """The session for (cfg, site): cached, or built on the cached model."""
         key = (cfg, site)
-        if self._session is None or self._key != key:
-            self._session = None  # free the old model before loading a new one
-            self._session = ClientSession(cfg, site)
-            self._key = key
-        return self._session
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+            return session
+        model_key = (cfg.model, cfg.lora)
+        if self._loaded is None or self._model_key != model_key:
+            # Free the old model (and the sessions holding it) before loading a new one.
+            self._sessions.clear()
+            self._loaded = None
+            self._loaded = load_model(cfg)
+            self._model_key = model_key
+            self.model_loads += 1
+        session = ClientSession(cfg, site, loaded=self._loaded)
+        self._sessions[key] = session
+        while len(self._sessions) > self.max_sites:
+            self._sessions.popitem(last=False)
+        return session

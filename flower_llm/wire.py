@@ -49,15 +49,52 @@ def to_array_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32"
     )
 
 
-def from_array_record(record: ArrayRecord) -> AdapterState:
-    """Unpack to float32 arrays, whatever float dtype was sent."""
+def array_view(array: Array) -> np.ndarray:
+    """The values of a Flower ``Array`` as a read-only numpy view of its bytes (no copy).
+
+    ``Array.numpy()`` parses the ``.npy`` header with ``ast.literal_eval`` and copies the
+    values, ~40 us per array before the copy; a server decoding 1000 replies of 224 arrays
+    spends most of its aggregation time there. The ``Array`` already carries dtype and
+    shape, and ``np.save`` puts the values last, so they are viewed in place. Anything
+    that is not a plain C-order ``.npy`` of exactly that dtype and size goes through
+    ``numpy()``. ``np.frombuffer`` is bounds-checked: a reply whose metadata lies cannot
+    read outside its own bytes.
+    """
+    data = array.data
+    try:
+        dtype = np.dtype(array.dtype)
+        count = int(np.prod(array.shape, dtype=np.int64))
+    except (TypeError, ValueError):
+        return np.asarray(array.numpy())
+    offset = len(data) - count * dtype.itemsize
+    header = data[:offset] if 10 <= offset <= 4096 else b""
+    if (
+        array.stype != "numpy.ndarray"
+        or not header.startswith(b"\x93NUMPY")
+        or b"'fortran_order': False" not in header
+        or f"'descr': '{dtype.str}'".encode() not in header
+    ):
+        return np.asarray(array.numpy())
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(array.shape)
+
+
+def array_views(record: ArrayRecord) -> AdapterState:
+    """Every array of ``record`` as a read-only view (see :func:`array_view`), float only.
+
+    For the server, which only reads replies: no per-reply copy, any float dtype as sent.
+    """
     state: AdapterState = {}
     for key, array in record.items():
-        values = array.numpy()
+        values = array_view(array)
         if not np.issubdtype(values.dtype, np.floating):
             raise ValueError(f"array '{key}' has dtype {values.dtype}, expected a float type")
-        state[key] = values.astype(np.float32, copy=False)
+        state[key] = values
     return state
+
+
+def from_array_record(record: ArrayRecord) -> AdapterState:
+    """Unpack to writable float32 arrays, whatever float dtype was sent."""
+    return {key: values.astype(np.float32) for key, values in array_views(record).items()}
 
 
 def num_bytes(record: ArrayRecord) -> int:

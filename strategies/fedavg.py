@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
-from flower_llm.aggregation import update_problem, weighted_average
+from flower_llm.aggregation import all_finite, non_finite_key, update_problem, weighted_average
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class ValidReply:
 
     node_id: int
     state: AdapterState
+    """Read-only views of the reply's arrays, as sent (float32 or float16)."""
     weight: float
     metrics: MetricRecord
     content: RecordDict
@@ -125,8 +126,12 @@ class WeightedFedAvg(FedAvg):
     # Validation
     # ----------------------------------------------------------------------------------
 
-    def check_reply(self, reply: Message) -> ValidReply | str:
-        """A :class:`ValidReply`, or the reason ``reply`` cannot be aggregated."""
+    def check_reply(self, reply: Message, check_finite: bool = True) -> ValidReply | str:
+        """A :class:`ValidReply`, or the reason ``reply`` cannot be aggregated.
+
+        ``check_finite=False`` skips the NaN/Inf scan of every value (see
+        :meth:`aggregate_train`, which checks the aggregate instead).
+        """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
         content = reply.content
@@ -139,16 +144,23 @@ class WeightedFedAvg(FedAvg):
             return f"metric '{self.weighted_by_key}' missing"
         weight = metrics[self.weighted_by_key]
         try:
-            state = wire.from_array_record(content.array_records[wire.ARRAYS])
+            state = wire.array_views(content.array_records[wire.ARRAYS])
         except (ValueError, TypeError) as err:
             return f"unreadable adapter: {err}"
         assert self.reference is not None, "configure_train sets the reference"
-        problem = update_problem(state, self.reference, weight)  # type: ignore[arg-type]
+        problem = update_problem(
+            state,
+            self.reference,
+            weight,  # type: ignore[arg-type]
+            check_finite=check_finite,
+        )
         if problem is not None:
             return problem
         return ValidReply(reply.metadata.src_node_id, state, float(weight), metrics, content)  # type: ignore[arg-type]
 
-    def valid_replies(self, replies: Iterable[Message]) -> list[ValidReply]:
+    def valid_replies(
+        self, replies: Iterable[Message], check_finite: bool = True
+    ) -> list[ValidReply]:
         """Check every reply, log and record the dropped ones."""
         valid: list[ValidReply] = []
         # For a node that stopped heartbeating, the SuperLink itself replies with an error
@@ -164,7 +176,7 @@ class WeightedFedAvg(FedAvg):
                 if not reply.has_error()
                 else 0
             )
-            checked = self.check_reply(reply)
+            checked = self.check_reply(reply, check_finite)
             if isinstance(checked, str):
                 node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 log.warning("Dropping reply of node %d: %s", node, checked)
@@ -191,9 +203,20 @@ class WeightedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted average of the valid replies, or None to keep the previous adapter."""
-        valid = self.valid_replies(replies)
-        if len(valid) < self.min_train_clients:
+        """Weighted average of the valid replies, or None to keep the previous adapter.
+
+        Replies are averaged as read-only views of their bytes, and NaN/Inf is checked
+        once, on the aggregate: it is finite exactly when every reply is (see
+        :func:`flower_llm.aggregation.update_problem`). Only when it is not are the
+        replies scanned one by one, the offenders dropped and logged, and the rest
+        averaged again.
+        """
+        valid = self.valid_replies(replies, check_finite=False)
+        state = self.average(valid)
+        if state is not None and not all_finite(state):
+            valid = self.drop_non_finite(valid)
+            state = self.average(valid)
+        if state is None:
             log.warning(
                 "Round %d: %d valid replies, fewer than fed.min-train-clients = %d; "
                 "keeping the previous global adapter",
@@ -202,9 +225,29 @@ class WeightedFedAvg(FedAvg):
                 self.min_train_clients,
             )
             return None, None
-        state = weighted_average([r.state for r in valid], [r.weight for r in valid])
         self.report.updated = True
         return wire.to_array_record(state), self.aggregate_train_metrics(valid)
+
+    def average(self, valid: list[ValidReply]) -> AdapterState | None:
+        """Weighted average of ``valid``, or None when fewer than the minimum replied."""
+        if len(valid) < self.min_train_clients or not valid:
+            return None
+        return weighted_average([r.state for r in valid], [r.weight for r in valid])
+
+    def drop_non_finite(self, valid: list[ValidReply]) -> list[ValidReply]:
+        """``valid`` without the replies holding NaN or Inf, each dropped with its reason."""
+        kept: list[ValidReply] = []
+        for reply in valid:
+            key = non_finite_key(reply.state)
+            if key is None:
+                kept.append(reply)
+                continue
+            reason = f"'{key}' holds NaN or Inf"
+            log.warning("Dropping reply of node %d: %s", reply.node_id, reason)
+            self.report.dropped[reply.node_id] = reason
+        self.report.accepted = [r.node_id for r in kept]
+        self.last_valid = kept
+        return kept
 
     def aggregate_train_metrics(self, valid: list[ValidReply]) -> MetricRecord:
         """Weighted mean of scalar metrics; sums of counts; the maximum of any epsilon."""

@@ -6,6 +6,7 @@ background is found by the log file it writes under that home and stopped by PID
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -57,21 +58,20 @@ def local_superlink_pids(flwr_home: Path) -> list[int]:
 def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL whatever is still alive after ``timeout``."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     for pid in pids:
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:  # gone between the two reads
+                break
             if "zombie" in status:
                 break
             time.sleep(0.2)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def flwr_run(

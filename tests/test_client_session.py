@@ -27,9 +27,44 @@ def test_cache_reuses_the_loaded_model_across_rounds(tiny_model_dir: Path) -> No
 
     # Assert
     assert second is first and second.base.model is first.base.model
-    assert other is not first
+    assert other is not first and other.site != first.site
+    assert other.model is first.model, "another site shares the loaded model"
+    assert cache.model_loads == 1
     assert stats.steps == 2 and stats.examples == 2 * cfg.train.batch_size
     assert any(not np.array_equal(trained[k], state[k]) for k in state)
+
+
+def test_cache_loads_again_only_when_model_or_lora_settings_change(tiny_model_dir: Path) -> None:
+    cfg = parse_run_config({"model.name": str(tiny_model_dir), "train.local-steps": 1})
+    cache = SessionCache(max_sites=2)
+    first = cache.get(cfg, SiteIdentity(None, 0, 3))
+
+    # Other training settings and other sites: same model; the oldest site is evicted
+    cache.get(parse_run_config({"model.name": str(tiny_model_dir)}), SiteIdentity(None, 1, 3))
+    cache.get(cfg, SiteIdentity(None, 2, 3))
+    assert cache.model_loads == 1
+    again = cache.get(cfg, SiteIdentity(None, 0, 3))
+    assert again is not first and again.model is first.model and cache.model_loads == 1
+
+    # Another LoRA rank: a new model
+    other = parse_run_config({"model.name": str(tiny_model_dir), "lora.r": 4})
+    assert cache.get(other, SiteIdentity(None, 0, 3)).model is not first.model
+    assert cache.model_loads == 2
+
+
+def test_a_shared_model_trains_a_site_as_its_own_session_would(tiny_model_dir: Path) -> None:
+    # A simulation actor serves site 1, then site 0, on one model; a deployed site has a
+    # process of its own. Site 0's round must not depend on which of the two it got.
+    cfg = parse_run_config({"model.name": str(tiny_model_dir), "train.local-steps": 2})
+    cache = SessionCache()
+    start = adapter_state(cache.get(cfg, SiteIdentity(None, 1, 2)).model)
+    cache.get(cfg, SiteIdentity(None, 1, 2)).train(start, server_round=1, learning_rate=1e-2)
+    shared, _ = cache.get(cfg, SiteIdentity(None, 0, 2)).train(start, 1, 1e-2)
+
+    alone, _ = ClientSession(cfg, SiteIdentity(None, 0, 2)).train(start, 1, 1e-2)
+
+    for key in alone:
+        np.testing.assert_array_equal(shared[key], alone[key])
 
 
 def test_same_round_same_batches_so_training_is_reproducible(tiny_model_dir: Path) -> None:

@@ -167,3 +167,50 @@ def test_wire_refuses_integer_arrays() -> None:
     record["x"] = Array(np.ones(3, np.int64))
     with pytest.raises(ValueError, match="dtype"):
         wire.from_array_record(record)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(12, dtype=np.float16).reshape(4, 3),
+        np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+        np.arange(6, dtype=">f4").reshape(2, 3),
+        np.zeros((0, 5), np.float32),
+        np.array(2.5, dtype=np.float32),
+    ],
+    ids=["float32", "float16", "fortran-order", "big-endian", "empty", "scalar"],
+)
+def test_array_view_reads_exactly_what_numpy_would(values: np.ndarray) -> None:
+    from flwr.app import Array
+
+    array = Array(values)
+    view = wire.array_view(array)
+    expected = array.numpy()
+    assert view.shape == expected.shape and view.dtype == expected.dtype
+    np.testing.assert_array_equal(view, expected)
+    if values.dtype == np.float32 and values.flags.c_contiguous and values.size:
+        # The common case is a view of the message's own bytes: nothing is copied, and
+        # the server cannot write into a client's reply.
+        assert not view.flags.writeable and not view.flags.owndata
+
+
+@pytest.mark.parametrize("claimed", [(400, 400), (2, 2)])
+def test_array_view_of_lying_metadata_stays_inside_the_bytes(claimed: tuple[int, int]) -> None:
+    # A reply whose metadata lies about its shape can garble only its own values (the
+    # strategy then checks the shape it really decoded), never read beyond its bytes.
+    from flwr.app import Array
+
+    real = Array(np.arange(16, dtype=np.float32).reshape(4, 4))
+    forged = Array(dtype="float32", shape=claimed, stype=real.stype, data=real.data)
+    view = wire.array_view(forged)
+    assert view.nbytes <= len(real.data)
+    assert set(view.ravel().tolist()) <= set(range(16))
+
+
+def test_from_array_record_gives_writable_float32_copies() -> None:
+    record = wire.to_array_record({"x": np.ones(3, np.float32)}, "float16")
+    values = wire.from_array_record(record)["x"]
+    values += 1  # a client trains on what it receives
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(wire.from_array_record(record)["x"], 1.0)

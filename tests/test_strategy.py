@@ -214,3 +214,49 @@ def test_too_few_valid_replies_keeps_previous_adapter() -> None:
 def test_invalid_weighting_is_refused() -> None:
     with pytest.raises(ValueError, match="weighting"):
         WeightedFedAvg(weighting="bytes")
+
+
+def test_every_non_finite_reply_is_named_and_the_rest_averaged() -> None:
+    # The aggregate is checked once; a non-finite one sends the strategy back to find
+    # each offender, which must all be dropped, whatever their position or dtype.
+    rng = np.random.default_rng(5)
+    good = {n: make_state(rng) for n in (1, 3)}
+    nan16 = {k: v.astype(np.float16) for k, v in make_state(rng).items()}
+    nan16["layer.lora_B.weight"][2, 1] = np.nan
+    inf32 = make_state(rng)
+    inf32["layer.lora_A.weight"][0, 3] = -np.inf
+    replies = [
+        reply(4, inf32, **{wire.NUM_EXAMPLES: 7}),
+        reply(3, good[3], **{wire.NUM_EXAMPLES: 2}),
+        reply(2, nan16, **{wire.NUM_EXAMPLES: 9}),
+        reply(1, good[1], **{wire.NUM_EXAMPLES: 6}),
+    ]
+    strategy = strategy_with_reference()
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None and metrics is not None
+    assert strategy.report.accepted == [1, 3]
+    assert [n for n, r in strategy.report.dropped.items() if "NaN or Inf" in r] == [2, 4]
+    assert "'layer.lora_B.weight'" in strategy.report.dropped[2]
+    assert [r.node_id for r in strategy.last_valid] == [1, 3]
+    assert metrics[wire.NUM_EXAMPLES] == 8
+    for key in SHAPES:
+        expected = (6 * good[1][key].astype(np.float64) + 2 * good[3][key]) / 8
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+
+
+def test_mixed_wire_dtypes_average_as_their_float32_decodings() -> None:
+    rng = np.random.default_rng(6)
+    states = [make_state(rng) for _ in range(3)]
+    sent = [states[0], {k: v.astype(np.float16) for k, v in states[1].items()}, states[2]]
+    replies = [reply(n, s, **{wire.NUM_EXAMPLES: n}) for n, s in zip((1, 2, 3), sent, strict=True)]
+    strategy = strategy_with_reference()
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    decoded = [wire.from_array_record(m.content[wire.ARRAYS]) for m in replies]
+    expected = weighted_average(decoded, [1, 2, 3])
+    assert arrays is not None
+    for key in SHAPES:
+        np.testing.assert_array_equal(arrays[key].numpy(), expected[key])
