@@ -411,16 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print and save."""
     args = common.parser(__doc__).parse_args(argv)
     common.setup(args.threads)
-    started = time.perf_counter()
-    result = run(args.quick)
-    return common.finish(
-        "aggregation",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
-    )
+    return common.run_and_finish("aggregation", args, lambda: run(args.quick), to_markdown)
 
 
 if __name__ == "__main__":

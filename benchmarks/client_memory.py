@@ -274,15 +274,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         quant = None if args.child == "imports-only" else args.child
         print(json.dumps(child(quant, args.model_dir, steps)))
         return None
-    started = time.perf_counter()
-    result = run(args.quick, steps, args.threads)
-    return common.finish(
-        "client_memory",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
+    return common.run_and_finish(
+        "client_memory", args, lambda: run(args.quick, steps, args.threads), to_markdown
     )
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -302,16 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print and save."""
     args = common.parser(__doc__).parse_args(argv)
     common.setup(args.threads)
-    started = time.perf_counter()
-    result = run(args.quick)
-    return common.finish(
-        "client_throughput",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
-    )
+    return common.run_and_finish("client_throughput", args, lambda: run(args.quick), to_markdown)
 
 
 if __name__ == "__main__":

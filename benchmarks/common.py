@@ -179,6 +179,20 @@ def finish(
     return full
 
 
+def run_and_finish(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[], dict[str, Any]],
+    to_markdown: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """Time ``run()``, then stamp and write its result as :func:`finish` does."""
+    started = time.perf_counter()
+    result = run()
+    return finish(
+        name, result, to_markdown(result), Path(args.out), quick=args.quick, started=started
+    )
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -194,15 +193,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return None
-    started = time.perf_counter()
-    result = run(args.quick, args.threads)
-    return common.finish(
-        "reload_overhead",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
+    return common.run_and_finish(
+        "reload_overhead", args, lambda: run(args.quick, args.threads), to_markdown
     )
 
 

@@ -328,15 +328,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.child:
         print(json.dumps(child(json.loads(args.child), args.output_dir)))
         return None
-    started = time.perf_counter()
-    result = run(args.quick, args.threads)
-    return common.finish(
-        "simulation_scale",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
+    return common.run_and_finish(
+        "simulation_scale", args, lambda: run(args.quick, args.threads), to_markdown
     )
 
 

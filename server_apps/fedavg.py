@@ -69,6 +69,21 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
 
 
+def log_round(result: RoundResult, row: dict[str, Any], num_rounds: int, clients: str) -> None:
+    """The server's one line per round; ``clients`` says who took part and how."""
+    log.info(
+        "round %d/%d: eval loss %s, perplexity %s, train loss %s | %s | %.2f MB up | %.1fs",
+        result.server_round,
+        num_rounds,
+        _fmt(row.get("eval-loss")),
+        _fmt(row.get("eval-perplexity")),
+        _fmt(row.get("train-loss")),
+        clients,
+        result.report.bytes_up / 1e6,
+        result.seconds,
+    )
+
+
 def evaluate_on_all_sites(
     grid: Grid, arrays: ArrayRecord, node_ids: list[int], timeout: float
 ) -> dict[str, Any] | None:
@@ -142,19 +157,12 @@ def main(grid: Grid, context: Context) -> None:
         if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.last_round is not None:
             row.update(strategy.last_round.as_row())  # epsilon, delta, clip norm, noise
         run_dir.append_metrics(row)
-        log.info(
-            "round %d/%d: eval loss %s, perplexity %s, train loss %s | %d/%d clients, "
-            "%d dropped | %.2f MB up | %.1fs",
-            result.server_round,
+        report = result.report
+        log_round(
+            result,
+            row,
             num_rounds,
-            _fmt(row.get("eval-loss")),
-            _fmt(row.get("eval-perplexity")),
-            _fmt(row.get("train-loss")),
-            len(result.report.accepted),
-            len(result.report.sampled),
-            len(result.report.dropped),
-            result.report.bytes_up / 1e6,
-            result.seconds,
+            f"{len(report.accepted)}/{len(report.sampled)} clients, {len(report.dropped)} dropped",
         )
         for reply in strategy.last_valid:
             if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:

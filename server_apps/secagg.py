@@ -28,7 +28,7 @@ from flower_llm.adapters import AdapterState, init_adapter, num_parameters
 from flower_llm.config import ConfigError, RunConfig
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
-from server_apps.fedavg import _fmt, build_strategy, round_row
+from server_apps.fedavg import build_strategy, log_round, round_row
 from strategies.fedavg import RoundReport
 from strategies.rounds import RoundResult
 from strategies.secagg import (
@@ -229,20 +229,12 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
         )
         row = secagg_row(result, report, params)
         run_dir.append_metrics(row)
-        log.info(
-            "round %d/%d: eval loss %s, perplexity %s, train loss %s | %d/%d clients in the "
-            "sum, %d dropped, %s | %.2f MB up | %.1fs",
-            result.server_round,
+        log_round(
+            result,
+            row,
             num_rounds,
-            _fmt(row.get("eval-loss")),
-            _fmt(row.get("eval-perplexity")),
-            _fmt(row.get("train-loss")),
-            len(result.report.accepted),
-            len(result.report.sampled),
-            len(report.dropped),
-            "FAILED" if report.failed else "updated",
-            result.report.bytes_up / 1e6,
-            result.seconds,
+            f"{len(result.report.accepted)}/{len(result.report.sampled)} clients in the sum, "
+            f"{len(report.dropped)} dropped, {'FAILED' if report.failed else 'updated'}",
         )
         return False
 
