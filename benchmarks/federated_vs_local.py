@@ -81,7 +81,8 @@ def to_markdown(result: dict[str, object]) -> str:
         f"| initial (untrained LoRA) | {result['initial-union-loss']:.4f} |",
         f"| **federated (FedAvg)** | **{result['federated-union-loss']:.4f}** |",
     ]
-    for site, loss in enumerate(result["local-only-union-loss"]):  # type: ignore[arg-type]
+    local_only: list[float] = result["local-only-union-loss"]  # type: ignore[assignment]
+    for site, loss in enumerate(local_only):
         lines.append(f"| local-only, site {site} | {loss:.4f} |")
     return "\n".join(lines) + "\n"
 

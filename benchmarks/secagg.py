@@ -96,7 +96,7 @@ def client_app(cfg: RunConfig) -> ClientApp:
             return legacy(msg, context)
         session, _ = trainer_for(context)
         config = msg.content[wire.CONFIG]
-        global_state = wire.from_array_record(msg.content[wire.ARRAYS])
+        global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
         local, stats = session.train(global_state, int(config[wire.SERVER_ROUND]), 0.0)  # type: ignore[arg-type]
         metrics = MetricRecord({wire.NUM_EXAMPLES: stats.examples})
         return Message(
@@ -172,6 +172,7 @@ def secagg_rounds(
         partitions = list(range(len(report.sampled)))
         exact = exact_update(before, partitions, result.server_round)
         # the unmasked float64 mean update, before it is added to the float32 adapter
+        assert strategy.aggregate is not None, "a finished round has an aggregate"
         got, _ = secagg.decode_aggregate(strategy.aggregate, keys, params.clipping_range)
         n = len(report.sampled)
         out.append(
