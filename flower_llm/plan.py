@@ -49,11 +49,10 @@ Activations (see :func:`layer_activation_bytes`)
     saves (``saved_tensors_hooks``) on transformers 5.24 / peft 0.21; other architectures
     get the Llama formula as an approximation.
 Logits
-    ``B T V (a + 8)`` bytes (plus ``4 B T V`` when ``a`` < 4): the model's logits, their
-    fp32 copy when they are not fp32 already, then in
-    :func:`flower_llm.train.token_losses` the gathered response-token logits and their
-    log-softmax, both fp32, all alive together at the loss; every token is assumed to be a
-    response token (an upper bound). That is three fp32 logits tensors when quantized.
+    ``B T V (a + 8)`` bytes: the model's logits, then in
+    :func:`flower_llm.train.summed_token_loss` their shifted fp32 copy (``.float()`` of
+    the slice, or the reshape of it when they are fp32 already) and its log-softmax, all
+    alive together at the loss. That is three fp32 logits tensors when quantized.
 CUDA context
     A fixed 0.5 GiB for the CUDA context and cuBLAS workspaces. The caching allocator's
     fragmentation is not counted: leave 5-10 % of headroom.
@@ -468,7 +467,7 @@ def estimate_memory(
     else:
         per_token = sum(per_layer) + extra
 
-    logits_per_value = a + 8 + (4 if a != 4 else 0)
+    logits_per_value = a + 8
     return MemoryPlan(
         model=model or str(getattr(config, "_name_or_path", "") or shape.model_type),
         shape=shape,

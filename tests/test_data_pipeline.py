@@ -176,3 +176,31 @@ def test_chat_template_formatting(tiny_model_dir: Path) -> None:
         "<|assistant|>"
     )
     assert response == "yes"
+
+
+def test_training_loss_is_the_sum_of_the_response_token_losses(tiny_model_dir: Path) -> None:
+    # Training takes the summed loss without gathering the response rows; it must be the
+    # very quantity evaluation reports per token, and its gradient the same.
+    import torch
+
+    from flower_llm.adapters import apply_lora
+    from flower_llm.models import load_base_model
+    from flower_llm.train import summed_token_loss, token_losses
+
+    cfg = parse_run_config({"model.name": str(tiny_model_dir)})
+    base = load_base_model(cfg.model, torch.device("cpu"))
+    model = apply_lora(base.model, cfg.lora)
+    data = prepare_client_data(data_cfg(), base.tokenizer, partition_id=0, num_partitions=1, seed=0)
+    batch = next(iter(make_dataloader(data.train, 4, shuffle=False, seed=0, pad_id=0)))
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    summed = summed_token_loss(model, batch)
+    grads_summed = torch.autograd.grad(summed, lora)
+    losses, _ = token_losses(model, batch)
+    grads_gathered = torch.autograd.grad(losses.sum(), lora)
+
+    n_response = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert losses.numel() == n_response > 0
+    torch.testing.assert_close(summed, losses.sum(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_summed, grads_gathered, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
