@@ -8,9 +8,11 @@ SuperNode whose key was never registered. Then, in this order:
 1. a 2-round run over TLS, compared with a simulation run of the same job (same files,
    same metrics and summary keys), which also shows the unregistered SuperNode refused;
 2. a run whose ServerApp is SIGKILLed after round 1 and resumed with ``output.resume``:
-   its final adapter equals the uninterrupted run's;
+   its final adapter equals the uninterrupted run's; the same with server-side DP-FedAvg:
+   the resumed run accounts exactly the epsilon of two rounds; a resume from a truncated
+   checkpoint fails naming the file and leaves the run directory as it was;
 3. a run during which one SuperNode is SIGKILLed: it finishes with the other two, and
-   metrics.jsonl names the lost node.
+   metrics.jsonl and ``flower-llm report`` name the lost node.
 
 Every ClientApp is a fresh process in a deployment (it imports torch and loads the model
 per message), so the runs are kept to 2 rounds of 2 local steps.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flower_llm.privacy import epsilon_after
 from tests.flwr_procs import (
     BIN,
     ROOT,
@@ -174,7 +178,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         data = deploy_dir / "data"
         (data / f"site-{NUM_SITES}.jsonl").write_text((data / "site-0.jsonl").read_text())
         intruder = script("start-supernode.sh", str(NUM_SITES), env=env)
-        assert intruder.returncode == 0, intruder.stderr
+        # The script waits for the SuperNode to join, sees it refused, and says why
+        assert intruder.returncode == 1, intruder.stdout + intruder.stderr
+        assert f"keys/supernode-{NUM_SITES}.pub is not registered" in intruder.stderr
         yield Deployment(home, deploy_dir, env, tmp_path_factory.mktemp("outputs"))
     finally:
         stopped = script("stop-local-deployment.sh", env=env)
@@ -309,14 +315,10 @@ def test_superlink_refuses_plaintext_and_unknown_certificates(deployment: Deploy
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_resumed_run_ends_with_the_uninterrupted_adapter(
-    deployment: Deployment, deployment_run: Path
-) -> None:
-    # Prepare: start the run, wait for round 1's checkpoint, SIGKILL the ServerApp
-    run_dir = deployment.out / "resumed"
-    started = deployment.run("resumed", stream=False)
+def interrupt_after_round_1(deployment: Deployment, name: str, extra: str = "") -> Path:
+    """Start run ``name``, SIGKILL its ServerApp once round 1 is checkpointed; its run dir."""
+    run_dir = deployment.out / name
+    started = deployment.run(name, extra, stream=False)
     assert started.returncode == 0, failure(started, deployment)
     checkpoint = run_dir / "checkpoint.safetensors"
     wait_for(checkpoint.exists, 400, "round 1's checkpoint")
@@ -332,6 +334,16 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(
     deployment.flwr("stop", run_id.group(1), PROFILE, timeout=60)
     assert not (run_dir / "summary.json").exists()  # it really was interrupted
     assert [r["round"] for r in rows(run_dir)] == [1]
+    return run_dir
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_uninterrupted_adapter(
+    deployment: Deployment, deployment_run: Path
+) -> None:
+    # Prepare: start the run, wait for round 1's checkpoint, SIGKILL the ServerApp
+    run_dir = interrupt_after_round_1(deployment, "resumed")
 
     # Execute
     resumed = deployment.run("resumed", "output.resume=true")
@@ -350,6 +362,67 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(
     assert not np.allclose(expected[next(k for k in expected if "lora_B" in k)], 0)
     for before, after in zip(rows(deployment_run), rows(run_dir), strict=True):
         assert after["eval-loss"] == pytest.approx(before["eval-loss"], rel=1e-5)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_resume_from_a_corrupt_checkpoint_fails_naming_it_and_changes_nothing(
+    deployment: Deployment, deployment_run: Path
+) -> None:
+    # Prepare: a copy of the finished run whose checkpoint lost its second half
+    run_dir = deployment.out / "corrupt"
+    shutil.copytree(deployment_run, run_dir)
+    checkpoint = run_dir / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    before = {name: (run_dir / name).read_bytes() for name in sorted(files(run_dir))}
+
+    # Execute
+    proc = deployment.run("corrupt", "output.resume=true")
+
+    # Assert: the ServerApp refused, naming the file, in the streamed log and the run status
+    output = proc.stdout + proc.stderr
+    assert f"checkpoint {checkpoint} is corrupt or incomplete" in output, output[-3000:]
+    run_id = re.search(r"Successfully started run (\d+)", output)
+    assert run_id, output[-3000:]
+    listed = deployment.flwr("ls", PROFILE, "--run-id", run_id.group(1), "--format", "json")
+    (run,) = json.loads(listed.stdout)["runs"]
+    assert run["status"] == "finished:failed"
+    assert str(checkpoint) in run["status-details"]
+    # ...and it did not start over: the run directory is exactly as it was
+    assert {name: (run_dir / name).read_bytes() for name in sorted(files(run_dir))} == before
+
+
+# Server-side DP-FedAvg: sigma 1 on clip norm 0.1, every site sampled (q = 1).
+DP = 'privacy.mode="server-fixed" privacy.noise-multiplier=1.0 privacy.clip-norm=0.1'
+SIGMA, Q, DELTA = 1.0, 1.0, 1e-5
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_resumed_dp_run_accounts_the_epsilon_of_an_uninterrupted_one(
+    deployment: Deployment,
+) -> None:
+    # Prepare: a DP run, its ServerApp killed after round 1
+    run_dir = interrupt_after_round_1(deployment, "dp-resumed", DP)
+    assert rows(run_dir)[0]["epsilon"] == pytest.approx(epsilon_after(1, SIGMA, Q, DELTA))
+
+    # Execute
+    resumed = deployment.run("dp-resumed", f"{DP} output.resume=true")
+
+    # Assert: epsilon after round r is the accountant's for r rounds, as if never stopped
+    # (a restarted accountant would report round 2 at the one-round epsilon)
+    assert resumed.returncode == 0, failure(resumed, deployment)
+    history = rows(run_dir)
+    expected = [epsilon_after(r, SIGMA, Q, DELTA) for r in (1, 2)]
+    assert [r["round"] for r in history] == [1, 2]
+    assert [r["epsilon"] for r in history] == pytest.approx(expected, rel=1e-9)
+    assert expected[1] > expected[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed-after-round"] == 1
+    client_level = summary["privacy"]["client-level"]
+    assert client_level["rounds-accounted"] == 2
+    assert client_level["epsilon"] == pytest.approx(expected[1], rel=1e-9)
+    assert client_level["delta"] == DELTA
 
 
 # --------------------------------------------------------------------------------------
@@ -387,6 +460,19 @@ def test_run_survives_a_killed_supernode_and_reports_it(deployment: Deployment) 
     assert history[1]["clients-replied"] == NUM_SITES - 1
     assert history[1]["updated"] is True
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    # ...and the run report a user reads names the lost site and why
+    report = subprocess.run(
+        [str(BIN / "flower-llm"), "report", str(run_dir)],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "Dropped replies:" in report.stdout
+    assert f"round 1, node {victim_id}: " in report.stdout
+    assert "Dropped replies:" in (run_dir / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------

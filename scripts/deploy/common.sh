@@ -7,6 +7,9 @@ command -v flower-superlink >/dev/null || . .venv/bin/activate
 DEPLOY_DIR="${DEPLOY_DIR:-$_project/.deploy}"    # certs/, keys/, data/, logs/, pids
 SUPERLINK_HOST="${SUPERLINK_HOST:-127.0.0.1}"    # 0.0.0.0 to accept other machines
 SUPERLINK_PORT="${SUPERLINK_PORT:-9093}"         # Fleet, Control and Runtime APIs (HTTPS)
+# SuperLink state (registered SuperNodes, runs, messages in flight) in SQLite: a restarted
+# SuperLink knows its SuperNodes again. ":flwr-in-memory:" keeps nothing across restarts.
+SUPERLINK_DATABASE="${SUPERLINK_DATABASE:-$DEPLOY_DIR/superlink.db}"
 SUPERNODE_BASE_PORT="${SUPERNODE_BASE_PORT:-9094}" # SuperNode i's local Runtime API: base + i
 PROFILE="${PROFILE:-deployment}"                 # connection in $FLWR_HOME/config.toml
 CERTS="$DEPLOY_DIR/certs"
@@ -36,4 +39,11 @@ start_logged() {
   mkdir -p "$LOGS"
   setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   echo "$name $!" >>"$PID_FILE"
+}
+
+# Whether process $1 is running (a zombie, which nobody may reap in a container, is not).
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ "$state" != Z* ]]
 }

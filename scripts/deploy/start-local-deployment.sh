@@ -7,7 +7,9 @@
 #   bash scripts/deploy/stop-local-deployment.sh
 #
 # Everything lives under $DEPLOY_DIR (default .deploy/): certs/ and keys/ (make-certs.sh),
-# data/site-<i>.jsonl (make_site_data.py), logs/<process>.log and the pid file.
+# data/site-<i>.jsonl (make_site_data.py), the SuperLink's database superlink.db,
+# logs/<process>.log and the pid file. The SuperLink is started by start-superlink.sh
+# (also the way to restart it after a crash), each SuperNode by start-supernode.sh.
 # docs/deployment.md explains what runs where when the sites are separate machines.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
@@ -32,26 +34,8 @@ if [ "$missing" = 1 ]; then
   python "$(dirname "$0")/make_site_data.py" "$N" --out "$DATA"
 fi
 
-# --- SuperLink ---------------------------------------------------------------------------
-# One HTTPS port serves the Fleet API (SuperNodes), the Control API (`flwr`) and the
-# Runtime API (the ServerApp process it starts: --isolation subprocess).
-start_logged superlink flower-superlink \
-  --ssl-ca-certfile "$CERTS/ca.crt" \
-  --ssl-certfile "$CERTS/server.crt" \
-  --ssl-keyfile "$CERTS/server.key" \
-  --enable-supernode-auth \
-  --isolation subprocess \
-  --disable-runtime-dependency-installation \
-  --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT"
-for _ in $(seq 1 120); do
-  curl -sf --cacert "$CERTS/ca.crt" "https://127.0.0.1:$SUPERLINK_PORT/health" >/dev/null && break
-  sleep 0.5
-done
-curl -sf --cacert "$CERTS/ca.crt" "https://127.0.0.1:$SUPERLINK_PORT/health" >/dev/null || {
-  echo "SuperLink did not come up; see $LOGS/superlink.log" >&2
-  false
-}
-echo "SuperLink on https://$SUPERLINK_HOST:$SUPERLINK_PORT (log $LOGS/superlink.log)"
+# --- SuperLink (TLS, SuperNode authentication, state in $SUPERLINK_DATABASE) -----------
+bash "$(dirname "$0")/start-superlink.sh"
 
 # --- Register the SuperNodes' public keys (what the coordinator does per site) -----------
 # `flwr` reaches the SuperLink through the profile: make sure it names this one.
@@ -63,9 +47,16 @@ if not isinstance(conn, dict) or not str(conn.get("address", "")).endswith(f":{p
     sys.exit(f"profile [superlink.{profile}] in {path} must have address = "
              f'"127.0.0.1:{port}" (it has {conn}); set PROFILE or SUPERLINK_PORT to match')
 PY
+# A key already in $SUPERLINK_DATABASE (from an earlier start) stays registered.
 for i in $(seq 0 $((N - 1))); do
-  flwr supernode register "$KEYS/supernode-$i.pub" "$PROFILE" --name "site-$i" >/dev/null
-  echo "Registered keys/supernode-$i.pub"
+  if out=$(flwr supernode register "$KEYS/supernode-$i.pub" "$PROFILE" --name "site-$i" 2>&1); then
+    echo "Registered keys/supernode-$i.pub"
+  elif grep -q "already in use" <<<"$out"; then
+    echo "keys/supernode-$i.pub is registered already"
+  else
+    echo "$out" >&2
+    false
+  fi
 done
 
 # --- SuperNodes ----------------------------------------------------------------------------
