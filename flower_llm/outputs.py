@@ -62,7 +62,11 @@ class RunDirectory:
             kept = self.path.with_name(f"{name}.previous-{stamp}")
             self.path.rename(kept)
             log.warning("Kept the earlier run in %s", kept)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            # A resumed run writes only into the directory of the run it continues; if
+            # that is missing, resuming fails on the missing checkpoint and leaves no
+            # empty directory behind.
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def save_config(self, cfg: RunConfig) -> None:
         """Record the settings the run used."""

@@ -436,3 +436,12 @@ def test_checkpoint_is_owner_only_and_leaves_no_temporary_file(tmp_path: Path) -
     )
     assert sorted(os.listdir(run_dir)) == ["checkpoint.safetensors"]
     assert (run_dir / "checkpoint.safetensors").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_resume_that_finds_no_run_leaves_no_empty_directory(tmp_path: Path) -> None:
+    from flower_llm.outputs import RunDirectory
+
+    run_dir = RunDirectory(tmp_path, "never-ran", resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        resume_from_checkpoint(run_dir.path, resume_config(tmp_path), WeightedFedAvg())
+    assert not (tmp_path / "never-ran").exists()
