@@ -279,8 +279,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     )
     text += (
         "\nPer-round steps that ours does and plain does not (median seconds) and their "
-        "share of our round; the rest of any gap is the loop itself (ours masks to "
-        "response tokens before the loss, HF's loss takes every position):\n\n"
+        "share of our round; the rest of any gap is the loop itself (ours sums the "
+        "response-token losses of a step and divides by their count, across micro-batches; "
+        "HF's loss averages per batch):\n\n"
     )
     first = next(iter(result["rows"]))
     text += common.table(
