@@ -86,3 +86,72 @@ def test_every_sites_dpsgd_accountant_carries_over_rounds(dp_run: Path) -> None:
     assert 0 < dpsgd[0] < dpsgd[1], dpsgd  # a fresh accountant each round would repeat
     summary = json.loads((dp_run / "summary.json").read_text())
     assert summary["privacy"]["sample-level"]["epsilon-max-over-sites"] == pytest.approx(dpsgd[1])
+
+
+# --------------------------------------------------------------------------------------
+# A DP run continued from its checkpoint keeps one privacy budget
+# --------------------------------------------------------------------------------------
+
+RESUME_SIGMA = 1.0
+
+
+@pytest.fixture(scope="module")
+def dp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server-fixed DP run of one round, then the same run resumed for a second round.
+
+    The first run ends after round 1 as a crashed one would have after its checkpoint:
+    the second `flwr run` starts a fresh ServerApp process that only has the checkpoint.
+    """
+    home = tmp_path_factory.mktemp("flwr-home")
+    out = tmp_path_factory.mktemp("outputs")
+    cache = tmp_path_factory.mktemp("cache")
+    settings = [
+        f'output.dir="{out}"',
+        'output.run-name="dp-resumed"',
+        "output.local-only-baseline=false",
+        "train.local-steps=1",
+        'train.lr-schedule="constant"',  # so that fed.num-rounds may grow on resume
+        'privacy.mode="server-fixed"',
+        f"privacy.noise-multiplier={RESUME_SIGMA}",
+        "privacy.clip-norm=0.1",
+        f"privacy.delta={DELTA}",
+    ]
+    try:
+        first = flwr_run(
+            home,
+            run_config=" ".join([*settings, "fed.num-rounds=1"]),
+            num_supernodes=2,
+            timeout=300,
+            cache=cache,
+        )
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+        resumed = flwr_run(
+            home,
+            run_config=" ".join([*settings, "fed.num-rounds=2", "output.resume=true"]),
+            num_supernodes=2,
+            timeout=300,
+            cache=cache,
+        )
+    finally:
+        stop_pids(local_superlink_pids(home))
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert "Resuming" in output, output[-4000:]
+    return out / "dp-resumed"
+
+
+def test_a_resumed_dp_run_continues_the_epsilon_of_one_uninterrupted_run(
+    dp_resumed: Path,
+) -> None:
+    # A restarted accountant would report round 2 at the one-round epsilon.
+    history = rows(dp_resumed)
+    expected = [epsilon_after(r, RESUME_SIGMA, 1.0, DELTA) for r in (1, 2)]
+    assert [row["round"] for row in history] == [1, 2]
+    assert [row["epsilon"] for row in history] == pytest.approx(expected, rel=1e-9)
+    assert expected[1] > expected[0]
+    summary = json.loads((dp_resumed / "summary.json").read_text())
+    assert summary["resumed-after-round"] == 1
+    client_level = summary["privacy"]["client-level"]
+    assert client_level["rounds-accounted"] == 2
+    assert client_level["epsilon"] == pytest.approx(expected[1], rel=1e-9)
+    assert client_level["delta"] == DELTA
