@@ -142,7 +142,7 @@ def max_abs_diff(a: Any, b: Any) -> float:
 def phases_of_ours(replies: list[Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
     """Seconds of each step ``WeightedFedAvg.aggregate_train`` takes, run one by one."""
     from flower_llm import wire
-    from flower_llm.aggregation import all_finite, update_problem, weighted_average
+    from flower_llm.aggregation import non_finite_key, update_problem, weighted_average
 
     reference = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     out: dict[str, float] = {}
@@ -158,7 +158,7 @@ def phases_of_ours(replies: list[Any], shapes: Mapping[str, tuple[int, ...]]) ->
     average = weighted_average(states, weights)
     out["weighted_average (float64, one scratch buffer)"] = time.perf_counter() - start
     start = time.perf_counter()
-    all_finite(average)
+    non_finite_key(average)
     out["NaN/Inf check of the aggregate"] = time.perf_counter() - start
     start = time.perf_counter()
     wire.to_array_record(average)

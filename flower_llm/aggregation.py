@@ -47,11 +47,6 @@ def weighted_average(
     return result
 
 
-def all_finite(state: Mapping[str, np.ndarray]) -> bool:
-    """Whether every value of every array is finite (neither NaN nor +-Inf)."""
-    return all(bool(np.isfinite(value).all()) for value in state.values())
-
-
 def non_finite_key(state: Mapping[str, np.ndarray]) -> str | None:
     """The first array of ``state`` that holds NaN or Inf, or None."""
     return next((key for key, value in state.items() if not np.isfinite(value).all()), None)

@@ -62,15 +62,21 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def shifted_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (B, T-1, V) and the labels (B, T-1) they predict.
+
+    Position t predicts token t+1, so the last position's logits and the first label drop.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1, :].float(), batch["labels"][:, 1:]
+
+
 def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses and predictions on response tokens of a causal LM.
 
     Returns ``(losses, correct)``, both of shape ``(num_response_tokens,)``.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t+1: shift so logits (B, T-1, V) align with labels (B, T-1).
-    logits = logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
+    logits, labels = shifted_logits(model, batch)
     mask = labels != IGNORE_INDEX
     picked_logits = logits[mask]  # (N, V)
     picked_labels = labels[mask]  # (N,)
@@ -86,9 +92,7 @@ def summed_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     response rows out of the logits or taking their argmax; cross-entropy skips the
     ignored positions itself.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
+    logits, labels = shifted_logits(model, batch)
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1),

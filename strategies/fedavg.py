@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
-from flower_llm.aggregation import all_finite, non_finite_key, update_problem, weighted_average
+from flower_llm.aggregation import non_finite_key, update_problem, weighted_average
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class WeightedFedAvg(FedAvg):
         """
         valid = self.valid_replies(replies, check_finite=False)
         state = self.average(valid)
-        if state is not None and not all_finite(state):
+        if state is not None and non_finite_key(state) is not None:
             valid = self.drop_non_finite(valid)
             state = self.average(valid)
         if state is None:
