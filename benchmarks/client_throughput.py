@@ -212,7 +212,7 @@ def run(quick: bool) -> dict[str, Any]:
     peak = {d: matmul_peak(d, sizes, 3 if quick else 5) for d in ("bfloat16", "float32")}
     models = [("embedded", 2 if quick else 20, 2 if quick else 5)]
     if not quick:
-        models.append((str(common.mid_model_dir()), 3, 2))
+        models.append((str(common.mid_model_dir()), 2, 2))
     rows = [measure(name, steps, repeats, peak) for name, steps, repeats in models]
     worst = max(r["ratio-ours-vs-plain"] for r in rows)
     heads = [

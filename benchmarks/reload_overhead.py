@@ -138,7 +138,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         # The ~77M model runs the reference and the reload only: a new session adds the
         # data pipeline and a new process the imports, both measured on the tiny model,
         # and each more 77M load costs a minute of run_all's 15-minute budget.
-        models = [("embedded", 20, 3, True), (str(common.mid_model_dir()), 3, 2, False)]
+        models = [("embedded", 20, 3, True), (str(common.mid_model_dir()), 2, 2, False)]
     rows = [measure(name, steps, reps, proc, threads) for name, steps, reps, proc in models]
     heads = [
         common.headline(
