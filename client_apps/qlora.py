@@ -1,22 +1,31 @@
 """ClientApp: QLoRA fine-tuning of the global adapter on this site's data.
 
 Thin by design: parse the run-config, get the (cached) session, call the library, reply.
+
+Importing this module does not import torch, transformers or peft: a SuperNode starts a
+new ClientApp process for every message, and the three SecAgg+ stages that only exchange
+keys and shares (``client_apps.secagg``) need none of them. The training stack loads with
+the first session.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_llm import wire
-from flower_llm.client import ClientSession, SessionCache, SiteIdentity, clip_adapter_update
 from flower_llm.config import parse_run_config
 from flower_llm.logs import setup_logging
+
+if TYPE_CHECKING:
+    from flower_llm.client import ClientSession, SessionCache
 
 app = ClientApp()
 
 # The base model is the costly part of a client: keep it for the life of the process.
-SESSIONS = SessionCache()
+_sessions: SessionCache | None = None
 
 LOCAL_ONLY_STATE = "local-only-adapter"
 # This site's DP-SGD accountant (Opacus RDP history as JSON), kept across rounds.
@@ -25,9 +34,14 @@ DPSGD_ACCOUNTANT_STATE = "dpsgd-accountant"
 
 def session_for(context: Context) -> ClientSession:
     """Parse settings at the edge and return this process's session."""
+    global _sessions
+    from flower_llm.client import SessionCache, SiteIdentity
+
     setup_logging()
     cfg = parse_run_config(context.run_config)
-    return SESSIONS.get(cfg, SiteIdentity.from_node_config(context.node_config))
+    if _sessions is None:
+        _sessions = SessionCache()
+    return _sessions.get(cfg, SiteIdentity.from_node_config(context.node_config))
 
 
 @app.train()
@@ -43,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[wire.CONFIG]
     server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
     learning_rate = float(config[wire.LEARNING_RATE])  # type: ignore[arg-type]
-    global_state = wire.from_array_record(msg.content[wire.ARRAYS])
+    global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 
     dpsgd_epsilon = None
@@ -58,6 +72,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         state, stats = session.train(global_state, server_round, learning_rate)
     if wire.CLIP_NORM in config:
+        from flower_llm.client import clip_adapter_update
+
         # privacy.mode = client-fixed: bound the update before it leaves the site.
         state = clip_adapter_update(state, global_state, float(config[wire.CLIP_NORM]))  # type: ignore[arg-type]
     metrics = MetricRecord(
@@ -90,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split."""
     session = session_for(context)
-    stats = session.evaluate(wire.from_array_record(msg.content[wire.ARRAYS]))
+    stats = session.evaluate(wire.from_array_record(msg.content.array_records[wire.ARRAYS]))
     metrics = MetricRecord(
         {
             wire.NUM_EXAMPLES: stats.examples,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 from flwr.app import Context, Message, MetricRecord
@@ -26,9 +26,11 @@ from flwr.common import NDArrays, Scalar, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from flower_llm import secagg, wire
-from flower_llm.adapters import AdapterState, adapter_state
 from flower_llm.config import RunConfig
-from flower_llm.train import TrainStats
+
+if TYPE_CHECKING:  # the torch stack: only the masked-vectors stage trains and needs it
+    from flower_llm.adapters import AdapterState
+    from flower_llm.train import TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ def make_app(trainer_for: Callable[[Context], tuple[AdapterTrainer, list[str]]])
 def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
     """The plain ClientApp's cached session, and its adapter keys in wire order."""
     from client_apps.qlora import session_for
+    from flower_llm.adapters import adapter_state
 
     session = session_for(context)
     return session, secagg.ordered_keys(adapter_state(session.model))

@@ -7,11 +7,13 @@ strategies cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from flower_llm.adapters import AdapterState
+if TYPE_CHECKING:  # adapters imports torch and peft; the wire format needs only numpy
+    from flower_llm.adapters import AdapterState
 
 # Record names inside a Message's RecordDict.
 ARRAYS = "arrays"

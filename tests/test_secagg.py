@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -774,3 +776,49 @@ def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict
     assert privacy["epsilon"] == pytest.approx(reference.epsilon())
     assert privacy["dp-expected-clients"] == 4
     assert "train-loss" not in dp_run["result"].train_metrics  # would leak without noise
+
+
+# A SuperNode starts one ClientApp process per message; a SecAgg+ round sends a client four.
+KEY_EXCHANGE_STAGE = """
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+
+from client_apps.qlora import app
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+setup = ConfigRecord({
+    Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+    Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2**20, Key.MOD_RANGE: 2**32,
+    Key.MAX_WEIGHT: 1000.0,
+})
+msg = Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=7, message_type="train")
+msg.metadata.__dict__["_message_id"] = "setup"
+context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
+                  run_config={"fed.aggregation": "secagg+"})
+reply = app(msg, context)
+heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus")
+print(json.dumps({
+    "reply": sorted(reply.content.config_records[RECORD_KEY_CONFIGS]),
+    "imported": [name for name in heavy if name in sys.modules],
+}))
+"""
+
+
+def test_a_key_exchange_stage_runs_without_importing_the_training_stack() -> None:
+    # Execute: the setup stage, in a fresh process as a SuperNode would run it
+    proc = subprocess.run(
+        [sys.executable, "-c", KEY_EXCHANGE_STAGE],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    # Assert: it answered with its two public keys, and torch & co. never loaded
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reply"] == [Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2]
+    assert result["imported"] == []
