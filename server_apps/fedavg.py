@@ -19,7 +19,7 @@ from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
 from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
-from strategies.rounds import RoundResult, federate
+from strategies.rounds import PollingGrid, RoundResult, federate
 
 log = logging.getLogger("flower_llm.server")
 
@@ -105,6 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()
     cfg = parse_run_config(context.run_config)
+    grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
     if cfg.fed.aggregation == "secagg+":
         # SecAgg+ runs on Flower's legacy workflow; imported here as it imports this module.
         from server_apps.secagg import run as run_secagg

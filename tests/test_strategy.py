@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from flower_llm import wire
 from flower_llm.aggregation import weighted_average
 from strategies.fedavg import WeightedFedAvg
+from strategies.rounds import PollingGrid
 
 
 @pytest.fixture(autouse=True)
@@ -260,3 +263,62 @@ def test_mixed_wire_dtypes_average_as_their_float32_decodings() -> None:
     assert arrays is not None
     for key in SHAPES:
         np.testing.assert_array_equal(arrays[key].numpy(), expected[key])
+
+
+# --------------------------------------------------------------------------------------
+# PollingGrid: replies within a fraction of a second, lost nodes after the timeout
+# --------------------------------------------------------------------------------------
+
+
+class SuperLinkGrid:
+    """Replies become pullable ``delays[node]`` pulls after the push; None never replies."""
+
+    def __init__(self, delays: dict[int, int | None]) -> None:
+        self.delays = delays
+        self.pulls = 0
+        self.sent: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.delays)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = msg
+        return list(self.sent)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        ready = []
+        for mid in message_ids:
+            delay = self.delays[self.sent[mid].metadata.dst_node_id]
+            if delay is not None and self.pulls >= delay:
+                ready.append(Message(RecordDict(), reply_to=self.sent[mid]))
+        return ready
+
+
+def instructions(nodes: Iterable[int]) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+
+def test_polling_grid_returns_every_reply_once_as_it_arrives() -> None:
+    grid = SuperLinkGrid({11: 1, 22: 3, 33: 2})
+
+    replies = PollingGrid(grid, poll_seconds=0.01).send_and_receive(
+        instructions([11, 22, 33]), timeout=60
+    )
+
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0", "m2", "m1"]
+    assert grid.pulls == 3  # stopped pulling once every reply was in
+    assert PollingGrid(grid).get_node_ids() == [11, 22, 33]  # the rest is the grid's
+
+
+def test_polling_grid_gives_up_on_a_silent_node_at_the_timeout() -> None:
+    grid = SuperLinkGrid({11: 1, 22: None})
+
+    replies = PollingGrid(grid, poll_seconds=0.01).send_and_receive(
+        instructions([11, 22]), timeout=0.2
+    )
+
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert grid.pulls > 2  # it kept asking for node 22 until the timeout
