@@ -294,9 +294,9 @@ def mid_model_dir(cache_root: Path | None = None) -> Path:
     import tempfile
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from flower_llm.embedded import build_tokenizer, default_cache_root
+    from flower_llm.embedded import build_tokenizer, default_cache_root, llama_config
 
     root = cache_root or default_cache_root()
     tag = "-".join(str(MID_MODEL_DIMS[k]) for k in sorted(MID_MODEL_DIMS))
@@ -307,14 +307,7 @@ def mid_model_dir(cache_root: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         tokenizer = build_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **MID_MODEL_DIMS,
-        )
+        config = llama_config(tokenizer, MID_MODEL_DIMS)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model: Any = LlamaForCausalLM(config)

@@ -329,6 +329,20 @@ def _init_weights(model: Any, seed: int) -> None:
             model.get_input_embeddings().weight[pad].zero_()
 
 
+def llama_config(tokenizer: Any, dims: dict[str, Any]) -> Any:
+    """A Llama ``LlamaConfig`` of size ``dims`` around ``tokenizer``'s vocabulary and tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
+    )
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny Llama and its tokenizer, deterministically, into ``out_dir``.
 
@@ -347,19 +361,12 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         ``AutoTokenizer.from_pretrained``.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **MODEL_DIMS,
-    )
+    config = llama_config(tokenizer, MODEL_DIMS)
     # Construction draws from the global RNG; fork_rng hands the caller's stream back.
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config)

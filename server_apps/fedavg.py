@@ -65,6 +65,21 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     return row
 
 
+def run_summary(
+    run_dir: RunDirectory, history: list[dict[str, Any]], adapter_parameters: int, started: float
+) -> dict[str, Any]:
+    """What every run's summary.json holds; ``started`` is its ``time.perf_counter()``."""
+    return {
+        "rounds": len(history),
+        "seconds": round(time.perf_counter() - started, 2),
+        "adapter-parameters": adapter_parameters,
+        "final-adapter": str(run_dir.path / FINAL_ADAPTER),
+        "eval-loss-by-round": [row.get("eval-loss") for row in history],
+        "bytes-up": sum(row["bytes-up"] for row in history),
+        "bytes-down": sum(row["bytes-down"] for row in history),
+    }
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
 
@@ -205,15 +220,7 @@ def main(grid: Grid, context: Context) -> None:
     # Summary, with the local-only comparison when asked for
     # ----------------------------------------------------------------------------------
     history = run_dir.read_metrics()
-    summary: dict[str, Any] = {
-        "rounds": len(history),
-        "seconds": round(time.perf_counter() - started, 2),
-        "adapter-parameters": num_parameters(state),
-        "final-adapter": str(run_dir.path / FINAL_ADAPTER),
-        "eval-loss-by-round": [row.get("eval-loss") for row in history],
-        "bytes-up": sum(row["bytes-up"] for row in history),
-        "bytes-down": sum(row["bytes-down"] for row in history),
-    }
+    summary = run_summary(run_dir, history, num_parameters(state), started)
     if resumed_after is not None:
         summary["resumed-after-round"] = resumed_after
     if cfg.privacy.enabled:

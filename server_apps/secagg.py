@@ -28,7 +28,7 @@ from flower_llm.adapters import AdapterState, init_adapter, num_parameters
 from flower_llm.config import ConfigError, RunConfig
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
-from server_apps.fedavg import build_strategy, log_round, round_row
+from server_apps.fedavg import build_strategy, log_round, round_row, run_summary
 from strategies.fedavg import RoundReport
 from strategies.rounds import RoundResult
 from strategies.secagg import (
@@ -257,14 +257,8 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
         {
             **summary,
             "aggregation": "secagg+",
-            "rounds": len(history),
             "rounds-failed": sum(1 for row in history if row.get("secagg-failed")),
-            "seconds": round(time.perf_counter() - started, 2),
-            "adapter-parameters": num_parameters(state),
-            "final-adapter": str(run_dir.path / FINAL_ADAPTER),
-            "eval-loss-by-round": [row.get("eval-loss") for row in history],
-            "bytes-up": sum(row["bytes-up"] for row in history),
-            "bytes-down": sum(row["bytes-down"] for row in history),
+            **run_summary(run_dir, history, num_parameters(state), started),
         }
     )
     log.info("Run finished: %s", run_dir.path)
