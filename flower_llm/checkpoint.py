@@ -55,6 +55,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "fed.min-evaluate-clients",
         "fed.min-available-clients",
         "fed.fraction-evaluate",
+        "fed.evaluate-every",
         "secagg.timeout",
     }
 )

@@ -254,6 +254,12 @@ class FederationConfig:
     fraction_evaluate: float = setting(
         1.0, "fed.fraction-evaluate", "Fraction of clients sampled to evaluate, in (0, 1]."
     )
+    evaluate_every: int = setting(
+        1,
+        "fed.evaluate-every",
+        "Evaluate the global adapter on the sites' held-out splits after every N-th round; "
+        "the last round of a run is always evaluated.",
+    )
     min_train_clients: int = setting(
         2, "fed.min-train-clients", "Fewest valid train replies a round needs to update the model."
     )
@@ -286,6 +292,7 @@ class FederationConfig:
         ):
             _require(0.0 < value <= 1.0, key, "must be in (0, 1]", value)
         for key, count in (
+            ("fed.evaluate-every", self.evaluate_every),
             ("fed.min-train-clients", self.min_train_clients),
             ("fed.min-evaluate-clients", self.min_evaluate_clients),
             ("fed.min-available-clients", self.min_available_clients),
@@ -297,6 +304,10 @@ class FederationConfig:
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _one_of("fed.aggregation", self.aggregation, AGGREGATIONS)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round ``server_round`` ends with a federated evaluation."""
+        return server_round % self.evaluate_every == 0 or server_round == self.num_rounds
 
 
 @dataclass(frozen=True)

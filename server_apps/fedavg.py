@@ -65,6 +65,16 @@ def round_row(result: RoundResult) -> dict[str, Any]:
     return row
 
 
+def evaluates(cfg: RunConfig, strategy: object, server_round: int) -> bool:
+    """Whether the sites evaluate round ``server_round``'s aggregate (after aggregation).
+
+    Every ``fed.evaluate-every``-th round, the last one, and the one a DP run stops after
+    because one more would exceed its privacy budget.
+    """
+    stops = isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted()
+    return cfg.fed.evaluates(server_round) or stops
+
+
 def run_summary(
     run_dir: RunDirectory, history: list[dict[str, Any]], adapter_parameters: int, started: float
 ) -> dict[str, Any]:
@@ -213,6 +223,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.fed.round_timeout,
         train_config=train_config,
         on_round_end=on_round_end,
+        evaluate=lambda server_round: evaluates(cfg, strategy, server_round),
     )
     run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
 

@@ -174,7 +174,10 @@ def federate_secagg(
             # ---- evaluation on the Message API, as in the plain path ----
             arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
             eval_metrics = None
-            if evaluate:
+            # With DP, the next round's budget check may stop the run after this one: a
+            # run evaluates the round it ends with (if the sites sampled stay as many).
+            last = central_dp is not None and central_dp.would_exceed_budget(sampling_rate)
+            if evaluate and (cfg.fed.evaluates(server_round) or last):
                 eval_config = ConfigRecord({wire.SERVER_ROUND: server_round})
                 messages = eval_strategy.configure_evaluate(server_round, arrays, eval_config, grid)
                 replies = grid.send_and_receive(messages, timeout=cfg.fed.round_timeout)

@@ -117,12 +117,15 @@ def federate(
     timeout: float,
     train_config: Callable[[int], ConfigRecord],
     on_round_end: Callable[[RoundResult], bool | None],
+    evaluate: Callable[[int], bool] = lambda _round: True,
 ) -> ArrayRecord:
     """Run rounds ``first_round .. num_rounds``; return the final global adapter.
 
     ``train_config(round)`` gives the instruction config of a round (its learning rate,
-    for instance). ``on_round_end`` sees each finished round; returning True stops the
-    run early (a privacy budget about to be exceeded, say).
+    for instance). ``evaluate(round)``, asked once the round's update is aggregated, says
+    whether the sites evaluate it (a round that is not evaluated has no eval metrics).
+    ``on_round_end`` sees each finished round; returning True stops the run early (a
+    privacy budget about to be exceeded, say).
     """
     for server_round in range(first_round, num_rounds + 1):
         start = time.perf_counter()
@@ -133,10 +136,12 @@ def federate(
         if new_arrays is not None:
             arrays = new_arrays
 
-        eval_config = ConfigRecord({wire.SERVER_ROUND: server_round})
-        eval_messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
-        eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
-        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+        eval_metrics = None
+        if evaluate(server_round):
+            eval_config = ConfigRecord({wire.SERVER_ROUND: server_round})
+            eval_messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+            eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
+            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
 
         result = RoundResult(
             server_round=server_round,

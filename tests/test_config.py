@@ -62,6 +62,7 @@ def test_values_are_parsed_into_sections() -> None:
         ({"data.prompt-template": "no placeholder"}, "data.prompt-template"),
         ({"train.lr-min": 1.0}, "train.lr-min"),
         ({"fed.round-timeout": -1}, "fed.round-timeout"),
+        ({"fed.evaluate-every": 0}, "fed.evaluate-every"),
     ],
 )
 def test_bad_value_names_the_key(run_config: dict[str, object], named: str) -> None:
@@ -102,3 +103,10 @@ def test_readme_documents_every_key() -> None:
     missing = [key for key in known_keys() if f"`{key}`" not in readme]
     assert not missing, f"README config reference lacks {missing}"
     assert config_reference_markdown() in readme
+
+
+def test_evaluation_every_n_rounds_always_includes_the_last() -> None:
+    fed = parse_run_config({"fed.num-rounds": 7, "fed.evaluate-every": 3}).fed
+    assert [r for r in range(1, 8) if fed.evaluates(r)] == [3, 6, 7]
+    every = parse_run_config({"fed.num-rounds": 3}).fed  # the default: every round
+    assert [r for r in range(1, 4) if every.evaluates(r)] == [1, 2, 3]

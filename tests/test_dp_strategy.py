@@ -23,6 +23,7 @@ from flower_llm.aggregation import weighted_average
 from flower_llm.client import clip_adapter_update
 from flower_llm.config import ConfigError, parse_run_config
 from flower_llm.privacy import epsilon_after, global_l2_norm, max_rounds_within
+from server_apps.fedavg import evaluates
 from strategies import dp as dp_module
 from strategies.dp import CLIENT_CLIP_TOLERANCE, DifferentialPrivacyFedAvg, PrivacyError
 from strategies.fedavg import ValidReply, WeightedFedAvg
@@ -49,6 +50,7 @@ class InProcessGrid:
         self.nodes = list(range(1, num_nodes + 1))
         self.train = train
         self.train_messages: list[list[Message]] = []
+        self.evaluated_rounds: list[int] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -59,7 +61,9 @@ class InProcessGrid:
             self.train_messages.append(messages)
             assert self.train is not None
             return [self.train(m) for m in messages]
-        return []  # evaluation is not under test here
+        if messages:  # evaluation: which rounds asked for it, no replies
+            self.evaluated_rounds.append(int(messages[0].content[wire.CONFIG][wire.SERVER_ROUND]))  # type: ignore[index]
+        return []
 
 
 def random_state(rng: np.random.Generator, scale: float = 1.0) -> State:
@@ -384,6 +388,7 @@ def test_run_stops_before_the_target_epsilon_is_exceeded() -> None:
     # Assert: three rounds ran, epsilon within the budget, a fourth would exceed it and
     # the strategy itself refuses to start one
     assert [r.server_round for r in finished] == [1, 2, 3]
+    assert grid.evaluated_rounds == [1, 2, 3]  # every round by default
     assert strategy.epsilon() <= target < strategy.accountant.projected_epsilon(1)
     with pytest.raises(PrivacyError, match="target-epsilon"):
         strategy.configure_train(4, to_record(reference), ConfigRecord(), grid)  # type: ignore[arg-type]
@@ -683,3 +688,37 @@ def test_a_run_resumed_from_its_checkpoint_continues_the_same_epsilon_and_noise(
     )
     for key in SHAPES:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_run_evaluating_every_second_round_still_evaluates_the_round_it_stops_after() -> None:
+    # Prepare: a budget that holds exactly 3 rounds of a 10-round run, evaluated every 2
+    sigma, q, delta = 1.0, 0.5, 1e-5
+    target = (epsilon_after(3, sigma, q, delta) + epsilon_after(4, sigma, q, delta)) / 2
+    strategy = dp_strategy(
+        noise_multiplier=sigma, sampling_rate=q, delta=delta, target_epsilon=target
+    )
+    cfg = parse_run_config({"fed.num-rounds": 10, "fed.evaluate-every": 2})
+    grid = InProcessGrid(20, train=train_by_echo())
+    reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    finished: list[RoundResult] = []
+
+    def on_round_end(result: RoundResult) -> bool:
+        finished.append(result)
+        return strategy.budget_exhausted()
+
+    # Execute
+    federate(
+        strategy,
+        grid,  # type: ignore[arg-type]
+        to_record(reference),
+        first_round=1,
+        num_rounds=10,
+        timeout=10,
+        train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
+        on_round_end=on_round_end,
+        evaluate=lambda r: evaluates(cfg, strategy, r),
+    )
+
+    # Assert: round 2 as configured, and round 3, the last the budget allows
+    assert [r.server_round for r in finished] == [1, 2, 3]
+    assert grid.evaluated_rounds == [2, 3]

@@ -613,7 +613,10 @@ def test_the_strategy_only_ever_receives_one_summed_update(weighted_run: dict[st
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The real server main with 5 fake clients: a dropout, a failed round, a recovery."""
+    """The real server main with 5 fake clients: a dropout, a failed round, a recovery.
+
+    Evaluated every second round (and the last).
+    """
     from server_apps.secagg import run
 
     out_dir = tmp_path_factory.mktemp("secagg-runs")
@@ -626,6 +629,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "output.run-name": "dropout",
             "output.local-only-baseline": False,
             "fed.aggregation": "secagg+",
+            "fed.evaluate-every": 2,
         }
     )
     # round 1: one client raises after the shares went round; round 2: three of five do
@@ -703,6 +707,8 @@ def test_below_threshold_the_round_fails_cleanly_and_says_so(dropout_run: dict[s
     assert rows[2]["updated"] is True and rows[2]["clients-replied"] == 5
     summary = json.loads((dropout_run["dir"] / "summary.json").read_text())
     assert summary["rounds-failed"] == 1
+    # fed.evaluate-every = 2: round 2, and round 3 as the last
+    assert summary["eval-loss-by-round"] == [None, 1.0, 1.0]
 
 
 @pytest.fixture(scope="module")
