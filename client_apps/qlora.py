@@ -10,6 +10,7 @@ the first session.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,8 +25,14 @@ if TYPE_CHECKING:
 
 app = ClientApp()
 
-# The base model is the costly part of a client: keep it for the life of the process.
-_sessions: SessionCache | None = None
+
+@functools.cache
+def sessions() -> SessionCache:
+    """This process's sessions: the base model is a client's costly part, kept for its life."""
+    from flower_llm.client import SessionCache
+
+    return SessionCache()
+
 
 LOCAL_ONLY_STATE = "local-only-adapter"
 # This site's DP-SGD accountant (Opacus RDP history as JSON), kept across rounds.
@@ -34,14 +41,11 @@ DPSGD_ACCOUNTANT_STATE = "dpsgd-accountant"
 
 def session_for(context: Context) -> ClientSession:
     """Parse settings at the edge and return this process's session."""
-    global _sessions
-    from flower_llm.client import SessionCache, SiteIdentity
+    from flower_llm.client import SiteIdentity
 
     setup_logging()
     cfg = parse_run_config(context.run_config)
-    if _sessions is None:
-        _sessions = SessionCache()
-    return _sessions.get(cfg, SiteIdentity.from_node_config(context.node_config))
+    return sessions().get(cfg, SiteIdentity.from_node_config(context.node_config))
 
 
 @app.train()

@@ -357,23 +357,34 @@ def train_by_echo(update_scale: float = 0.01) -> Callable[[Message], Message]:
     return train
 
 
-def test_run_stops_before_the_target_epsilon_is_exceeded() -> None:
-    # Prepare: a budget that holds exactly 3 rounds
-    sigma, q, delta = 1.0, 0.5, 1e-5
-    target = (epsilon_after(3, sigma, q, delta) + epsilon_after(4, sigma, q, delta)) / 2
-    assert max_rounds_within(target, sigma, q, delta) == 3
+SIGMA, Q, DELTA = 1.0, 0.5, 1e-5
+THREE_ROUND_BUDGET = (epsilon_after(3, SIGMA, Q, DELTA) + epsilon_after(4, SIGMA, Q, DELTA)) / 2
+"""A target epsilon that holds exactly 3 rounds at SIGMA, Q, DELTA."""
+
+
+def run_to_the_budget(
+    evaluate_every: int | None = None,
+) -> tuple[DifferentialPrivacyFedAvg, InProcessGrid, list[int]]:
+    """A 10-round DP run on THREE_ROUND_BUDGET, stopped as the ServerApp stops it.
+
+    ``evaluate_every`` decides evaluation as the ServerApp does (None: every round, the
+    round loop's default). Returns the strategy, the grid and the rounds that finished.
+    """
     strategy = dp_strategy(
-        noise_multiplier=sigma, sampling_rate=q, delta=delta, target_epsilon=target
+        noise_multiplier=SIGMA, sampling_rate=Q, delta=DELTA, target_epsilon=THREE_ROUND_BUDGET
     )
     grid = InProcessGrid(20, train=train_by_echo())
     reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    finished: list[RoundResult] = []
+    finished: list[int] = []
 
     def on_round_end(result: RoundResult) -> bool:
-        finished.append(result)
+        finished.append(result.server_round)
         return strategy.budget_exhausted()  # as the ServerApp does
 
-    # Execute
+    options: dict[str, Any] = {}
+    if evaluate_every is not None:
+        cfg = parse_run_config({"fed.num-rounds": 10, "fed.evaluate-every": evaluate_every})
+        options["evaluate"] = lambda r: evaluates(cfg, strategy, r)
     federate(
         strategy,
         grid,  # type: ignore[arg-type]
@@ -383,15 +394,24 @@ def test_run_stops_before_the_target_epsilon_is_exceeded() -> None:
         timeout=10,
         train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
         on_round_end=on_round_end,
+        **options,
     )
+    return strategy, grid, finished
+
+
+def test_run_stops_before_the_target_epsilon_is_exceeded() -> None:
+    assert max_rounds_within(THREE_ROUND_BUDGET, SIGMA, Q, DELTA) == 3
+
+    strategy, grid, finished = run_to_the_budget()
 
     # Assert: three rounds ran, epsilon within the budget, a fourth would exceed it and
     # the strategy itself refuses to start one
-    assert [r.server_round for r in finished] == [1, 2, 3]
+    assert finished == [1, 2, 3]
     assert grid.evaluated_rounds == [1, 2, 3]  # every round by default
-    assert strategy.epsilon() <= target < strategy.accountant.projected_epsilon(1)
+    assert strategy.epsilon() <= THREE_ROUND_BUDGET < strategy.accountant.projected_epsilon(1)
+    reference = to_record({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
     with pytest.raises(PrivacyError, match="target-epsilon"):
-        strategy.configure_train(4, to_record(reference), ConfigRecord(), grid)  # type: ignore[arg-type]
+        strategy.configure_train(4, reference, ConfigRecord(), grid)  # type: ignore[arg-type]
 
 
 def test_a_budget_below_one_round_is_refused_at_start() -> None:
@@ -691,34 +711,8 @@ def test_a_run_resumed_from_its_checkpoint_continues_the_same_epsilon_and_noise(
 
 
 def test_a_run_evaluating_every_second_round_still_evaluates_the_round_it_stops_after() -> None:
-    # Prepare: a budget that holds exactly 3 rounds of a 10-round run, evaluated every 2
-    sigma, q, delta = 1.0, 0.5, 1e-5
-    target = (epsilon_after(3, sigma, q, delta) + epsilon_after(4, sigma, q, delta)) / 2
-    strategy = dp_strategy(
-        noise_multiplier=sigma, sampling_rate=q, delta=delta, target_epsilon=target
-    )
-    cfg = parse_run_config({"fed.num-rounds": 10, "fed.evaluate-every": 2})
-    grid = InProcessGrid(20, train=train_by_echo())
-    reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
-    finished: list[RoundResult] = []
-
-    def on_round_end(result: RoundResult) -> bool:
-        finished.append(result)
-        return strategy.budget_exhausted()
-
-    # Execute
-    federate(
-        strategy,
-        grid,  # type: ignore[arg-type]
-        to_record(reference),
-        first_round=1,
-        num_rounds=10,
-        timeout=10,
-        train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
-        on_round_end=on_round_end,
-        evaluate=lambda r: evaluates(cfg, strategy, r),
-    )
+    _, grid, finished = run_to_the_budget(evaluate_every=2)
 
     # Assert: round 2 as configured, and round 3, the last the budget allows
-    assert [r.server_round for r in finished] == [1, 2, 3]
+    assert finished == [1, 2, 3]
     assert grid.evaluated_rounds == [2, 3]
