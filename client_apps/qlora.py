@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flower_llm import wire
+from client_apps.secagg import AdapterTrainer, make_app
+from flower_llm import secagg, wire
 from flower_llm.config import parse_run_config
 from flower_llm.logs import setup_logging
 
@@ -48,14 +49,23 @@ def session_for(context: Context) -> ClientSession:
     return sessions().get(cfg, SiteIdentity.from_node_config(context.node_config))
 
 
+def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
+    """This process's session for SecAgg+, and its adapter keys in wire order."""
+    from flower_llm.adapters import adapter_state  # the torch stack: the training stage only
+
+    session = session_for(context)
+    return session, secagg.ordered_keys(adapter_state(session.model))
+
+
+# SecAgg+ exists only on Flower's legacy API: its ClientApp runs the protocol's four stages
+# (all train messages) around the same sessions.
+secagg_app = make_app(session_and_keys)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter; reply with it, the example and token counts."""
     if parse_run_config(context.run_config).fed.aggregation == "secagg+":
-        # SecAgg+ exists only on Flower's legacy API: its ClientApp runs the protocol's four
-        # stages (all train messages) around the same session.
-        from client_apps.secagg import app as secagg_app
-
         return secagg_app(msg, context)
     session = session_for(context)
     config = msg.content[wire.CONFIG]

@@ -1,10 +1,12 @@
-"""Legacy ClientApp for SecAgg+; ``client_apps.qlora`` hands it train messages of secagg+ runs.
+"""Legacy ClientApp for SecAgg+; ``client_apps.qlora`` builds one and hands it secagg+ trains.
 
 SecAgg+ exists only on Flower's legacy API (1.42): ``secaggplus_mod`` runs the client's side of
 the four-stage protocol and calls the wrapped ``NumPyClient.fit`` in its third stage. So
 ``client_apps.qlora:app`` (the one ClientApp of the Flower App) stays on the Message API and,
-when the run uses SecAgg+, calls :data:`app` here with the same message and context; Flower
-keeps the protocol's per-node state in that context between the stages.
+when the run uses SecAgg+, calls the app :func:`make_app` built around its own sessions with
+the same message and context; Flower keeps the protocol's per-node state in that context
+between the stages. This module imports nothing from ``client_apps.qlora`` (dependencies
+point one way).
 
 :class:`SecAggClient` is a thin adapter: training is the shared
 :class:`~flower_llm.client.ClientSession`, the encoding is :mod:`flower_llm.secagg`.
@@ -129,15 +131,3 @@ def make_app(trainer_for: Callable[[Context], tuple[AdapterTrainer, list[str]]])
 
     # Order matters: mods[0] is outermost, so hide_weight_mod sees secaggplus_mod's reply.
     return ClientApp(client_fn=client_fn, mods=[hide_weight_mod, secaggplus_mod])
-
-
-def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
-    """The plain ClientApp's cached session, and its adapter keys in wire order."""
-    from client_apps.qlora import session_for
-    from flower_llm.adapters import adapter_state
-
-    session = session_for(context)
-    return session, secagg.ordered_keys(adapter_state(session.model))
-
-
-app = make_app(session_and_keys)

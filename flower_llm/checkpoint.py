@@ -9,12 +9,13 @@ else a continuation needs:
 - ``strategy``: whatever the strategy returns from ``state_dict()`` (DP-FedAvg's
   accountant, clip norm and noise RNG; server-optimizer moments of another strategy);
 - ``extra``: a free ``dict[str, Any]`` for any other owner of run state;
-- ``rng``: Python's global ``random`` state (Flower samples nodes with it) and numpy's;
+- ``rng``: the run's random streams (train sampling, eval sampling, DP noise:
+  :mod:`flower_llm.streams`), and Python's and numpy's global states;
 - ``metrics``: every metrics.jsonl row so far;
 - ``config``: the run-config, flat, to refuse a continuation under different maths.
 
-The file is replaced atomically (temporary file, fsync, ``os.replace``): a crash while
-writing leaves the previous checkpoint whole. A digest over the adapter bytes and the
+The file is replaced atomically (uniquely named temporary file, fsync, ``os.replace``): a
+crash while writing leaves the previous checkpoint whole. A digest over the adapter bytes and the
 JSON catches a damaged file, which is refused with its path named, never half-loaded.
 
 A checkpoint holds the DP noise generator's state when DP is on: anyone who reads it can
@@ -29,6 +30,7 @@ import json
 import os
 import random
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from flower_llm.config import SECTIONS, RunConfig, Scalar
-from flower_llm.outputs import METRICS_FILE
+from flower_llm.outputs import METRICS_FILE, write_text_atomic
+from flower_llm.streams import RandomStreams
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "flower-llm/checkpoint"
@@ -143,13 +146,17 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     }
     data = safetensors_bytes(tensors, metadata=metadata)
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    # Owner-only: with DP on, the file holds the state of the noise generator.
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # Owner-only (mkstemp's mode): with DP on, the file holds the noise generator's state.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     # Make the rename itself durable: without it, a power cut can bring back the old file.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -328,11 +335,16 @@ def write_round_checkpoint(
     *,
     stopped: bool = False,
     extra: Mapping[str, Any] | None = None,
+    streams: RandomStreams | None = None,
 ) -> Path:
     """Checkpoint the run after ``server_round`` (call it once the round's outputs are saved).
 
-    ``strategy`` contributes its ``state_dict()`` if it has one (:class:`Stateful`).
+    ``strategy`` contributes its ``state_dict()`` if it has one (:class:`Stateful`);
+    ``streams`` the state of every random stream.
     """
+    rng = capture_rng()
+    if streams is not None:
+        rng["streams"] = streams.state_dict()
     return save_checkpoint(
         checkpoint_path(run_dir),
         Checkpoint(
@@ -341,15 +353,19 @@ def write_round_checkpoint(
             config=flat_config(cfg),
             strategy=strategy.state_dict() if isinstance(strategy, Stateful) else {},
             extra=dict(extra or {}),
-            rng=capture_rng(),
+            rng=rng,
             metrics=list(metrics),
             stopped=stopped,
         ),
     )
 
 
-def resume_from_checkpoint(run_dir: str | Path, cfg: RunConfig, strategy: object) -> Checkpoint:
+def resume_from_checkpoint(
+    run_dir: str | Path, cfg: RunConfig, strategy: object, streams: RandomStreams | None = None
+) -> Checkpoint:
     """Load the run's checkpoint, check it fits ``cfg``, restore strategy and RNG state.
+
+    ``streams`` continue from the checkpoint's random-stream states.
 
     The caller continues with round ``checkpoint.server_round + 1`` from
     ``arrays_to_record(checkpoint.adapter)``. metrics.jsonl is rewritten from the
@@ -388,8 +404,15 @@ def resume_from_checkpoint(run_dir: str | Path, cfg: RunConfig, strategy: object
             "load_state_dict to restore it"
         )
     restore_rng(checkpoint.rng)
+    if streams is not None:
+        if "streams" not in checkpoint.rng:
+            raise CheckpointError(f"checkpoint {path} holds no random-stream state")
+        try:
+            streams.load_state_dict(checkpoint.rng["streams"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path}: random streams refused: {err}") from err
     metrics = Path(run_dir) / METRICS_FILE
-    tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in checkpoint.metrics))
-    os.replace(tmp, metrics)
+    write_text_atomic(
+        metrics, "".join(json.dumps(row, sort_keys=True) + "\n" for row in checkpoint.metrics)
+    )
     return checkpoint

@@ -641,13 +641,6 @@ def _check_resume_combinations(cfg: RunConfig) -> None:
     """Refuse to resume what the server's checkpoint cannot restore (it lives on clients)."""
     if not cfg.output.resume:
         return
-    _require(
-        cfg.fed.aggregation == "fedavg",
-        "fed.aggregation",
-        "must be 'fedavg' with output.resume = true (SecAgg+ runs on Flower's legacy "
-        "workflow, which this project does not checkpoint)",
-        cfg.fed.aggregation,
-    )
     # Each site keeps its DP-SGD accountant and its local-only adapter in Flower's
     # per-run node state, which a new run starts empty.
     _require(

@@ -1,15 +1,24 @@
-"""ServerApp: weighted FedAvg of LoRA adapters, with outputs written every round."""
+"""ServerApp: federated QLoRA fine-tuning, one round engine for every aggregation mode.
+
+The Flower App's one ServerApp. It parses the run-config, picks the mode that gets one
+round from the global adapter to the next (Message-API FedAvg or DP-FedAvg, or SecAgg+
+with or without central DP: :mod:`strategies.rounds`, :mod:`strategies.secagg`), runs
+:func:`strategies.rounds.federate`, and records every round in ONE place,
+:class:`RunRecorder`: the adapter, the metrics row, the checkpoint, and at the end the
+summary. Every mode resumes, honours ``fed.round-timeout`` and ``fed.evaluate-every``,
+stops on the same privacy-budget rule and writes the same summary.json.
+"""
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flower_llm import metrics as columns
 from flower_llm import wire
 from flower_llm.adapters import init_adapter, num_parameters
 from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, write_round_checkpoint
@@ -17,18 +26,28 @@ from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
-from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
+from flower_llm.streams import RandomStreams
+from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
-from strategies.rounds import PollingGrid, RoundResult, federate
+from strategies.rounds import MessageRounds, PollingGrid, RoundMode, RoundResult, federate
+from strategies.secagg import SecAggRounds
 
 log = logging.getLogger("flower_llm.server")
 
 app = ServerApp()
 
 
-def build_strategy(cfg: RunConfig) -> WeightedFedAvg | DifferentialPrivacyFedAvg:
-    """The strategy the run-config asks for."""
+# --------------------------------------------------------------------------------------
+# The mode of a run
+# --------------------------------------------------------------------------------------
+
+
+def build_strategy(
+    cfg: RunConfig, streams: RandomStreams | None = None
+) -> WeightedFedAvg | DifferentialPrivacyFedAvg:
+    """The Message-API strategy the run-config asks for, drawing from ``streams``."""
     fed = cfg.fed
+    streams = streams or RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
     strategy = WeightedFedAvg(
         weighting=fed.weighting,
         fraction_train=fed.fraction_train,
@@ -36,43 +55,78 @@ def build_strategy(cfg: RunConfig) -> WeightedFedAvg | DifferentialPrivacyFedAvg
         min_train_clients=fed.min_train_clients,
         min_evaluate_clients=fed.min_evaluate_clients,
         min_available_clients=fed.min_available_clients,
+        train_rng=streams.train,
+        eval_rng=streams.evaluate,
+        wait_timeout=fed.round_timeout,
     )
     if cfg.privacy.client_level:
         # Outermost wrapper: whatever observes the aggregate (outputs, checkpoints,
         # evaluation) sees the noised adapter only.
-        return DifferentialPrivacyFedAvg.from_config(strategy, cfg)
+        return DifferentialPrivacyFedAvg.from_config(strategy, cfg, streams.noise)
     return strategy
 
 
-def round_row(result: RoundResult) -> dict[str, Any]:
-    """The metrics.jsonl line of a finished round."""
-    report = result.report
-    row: dict[str, Any] = {
-        "round": result.server_round,
-        "seconds": round(result.seconds, 3),
-        "clients-sampled": len(report.sampled),
-        "clients-replied": len(report.accepted),
-        "clients-dropped": len(report.dropped),
-        "dropped": {str(k): v for k, v in report.dropped.items()},
-        "bytes-down": report.bytes_down,
-        "bytes-up": report.bytes_up,
-        "updated": report.updated,
-    }
-    for prefix, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
-        for key, value in (metrics or {}).items():
-            name = key if key.startswith(prefix) else f"{prefix}/{key}"
-            row[name] = value
-    return row
+def build_mode(
+    cfg: RunConfig, context: Context, keys: list[str], streams: RandomStreams
+) -> RoundMode:
+    """How a round of this run gets from the global adapter to the next."""
+    if cfg.fed.aggregation != "secagg+":
+        return MessageRounds(build_strategy(cfg, streams), cfg.fed.round_timeout)
+    # Evaluation samples as in every mode; DP lives in the SecAgg+ mode's CentralDP.
+    evaluation = WeightedFedAvg(
+        fraction_evaluate=cfg.fed.fraction_evaluate,
+        min_evaluate_clients=cfg.fed.min_evaluate_clients,
+        min_available_clients=cfg.fed.min_available_clients,
+        eval_rng=streams.evaluate,
+        wait_timeout=cfg.fed.round_timeout,
+    )
+    central = CentralDP.from_config(cfg, streams.noise) if cfg.privacy.client_level else None
+    return SecAggRounds(
+        cfg,
+        context,
+        sorted(keys),
+        evaluation=evaluation,
+        train_rng=streams.train,
+        central=central,
+    )
 
 
-def evaluates(cfg: RunConfig, strategy: object, server_round: int) -> bool:
+def evaluates(cfg: RunConfig, mode: RoundMode, server_round: int) -> bool:
     """Whether the sites evaluate round ``server_round``'s aggregate (after aggregation).
 
     Every ``fed.evaluate-every``-th round, the last one, and the one a DP run stops after
     because one more would exceed its privacy budget.
     """
-    stops = isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted()
+    stops = mode.central is not None and mode.central.budget_exhausted()
     return cfg.fed.evaluates(server_round) or stops
+
+
+# --------------------------------------------------------------------------------------
+# Recording a round, and the run
+# --------------------------------------------------------------------------------------
+
+
+def round_row(result: RoundResult, aggregation: str = "fedavg") -> dict[str, Any]:
+    """The metrics.jsonl line of a finished round (columns: :mod:`flower_llm.metrics`)."""
+    report = result.report
+    row: dict[str, Any] = {
+        columns.ROUND: result.server_round,
+        columns.SECONDS: round(result.seconds, 3),
+        columns.AGGREGATION: aggregation,
+        columns.CLIENTS_SAMPLED: len(report.sampled),
+        columns.CLIENTS_REPLIED: len(report.accepted),
+        columns.CLIENTS_DROPPED: len(report.dropped),
+        columns.DROPPED: {str(k): v for k, v in report.dropped.items()},
+        columns.BYTES_DOWN: report.bytes_down,
+        columns.BYTES_UP: report.bytes_up,
+        columns.UPDATED: report.updated,
+    }
+    for prefix, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
+        for key, value in (metrics or {}).items():
+            row[columns.prefixed(prefix, key)] = value
+    row.update(result.columns)
+    columns.check_row(row)
+    return row
 
 
 def run_summary(
@@ -84,9 +138,9 @@ def run_summary(
         "seconds": round(time.perf_counter() - started, 2),
         "adapter-parameters": adapter_parameters,
         "final-adapter": str(run_dir.path / FINAL_ADAPTER),
-        "eval-loss-by-round": [row.get("eval-loss") for row in history],
-        "bytes-up": sum(row["bytes-up"] for row in history),
-        "bytes-down": sum(row["bytes-down"] for row in history),
+        "eval-loss-by-round": [row.get(columns.EVAL_LOSS) for row in history],
+        "bytes-up": sum(row[columns.BYTES_UP] for row in history),
+        "bytes-down": sum(row[columns.BYTES_DOWN] for row in history),
     }
 
 
@@ -94,19 +148,146 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
 
 
-def log_round(result: RoundResult, row: dict[str, Any], num_rounds: int, clients: str) -> None:
-    """The server's one line per round; ``clients`` says who took part and how."""
+def log_round(result: RoundResult, row: dict[str, Any], num_rounds: int) -> None:
+    """The server's one line per round."""
+    report = result.report
+    failed = row.get(columns.SECAGG_FAILED)
     log.info(
-        "round %d/%d: eval loss %s, perplexity %s, train loss %s | %s | %.2f MB up | %.1fs",
+        "round %d/%d: eval loss %s, perplexity %s, train loss %s | %d/%d clients, %d dropped%s "
+        "| %.2f MB up | %.1fs",
         result.server_round,
         num_rounds,
-        _fmt(row.get("eval-loss")),
-        _fmt(row.get("eval-perplexity")),
-        _fmt(row.get("train-loss")),
-        clients,
-        result.report.bytes_up / 1e6,
+        _fmt(row.get(columns.EVAL_LOSS)),
+        _fmt(row.get(columns.EVAL_PERPLEXITY)),
+        _fmt(row.get(columns.TRAIN_LOSS)),
+        len(report.accepted),
+        len(report.sampled),
+        len(report.dropped),
+        ", FAILED" if failed else "",
+        report.bytes_up / 1e6,
         result.seconds,
     )
+
+
+class RunRecorder:
+    """The one place a finished round is recorded, whatever the mode.
+
+    After each round: the adapter (``round-NNN/``), the metrics row, the local-only
+    adapters a last round may carry, then the checkpoint (last, so a restart continues
+    from a round whose outputs are all on disk). Returns True to stop the run when one
+    more round would exceed the privacy budget.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: RunDirectory,
+        mode: RoundMode,
+        streams: RandomStreams,
+        lora_cfg: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.mode = mode
+        self.streams = streams
+        self.lora_cfg = lora_cfg
+        self.local_only: dict[int, ArrayRecord] = {}
+
+    def __call__(self, result: RoundResult) -> bool:
+        """Record ``result``; True stops the run."""
+        cfg, run_dir, mode = self.cfg, self.run_dir, self.mode
+        run_dir.save_adapter(
+            wire.from_array_record(result.arrays), self.lora_cfg, round_name(result.server_round)
+        )
+        row = round_row(result, mode.aggregation)
+        run_dir.append_metrics(row)
+        log_round(result, row, cfg.fed.num_rounds)
+        for reply in mode.last_valid():
+            if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
+                self.local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+        stop = mode.central is not None and mode.central.budget_exhausted()
+        write_round_checkpoint(
+            run_dir.path,
+            cfg,
+            result.server_round,
+            result.arrays,
+            mode,
+            run_dir.read_metrics(),
+            stopped=stop,
+            streams=self.streams,
+        )
+        if stop:
+            assert mode.central is not None
+            log.warning(
+                "Privacy budget: stopping after round %d at epsilon %.4g; one more round "
+                "would exceed privacy.target-epsilon = %g",
+                result.server_round,
+                mode.central.epsilon(),
+                mode.central.target_epsilon,
+            )
+        return stop
+
+    def summary(
+        self,
+        grid: Grid,
+        final: ArrayRecord,
+        adapter_parameters: int,
+        started: float,
+        resumed_after: int | None,
+        dp_warnings: list[str],
+    ) -> dict[str, Any]:
+        """summary.json: the same shape for every mode."""
+        cfg = self.cfg
+        history = self.run_dir.read_metrics()
+        summary = run_summary(self.run_dir, history, adapter_parameters, started)
+        summary["aggregation"] = self.mode.aggregation
+        summary["rounds-failed"] = sum(1 for row in history if not row.get(columns.UPDATED))
+        if resumed_after is not None:
+            summary["resumed-after-round"] = resumed_after
+        if cfg.privacy.enabled:
+            central = self.mode.central
+            client_level = None
+            if central is not None:
+                client_level = {"mode": cfg.privacy.mode, **central.summary()}
+                if self.mode.aggregation == "secagg+":
+                    client_level["caveat"] = (
+                        "clients clip under SecAgg+; the server cannot verify it"
+                    )
+            summary["privacy"] = privacy_summary(
+                client_level,
+                list(central.warnings) if central is not None else [],
+                cfg,
+                history,
+                dp_warnings,
+            )
+        if self.local_only:
+            summary.update(self._local_only_comparison(grid, final))
+        return summary
+
+    def _local_only_comparison(self, grid: Grid, final: ArrayRecord) -> dict[str, Any]:
+        """Held-out loss of the federated adapter vs each site's local-only one, on all sites."""
+        timeout = self.cfg.fed.round_timeout
+        nodes = sorted(grid.get_node_ids())
+        out: dict[str, Any] = {}
+        federated = evaluate_on_all_sites(grid, final, nodes, timeout)
+        out["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
+        per_site = {}
+        for node, local_arrays in sorted(self.local_only.items()):
+            metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout)
+            per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
+        out["union-eval-loss/local-only"] = per_site
+        local_losses = [v for v in per_site.values() if v is not None]
+        out["federated-beats-every-local-only"] = bool(
+            out["union-eval-loss/federated"] is not None
+            and local_losses
+            and all(out["union-eval-loss/federated"] < v for v in local_losses)
+        )
+        log.info(
+            "Held-out loss on all sites' data: federated %.4f; local-only %s",
+            out["union-eval-loss/federated"],
+            ", ".join(f"{v:.4f}" for v in per_site.values() if v is not None),
+        )
+        return out
 
 
 def evaluate_on_all_sites(
@@ -125,34 +306,42 @@ def evaluate_on_all_sites(
     return dict(metrics) if metrics is not None else None
 
 
+# --------------------------------------------------------------------------------------
+# The ServerApp
+# --------------------------------------------------------------------------------------
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()
-    cfg = parse_run_config(context.run_config)
-    grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
-    if cfg.fed.aggregation == "secagg+":
-        # SecAgg+ runs on Flower's legacy workflow; imported here as it imports this module.
-        from server_apps.secagg import run as run_secagg
+    run(PollingGrid(grid), context, parse_run_config(context.run_config))  # type: ignore[arg-type]
 
-        run_secagg(grid, context, cfg)
-        return
-    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume)
+
+def run(grid: Grid, context: Context, cfg: RunConfig, mode: RoundMode | None = None) -> None:
+    """One run of any mode into ``output.dir/output.run-name``; ``mode`` for tests."""
+    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume, lock=True)
+    try:
+        _run(grid, context, cfg, run_dir, mode)
+    finally:
+        run_dir.unlock()
+
+
+def _run(
+    grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDirectory, mode: RoundMode | None
+) -> None:
     started = time.perf_counter()
-
     # The server needs the model's config only; adapter weights start as peft starts them.
     name_or_path = resolve_model_path(cfg.model)
     state, lora_cfg = init_adapter(cfg.model, cfg.lora, name_or_path, cfg.seed)
     log.info("Global adapter: %d parameters, %s", num_parameters(state), run_dir.path)
     arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
 
-    strategy = build_strategy(cfg)
-    # Flower samples nodes with the global `random`: the seed makes sampling repeatable
-    # (a resumed run restores the state its checkpoint saved instead).
-    random.seed(cfg.seed)
+    streams = RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
+    mode = mode or build_mode(cfg, context, list(state), streams)
     first_round, resumed_after = 1, None
     if cfg.output.resume:
-        checkpoint = resume_from_checkpoint(run_dir.path, cfg, strategy)
+        checkpoint = resume_from_checkpoint(run_dir.path, cfg, mode, streams)
         arrays = arrays_to_record(checkpoint.adapter)
         resumed_after = checkpoint.server_round
         # A run that had decided to stop (privacy budget) only writes its final outputs.
@@ -160,10 +349,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("Resuming %s after round %d", run_dir.path, resumed_after)
     # After the resume checks: a refused resume leaves the run's config.json as it was.
     run_dir.save_config(cfg)
-    strategy.summary()
-    privacy_warnings = dpsgd_warnings(cfg)
+    dp_warnings = dpsgd_warnings(cfg)
     num_rounds = cfg.fed.num_rounds
-    local_only: dict[int, ArrayRecord] = {}
 
     def train_config(server_round: int) -> ConfigRecord:
         last = server_round == num_rounds
@@ -175,86 +362,23 @@ def main(grid: Grid, context: Context) -> None:
             }
         )
 
-    def on_round_end(result: RoundResult) -> bool:
-        run_dir.save_adapter(
-            wire.from_array_record(result.arrays), lora_cfg, round_name(result.server_round)
+    recorder = RunRecorder(cfg, run_dir, mode, streams, lora_cfg)
+    try:
+        final = federate(
+            mode,
+            grid,
+            arrays,
+            first_round=first_round,
+            num_rounds=num_rounds,
+            train_config=train_config,
+            on_round_end=recorder,
+            evaluate=lambda server_round: evaluates(cfg, mode, server_round),
         )
-        row = round_row(result)
-        if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.last_round is not None:
-            row.update(strategy.last_round.as_row())  # epsilon, delta, clip norm, noise
-        run_dir.append_metrics(row)
-        report = result.report
-        log_round(
-            result,
-            row,
-            num_rounds,
-            f"{len(report.accepted)}/{len(report.sampled)} clients, {len(report.dropped)} dropped",
-        )
-        for reply in strategy.last_valid:
-            if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
-                local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
-        # Last, once the round's outputs are on disk: a restart continues from here.
-        write_round_checkpoint(
-            run_dir.path,
-            cfg,
-            result.server_round,
-            result.arrays,
-            strategy,
-            run_dir.read_metrics(),
-            stopped=isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted(),
-        )
-        if isinstance(strategy, DifferentialPrivacyFedAvg) and strategy.budget_exhausted():
-            log.warning(
-                "Privacy budget: stopping after round %d at epsilon %.4g; one more round "
-                "would exceed privacy.target-epsilon = %g",
-                result.server_round,
-                strategy.epsilon(),
-                strategy.target_epsilon,
-            )
-            return True
-        return False
-
-    final = federate(
-        strategy,
-        grid,
-        arrays,
-        first_round=first_round,
-        num_rounds=num_rounds,
-        timeout=cfg.fed.round_timeout,
-        train_config=train_config,
-        on_round_end=on_round_end,
-        evaluate=lambda server_round: evaluates(cfg, strategy, server_round),
-    )
+    finally:
+        mode.close()
     run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
-
-    # ----------------------------------------------------------------------------------
-    # Summary, with the local-only comparison when asked for
-    # ----------------------------------------------------------------------------------
-    history = run_dir.read_metrics()
-    summary = run_summary(run_dir, history, num_parameters(state), started)
-    if resumed_after is not None:
-        summary["resumed-after-round"] = resumed_after
-    if cfg.privacy.enabled:
-        summary["privacy"] = privacy_summary(strategy, cfg, history, privacy_warnings)
-    if local_only:
-        nodes = sorted(grid.get_node_ids())
-        federated = evaluate_on_all_sites(grid, final, nodes, cfg.fed.round_timeout)
-        summary["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
-        per_site = {}
-        for node, local_arrays in sorted(local_only.items()):
-            metrics = evaluate_on_all_sites(grid, local_arrays, nodes, cfg.fed.round_timeout)
-            per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
-        summary["union-eval-loss/local-only"] = per_site
-        local_losses = [v for v in per_site.values() if v is not None]
-        summary["federated-beats-every-local-only"] = bool(
-            summary["union-eval-loss/federated"] is not None
-            and local_losses
-            and all(summary["union-eval-loss/federated"] < v for v in local_losses)
-        )
-        log.info(
-            "Held-out loss on all sites' data: federated %.4f; local-only %s",
-            summary["union-eval-loss/federated"],
-            ", ".join(f"{v:.4f}" for v in per_site.values() if v is not None),
-        )
+    summary = recorder.summary(
+        grid, final, num_parameters(state), started, resumed_after, dp_warnings
+    )
     run_dir.write_summary(summary)
     log.info("Run finished: %s", run_dir.path)

@@ -29,8 +29,12 @@ Modes (``privacy.mode``):
   noise only, after checking every reply's update norm: a larger one means the client does
   not clip, and its reply is refused.
 
-The wrapper holds the strategy and delegates validation, evaluation and metrics to it
-(Flower's DP wrappers do the same); the maths is :mod:`flower_llm.privacy`.
+The server half that every client-level DP run shares, whatever carries the updates
+(Message-API replies here, a SecAgg+ sum in :mod:`strategies.secagg`), is
+:class:`CentralDP`: the clip bound, the noise with the fixed denominator, the accountant,
+the budget check and the state a checkpoint keeps. The wrapper holds the strategy and
+delegates validation, evaluation and metrics to it (Flower's DP wrappers do the same); the
+maths is :mod:`flower_llm.privacy`.
 """
 
 from __future__ import annotations
@@ -38,18 +42,26 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
 from flower_llm.config import DP_MODES, RunConfig
+from flower_llm.metrics import (
+    DELTA,
+    DP_CLIP_NORM,
+    DP_EXPECTED_CLIENTS,
+    DP_NOISE_STDDEV,
+    DP_NOISY_UNCLIPPED_FRACTION,
+    DPSGD_EPSILON_COLUMN,
+    EPSILON,
+)
 from flower_llm.privacy import (
     RdpAccountant,
     adaptive_clip_norm,
@@ -61,7 +73,9 @@ from flower_llm.privacy import (
     noisy_unclipped_fraction,
     would_exceed,
 )
+from flower_llm.streams import jsonable
 from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
+from strategies.sampling import PoissonSampler, Sampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +83,23 @@ log = logging.getLogger(__name__)
 #: ``global + clipped update`` moves the update the server sees by a few ulps of the weights.
 CLIENT_CLIP_TOLERANCE = 1e-4
 
-_STATE_FORMAT = "flower-llm/dp-fedavg"
-_STATE_VERSION = 1
+_STATE_FORMAT = "flower-llm/central-dp"
+_STATE_VERSION = 2
+
+#: The client-level accountant's class: ``step`` / ``epsilon`` / ``projected_epsilon`` /
+#: ``state_dict`` / ``from_state_dict``. Built only by :func:`make_accountant` and
+#: :func:`load_accountant`, so another accountant with that interface is a one-line swap.
+Accountant = RdpAccountant
+
+
+def make_accountant(noise_multiplier: float, sampling_rate: float, delta: float) -> Accountant:
+    """The accountant of one round = the Poisson-subsampled Gaussian with ``(sigma, q)``."""
+    return Accountant(noise_multiplier, sampling_rate, delta)
+
+
+def load_accountant(state: Mapping[str, Any]) -> Accountant:
+    """An accountant continued from its ``state_dict()``."""
+    return Accountant.from_state_dict(state)
 
 
 class PrivacyError(RuntimeError):
@@ -95,92 +124,76 @@ class PrivacyRound:
     def as_row(self) -> dict[str, Any]:
         """Keys as metrics.jsonl writes them."""
         row: dict[str, Any] = {
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "dp-clip-norm": self.clip_norm,
-            "dp-noise-stddev": self.noise_stddev,
-            "dp-expected-clients": self.expected_clients,
+            EPSILON: self.epsilon,
+            DELTA: self.delta,
+            DP_CLIP_NORM: self.clip_norm,
+            DP_NOISE_STDDEV: self.noise_stddev,
+            DP_EXPECTED_CLIENTS: self.expected_clients,
         }
         if self.noisy_unclipped_fraction is not None:
-            row["dp-noisy-unclipped-fraction"] = self.noisy_unclipped_fraction
+            row[DP_NOISY_UNCLIPPED_FRACTION] = self.noisy_unclipped_fraction
         return row
 
 
-class DifferentialPrivacyFedAvg(Strategy):
-    """DP-FedAvg around a :class:`WeightedFedAvg`, with an RDP accountant across rounds.
+class CentralDP:
+    """The server half of client-level DP, shared by DP-FedAvg and SecAgg+ with DP.
+
+    One round releases ``reference + sum_i clip(u_i) / m + N(0, (sigma_u S / m)^2)`` with
+    ``S`` the L2 sensitivity of one client on the sum (``C``, plus SecAgg+'s rounding),
+    ``m = round(q N)`` fixed when the first round starts, and ``sigma_u`` the update noise
+    multiplier (``sigma``, or more under adaptive clipping). The accountant composes one
+    Poisson-subsampled Gaussian with ``(sigma, q)`` per released round.
 
     Parameters
     ----------
-    strategy : WeightedFedAvg
-        Validates replies, samples evaluation, aggregates metrics; its example weighting is
-        NOT used for the model under DP (uniform weights, fixed denominator).
-    mode : str
-        ``server-fixed``, ``server-adaptive`` or ``client-fixed``.
     noise_multiplier : float
-        ``sigma``: noise std of the summed update relative to ``C``, and what the accountant
-        composes (in server-adaptive the update gets a bit more, see module docstring).
+        ``sigma``.
     clip_norm : float
-        ``C`` (the initial value in server-adaptive).
+        ``C`` (the initial value when the caller adapts it).
     sampling_rate : float
-        ``q``, each client's probability of taking part in a round.
+        ``q``; rounds must be drawn by :attr:`sampler`, which Poisson-samples at ``q``.
     delta : float
         delta of the reported (epsilon, delta).
     target_epsilon : float
         Budget; 0 disables the stop. A round that would take epsilon above it never starts.
     min_sampled_clients : int
         Smallest acceptable ``q N``; fewer refuses to start.
-    target_quantile, clip_learning_rate : float
-        server-adaptive: ``gamma`` and ``eta_C`` of the geometric update.
-    clipped_count_stddev : float, optional
-        server-adaptive: ``sigma_b``; None means ``m / 20`` (Andrew et al.).
-    seed : int, optional
-        Seeds sampling and noise: for tests only. None draws OS entropy; a seed anyone can
-        read (the run-config's) would let them subtract the noise.
+    rng : numpy.random.Generator
+        Draws the noise; from OS entropy unless a test seeds it (known noise protects
+        nothing).
     """
 
     def __init__(
         self,
-        strategy: WeightedFedAvg,
         *,
-        mode: str,
         noise_multiplier: float,
         clip_norm: float,
         sampling_rate: float,
         delta: float,
         target_epsilon: float = 0.0,
         min_sampled_clients: int = 1,
-        target_quantile: float = 0.5,
-        clip_learning_rate: float = 0.2,
-        clipped_count_stddev: float | None = None,
-        seed: int | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if mode not in DP_MODES or mode == "off":
-            raise ValueError(f"mode must be one of {DP_MODES[1:]}, got {mode!r}")
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
         if target_epsilon < 0:
             raise ValueError(f"target_epsilon must be >= 0, got {target_epsilon!r}")
-        self.strategy = strategy
-        self.mode = mode
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.sampling_rate = float(sampling_rate)
         self.target_epsilon = float(target_epsilon)
         self.min_sampled_clients = int(min_sampled_clients)
-        self.target_quantile = float(target_quantile)
-        self.clip_learning_rate = float(clip_learning_rate)
-        self.clipped_count_stddev = clipped_count_stddev
-        self.rng = np.random.default_rng(seed)
-        # One round is the sampled Gaussian mechanism with (sigma, q), whatever the mode.
-        self.accountant = RdpAccountant(self.noise_multiplier, self.sampling_rate, delta)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.accountant = make_accountant(self.noise_multiplier, self.sampling_rate, delta)
+        self.sampler = PoissonSampler(self.sampling_rate)
+        """The sampling the accountant composes; draw every DP round with it."""
+        self.update_noise_multiplier = self.noise_multiplier
         self.population: int | None = None
         self.expected_clients: int | None = None
-        self.update_noise_multiplier = self.noise_multiplier
         self.last_round: PrivacyRound | None = None
         self.warnings: list[str] = []
         if self.noise_multiplier == 0:
-            self._warn(
+            self.warn(
                 "privacy.noise-multiplier is 0: updates are clipped but NOT noised, so this "
                 "run has NO differential privacy (epsilon is infinite)"
             )
@@ -192,29 +205,248 @@ class DifferentialPrivacyFedAvg(Strategy):
             )
 
     @classmethod
-    def from_config(
-        cls, strategy: WeightedFedAvg, cfg: RunConfig, seed: int | None = None
-    ) -> DifferentialPrivacyFedAvg:
-        """The wrapper the run-config's ``privacy.*`` and ``fed.fraction-train`` ask for."""
+    def from_config(cls, cfg: RunConfig, rng: np.random.Generator | None = None) -> CentralDP:
+        """The component ``privacy.*`` and ``fed.fraction-train`` (= ``q``) ask for."""
         p = cfg.privacy
         return cls(
-            strategy,
-            mode=p.mode,
             noise_multiplier=p.noise_multiplier,
             clip_norm=p.clip_norm,
             sampling_rate=cfg.fed.fraction_train,
             delta=p.delta,
             target_epsilon=p.target_epsilon,
             min_sampled_clients=p.min_sampled_clients,
+            rng=rng,
+        )
+
+    def warn(self, message: str) -> None:
+        """Log a DP warning and keep it for summary.json."""
+        log.warning("DP WARNING: %s", message)
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    # ----------------------------------------------------------------------------------
+    # A round
+    # ----------------------------------------------------------------------------------
+
+    def check_sampler(self, sampler: Sampler) -> None:
+        """Refuse a sampler whose draw is not the event the accountant composes."""
+        if sampler.kind != "poisson" or getattr(sampler, "rate", None) != self.sampling_rate:
+            raise PrivacyError(
+                f"the round sampler ({sampler.kind}) is not Poisson sampling at q = "
+                f"{self.sampling_rate}, the event the accountant composes"
+            )
+
+    def start_round(self, server_round: int, connected: list[int]) -> list[int]:
+        """Check the budget, fix ``N`` and ``m`` on the first call, Poisson-sample."""
+        if self.budget_exhausted():
+            raise PrivacyError(
+                f"round {server_round} would take epsilon from {self.epsilon():.4g} to "
+                f"{self.accountant.projected_epsilon(1):.4g}, above privacy.target-epsilon = "
+                f"{self.target_epsilon}"
+            )
+        if self.population is None:
+            self.fix_population(len(connected))
+        elif len(connected) != self.population:
+            log.info(
+                "DP: %d clients connected, %d at the start; the denominator stays %d",
+                len(connected),
+                self.population,
+                self.expected_clients,
+            )
+        return self.sampler.sample(connected, self.rng_for_sampling)
+
+    rng_for_sampling: np.random.Generator
+    """Set by the owner: the train-sampling stream (secret under DP)."""
+
+    def fix_population(self, population: int) -> None:
+        """Fix ``N`` and ``m = round(q N)``; refuse too few expected clients."""
+        expected = self.sampling_rate * population
+        if expected < self.min_sampled_clients:
+            raise PrivacyError(
+                f"client-level DP expects {expected:g} clients per round (fed.fraction-train "
+                f"{self.sampling_rate} x {population} connected), fewer than "
+                f"privacy.min-sampled-clients = {self.min_sampled_clients}: the noise would "
+                f"swamp the update. Connect more clients or raise fed.fraction-train."
+            )
+        self.population = population
+        # Any data-independent denominator gives a valid mechanism (noise and sensitivity
+        # both scale with 1/m); round(q N) keeps the estimator close to unbiased.
+        self.expected_clients = max(1, round(expected))
+        log.info(
+            "Client-level DP: population N = %d, q = %.4g, fixed denominator m = %d",
+            population,
+            self.sampling_rate,
+            self.expected_clients,
+        )
+
+    def release(
+        self,
+        reference: Mapping[str, np.ndarray],
+        clipped_sum: Mapping[str, np.ndarray],
+        *,
+        sensitivity: float | None = None,
+        noisy_unclipped_fraction: float | None = None,
+        clip_norm: float | None = None,
+    ) -> AdapterState:
+        """``reference + clipped_sum / m + noise`` (float32); steps the accountant.
+
+        ``sensitivity`` defaults to the clip norm; ``clip_norm`` is what the round used
+        (for the metrics row; default the current one).
+        """
+        assert self.expected_clients is not None, "start_round fixes m first"
+        m = self.expected_clients
+        used_clip = self.clip_norm if clip_norm is None else clip_norm
+        bound = used_clip if sensitivity is None else sensitivity
+        stddev = dp_fedavg_noise_stddev(self.update_noise_multiplier, bound, m)
+        mean = {k: np.asarray(clipped_sum[k], np.float64) / m for k in reference}
+        noised = add_gaussian_noise(mean, stddev, self.rng)
+        new_state = {
+            key: (np.asarray(reference[key], np.float64) + noised[key]).astype(np.float32)
+            for key in reference
+        }
+        self.accountant.step()
+        self.last_round = PrivacyRound(
+            epsilon=self.epsilon(),
+            delta=self.accountant.delta,
+            clip_norm=used_clip,
+            noise_stddev=stddev,
+            expected_clients=m,
+            noisy_unclipped_fraction=noisy_unclipped_fraction,
+        )
+        return new_state
+
+    # ----------------------------------------------------------------------------------
+    # Accounting
+    # ----------------------------------------------------------------------------------
+
+    def epsilon(self) -> float:
+        """epsilon spent so far at the configured delta."""
+        return self.accountant.epsilon()
+
+    def budget_exhausted(self) -> bool:
+        """Whether one more round would take epsilon above ``target_epsilon`` (if set)."""
+        return self.target_epsilon > 0 and would_exceed(self.accountant, self.target_epsilon)
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json records about client-level DP."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.accountant.delta,
+            "rounds-accounted": self.accountant.rounds,
+            "noise-multiplier": self.noise_multiplier,
+            "update-noise-multiplier": self.update_noise_multiplier,
+            "sampling": self.sampler.kind,
+            "sampling-rate": self.sampling_rate,
+            "population": self.population,
+            "expected-clients": self.expected_clients,
+            "clip-norm": self.clip_norm,
+            "target-epsilon": self.target_epsilon,
+            "budget-exhausted": self.budget_exhausted(),
+            "warnings": list(self.warnings),
+        }
+
+    # ----------------------------------------------------------------------------------
+    # Checkpointing
+    # ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: accountant, clip norm, population, noise RNG, warnings.
+
+        The RNG state reproduces every future noise draw: keep checkpoints as secret as
+        the clients' individual updates.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "accountant": self.accountant.state_dict(),
+            "clip-norm": self.clip_norm,
+            "population": self.population,
+            "expected-clients": self.expected_clients,
+            "update-noise-multiplier": self.update_noise_multiplier,
+            "rng": jsonable(self.rng.bit_generator.state),
+            "warnings": list(self.warnings),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; refuses a state from different DP settings."""
+        if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not a central-DP state of version {_STATE_VERSION}: {state.get('format')!r}"
+            )
+        accountant = load_accountant(state["accountant"])
+        for key, saved, now in (
+            ("privacy.noise-multiplier", accountant.noise_multiplier, self.noise_multiplier),
+            ("fed.fraction-train", accountant.sampling_rate, self.sampling_rate),
+            ("privacy.delta", accountant.delta, self.accountant.delta),
+        ):
+            if not math.isclose(saved, now, rel_tol=1e-12):
+                raise ValueError(
+                    f"{key} is {now} but the checkpoint's accountant used {saved}: resuming "
+                    "would compose rounds the accountant does not describe"
+                )
+        self.accountant = accountant
+        self.clip_norm = float(state["clip-norm"])
+        self.population = state["population"]
+        self.expected_clients = state["expected-clients"]
+        self.update_noise_multiplier = float(state["update-noise-multiplier"])
+        self.rng.bit_generator.state = state["rng"]
+        self.warnings = list(dict.fromkeys([*state.get("warnings", []), *self.warnings]))
+
+
+class DifferentialPrivacyFedAvg(Strategy):
+    """DP-FedAvg around a :class:`WeightedFedAvg`, its server half a :class:`CentralDP`.
+
+    Parameters
+    ----------
+    strategy : WeightedFedAvg
+        Validates replies, samples evaluation, aggregates metrics; its example weighting is
+        NOT used for the model under DP (uniform weights, fixed denominator).
+    central : CentralDP
+        Clip bound, noise, accountant, budget; its sampler draws the train cohorts, from
+        ``strategy.train_rng``.
+    mode : str
+        ``server-fixed``, ``server-adaptive`` or ``client-fixed``.
+    target_quantile, clip_learning_rate : float
+        server-adaptive: ``gamma`` and ``eta_C`` of the geometric update.
+    clipped_count_stddev : float, optional
+        server-adaptive: ``sigma_b``; None means ``m / 20`` (Andrew et al.).
+    """
+
+    def __init__(
+        self,
+        strategy: WeightedFedAvg,
+        central: CentralDP,
+        *,
+        mode: str,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        clipped_count_stddev: float | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in DP_MODES or mode == "off":
+            raise ValueError(f"mode must be one of {DP_MODES[1:]}, got {mode!r}")
+        self.strategy = strategy
+        self.central = central
+        central.rng_for_sampling = strategy.train_rng
+        self.mode = mode
+        self.target_quantile = float(target_quantile)
+        self.clip_learning_rate = float(clip_learning_rate)
+        self.clipped_count_stddev = clipped_count_stddev
+
+    @classmethod
+    def from_config(
+        cls, strategy: WeightedFedAvg, cfg: RunConfig, noise_rng: np.random.Generator | None = None
+    ) -> DifferentialPrivacyFedAvg:
+        """The wrapper the run-config's ``privacy.*`` and ``fed.fraction-train`` ask for."""
+        p = cfg.privacy
+        return cls(
+            strategy,
+            CentralDP.from_config(cfg, noise_rng),
+            mode=p.mode,
             target_quantile=p.target_quantile,
             clip_learning_rate=p.clip_learning_rate,
             clipped_count_stddev=p.clipped_count_stddev or None,
-            seed=seed,
         )
-
-    def _warn(self, message: str) -> None:
-        log.warning("DP WARNING: %s", message)
-        self.warnings.append(message)
 
     # ----------------------------------------------------------------------------------
     # The round loop's interface
@@ -230,18 +462,24 @@ class DifferentialPrivacyFedAvg(Strategy):
         """The wrapped strategy's valid replies of the last round."""
         return self.strategy.last_valid
 
+    @property
+    def warnings(self) -> list[str]:
+        """DP warnings so far."""
+        return self.central.warnings
+
     def summary(self) -> None:
         """Log the DP settings, then the wrapped strategy's."""
+        c = self.central
         log.info(
-            "DP-FedAvg (%s): noise multiplier %.4g (update %.4g), clip norm %.4g, q %.4g, "
-            "delta %.3g, target epsilon %s",
+            "DP-FedAvg (%s): noise multiplier %.4g (update %.4g), clip norm %.4g, q %.4g "
+            "(Poisson), delta %.3g, target epsilon %s",
             self.mode,
-            self.noise_multiplier,
-            self.update_noise_multiplier,
-            self.clip_norm,
-            self.sampling_rate,
-            self.accountant.delta,
-            self.target_epsilon or "none",
+            c.noise_multiplier,
+            c.update_noise_multiplier,
+            c.clip_norm,
+            c.sampling_rate,
+            c.accountant.delta,
+            c.target_epsilon or "none",
         )
         self.strategy.summary()
 
@@ -249,48 +487,36 @@ class DifferentialPrivacyFedAvg(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Check the guards, then Poisson-sample clients and send them the adapter."""
-        if self.budget_exhausted():
-            raise PrivacyError(
-                f"round {server_round} would take epsilon from {self.epsilon():.4g} to "
-                f"{self.accountant.projected_epsilon(1):.4g}, above privacy.target-epsilon = "
-                f"{self.target_epsilon}"
-            )
-        # Wait for the population as WeightedFedAvg would, then sample on our own.
-        _, connected = sample_nodes(grid, self.strategy.min_available_nodes, 0)
-        if self.population is None:
-            self._start(len(connected))
-        else:
-            if len(connected) != self.population:
-                log.info(
-                    "DP: %d clients connected, %d at the start; the denominator stays %d",
-                    len(connected),
-                    self.population,
-                    self.expected_clients,
-                )
-        sampled = [node for node in sorted(connected) if self.rng.random() < self.sampling_rate]
+        connected = wait_for_nodes(
+            grid, self.strategy.min_available_nodes, self.strategy.wait_timeout
+        )
+        first = self.central.population is None
+        sampled = self.central.start_round(server_round, connected)
+        if first and self.mode == "server-adaptive":
+            self._fix_adaptive_noise()
         log.info(
             "DP round %d: Poisson-sampled %d of %d", server_round, len(sampled), len(connected)
         )
-
         config = ConfigRecord(dict(config))
         config[wire.SERVER_ROUND] = server_round
         if self.mode == "client-fixed":
-            config[wire.CLIP_NORM] = self.clip_norm
+            config[wire.CLIP_NORM] = self.central.clip_norm
         self.strategy.reference = wire.from_array_record(arrays)
         self.strategy.report = RoundReport(
             sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(sampled)
         )
         content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        return [
+        messages = [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
             for node in sampled
         ]
+        self.strategy.instructions = messages
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip (or check), sum, divide by ``m``, add noise; step the accountant."""
-        assert self.expected_clients is not None, "configure_train starts the accounting"
+        """Clip (or check), sum, then the central release: ``/ m``, noise, account."""
         reference = self.strategy.reference
         assert reference is not None, "configure_train sets the reference"
         valid = self.strategy.valid_replies(replies)
@@ -299,7 +525,7 @@ class DifferentialPrivacyFedAvg(Strategy):
             valid, updates = self._refuse_unclipped(valid, updates)
 
         # Clip: server modes always; client-fixed projects the tolerance band back onto C.
-        m, clip_norm = self.expected_clients, self.clip_norm
+        clip_norm = self.central.clip_norm
         total = {k: np.zeros(v.shape, np.float64) for k, v in reference.items()}
         unclipped = 0
         for update in updates:
@@ -308,35 +534,27 @@ class DifferentialPrivacyFedAvg(Strategy):
             for key, value in clipped.items():
                 total[key] += value
 
-        # Noise the average with the fixed denominator m.
-        stddev = dp_fedavg_noise_stddev(self.update_noise_multiplier, clip_norm, m)
-        noised = add_gaussian_noise({k: v / m for k, v in total.items()}, stddev, self.rng)
-        new_state = {
-            key: (reference[key].astype(np.float64) + noised[key]).astype(np.float32)
-            for key in reference
-        }
-
-        fraction = None
+        # Noise the released adapter with C of this round, then adapt C for the next.
+        new_state = self.central.release(reference, total, clip_norm=clip_norm)
         if self.mode == "server-adaptive":
-            fraction = self._adapt_clip_norm(unclipped, len(updates))
-        self.accountant.step()
-        self.last_round = PrivacyRound(
-            epsilon=self.epsilon(),
-            delta=self.accountant.delta,
-            clip_norm=clip_norm,
-            noise_stddev=stddev,
-            expected_clients=m,
-            noisy_unclipped_fraction=fraction,
-        )
+            fraction = self._noisy_fraction(unclipped, len(updates))
+            self.central.clip_norm = adaptive_clip_norm(
+                clip_norm, fraction, self.target_quantile, self.clip_learning_rate
+            )
+            assert self.central.last_round is not None
+            self.central.last_round = replace(
+                self.central.last_round, noisy_unclipped_fraction=fraction
+            )
         self.strategy.report.updated = True
         metrics = self.strategy.aggregate_train_metrics(valid) if valid else MetricRecord()
+        assert self.central.last_round is not None
         log.info(
             "DP round %d: %d updates, noise std %.3g on the average, epsilon %.4g (delta %.3g)",
             server_round,
             len(updates),
-            stddev,
-            self.last_round.epsilon,
-            self.accountant.delta,
+            self.central.last_round.noise_stddev,
+            self.central.last_round.epsilon,
+            self.central.accountant.delta,
         )
         return wire.to_array_record(new_state), metrics
 
@@ -353,48 +571,32 @@ class DifferentialPrivacyFedAvg(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     # ----------------------------------------------------------------------------------
-    # Guards and the phases of a round
+    # The phases of a round
     # ----------------------------------------------------------------------------------
 
-    def _start(self, population: int) -> None:
-        """Fix ``N`` and ``m = round(q N)`` and check the start-up guards."""
-        expected = self.sampling_rate * population
-        if expected < self.min_sampled_clients:
-            raise PrivacyError(
-                f"DP-FedAvg expects {expected:g} clients per round (fed.fraction-train "
-                f"{self.sampling_rate} x {population} connected), fewer than "
-                f"privacy.min-sampled-clients = {self.min_sampled_clients}: the noise would "
-                f"swamp the update. Connect more clients or raise fed.fraction-train."
+    def _fix_adaptive_noise(self) -> None:
+        """server-adaptive: split sigma between the update and the clipped count."""
+        c = self.central
+        assert c.expected_clients is not None
+        if self.clipped_count_stddev is None:
+            self.clipped_count_stddev = c.expected_clients / 20.0
+        try:
+            c.update_noise_multiplier = adaptive_update_noise_multiplier(
+                c.noise_multiplier, self.clipped_count_stddev
             )
-        self.population = population
-        # Any data-independent denominator gives a valid mechanism (noise and sensitivity
-        # both scale with 1/m); round(q N) keeps the estimator close to unbiased.
-        self.expected_clients = max(1, round(expected))
-        if self.mode == "server-adaptive":
-            if self.clipped_count_stddev is None:
-                self.clipped_count_stddev = self.expected_clients / 20.0
-            try:
-                self.update_noise_multiplier = adaptive_update_noise_multiplier(
-                    self.noise_multiplier, self.clipped_count_stddev
-                )
-            except ValueError as err:
-                raise PrivacyError(
-                    f"privacy.clipped-count-stddev ({self.clipped_count_stddev:g}; 0 means "
-                    f"expected clients / 20) must exceed privacy.noise-multiplier / 2 "
-                    f"({self.noise_multiplier / 2:g}): {err}"
-                ) from err
-        log.info(
-            "DP-FedAvg: population N = %d, q = %.4g, fixed denominator m = %d",
-            population,
-            self.sampling_rate,
-            self.expected_clients,
-        )
+        except ValueError as err:
+            raise PrivacyError(
+                f"privacy.clipped-count-stddev ({self.clipped_count_stddev:g}; 0 means "
+                f"expected clients / 20) must exceed privacy.noise-multiplier / 2 "
+                f"({c.noise_multiplier / 2:g}): {err}"
+            ) from err
 
     def _refuse_unclipped(
         self, valid: list[ValidReply], updates: list[AdapterState]
     ) -> tuple[list[ValidReply], list[AdapterState]]:
         """client-fixed: drop replies whose update exceeds ``C``; all of them is fatal."""
-        limit = self.clip_norm * (1.0 + CLIENT_CLIP_TOLERANCE)
+        clip_norm = self.central.clip_norm
+        limit = clip_norm * (1.0 + CLIENT_CLIP_TOLERANCE)
         kept_replies, kept_updates, refused = [], [], []
         for reply, update in zip(valid, updates, strict=True):
             norm = global_l2_norm(update)
@@ -403,7 +605,7 @@ class DifferentialPrivacyFedAvg(Strategy):
                 kept_updates.append(update)
                 continue
             reason = (
-                f"update norm {norm:.6g} exceeds privacy.clip-norm {self.clip_norm:g}: "
+                f"update norm {norm:.6g} exceeds privacy.clip-norm {clip_norm:g}: "
                 "client clipping is not active on this node (privacy.mode = 'client-fixed' "
                 "needs a ClientApp that clips to the 'clip-norm' it is sent)"
             )
@@ -413,113 +615,58 @@ class DifferentialPrivacyFedAvg(Strategy):
         self.strategy.report.accepted = [r.node_id for r in kept_replies]
         if refused and not kept_replies:
             raise PrivacyError(
-                f"every reply exceeded privacy.clip-norm = {self.clip_norm:g} (nodes "
+                f"every reply exceeded privacy.clip-norm = {clip_norm:g} (nodes "
                 f"{refused}): client clipping is not active, so privacy.mode = "
                 "'client-fixed' would add noise to unbounded updates. Stopping."
             )
         return kept_replies, kept_updates
 
-    def _adapt_clip_norm(self, unclipped: int, counted: int) -> float:
-        """Geometric clip-norm step from the noised unclipped count over ``m``."""
-        assert self.expected_clients is not None and self.clipped_count_stddev is not None
-        m = self.expected_clients
+    def _noisy_fraction(self, unclipped: int, counted: int) -> float:
+        """Andrew et al.'s noised unclipped count over the FIXED ``m``."""
+        c = self.central
+        assert c.expected_clients is not None and self.clipped_count_stddev is not None
         # noisy_unclipped_fraction divides by the clients counted; rescaling by
-        # counted / m gives Andrew et al.'s (count + noise) / m with the FIXED m, so the
-        # clip norm does not depend on how many clients happened to be sampled.
+        # counted / m gives (count + noise) / m with the fixed m, so the clip norm does
+        # not depend on how many clients happened to be sampled.
         counted = max(counted, 1)
-        fraction = (
-            noisy_unclipped_fraction(unclipped, counted, self.clipped_count_stddev, self.rng)
+        return (
+            noisy_unclipped_fraction(unclipped, counted, self.clipped_count_stddev, c.rng)
             * counted
-            / m
+            / c.expected_clients
         )
-        self.clip_norm = adaptive_clip_norm(
-            self.clip_norm, fraction, self.target_quantile, self.clip_learning_rate
-        )
-        return fraction
 
     # ----------------------------------------------------------------------------------
-    # Accounting
+    # Accounting and checkpointing: the central component's, plus the adaptive count's
     # ----------------------------------------------------------------------------------
 
     def epsilon(self) -> float:
-        """epsilon spent so far at the configured delta."""
-        return self.accountant.epsilon()
+        """epsilon spent so far."""
+        return self.central.epsilon()
 
     def budget_exhausted(self) -> bool:
-        """Whether one more round would take epsilon above ``target_epsilon`` (if set)."""
-        return self.target_epsilon > 0 and would_exceed(self.accountant, self.target_epsilon)
+        """Whether one more round would exceed the budget."""
+        return self.central.budget_exhausted()
 
     def privacy_summary(self) -> dict[str, Any]:
         """What summary.json records about DP."""
-        return {
-            "mode": self.mode,
-            "epsilon": self.epsilon(),
-            "delta": self.accountant.delta,
-            "rounds-accounted": self.accountant.rounds,
-            "noise-multiplier": self.noise_multiplier,
-            "update-noise-multiplier": self.update_noise_multiplier,
-            "sampling-rate": self.sampling_rate,
-            "population": self.population,
-            "expected-clients": self.expected_clients,
-            "clip-norm": self.clip_norm,
-            "target-epsilon": self.target_epsilon,
-            "budget-exhausted": self.budget_exhausted(),
-            "warnings": list(self.warnings),
-        }
-
-    # ----------------------------------------------------------------------------------
-    # Checkpointing
-    # ----------------------------------------------------------------------------------
+        return {"mode": self.mode, **self.central.summary()}
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: accountant, clip norm, population and the noise RNG.
-
-        The RNG state reproduces every future noise draw: keep checkpoints as secret as
-        the clients' individual updates.
-        """
+        """The central component's state, the mode and the adaptive count's stddev."""
         return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
             "mode": self.mode,
-            "accountant": self.accountant.state_dict(),
-            "clip-norm": self.clip_norm,
+            "central": self.central.state_dict(),
             "clipped-count-stddev": self.clipped_count_stddev,
-            "population": self.population,
-            "expected-clients": self.expected_clients,
-            "update-noise-multiplier": self.update_noise_multiplier,
-            "rng": _jsonable_rng_state(self.rng.bit_generator.state),
-            "warnings": list(self.warnings),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict`; refuses a state from different DP settings."""
-        if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
+        """Continue from :meth:`state_dict`; refuses a state from another mode."""
+        if state.get("mode") != self.mode:
             raise ValueError(
-                f"not a DP-FedAvg state of version {_STATE_VERSION}: {state.get('format')!r}"
+                f"checkpoint was taken with privacy.mode = {state.get('mode')!r}, not {self.mode!r}"
             )
-        if state["mode"] != self.mode:
-            raise ValueError(
-                f"checkpoint was taken with privacy.mode = {state['mode']!r}, not {self.mode!r}"
-            )
-        accountant = RdpAccountant.from_state_dict(state["accountant"])
-        for key, saved, now in (
-            ("privacy.noise-multiplier", accountant.noise_multiplier, self.noise_multiplier),
-            ("fed.fraction-train", accountant.sampling_rate, self.sampling_rate),
-            ("privacy.delta", accountant.delta, self.accountant.delta),
-        ):
-            if not math.isclose(saved, now, rel_tol=1e-12):
-                raise ValueError(
-                    f"{key} is {now} but the checkpoint's accountant used {saved}: resuming "
-                    "would compose rounds the accountant does not describe"
-                )
-        self.accountant = accountant
-        self.clip_norm = float(state["clip-norm"])
+        self.central.load_state_dict(state["central"])
         self.clipped_count_stddev = state["clipped-count-stddev"]
-        self.population = state["population"]
-        self.expected_clients = state["expected-clients"]
-        self.update_noise_multiplier = float(state["update-noise-multiplier"])
-        self.rng.bit_generator.state = state["rng"]
-        self.warnings = list(dict.fromkeys([*state.get("warnings", []), *self.warnings]))
 
 
 def _difference(
@@ -527,20 +674,6 @@ def _difference(
 ) -> AdapterState:
     """``state - reference`` per array, in float64 (clipping must not see rounding)."""
     return {k: state[k].astype(np.float64) - reference[k].astype(np.float64) for k in reference}
-
-
-def _jsonable_rng_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """numpy's bit-generator state with its integers as plain ints (JSON-safe)."""
-    return {
-        k: (
-            _jsonable_rng_state(v)
-            if isinstance(v, Mapping)
-            else int(v)
-            if isinstance(v, np.integer)
-            else v
-        )
-        for k, v in state.items()
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -562,16 +695,23 @@ def dpsgd_warnings(cfg: RunConfig) -> list[str]:
 
 
 def privacy_summary(
-    strategy: object, cfg: RunConfig, history: list[dict[str, Any]], warnings: list[str]
+    client_level: dict[str, Any] | None,
+    client_warnings: list[str],
+    cfg: RunConfig,
+    history: list[dict[str, Any]],
+    warnings: list[str],
 ) -> dict[str, Any]:
-    """The ``privacy`` section of summary.json: what was guaranteed, and every warning."""
-    out: dict[str, Any] = {"warnings": list(warnings)}
-    if isinstance(strategy, DifferentialPrivacyFedAvg):
-        out["client-level"] = strategy.privacy_summary()
-        out["warnings"] = [*strategy.warnings, *out["warnings"]]
+    """The ``privacy`` section of summary.json, the same for every aggregation mode.
+
+    ``client_level`` is the run's client-level DP summary (None without it) and
+    ``client_warnings`` its DP warnings; ``warnings`` are the run's other DP warnings.
+    """
+    out: dict[str, Any] = {"warnings": [*client_warnings, *warnings]}
+    if client_level is not None:
+        out["client-level"] = client_level
     if cfg.privacy.dpsgd:
         # Each site reports its own cumulative epsilon; the weakest site is the guarantee.
-        key = f"train/{wire.DPSGD_EPSILON}"
+        key = DPSGD_EPSILON_COLUMN
         reported = [row[key] for row in history if isinstance(row.get(key), int | float)]
         out["sample-level"] = {
             "epsilon-max-over-sites": max(reported) if reported else None,

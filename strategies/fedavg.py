@@ -12,13 +12,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
 from flower_llm.aggregation import non_finite_key, update_problem, weighted_average
+from strategies.sampling import FixedSizeSampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,11 @@ class WeightedFedAvg(FedAvg):
         Valid replies needed to update the global adapter; fewer keeps the previous one.
     min_evaluate_clients, min_available_clients : int
         As Flower's ``min_evaluate_nodes`` and ``min_available_nodes``.
+    train_rng, eval_rng : numpy.random.Generator, optional
+        The streams that draw train and evaluation cohorts (:mod:`flower_llm.streams`);
+        separate, so evaluation settings never change who trains. Default: unseeded.
+    wait_timeout : float
+        Seconds to wait for ``min_available_clients`` before a round fails.
     """
 
     def __init__(
@@ -77,6 +84,9 @@ class WeightedFedAvg(FedAvg):
         min_train_clients: int = 2,
         min_evaluate_clients: int = 1,
         min_available_clients: int = 2,
+        train_rng: np.random.Generator | None = None,
+        eval_rng: np.random.Generator | None = None,
+        wait_timeout: float = 600.0,
     ) -> None:
         if weighting not in WEIGHT_KEYS:
             raise ValueError(f"weighting must be one of {sorted(WEIGHT_KEYS)}, got {weighting!r}")
@@ -97,6 +107,11 @@ class WeightedFedAvg(FedAvg):
         self.last_valid: list[ValidReply] = []
         self.instructions: list[Message] = []
         """The last round's train messages (the Grid gives them their ids when it sends)."""
+        self.train_rng = train_rng if train_rng is not None else np.random.default_rng()
+        self.eval_rng = eval_rng if eval_rng is not None else np.random.default_rng()
+        self.wait_timeout = float(wait_timeout)
+        self.train_sampler = FixedSizeSampler(fraction_train, min_train_clients)
+        self.eval_sampler = FixedSizeSampler(fraction_evaluate, min_evaluate_clients)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -112,15 +127,39 @@ class WeightedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients and remember the adapter they start from."""
+        """Sample clients from the train stream and remember the adapter they start from."""
         self.reference = wire.from_array_record(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
+        sampled = self.train_sampler.sample(nodes, self.train_rng)
+        log.info(
+            "Round %d: sampled %d of %d sites to train", server_round, len(sampled), len(nodes)
+        )
+        config = ConfigRecord(dict(config))
+        config[wire.SERVER_ROUND] = server_round
+        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        messages = [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in sampled
+        ]
         self.instructions = messages
         self.report = RoundReport(
-            sampled=[m.metadata.dst_node_id for m in messages],
-            bytes_down=wire.num_bytes(arrays) * len(messages),
+            sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(messages)
         )
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample evaluating clients from the evaluation stream (never the train one)."""
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
+        sampled = self.eval_sampler.sample(nodes, self.eval_rng)
+        config = ConfigRecord(dict(config))
+        config[wire.SERVER_ROUND] = server_round
+        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in sampled
+        ]
 
     # ----------------------------------------------------------------------------------
     # Validation

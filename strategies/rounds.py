@@ -1,8 +1,17 @@
-"""The round loop: train, aggregate, evaluate, record; one callback per finished round.
+"""The one round loop of every run: train, evaluate, record; one callback per round.
 
 Flower's ``Strategy.start`` owns a similar loop but offers no hook between rounds, and
 everything a user cares about happens there: saving the adapter, appending metrics,
-accounting privacy, checkpointing for resume.
+accounting privacy, checkpointing for resume. Every aggregation mode goes through
+:func:`federate`; a mode only says how one round gets from the global adapter to the
+next (:class:`RoundMode`):
+
+- :class:`MessageRounds`: a Message-API strategy (``WeightedFedAvg``, or the DP-FedAvg
+  wrapper around it) samples, sends, validates and aggregates the replies;
+- :class:`strategies.secagg.SecAggRounds`: Flower's SecAgg+ workflow for that round.
+
+Evaluation, the round's result and everything downstream of it (outputs, checkpoint,
+summary: ``server_apps.fedavg``) are the same for all of them.
 """
 
 from __future__ import annotations
@@ -10,14 +19,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from flower_llm import wire
-from strategies.fedavg import RoundReport
+from strategies.dp import CentralDP, DifferentialPrivacyFedAvg
+from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +71,128 @@ class PollingGrid:
         return replies
 
 
-class RoundStrategy(Protocol):
-    """What the loop needs: ``WeightedFedAvg`` and the wrappers around it (DP-FedAvg)."""
+@dataclass
+class TrainRound:
+    """What a mode's round produced, before evaluation."""
 
-    @property
-    def report(self) -> RoundReport:
-        """Who took part in the last round and what happened to their replies."""
-        ...
+    arrays: ArrayRecord | None
+    """The new global adapter; None keeps the previous one."""
+    metrics: MetricRecord | None
+    report: RoundReport
+    columns: dict[str, Any] = field(default_factory=dict)
+    """The mode's own metrics-row columns (DP, SecAgg+), named in flower_llm.metrics."""
 
-    def configure_train(
+
+class RoundMode(Protocol):
+    """How one round gets from the global adapter to the next."""
+
+    aggregation: str
+    """``fedavg`` or ``secagg+``: the metrics row's ``aggregation``."""
+    central: CentralDP | None
+    """The client-level DP component, if the run has one."""
+
+    def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Instructions of a training round."""
+    ) -> TrainRound:
+        """Sample, exchange and aggregate one round from ``arrays``."""
         ...
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The new global adapter (None keeps the previous one) and train metrics."""
-        ...
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Instructions of an evaluation round."""
-        ...
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
+    def evaluate_round(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
     ) -> MetricRecord | None:
-        """Pooled evaluation metrics."""
+        """Pooled evaluation metrics of ``arrays`` (None if no site answered)."""
         ...
+
+    def last_valid(self) -> list[ValidReply]:
+        """The last round's validated individual replies (none under SecAgg+)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state a checkpoint keeps."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        ...
+
+    def close(self) -> None:
+        """Release what the mode holds (threads)."""
+        ...
+
+
+def evaluate_with(
+    strategy: WeightedFedAvg, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
+) -> MetricRecord | None:
+    """One evaluation exchange: sample from the eval stream, send, pool the replies."""
+    config = ConfigRecord({wire.SERVER_ROUND: server_round})
+    messages = strategy.configure_evaluate(server_round, arrays, config, grid)
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return strategy.aggregate_evaluate(server_round, replies)
+
+
+class MessageRounds:
+    """Rounds on the Message API: a strategy samples, sends, validates and aggregates.
+
+    Parameters
+    ----------
+    strategy : WeightedFedAvg or DifferentialPrivacyFedAvg
+        The aggregation (its DP wrapper outermost, so everything downstream sees the
+        noised adapter only).
+    timeout : float
+        ``fed.round-timeout``: how long each exchange waits for replies.
+    """
+
+    aggregation = "fedavg"
+
+    def __init__(
+        self, strategy: WeightedFedAvg | DifferentialPrivacyFedAvg, timeout: float
+    ) -> None:
+        self.strategy = strategy
+        self.timeout = timeout
+        self.central = strategy.central if isinstance(strategy, DifferentialPrivacyFedAvg) else None
+        self._inner = (
+            strategy.strategy if isinstance(strategy, DifferentialPrivacyFedAvg) else strategy
+        )
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
+        """configure_train, one exchange, aggregate_train."""
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        columns: dict[str, Any] = {}
+        if self.central is not None and self.central.last_round is not None:
+            columns.update(self.central.last_round.as_row())
+        return TrainRound(new_arrays, metrics, self.strategy.report, columns)
+
+    def evaluate_round(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> MetricRecord | None:
+        """The wrapped strategy's evaluation."""
+        return evaluate_with(self._inner, server_round, arrays, grid, self.timeout)
+
+    def last_valid(self) -> list[ValidReply]:
+        """The last round's validated replies."""
+        return self._inner.last_valid
+
+    def state_dict(self) -> dict[str, Any]:
+        """The DP wrapper's state (nothing without DP)."""
+        if isinstance(self.strategy, DifferentialPrivacyFedAvg):
+            return {"dp": self.strategy.state_dict()}
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        if isinstance(self.strategy, DifferentialPrivacyFedAvg):
+            if "dp" not in state:
+                raise ValueError("the checkpoint holds no DP state but this run has DP")
+            self.strategy.load_state_dict(state["dp"])
+        elif state:
+            raise ValueError("the checkpoint holds DP state but this run has no DP")
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 @dataclass
@@ -105,16 +206,17 @@ class RoundResult:
     eval_metrics: MetricRecord | None
     report: RoundReport
     seconds: float
+    columns: dict[str, Any] = field(default_factory=dict)
+    """The mode's own columns for the metrics row."""
 
 
 def federate(
-    strategy: RoundStrategy,
+    mode: RoundMode,
     grid: Grid,
     arrays: ArrayRecord,
     *,
     first_round: int,
     num_rounds: int,
-    timeout: float,
     train_config: Callable[[int], ConfigRecord],
     on_round_end: Callable[[RoundResult], bool | None],
     evaluate: Callable[[int], bool] = lambda _round: True,
@@ -129,27 +231,21 @@ def federate(
     """
     for server_round in range(first_round, num_rounds + 1):
         start = time.perf_counter()
-        log.info("[ROUND %d/%d]", server_round, num_rounds)
-        messages = strategy.configure_train(server_round, arrays, train_config(server_round), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-
-        eval_metrics = None
-        if evaluate(server_round):
-            eval_config = ConfigRecord({wire.SERVER_ROUND: server_round})
-            eval_messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
-            eval_replies = grid.send_and_receive(eval_messages, timeout=timeout)
-            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-
+        log.info("[ROUND %d/%d] %s", server_round, num_rounds, mode.aggregation)
+        trained = mode.train_round(server_round, arrays, train_config(server_round), grid)
+        if trained.arrays is not None:
+            arrays = trained.arrays
+        eval_metrics = (
+            mode.evaluate_round(server_round, arrays, grid) if evaluate(server_round) else None
+        )
         result = RoundResult(
             server_round=server_round,
             arrays=arrays,
-            train_metrics=train_metrics,
+            train_metrics=trained.metrics,
             eval_metrics=eval_metrics,
-            report=strategy.report,
+            report=trained.report,
             seconds=time.perf_counter() - start,
+            columns=trained.columns,
         )
         if on_round_end(result):
             log.info("Stopping after round %d", server_round)

@@ -5,7 +5,11 @@ SecAgg+ exists only on Flower's legacy API (1.42): ``SecAggPlusWorkflow`` drives
 masked vectors, unmask) and hands ``aggregate_fit`` the unmasked *aggregate*, attached to
 every surviving client's ``FitRes``. :class:`SecAggFedAvg` checks that it is indeed one
 aggregate, never per-client updates, and keeps it; :func:`secagg_round` runs one round and
-says what happened (who dropped in which stage, why a round failed, bytes on the wire).
+says what happened (who dropped in which stage, why a round failed, bytes on the wire);
+:class:`SecAggRounds` is the round loop's SecAgg+ mode (:mod:`strategies.rounds`): it samples
+the cohort from the run's train stream (Poisson under client-level DP, as accounted), runs
+one workflow within ``fed.round-timeout``, adds the mean update to the global adapter, and
+under DP hands the sum to the same :class:`strategies.dp.CentralDP` DP-FedAvg uses.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -30,8 +34,10 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server.client_manager import ClientManager
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -40,9 +46,14 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from flower_llm.config import PrivacyConfig
-from flower_llm.privacy import RdpAccountant, add_gaussian_noise, dp_fedavg_noise_stddev
+from flower_llm import metrics as columns
+from flower_llm import secagg, wire
+from flower_llm.config import RunConfig
 from flower_llm.secagg import SecAggParams, dp_sensitivity
+from strategies.dp import CentralDP
+from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
+from strategies.rounds import TrainRound, evaluate_with
+from strategies.sampling import FixedSizeSampler, Sampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +66,16 @@ STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 
 
 class SecAggFedAvg(Strategy):
-    """Samples clients for SecAgg+ and receives their already-summed, unmasked update.
+    """Hands the workflow the round's cohort; receives their already-summed update.
+
+    The cohort is drawn by :class:`SecAggRounds` (from the run's train stream, by the
+    sampler the accountant composes), not here: Flower's client manager samples with the
+    global ``random``.
 
     Parameters
     ----------
-    fraction_train : float
-        Fraction of connected clients sampled each round.
     min_train_clients : int
         Fewest clients whose updates must be in the sum for it to be used.
-    min_available_clients : int
-        Clients that must be connected before a round starts.
     fit_config : callable
         ``server_round -> dict`` sent to every sampled client (learning rate, clipping range).
     """
@@ -72,29 +83,21 @@ class SecAggFedAvg(Strategy):
     def __init__(
         self,
         *,
-        fraction_train: float = 1.0,
         min_train_clients: int = 3,
-        min_available_clients: int = 3,
         fit_config: Callable[[int], dict[str, Scalar]] | None = None,
     ) -> None:
         super().__init__()
-        self.fraction_train = fraction_train
         self.min_train_clients = min_train_clients
-        self.min_available_clients = min_available_clients
         self.fit_config = fit_config or (lambda _: {})
-        self.sample_size: int | None = None
-        """Clients to sample next round (the loop fixes it with the SecAgg+ parameters)."""
+        self.cohort: list[int] = []
+        """Node ids of the round's cohort (set before the workflow runs)."""
         self.aggregate: NDArrays | None = None
         """The unmasked aggregate of the last round, None if it failed."""
         self.num_aggregated = 0
         """Clients whose masked update made it into :attr:`aggregate`."""
 
     def __repr__(self) -> str:
-        return f"SecAggFedAvg(fraction_train={self.fraction_train})"
-
-    def num_to_sample(self, num_available: int) -> int:
-        """Clients to sample out of ``num_available``, as FedAvg counts them."""
-        return max(int(num_available * self.fraction_train), self.min_train_clients)
+        return f"SecAggFedAvg(min_train_clients={self.min_train_clients})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """The server loop owns the global adapter."""
@@ -103,12 +106,12 @@ class SecAggFedAvg(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample clients; all get the same global adapter and config."""
+        """The cohort's proxies; all get the same global adapter and config."""
         self.aggregate, self.num_aggregated = None, 0
-        client_manager.wait_for(self.min_available_clients, timeout=86400)
-        num = self.sample_size or self.num_to_sample(client_manager.num_available())
-        # Fewer connected than ``num`` gives no clients: setup fails and the round says so.
-        clients = client_manager.sample(num_clients=num, min_num_clients=num)
+        proxies = client_manager.all()  # refreshes the node list first
+        # A cohort node that left since it was drawn is missing here: setup runs without
+        # it and the round's report counts it as dropped.
+        clients = [proxies[str(node)] for node in self.cohort if str(node) in proxies]
         fit_ins = FitIns(parameters, self.fit_config(server_round))
         return [(client, fit_ins) for client in clients]
 
@@ -179,12 +182,24 @@ class SecAggRoundReport:
 
 
 class ObservedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's ``SecAggPlusWorkflow`` that records who is left after every stage."""
+    """Flower's ``SecAggPlusWorkflow`` that records who is left after every stage.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``deadline`` (a ``time.monotonic()`` value) caps every stage's wait so that the four
+    stages together end by it: a round honours ``fed.round-timeout`` as a whole.
+    """
+
+    def __init__(self, *args: Any, deadline: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.report = SecAggRoundReport()
         self._stage_start = time.perf_counter()
+        self.deadline = deadline
+        self.stage_timeout = self.timeout
+
+    def _cap_timeout(self) -> None:
+        if self.deadline is None:
+            return
+        left = max(0.0, self.deadline - time.monotonic())
+        self.timeout = left if self.stage_timeout is None else min(self.stage_timeout, left)
 
     def _observe(self, stage: str, state: WorkflowState, ok: bool) -> bool:
         report = self.report
@@ -207,22 +222,26 @@ class ObservedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """As Flower's, observed."""
+        self._cap_timeout()
         return self._observe("setup", state, super().setup_stage(grid, context, state))
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """As Flower's, observed."""
+        self._cap_timeout()
         return self._observe("share-keys", state, super().share_keys_stage(grid, context, state))
 
     def collect_masked_vectors_stage(
         self, grid: Grid, context: LegacyContext, state: WorkflowState
     ) -> bool:
         """As Flower's, observed."""
+        self._cap_timeout()
         ok = super().collect_masked_vectors_stage(grid, context, state)
         return self._observe("collect-masked-vectors", state, ok)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """As Flower's, observed. Clients dropping here are still in the sum."""
         in_sum = sorted(state.active_node_ids)
+        self._cap_timeout()
         ok = self._observe("unmask", state, super().unmask_stage(grid, context, state))
         self.report.active = in_sum
         return ok
@@ -289,6 +308,7 @@ def secagg_round(
     server_round: int,
     arrays: NDArrays,
     params: SecAggParams,
+    deadline: float | None = None,
 ) -> tuple[NDArrays | None, SecAggRoundReport]:
     """Run SecAgg+ once over ``arrays`` (the global adapter, keys in order).
 
@@ -311,6 +331,7 @@ def secagg_round(
         quantization_range=params.quantization_range,
         modulus_range=params.modulus_range,
         timeout=params.timeout,
+        deadline=deadline,
     )
     grid.reset()
     workflow._stage_start = time.perf_counter()
@@ -332,65 +353,239 @@ def secagg_round(
 
 
 # --------------------------------------------------------------------------------------
-# Client-fixed DP on top of the sum
+# The round loop's SecAgg+ mode
 # --------------------------------------------------------------------------------------
 
 
-class SecAggCentralNoise:
-    """DP-FedAvg's server half under SecAgg+: noise the unmasked mean, account the round.
+class SecAggRounds:
+    """One SecAgg+ round per call of :meth:`train_round`, for :func:`strategies.rounds.federate`.
 
-    Clients clipped their update to ``privacy.clip-norm`` before masking; the server cannot
-    check it (it never sees an update). Every client weighs 1, and the mean is rescaled to
-    the fixed denominator ``m`` (the clients sampled), as :mod:`strategies.dp` does: dividing
-    by the clients that survived would make one client's influence depend on the others.
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's settings (``fed.*``, ``secagg.*``, ``privacy.*``, ``train.*``).
+    context : Context
+        The ServerApp's context; Flower's workflow keeps its state in a legacy view of it.
+    keys : list of str
+        Adapter keys in wire order (:func:`flower_llm.secagg.ordered_keys`).
+    evaluation : WeightedFedAvg
+        Samples (from the eval stream) and pools the evaluation, as in every mode.
+    train_rng : numpy.random.Generator
+        The train-sampling stream.
+    central : CentralDP, optional
+        Client-level DP: clients clip to ``C``; the server noises the sum and accounts.
+        Cohorts are then Poisson-sampled by ``central.sampler``, the accounted event.
+    strategy : SecAggFedAvg, optional
+        The legacy strategy the workflow drives (tests pass a recording one).
     """
 
-    def __init__(self, privacy: PrivacyConfig, rng: np.random.Generator | None = None) -> None:
-        self.privacy = privacy
-        self.rng = rng or np.random.default_rng()  # OS entropy: the run-config seed is public
-        self.accountant = RdpAccountant(privacy.noise_multiplier, 1.0, privacy.delta)
-        if privacy.noise_multiplier == 0:
-            log.warning(
-                "privacy.noise-multiplier is 0: updates are clipped but NOT noised, so this "
-                "run has NO differential privacy (epsilon is infinite)"
-            )
+    aggregation = "secagg+"
 
-    def would_exceed_budget(self, sampling_rate: float) -> bool:
-        """Whether one more round would take epsilon above ``privacy.target-epsilon``."""
-        target = self.privacy.target_epsilon
-        projected = self.accountant.projected_epsilon(1, sampling_rate=sampling_rate)
-        return target > 0 and projected > target
-
-    def noise(
+    def __init__(
         self,
-        mean_update: dict[str, np.ndarray],
+        cfg: RunConfig,
+        context: Context,
+        keys: list[str],
         *,
-        num_in_sum: int,
-        num_sampled: int,
-        params: SecAggParams,
-        sampling_rate: float,
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """The noised mean update, and the round's privacy row (keys as strategies.dp's)."""
-        num_values = sum(v.size for v in mean_update.values())
-        sensitivity = dp_sensitivity(
-            self.privacy.clip_norm, params.clipping_range, params.quantization_range, num_values
+        evaluation: WeightedFedAvg,
+        train_rng: np.random.Generator,
+        central: CentralDP | None = None,
+        strategy: SecAggFedAvg | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.evaluation = evaluation
+        self.train_rng = train_rng
+        self.central = central
+        fed = cfg.fed
+        # Under DP a round releases whenever SecAgg+ succeeds: skipping rounds with few
+        # clients would reveal participation, which the noise does not cover (strategies.dp).
+        self.strategy = strategy or SecAggFedAvg(
+            min_train_clients=1 if central is not None else fed.min_train_clients
         )
-        stddev = dp_fedavg_noise_stddev(self.privacy.noise_multiplier, sensitivity, num_sampled)
-        fixed = {k: v * (num_in_sum / num_sampled) for k, v in mean_update.items()}
-        noised = add_gaussian_noise(fixed, stddev, self.rng)
-        self.accountant.step(sampling_rate=sampling_rate)
-        row = {
-            "epsilon": self.accountant.epsilon(),
-            "delta": self.accountant.delta,
-            "dp-clip-norm": self.privacy.clip_norm,
-            "dp-noise-stddev": stddev,
-            "dp-expected-clients": float(num_sampled),
+        self.sampler: Sampler
+        if central is not None:
+            central.rng_for_sampling = train_rng
+            self.sampler = central.sampler
+            central.check_sampler(self.sampler)
+        else:
+            self.sampler = FixedSizeSampler(
+                fed.fraction_train, max(fed.min_train_clients, secagg.MIN_SAMPLED_CLIENTS)
+            )
+        self.min_available = max(fed.min_available_clients, secagg.MIN_SAMPLED_CLIENTS)
+        self.legacy = LegacyContext(
+            context,
+            config=ServerConfig(num_rounds=fed.num_rounds),
+            strategy=self.strategy,
+            client_manager=SimpleClientManager(),
+        )
+        self._thread: Any = None
+        self._stop: Any = None
+        self._counting: CountingGrid | None = None
+        self.last_report: SecAggRoundReport | None = None
+
+    # ----------------------------------------------------------------------------------
+    # A round
+    # ----------------------------------------------------------------------------------
+
+    def _grid(self, grid: Grid) -> CountingGrid:
+        """The counting grid, and Flower's node-list thread for the legacy client manager."""
+        if self._counting is None:
+            self._counting = CountingGrid(grid)
+            thread, stop, registered = start_update_client_manager_thread(
+                cast(Grid, self._counting), self.legacy.client_manager
+            )
+            registered.wait()
+            self._thread, self._stop = thread, stop
+        return self._counting
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
+        """Sample, run the workflow within the round timeout, add the (noised) mean update."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.fed.round_timeout
+        counting = self._grid(grid)
+        nodes = wait_for_nodes(grid, self.min_available, cfg.fed.round_timeout)
+        if self.central is not None:
+            cohort = self.central.start_round(server_round, nodes)
+        else:
+            cohort = self.sampler.sample(nodes, self.train_rng)
+        state = wire.from_array_record(arrays)
+        if len(cohort) < secagg.MIN_SAMPLED_CLIENTS:
+            return self._too_small(server_round, state, cohort)
+
+        params = secagg.derive_params(
+            cfg,
+            num_sampled=len(cohort),
+            server_round=server_round,
+            global_max_abs=secagg.max_abs(state),
+        )
+        fit_config: dict[str, Scalar] = {
+            wire.SERVER_ROUND: server_round,
+            wire.LEARNING_RATE: float(config[wire.LEARNING_RATE]),  # type: ignore[arg-type]
+            secagg.CLIPPING_RANGE: params.clipping_range,
+            secagg.MAX_WEIGHT: params.max_weight,
         }
-        log.info(
-            "DP round: %d of %d sampled updates in the sum, noise std %.3g, epsilon %.4g",
-            num_in_sum,
-            num_sampled,
-            stddev,
-            row["epsilon"],
+        self.strategy.fit_config = lambda _round: fit_config
+        self.strategy.cohort = cohort
+
+        # ---- the protocol: the strategy receives the sum only ----
+        dtype = wire.WIRE_DTYPES[cfg.fed.wire_dtype]
+        download = [np.asarray(a, dtype=dtype) for a in secagg.state_to_arrays(state)]
+        aggregate, report = secagg_round(
+            counting, self.legacy, server_round, download, params, deadline
         )
-        return noised, row
+        self.last_report = report
+        row: dict[str, Any] = {
+            columns.SECAGG_FAILED: report.failed,
+            columns.SECAGG_NUM_SHARES: report.num_shares,
+            columns.SECAGG_THRESHOLD: report.threshold,
+            columns.SECAGG_CLIPPING_RANGE: params.clipping_range,
+            columns.SECAGG_QUANTIZATION_RANGE: params.quantization_range,
+            columns.SECAGG_MAX_WEIGHT: params.max_weight,
+            columns.SECAGG_ERROR_BOUND: params.error_bound(),
+        }
+        if aggregate is None:
+            log.error("Round %d failed, global adapter unchanged: %s", server_round, report.failed)
+            return TrainRound(None, None, self._round_report(report, updated=False), row)
+
+        delta, means = secagg.decode_aggregate(aggregate, self.keys, params.clipping_range)
+        metrics = MetricRecord({"clients-in-sum": len(report.active)})
+        if self.central is None:
+            metrics[wire.TRAIN_LOSS] = means[wire.TRAIN_LOSS]
+            new_state = secagg.apply_update(state, delta)
+        else:
+            # Every client weighs 1 under DP, so the unmasked mean times the clients in
+            # it is their sum; noise it before anything (outputs, evaluation) sees it.
+            in_sum = len(report.active)
+            total = {k: v * in_sum for k, v in delta.items()}
+            num_values = sum(v.size for v in delta.values())
+            sensitivity = dp_sensitivity(
+                self.central.clip_norm,
+                params.clipping_range,
+                params.quantization_range,
+                num_values,
+            )
+            new_state = self.central.release(state, total, sensitivity=sensitivity)
+            assert self.central.last_round is not None
+            row.update(self.central.last_round.as_row())
+            log.info(
+                "DP round %d: %d updates in the sum, noise std %.3g, epsilon %.4g",
+                server_round,
+                in_sum,
+                self.central.last_round.noise_stddev,
+                self.central.last_round.epsilon,
+            )
+        out = wire.to_array_record(new_state)  # float32 on the server, as in every mode
+        return TrainRound(out, metrics, self._round_report(report, updated=True), row)
+
+    def _too_small(
+        self, server_round: int, state: dict[str, np.ndarray], cohort: list[int]
+    ) -> TrainRound:
+        """A cohort below SecAgg+'s minimum: no exchange (its sum would expose updates).
+
+        Under DP the round still releases: noise around the unchanged adapter, accounted
+        like every other round (see docs/privacy.md on what this costs the guarantee).
+        """
+        reason = (
+            f"{len(cohort)} sites sampled, fewer than the {secagg.MIN_SAMPLED_CLIENTS} "
+            "SecAgg+ needs; no secure aggregation this round"
+        )
+        log.warning("Round %d: %s", server_round, reason)
+        report = RoundReport(sampled=list(cohort), dropped={n: reason for n in cohort})
+        row: dict[str, Any] = {columns.SECAGG_FAILED: reason}
+        if self.central is None:
+            return TrainRound(None, None, report, row)
+        zeros = {k: np.zeros(v.shape, np.float64) for k, v in state.items()}
+        new_state = self.central.release(state, zeros)
+        assert self.central.last_round is not None
+        row.update(self.central.last_round.as_row())
+        report.updated = True
+        return TrainRound(wire.to_array_record(new_state), MetricRecord(), report, row)
+
+    @staticmethod
+    def _round_report(report: SecAggRoundReport, *, updated: bool) -> RoundReport:
+        dropped = dict(report.dropped)
+        if report.failed is not None:
+            dropped.update({n: report.failed for n in report.active if n not in dropped})
+        return RoundReport(
+            sampled=report.sampled,
+            accepted=report.active if updated else [],
+            dropped=dropped,
+            bytes_down=report.bytes_down,
+            bytes_up=report.bytes_up,
+            updated=updated,
+        )
+
+    def evaluate_round(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> MetricRecord | None:
+        """Evaluation on the Message API, as in every mode."""
+        return evaluate_with(
+            self.evaluation, server_round, arrays, grid, self.cfg.fed.round_timeout
+        )
+
+    def last_valid(self) -> list[ValidReply]:
+        """None: the server never sees an individual update."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The central DP state (nothing without DP); SecAgg+ keeps no state across rounds."""
+        return {"dp": self.central.state_dict()} if self.central is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        if self.central is not None:
+            if "dp" not in state:
+                raise ValueError("the checkpoint holds no DP state but this run has DP")
+            self.central.load_state_dict(state["dp"])
+        elif state:
+            raise ValueError("the checkpoint holds DP state but this run has no DP")
+
+    def close(self) -> None:
+        """Stop Flower's node-list thread."""
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._stop = self._thread = None

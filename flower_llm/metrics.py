@@ -1,0 +1,228 @@
+"""The metrics row: every column of metrics.jsonl, once, with its unit and meaning.
+
+The server writes one row per finished round (``server_apps.fedavg``); ``flower-llm
+report``, its plot and its TensorBoard export read them (:mod:`flower_llm.report`); the
+docs' metrics table is :func:`markdown_table`. All three use the constants here, and
+``tests/test_metrics_schema.py`` fails when a column is read or documented but never
+written, or written but not declared.
+
+Train and evaluation metrics come from the sites' replies: a reply key that already starts
+with ``train``/``eval`` keeps its name (``train-loss``), any other gets the prefix and a
+slash (``num-examples`` -> ``train/num-examples``), see :func:`prefixed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flower_llm import wire
+
+
+@dataclass(frozen=True)
+class Column:
+    """One metrics.jsonl column."""
+
+    name: str
+    unit: str
+    meaning: str
+    when: str = "every round"
+    """Which rounds or runs write it."""
+    tensorboard: str | None = None
+    """The TensorBoard tag the report exports it under (None: ``<name>`` itself)."""
+
+
+def prefixed(prefix: str, key: str) -> str:
+    """The column of a reply metric ``key`` under ``train`` or ``eval``."""
+    return key if key.startswith(prefix) else f"{prefix}/{key}"
+
+
+# Round bookkeeping
+ROUND = "round"
+SECONDS = "seconds"
+AGGREGATION = "aggregation"
+CLIENTS_SAMPLED = "clients-sampled"
+CLIENTS_REPLIED = "clients-replied"
+CLIENTS_DROPPED = "clients-dropped"
+DROPPED = "dropped"
+BYTES_DOWN = "bytes-down"
+BYTES_UP = "bytes-up"
+UPDATED = "updated"
+# Training, pooled over the sites' replies
+TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
+TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
+TRAIN_EXAMPLES = prefixed("train", wire.NUM_EXAMPLES)
+TRAIN_TOKENS = prefixed("train", wire.NUM_TOKENS)
+DPSGD_EPSILON_COLUMN = prefixed("train", wire.DPSGD_EPSILON)
+CLIENTS_IN_SUM = "train/clients-in-sum"
+# Evaluation, pooled over the sites' held-out tokens
+EVAL_LOSS = prefixed("eval", wire.EVAL_LOSS)
+EVAL_PERPLEXITY = prefixed("eval", wire.EVAL_PERPLEXITY)
+EVAL_TOKEN_ACCURACY = prefixed("eval", wire.EVAL_TOKEN_ACCURACY)
+EVAL_TOKENS = prefixed("eval", wire.EVAL_TOKENS)
+EVAL_EXAMPLES = prefixed("eval", wire.NUM_EXAMPLES)
+EVAL_CLIENTS = "eval/clients"
+# Client-level DP (DP-FedAvg and SecAgg+ with DP)
+EPSILON = "epsilon"
+DELTA = "delta"
+DP_CLIP_NORM = "dp-clip-norm"
+DP_NOISE_STDDEV = "dp-noise-stddev"
+DP_EXPECTED_CLIENTS = "dp-expected-clients"
+DP_NOISY_UNCLIPPED_FRACTION = "dp-noisy-unclipped-fraction"
+# SecAgg+
+SECAGG_FAILED = "secagg-failed"
+SECAGG_NUM_SHARES = "secagg-num-shares"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
+SECAGG_QUANTIZATION_RANGE = "secagg-quantization-range"
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
+SECAGG_ERROR_BOUND = "secagg-error-bound"
+
+_EVAL = "rounds that are evaluated (fed.evaluate-every, the last, a DP budget stop)"
+_DP = "client-level DP (privacy.mode != off)"
+_SECAGG = "fed.aggregation = secagg+"
+
+COLUMNS: tuple[Column, ...] = (
+    Column(ROUND, "-", "The round this row describes (1-based)."),
+    Column(
+        SECONDS,
+        "s",
+        "Wall time of the round, evaluation included.",
+        tensorboard="time/round-seconds",
+    ),
+    Column(AGGREGATION, "-", "fedavg or secagg+."),
+    Column(
+        CLIENTS_SAMPLED, "sites", "Sites sent a train instruction.", tensorboard="clients/sampled"
+    ),
+    Column(
+        CLIENTS_REPLIED,
+        "sites",
+        "Sites whose update is in the aggregate.",
+        tensorboard="clients/replied",
+    ),
+    Column(
+        CLIENTS_DROPPED,
+        "sites",
+        "Sampled sites whose update is not.",
+        tensorboard="clients/dropped",
+    ),
+    Column(DROPPED, "-", "node id -> why its update is not in the aggregate."),
+    Column(
+        BYTES_DOWN,
+        "bytes",
+        "Payload sent to the sites in the round's train exchange(s).",
+        tensorboard="traffic/bytes-down",
+    ),
+    Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
+    Column(UPDATED, "-", "Whether the global adapter changed this round."),
+    Column(
+        TRAIN_LOSS,
+        "nats/token",
+        "Weighted mean of the sites' training loss (not under client-level DP with SecAgg+).",
+        "rounds with an update",
+        tensorboard="loss/train",
+    ),
+    Column(
+        TRAIN_SECONDS,
+        "s",
+        "Weighted mean of the sites' local training time.",
+        "fedavg rounds with an update",
+    ),
+    Column(
+        TRAIN_EXAMPLES,
+        "examples",
+        "Examples trained on, summed over the sites.",
+        "fedavg rounds with an update",
+    ),
+    Column(
+        TRAIN_TOKENS,
+        "tokens",
+        "Response tokens trained on, summed over the sites.",
+        "fedavg rounds with an update",
+    ),
+    Column(
+        DPSGD_EPSILON_COLUMN,
+        "epsilon",
+        "Largest sample-level DP-SGD epsilon any replying site reports.",
+        "privacy.dpsgd = true",
+    ),
+    Column(CLIENTS_IN_SUM, "sites", "Sites whose masked update is in the SecAgg+ sum.", _SECAGG),
+    Column(
+        EVAL_LOSS,
+        "nats/token",
+        "Held-out loss, pooled over every evaluated token.",
+        _EVAL,
+        tensorboard="loss/eval",
+    ),
+    Column(EVAL_PERPLEXITY, "-", "exp(eval-loss).", _EVAL, tensorboard="eval/perplexity"),
+    Column(
+        EVAL_TOKEN_ACCURACY,
+        "fraction",
+        "Next-token accuracy on held-out response tokens.",
+        _EVAL,
+        tensorboard="eval/token-accuracy",
+    ),
+    Column(EVAL_TOKENS, "tokens", "Held-out response tokens evaluated.", _EVAL),
+    Column(EVAL_EXAMPLES, "examples", "Held-out examples evaluated.", _EVAL),
+    Column(EVAL_CLIENTS, "sites", "Sites whose evaluation reply was used.", _EVAL),
+    Column(
+        EPSILON,
+        "epsilon",
+        "Client-level epsilon spent after this round, at delta.",
+        _DP,
+        tensorboard="privacy/epsilon",
+    ),
+    Column(DELTA, "-", "The delta epsilon is reported at (privacy.delta).", _DP),
+    Column(DP_CLIP_NORM, "L2", "Clip norm C the round used.", _DP),
+    Column(
+        DP_NOISE_STDDEV,
+        "-",
+        "Std of the Gaussian noise on each coordinate of the mean update.",
+        _DP,
+        tensorboard="privacy/noise-stddev",
+    ),
+    Column(DP_EXPECTED_CLIENTS, "sites", "m = round(q N), the fixed denominator.", _DP),
+    Column(
+        DP_NOISY_UNCLIPPED_FRACTION,
+        "fraction",
+        "Noised fraction of unclipped updates that moved C.",
+        "privacy.mode = server-adaptive",
+    ),
+    Column(
+        SECAGG_FAILED, "-", "Why the SecAgg+ round produced no aggregate (null if it did).", _SECAGG
+    ),
+    Column(SECAGG_NUM_SHARES, "sites", "Neighbours each site secret-shares with.", _SECAGG),
+    Column(SECAGG_THRESHOLD, "shares", "Shares needed to reconstruct a secret.", _SECAGG),
+    Column(SECAGG_CLIPPING_RANGE, "-", "Elementwise bound c on every value sent.", _SECAGG),
+    Column(SECAGG_QUANTIZATION_RANGE, "levels", "Integer levels Q over [-c, c].", _SECAGG),
+    Column(SECAGG_MAX_WEIGHT, "-", "W, the largest weight a site may report.", _SECAGG),
+    Column(
+        SECAGG_ERROR_BOUND,
+        "-",
+        "Worst-case per-value difference to exact FedAvg at full weight.",
+        _SECAGG,
+    ),
+)
+
+BY_NAME = {c.name: c for c in COLUMNS}
+
+
+def check_row(row: dict[str, object]) -> None:
+    """Refuse a row with a column this module does not declare (a name that drifted)."""
+    unknown = sorted(set(row) - set(BY_NAME))
+    if unknown:
+        raise ValueError(
+            f"metrics row has undeclared columns {unknown}; declare them in flower_llm.metrics"
+        )
+
+
+def tensorboard_tag(name: str) -> str:
+    """The TensorBoard tag of column ``name`` (undeclared names keep their own)."""
+    column = BY_NAME.get(name)
+    return column.tensorboard if column is not None and column.tensorboard else name
+
+
+def markdown_table() -> str:
+    """The metrics.jsonl table the docs show (docs/deployment.md)."""
+    lines = ["| column | unit | written | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in COLUMNS]
+    return "\n".join(lines)
