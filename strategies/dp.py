@@ -467,6 +467,32 @@ class DifferentialPrivacyFedAvg(Strategy):
         """DP warnings so far."""
         return self.central.warnings
 
+    # Read-only views of the central component, in the wrapper's terms.
+    @property
+    def accountant(self) -> Accountant:
+        """The central component's accountant."""
+        return self.central.accountant
+
+    @property
+    def clip_norm(self) -> float:
+        """``C`` of the next round."""
+        return self.central.clip_norm
+
+    @property
+    def sampling_rate(self) -> float:
+        """``q``."""
+        return self.central.sampling_rate
+
+    @property
+    def expected_clients(self) -> int | None:
+        """``m``, fixed when the first round starts."""
+        return self.central.expected_clients
+
+    @property
+    def last_round(self) -> PrivacyRound | None:
+        """What DP did in the last round."""
+        return self.central.last_round
+
     def summary(self) -> None:
         """Log the DP settings, then the wrapped strategy's."""
         c = self.central

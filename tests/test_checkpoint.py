@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -215,10 +216,8 @@ def test_crash_half_way_through_writing_leaves_the_previous_checkpoint(
 
     # Assert
     assert load_checkpoint(path).server_round == 1
-    leftover = tmp_path / ".checkpoint.safetensors.tmp"
-    assert leftover.exists()  # the half file went to the temporary name only
-    with pytest.raises(CheckpointError, match=re.escape(str(leftover))):
-        load_checkpoint(leftover)
+    # the half file went to a uniquely named temporary file, removed on the error
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 # --------------------------------------------------------------------------------------
@@ -392,25 +391,56 @@ def test_dp_strategy_state_continues_exactly(tmp_path: Path) -> None:
     cfg = resume_config(tmp_path, **overrides)
 
     def dp_strategy() -> DifferentialPrivacyFedAvg:
-        return DifferentialPrivacyFedAvg.from_config(WeightedFedAvg(), cfg, seed=5)
+        return DifferentialPrivacyFedAvg.from_config(
+            WeightedFedAvg(), cfg, np.random.default_rng(5)
+        )
 
     first = dp_strategy()
-    first._start(population=10)
+    first.central.fix_population(10)
+    first._fix_adaptive_noise()
     for _ in range(2):
-        first.accountant.step()
-        first._adapt_clip_norm(unclipped=3, counted=10)
+        first.central.accountant.step()
+        fraction = first._noisy_fraction(unclipped=3, counted=10)
+        first.central.clip_norm *= math.exp(-0.2 * (fraction - 0.5))
     write_round_checkpoint(run_dir, cfg, 2, arrays_to_record(adapter()), first, [])
-    expected_noise = first.rng.normal(size=4)
+    expected_noise = first.central.rng.normal(size=4)
 
     # Execute
     second = dp_strategy()
     resume_from_checkpoint(run_dir, cfg, second)
 
     # Assert
-    assert second.epsilon() == first.epsilon() and second.accountant.rounds == 2
-    assert second.clip_norm == first.clip_norm != 0.1
-    assert second.expected_clients == first.expected_clients
-    np.testing.assert_array_equal(second.rng.normal(size=4), expected_noise)
+    assert second.epsilon() == first.epsilon() and second.central.accountant.rounds == 2
+    assert second.central.clip_norm == first.central.clip_norm != 0.1
+    assert second.central.expected_clients == first.central.expected_clients
+    assert second.central.update_noise_multiplier == first.central.update_noise_multiplier
+    np.testing.assert_array_equal(second.central.rng.normal(size=4), expected_noise)
+
+
+def test_random_streams_continue_and_stay_independent(tmp_path: Path) -> None:
+    """Eval draws never move the train stream; a resumed run draws what the first would."""
+    from flower_llm.streams import RandomStreams
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = resume_config(tmp_path)
+    # Prepare: two runs with the same seed, one evaluating a lot more than the other
+    busy, quiet = RandomStreams(cfg.seed), RandomStreams(cfg.seed)
+    busy.evaluate.random(1000)
+    quiet.evaluate.random(3)
+    assert busy.train.random() == quiet.train.random()  # evaluation never moved training
+    write_round_checkpoint(
+        run_dir, cfg, 1, arrays_to_record(adapter()), WeightedFedAvg(), [], streams=busy
+    )
+    expected = {"train": busy.train.random(5), "evaluate": busy.evaluate.random(5)}
+
+    # Execute
+    resumed = RandomStreams(cfg.seed)
+    resume_from_checkpoint(run_dir, cfg, WeightedFedAvg(), resumed)
+
+    # Assert
+    np.testing.assert_array_equal(resumed.train.random(5), expected["train"])
+    np.testing.assert_array_equal(resumed.evaluate.random(5), expected["evaluate"])
 
 
 def test_dp_checkpoint_refused_by_a_run_with_other_noise(tmp_path: Path) -> None:
@@ -418,7 +448,7 @@ def test_dp_checkpoint_refused_by_a_run_with_other_noise(tmp_path: Path) -> None
     run_dir.mkdir()
     overrides = {"privacy.mode": "server-fixed", "output.local-only-baseline": False}
     cfg = resume_config(tmp_path, **overrides)
-    strategy = DifferentialPrivacyFedAvg.from_config(WeightedFedAvg(), cfg, seed=1)
+    strategy = DifferentialPrivacyFedAvg.from_config(WeightedFedAvg(), cfg, np.random.default_rng(1))
     write_round_checkpoint(run_dir, cfg, 1, arrays_to_record(adapter()), strategy, [])
     other = resume_config(tmp_path, **overrides, **{"privacy.noise-multiplier": 2.0})
     with pytest.raises(

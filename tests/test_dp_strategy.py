@@ -25,9 +25,10 @@ from flower_llm.config import ConfigError, parse_run_config
 from flower_llm.privacy import epsilon_after, global_l2_norm, max_rounds_within
 from server_apps.fedavg import evaluates
 from strategies import dp as dp_module
-from strategies.dp import CLIENT_CLIP_TOLERANCE, DifferentialPrivacyFedAvg, PrivacyError
+from flower_llm.streams import RandomStreams
+from strategies.dp import CLIENT_CLIP_TOLERANCE, CentralDP, DifferentialPrivacyFedAvg, PrivacyError
 from strategies.fedavg import ValidReply, WeightedFedAvg
-from strategies.rounds import RoundResult, federate
+from strategies.rounds import MessageRounds, RoundResult, federate
 
 
 @pytest.fixture(autouse=True)
@@ -84,18 +85,20 @@ def reply_with(instruction: Message, state: State, num_examples: int = 10) -> Me
     return Message(content, reply_to=instruction)
 
 
-def dp_strategy(**kwargs: Any) -> DifferentialPrivacyFedAvg:
-    defaults: dict[str, Any] = dict(
-        mode="server-fixed",
-        noise_multiplier=1.0,
-        clip_norm=1.0,
-        sampling_rate=1.0,
-        delta=1e-5,
-        seed=0,
+WRAPPER_SETTINGS = ("mode", "target_quantile", "clip_learning_rate", "clipped_count_stddev")
+
+
+def dp_strategy(seed: int = 0, **kwargs: Any) -> DifferentialPrivacyFedAvg:
+    """The wrapper with its CentralDP; train sampling and noise from ``seed``'s streams."""
+    settings_: dict[str, Any] = dict(
+        mode="server-fixed", noise_multiplier=1.0, clip_norm=1.0, sampling_rate=1.0, delta=1e-5
     )
-    defaults.update(kwargs)
-    inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1)
-    return DifferentialPrivacyFedAvg(inner, **defaults)
+    settings_.update(kwargs)
+    wrapper = {k: settings_.pop(k) for k in WRAPPER_SETTINGS if k in settings_}
+    streams = RandomStreams(seed)
+    inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1, train_rng=streams.train)
+    central = CentralDP(**settings_, rng=streams.noise)
+    return DifferentialPrivacyFedAvg(inner, central, **wrapper)
 
 
 def one_round(
@@ -381,17 +384,17 @@ def run_to_the_budget(
         finished.append(result.server_round)
         return strategy.budget_exhausted()  # as the ServerApp does
 
+    mode = MessageRounds(strategy, timeout=10)
     options: dict[str, Any] = {}
     if evaluate_every is not None:
         cfg = parse_run_config({"fed.num-rounds": 10, "fed.evaluate-every": evaluate_every})
-        options["evaluate"] = lambda r: evaluates(cfg, strategy, r)
+        options["evaluate"] = lambda r: evaluates(cfg, mode, r)
     federate(
-        strategy,
+        mode,
         grid,  # type: ignore[arg-type]
         to_record(reference),
         first_round=1,
         num_rounds=10,
-        timeout=10,
         train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
         on_round_end=on_round_end,
         **options,
@@ -561,8 +564,9 @@ def test_state_dict_resumes_the_same_epsilon_and_noise() -> None:
     saved = json.loads(json.dumps(original.state_dict()))
     resumed = dp_strategy(seed=999, **settings_)  # a different seed: the state must win
 
-    # Execute
+    # Execute: the server checkpoints the sampling stream next to the strategy's state
     resumed.load_state_dict(saved)
+    resumed.strategy.train_rng.bit_generator.state = original.strategy.train_rng.bit_generator.state
     a, sampled_a = one_round(original, grid, reference, client, server_round=3)
     b, sampled_b = one_round(resumed, grid, reference, client, server_round=3)
 
@@ -654,7 +658,7 @@ def test_summary_reports_the_worst_site_dpsgd_epsilon_and_warns_on_zero_noise(
     # Execute
     with caplog.at_level(logging.WARNING):
         warnings = dp_module.dpsgd_warnings(cfg)
-    summary = dp_module.privacy_summary(WeightedFedAvg(), cfg, history, warnings)
+    summary = dp_module.privacy_summary(None, [], cfg, history, warnings)
 
     # Assert
     assert "NO sample-level privacy" in caplog.text
@@ -684,18 +688,27 @@ def test_a_run_resumed_from_its_checkpoint_continues_the_same_epsilon_and_noise(
     def client(n: int, _m: Message) -> State:
         return {k: reference[k] + updates[n][k] for k in SHAPES}
 
-    def strategy(seed: int) -> DifferentialPrivacyFedAvg:
-        inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1)
-        return DifferentialPrivacyFedAvg.from_config(inner, cfg, seed=seed)
+    def strategy() -> tuple[MessageRounds, RandomStreams]:
+        # As the ServerApp: secret streams (OS entropy) for train sampling and noise
+        streams = RandomStreams(cfg.seed, secret=True)
+        inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1, train_rng=streams.train)
+        wrapper = DifferentialPrivacyFedAvg.from_config(inner, cfg, streams.noise)
+        return MessageRounds(wrapper, timeout=10), streams
 
-    original = strategy(seed=21)
+    (original_mode, original_streams) = strategy()
+    original = original_mode.strategy
+    assert isinstance(original, DifferentialPrivacyFedAvg)
     for r in (1, 2):
         one_round(original, grid, reference, client, server_round=r)
-    checkpoint.write_round_checkpoint(tmp_path, cfg, 2, to_record(reference), original, [])
+    checkpoint.write_round_checkpoint(
+        tmp_path, cfg, 2, to_record(reference), original_mode, [], streams=original_streams
+    )
 
     # Execute: a restarted server builds a fresh strategy and resumes into it
-    resumed = strategy(seed=22)
-    checkpoint.resume_from_checkpoint(tmp_path, cfg, resumed)
+    resumed_mode, resumed_streams = strategy()
+    checkpoint.resume_from_checkpoint(tmp_path, cfg, resumed_mode, resumed_streams)
+    resumed = resumed_mode.strategy
+    assert isinstance(resumed, DifferentialPrivacyFedAvg)
     a, _ = one_round(original, grid, reference, client, server_round=3)
     b, _ = one_round(resumed, grid, reference, client, server_round=3)
 
