@@ -499,7 +499,8 @@ class SecAggConfig:
     timeout: float = setting(
         0.0,
         "secagg.timeout",
-        "Seconds each of the four SecAgg+ stages waits for replies (0 = fed.round-timeout).",
+        "Seconds each of the four SecAgg+ stages waits for replies (0 = fed.round-timeout / "
+        "4); a round never waits longer than fed.round-timeout in all.",
     )
 
     def __post_init__(self) -> None:

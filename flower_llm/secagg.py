@@ -41,6 +41,8 @@ MAX_QUANTIZATION_RANGE = 2**30
 MIN_QUANTIZATION_RANGE = 2**16
 """Fewer levels than this make the worst-case rounding error (``2c/Q`` per client) coarser
 than 2^-15 of the clipping range: below float16 precision for updates 16x smaller than ``c``."""
+NUM_STAGES = 4
+"""SecAgg+ stages per round: setup, share keys, collect masked vectors, unmask."""
 MIN_SAMPLED_CLIENTS = 3
 """Flower refuses ``num_shares <= 2``; with two clients the sum reveals the other's update."""
 
@@ -86,7 +88,7 @@ class SecAggParams:
     max_weight: float
     """``W``, the largest weight a client may report; clients clamp to it."""
     timeout: float
-    """Seconds each of the four protocol stages waits for replies."""
+    """Seconds each of the four protocol stages waits for replies (at most)."""
     modulus_range: int = MODULUS_RANGE
 
     def error_bound(self, weight_ratios: Sequence[float] | None = None) -> float:
@@ -256,7 +258,10 @@ def derive_params(
         clipping_range=s.clipping_range or auto_clipping_range(cfg, server_round, global_max_abs),
         quantization_range=quantization,
         max_weight=s.max_weight or auto_max_weight(cfg),
-        timeout=s.timeout or cfg.fed.round_timeout,
+        # Four stages share the round: by default each waits a quarter of it, so a site
+        # silent in one stage leaves the others their time (the loop also caps every
+        # stage at what is left of fed.round-timeout).
+        timeout=s.timeout or cfg.fed.round_timeout / NUM_STAGES,
     )
 
 

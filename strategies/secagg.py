@@ -423,6 +423,7 @@ class SecAggRounds:
         self._stop: Any = None
         self._counting: CountingGrid | None = None
         self.last_report: SecAggRoundReport | None = None
+        self.last_params: SecAggParams | None = None
 
     # ----------------------------------------------------------------------------------
     # A round
@@ -469,6 +470,7 @@ class SecAggRounds:
         }
         self.strategy.fit_config = lambda _round: fit_config
         self.strategy.cohort = cohort
+        self.last_params = params
 
         # ---- the protocol: the strategy receives the sum only ----
         dtype = wire.WIRE_DTYPES[cfg.fed.wire_dtype]

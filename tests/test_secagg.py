@@ -13,13 +13,14 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
@@ -31,8 +32,13 @@ from hypothesis import strategies as st
 from client_apps.secagg import SecAggClient, client_weight, hide_weight_mod, make_app
 from flower_llm import secagg, wire
 from flower_llm.config import ConfigError, RunConfig, parse_run_config
+from flower_llm.streams import RandomStreams
 from flower_llm.train import TrainStats
-from strategies.secagg import SecAggFedAvg
+from strategies.dp import CentralDP
+from strategies.fedavg import WeightedFedAvg
+from strategies.rounds import RoundResult, federate
+from strategies.sampling import wait_for_nodes
+from strategies.secagg import SecAggFedAvg, SecAggRounds
 
 # --------------------------------------------------------------------------------------
 # Derived parameters
@@ -57,7 +63,7 @@ def test_auto_parameters(num_sampled: int, shares: int, threshold: int, quantiza
     # the masked sum of every client's largest value must not wrap the modulus
     assert num_sampled * params.quantization_range < secagg.MODULUS_RANGE
     assert params.max_weight == 20 * 1 * 8  # local-steps x grad-accum x batch-size
-    assert params.timeout == RunConfig().fed.round_timeout
+    assert params.timeout == RunConfig().fed.round_timeout / 4  # four stages share a round
 
 
 def test_max_weight_follows_weighting_and_dp() -> None:
@@ -317,18 +323,23 @@ class FakeSession:
         partition: int,
         examples: int = 160,
         dropouts: dict[int, set[int]] | None = None,
+        hangs: dict[int, set[int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition = partition
         self.examples = examples
         self.dropouts = dropouts or {}
         """server round -> partitions whose fit raises (stage 'collect masked vectors')."""
+        self.hangs = hangs or {}
+        """server round -> partitions whose fit does not answer for HANG_SECONDS."""
 
     def train(
         self, global_state: dict[str, np.ndarray], server_round: int, learning_rate: float
     ) -> tuple[dict[str, np.ndarray], TrainStats]:
         if self.partition in self.dropouts.get(server_round, ()):
             raise RuntimeError(f"partition {self.partition} drops out in round {server_round}")
+        if self.partition in self.hangs.get(server_round, ()):
+            time.sleep(HANG_SECONDS)
         delta = fake_delta(
             {k: v.shape for k, v in global_state.items()}, self.partition, server_round
         )
@@ -337,6 +348,9 @@ class FakeSession:
             loss=1.0 + self.partition, steps=1, examples=self.examples, tokens=10, seconds=0.0
         )
         return local, stats
+
+
+HANG_SECONDS = 16.0
 
 
 def fake_delta(
@@ -444,7 +458,7 @@ SYNTHETIC_SHAPES = {
     "layer.0.lora_B": (512, 8),
     "layer.1.lora_A": (8, 640),
 }
-EXAMPLES = [160, 120, 80, 40, 150]
+EXAMPLES = [160, 120, 80, 40, 150, 90, 110, 130]
 """Weights of partitions 0..4: unequal, so the test sees weighted, not plain, averaging."""
 
 
@@ -469,6 +483,7 @@ def simulation_client_app(
     cfg: RunConfig,
     shapes: dict[str, tuple[int, ...]] | None,
     dropouts: dict[int, set[int]] | None = None,
+    hangs: dict[int, set[int]] | None = None,
 ) -> ClientApp:
     """Message-API ClientApp that delegates train to the legacy SecAgg+ app, like qlora's.
 
@@ -478,7 +493,7 @@ def simulation_client_app(
     def trainer_for(context: Context) -> tuple[FakeSession, list[str]]:
         partition = int(context.node_config["partition-id"])
         keys = sorted(shapes) if shapes is not None else real_adapter_keys(cfg)
-        return FakeSession(cfg, partition, EXAMPLES[partition], dropouts), keys
+        return FakeSession(cfg, partition, EXAMPLES[partition], dropouts, hangs), keys
 
     legacy = make_app(trainer_for)
     app = ClientApp()
@@ -524,26 +539,70 @@ def simulate(server_main: Any, client_app: ClientApp, num_supernodes: int) -> No
     )
 
 
+def secagg_mode(
+    cfg: RunConfig,
+    context: Context,
+    *,
+    strategy: SecAggFedAvg | None = None,
+    central: CentralDP | None = None,
+    seed: int = 0,
+) -> SecAggRounds:
+    """The ServerApp's SecAgg+ mode over SYNTHETIC_SHAPES, with seeded streams."""
+    streams = RandomStreams(seed)
+    evaluation = WeightedFedAvg(min_available_clients=1, eval_rng=streams.evaluate)
+    return SecAggRounds(
+        cfg,
+        context,
+        sorted(SYNTHETIC_SHAPES),
+        evaluation=evaluation,
+        train_rng=streams.train,
+        central=central,
+        strategy=strategy,
+    )
+
+
+def federate_synthetic(
+    mode: SecAggRounds,
+    grid: Grid,
+    start: dict[str, np.ndarray],
+    num_rounds: int,
+    on_round_end: Any,
+) -> dict[str, np.ndarray]:
+    """The one round loop over a synthetic adapter, no evaluation."""
+    try:
+        final = federate(
+            mode,
+            grid,
+            wire.to_array_record(start),
+            first_round=1,
+            num_rounds=num_rounds,
+            train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r, wire.LEARNING_RATE: 1e-3}),
+            on_round_end=on_round_end,
+            evaluate=lambda _r: False,
+        )
+    finally:
+        mode.close()
+    return wire.from_array_record(final)
+
+
 @pytest.fixture(scope="module")
 def weighted_run() -> dict[str, Any]:
     """Two SecAgg+ rounds of 4 clients with unequal weights and a recording strategy."""
-    from server_apps.secagg import federate_secagg
-
     cfg = parse_run_config({"fed.num-rounds": 2, "fed.min-available-clients": 4})
     rng = np.random.default_rng(7)
     start = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SYNTHETIC_SHAPES.items()}
     out: dict[str, Any] = {"start": start, "params": {}, "states": {}}
-    strategy = RecordingStrategy(min_train_clients=3, min_available_clients=4)
+    strategy = RecordingStrategy(min_train_clients=3)
 
     def main(grid: Grid, context: Context) -> None:
-        def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
-            out["params"][result.server_round] = params
-            out["states"][result.server_round] = wire.from_array_record(result.arrays)
-            out.setdefault("reports", {})[result.server_round] = report
+        mode = secagg_mode(cfg, context, strategy=strategy)
 
-        out["final"] = federate_secagg(
-            grid, context, cfg, start, on_round_end=on_round_end, strategy=strategy, evaluate=False
-        )
+        def on_round_end(result: RoundResult) -> None:
+            out["params"][result.server_round] = mode.last_params
+            out["states"][result.server_round] = wire.from_array_record(result.arrays)
+            out.setdefault("reports", {})[result.server_round] = mode.last_report
+
+        out["final"] = federate_synthetic(mode, grid, start, 2, on_round_end)
 
     simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=4)
     out["strategy"] = strategy
@@ -617,7 +676,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     Evaluated every second round (and the last).
     """
-    from server_apps.secagg import run
+    from server_apps.fedavg import run
 
     out_dir = tmp_path_factory.mktemp("secagg-runs")
     cfg = parse_run_config(
@@ -641,12 +700,12 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             records.append(record)
 
     handler = Keep(logging.ERROR)
-    logging.getLogger("flower_llm.server").addHandler(handler)
+    logging.getLogger("strategies.secagg").addHandler(handler)
     try:
         client_app = simulation_client_app(cfg, None, dropouts)
         simulate(lambda grid, context: run(grid, context, cfg), client_app, 5)
     finally:
-        logging.getLogger("flower_llm.server").removeHandler(handler)
+        logging.getLogger("strategies.secagg").removeHandler(handler)
     return {"dir": out_dir / "dropout", "cfg": cfg, "errors": [r.getMessage() for r in records]}
 
 
@@ -714,8 +773,6 @@ def test_below_threshold_the_round_fails_cleanly_and_says_so(dropout_run: dict[s
 @pytest.fixture(scope="module")
 def dp_run() -> dict[str, Any]:
     """One SecAgg+ round with client-fixed DP: clients clip to C, the server adds noise."""
-    from server_apps.secagg import federate_secagg
-
     cfg = parse_run_config(
         {
             "fed.num-rounds": 1,
@@ -728,15 +785,16 @@ def dp_run() -> dict[str, Any]:
     rng = np.random.default_rng(3)
     start = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SYNTHETIC_SHAPES.items()}
     out: dict[str, Any] = {"cfg": cfg, "start": start}
-    strategy = SecAggFedAvg(min_train_clients=3, min_available_clients=4)
+    strategy = SecAggFedAvg(min_train_clients=3)
 
     def main(grid: Grid, context: Context) -> None:
-        def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
-            out.update(result=result, report=report, params=params, aggregate=strategy.aggregate)
+        central = CentralDP.from_config(cfg, np.random.default_rng(4))
+        mode = secagg_mode(cfg, context, strategy=strategy, central=central)
 
-        out["final"] = federate_secagg(
-            grid, context, cfg, start, on_round_end=on_round_end, strategy=strategy, evaluate=False
-        )
+        def on_round_end(result: RoundResult) -> None:
+            out.update(result=result, params=mode.last_params, aggregate=strategy.aggregate)
+
+        out["final"] = federate_synthetic(mode, grid, start, 1, on_round_end)
 
     simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=4)
     return out
@@ -771,7 +829,7 @@ def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict
     for k in keys:
         np.testing.assert_allclose(unmasked[k], exact[k], rtol=0, atol=params.error_bound())
     # ... the server added N(0, std^2) with std = sigma (C + rounding) / m
-    privacy = dp_run["report"].privacy
+    privacy = dp_run["result"].columns
     std = privacy["dp-noise-stddev"]
     assert std == pytest.approx(0.8 * 0.5 / 4, rel=1e-3)
     assert np.std(noise) == pytest.approx(std, rel=0.03)
@@ -828,3 +886,111 @@ def test_a_key_exchange_stage_runs_without_importing_the_training_stack() -> Non
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["reply"] == [Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2]
     assert result["imported"] == []
+
+
+# --------------------------------------------------------------------------------------
+# One engine: the sampling that runs is the one accounted; round timeout; resume
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisson_dp_run() -> dict[str, Any]:
+    """Three SecAgg+ rounds with DP at q = 0.5 over 6 sites (Poisson cohorts)."""
+    cfg = parse_run_config(
+        {
+            "fed.num-rounds": 3,
+            "fed.fraction-train": 0.5,
+            "fed.min-available-clients": 6,
+            "privacy.mode": "client-fixed",
+            "privacy.clip-norm": 0.5,
+            "privacy.noise-multiplier": 1.0,
+            "privacy.min-sampled-clients": 3,
+        }
+    )
+    start = {k: np.zeros(s, np.float32) for k, s in SYNTHETIC_SHAPES.items()}
+    out: dict[str, Any] = {"cfg": cfg, "rows": []}
+
+    def main(grid: Grid, context: Context) -> None:
+        central = CentralDP.from_config(cfg, np.random.default_rng(5))
+        mode = secagg_mode(cfg, context, central=central, seed=3)
+        out["sampler"] = mode.sampler
+
+        def on_round_end(result: RoundResult) -> None:
+            out["rows"].append({"sampled": len(result.report.sampled), **result.columns})
+
+        federate_synthetic(mode, grid, start, 3, on_round_end)
+        out["central"] = central
+
+    simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=6)
+    return out
+
+
+@pytest.mark.slow
+def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
+    poisson_dp_run: dict[str, Any],
+) -> None:
+    # Prepare: dp-accounting's RDP accountant composing the event that ran each round
+    import dp_accounting
+
+    cfg: RunConfig = poisson_dp_run["cfg"]
+    event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0))
+    expected = []
+    for rounds in (1, 2, 3):
+        reference = dp_accounting.rdp.RdpAccountant()
+        reference.compose(event, rounds)
+        expected.append(reference.get_epsilon(cfg.privacy.delta))
+
+    # Execute
+    rows = poisson_dp_run["rows"]
+
+    # Assert: the sampler that drew the cohorts is the accounted Poisson(q) ...
+    assert poisson_dp_run["sampler"].kind == "poisson" and poisson_dp_run["sampler"].rate == 0.5
+    # ... every round released and was accounted, whatever its cohort size ...
+    assert [row["epsilon"] for row in rows] == pytest.approx(expected, rel=1e-3)
+    # ... with the fixed denominator m = round(q N) = 3
+    assert all(row["dp-expected-clients"] == 3 for row in rows)
+
+
+@pytest.fixture(scope="module")
+def timeout_run() -> dict[str, Any]:
+    """One SecAgg+ round with fed.round-timeout = 12 s in which one of 4 sites is silent.
+
+    An evaluation exchange with a long timeout first starts the simulation's workers
+    (seconds of imports on a loaded machine), so the round's time is the protocol's.
+    """
+    cfg = parse_run_config(
+        {"fed.num-rounds": 1, "fed.min-available-clients": 4, "fed.round-timeout": 12.0}
+    )
+    start = {k: np.zeros(s, np.float32) for k, s in SYNTHETIC_SHAPES.items()}
+    out: dict[str, Any] = {}
+
+    def main(grid: Grid, context: Context) -> None:
+        warm = [
+            Message(RecordDict(), message_type="evaluate", dst_node_id=node)
+            for node in wait_for_nodes(grid, 4, 120)
+        ]
+        assert len(list(grid.send_and_receive(warm, timeout=300))) == 4
+        mode = secagg_mode(cfg, context)
+
+        def on_round_end(result: RoundResult) -> None:
+            out["result"] = result
+
+        out["final"] = federate_synthetic(mode, grid, start, 1, on_round_end)
+
+    app = simulation_client_app(cfg, SYNTHETIC_SHAPES, hangs={1: {3}})
+    simulate(main, app, num_supernodes=4)
+    return out
+
+
+@pytest.mark.slow
+def test_secagg_round_ends_at_the_round_timeout_without_the_silent_site(
+    timeout_run: dict[str, Any],
+) -> None:
+    result: RoundResult = timeout_run["result"]
+    # the stage the site went silent in waited a quarter of fed.round-timeout for it, and
+    # the round ended within the timeout, not the HANG_SECONDS the site stayed silent
+    assert 3.0 <= result.seconds < 12.0 < HANG_SECONDS
+    assert result.report.updated and len(result.report.accepted) == 3
+    assert list(result.report.dropped.values()) == [
+        "dropped out in SecAgg+ stage 'collect-masked-vectors'"
+    ]
