@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flower_llm import metrics as schema
 from flower_llm.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from flower_llm.plan import format_bytes
 
@@ -37,8 +38,8 @@ PLOT_FILE = "metrics.png"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ENV = "FLOWER_LLM_WANDB_PROJECT"
 
-EPSILON_KEYS = ("epsilon", "dp-epsilon", "train/epsilon")
-"""Where a run may record its privacy budget spent so far; the first present wins."""
+EPSILON_KEYS = (schema.EPSILON,)
+"""Where a run records its client-level privacy budget spent so far."""
 
 Row = dict[str, Any]
 
@@ -109,7 +110,7 @@ def read_run(run_dir: str | Path) -> RunRecords:
                 log.warning("Skipping the unfinished last line of %s", metrics)
                 continue
             raise ValueError(f"{metrics}:{number}: not valid JSON ({error})") from None
-        server_round = row.get("round") if isinstance(row, dict) else None
+        server_round = row.get(schema.ROUND) if isinstance(row, dict) else None
         if not isinstance(server_round, int) or isinstance(server_round, bool):
             raise ValueError(f"{metrics}:{number}: expected a JSON object with an integer 'round'")
         by_round[server_round] = row  # a resumed run may record a round again
@@ -154,18 +155,18 @@ class Column:
 
 
 COLUMNS = (
-    Column("round", ("round",), lambda v: str(int(v))),
-    Column("train loss", ("train-loss",), _fixed(4)),
-    Column("eval loss", ("eval-loss",), _fixed(4)),
-    Column("perplexity", ("eval-perplexity",), lambda v: f"{v:.4g}"),
-    Column("token acc", ("eval-token-accuracy",), _fixed(3)),
+    Column("round", (schema.ROUND,), lambda v: str(int(v))),
+    Column("train loss", (schema.TRAIN_LOSS,), _fixed(4)),
+    Column("eval loss", (schema.EVAL_LOSS,), _fixed(4)),
+    Column("perplexity", (schema.EVAL_PERPLEXITY,), lambda v: f"{v:.4g}"),
+    Column("token acc", (schema.EVAL_TOKEN_ACCURACY,), _fixed(3)),
     Column("epsilon", EPSILON_KEYS, _fixed(3), optional=True),
-    Column("sampled", ("clients-sampled",), lambda v: str(int(v))),
-    Column("replied", ("clients-replied",), lambda v: str(int(v))),
-    Column("dropped", ("clients-dropped",), lambda v: str(int(v))),
-    Column("bytes up", ("bytes-up",), format_bytes),
-    Column("bytes down", ("bytes-down",), format_bytes),
-    Column("seconds", ("seconds",), _fixed(1)),
+    Column("sampled", (schema.CLIENTS_SAMPLED,), lambda v: str(int(v))),
+    Column("replied", (schema.CLIENTS_REPLIED,), lambda v: str(int(v))),
+    Column("dropped", (schema.CLIENTS_DROPPED,), lambda v: str(int(v))),
+    Column("bytes up", (schema.BYTES_UP,), format_bytes),
+    Column("bytes down", (schema.BYTES_DOWN,), format_bytes),
+    Column("seconds", (schema.SECONDS,), _fixed(1)),
 )
 
 MISSING = "-"
@@ -219,7 +220,7 @@ def dropped_replies(rows: Sequence[Row]) -> list[str]:
     """Why replies were dropped: ``round R, node N: reason``, one per node and round."""
     lines = []
     for row in rows:
-        dropped = row.get("dropped")
+        dropped = row.get(schema.DROPPED)
         if isinstance(dropped, Mapping):
             lines += [f"round {row['round']}, node {n}: {why}" for n, why in dropped.items()]
     return lines
@@ -230,8 +231,8 @@ def dropped_replies(rows: Sequence[Row]) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 PLOT_SERIES = (
-    ("loss", (("train loss", ("train-loss",)), ("eval loss", ("eval-loss",)))),
-    ("perplexity", (("eval perplexity", ("eval-perplexity",)),)),
+    ("loss", (("train loss", (schema.TRAIN_LOSS,)), ("eval loss", (schema.EVAL_LOSS,)))),
+    ("perplexity", (("eval perplexity", (schema.EVAL_PERPLEXITY,)),)),
     ("epsilon", (("epsilon", EPSILON_KEYS),)),
 )
 
@@ -282,30 +283,21 @@ def plot_rounds(rows: Sequence[Row], title: str = "") -> Figure:
 
 
 def _save_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    # A unique temporary name: two reports of one run never write the same file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------
 # TensorBoard and Weights & Biases
 # --------------------------------------------------------------------------------------
 
-SCALAR_TAGS = {
-    "train-loss": "loss/train",
-    "eval-loss": "loss/eval",
-    "eval-perplexity": "eval/perplexity",
-    "eval-token-accuracy": "eval/token-accuracy",
-    "epsilon": "privacy/epsilon",
-    "dp-epsilon": "privacy/epsilon",
-    "train/epsilon": "privacy/epsilon",
-    "clients-sampled": "clients/sampled",
-    "clients-replied": "clients/replied",
-    "clients-dropped": "clients/dropped",
-    "bytes-up": "traffic/bytes-up",
-    "bytes-down": "traffic/bytes-down",
-    "seconds": "time/round-seconds",
-}
+SCALAR_TAGS = {c.name: c.tensorboard for c in schema.COLUMNS if c.tensorboard is not None}
+"""Grouped TensorBoard tags of the schema's columns (``loss/train``...)."""
 
 
 def scalars(row: Mapping[str, Any]) -> dict[str, float]:
@@ -497,3 +489,12 @@ def write_report_files(records: RunRecords, *, wandb_project: str | None = None)
         "Wrote %s, %s and %s in %.1fs", table, plot, tensorboard, time.perf_counter() - started
     )
     return {"table": table, "plot": plot, "tensorboard": tensorboard}
+
+
+READ_COLUMNS = frozenset(
+    {schema.ROUND, schema.DROPPED, schema.SECONDS}
+    | {key for column in COLUMNS for key in column.keys}
+    | {key for _, series in PLOT_SERIES for _, keys in series for key in keys}
+    | set(SCALAR_TAGS)
+)
+"""Every metrics.jsonl column this module reads by name."""

@@ -357,6 +357,23 @@ def secagg_round(
 # --------------------------------------------------------------------------------------
 
 
+CLIENTS_IN_SUM = "clients-in-sum"
+"""Train metric: clients whose masked update is in the sum (``train/clients-in-sum``)."""
+
+
+def secagg_columns(report: SecAggRoundReport, params: SecAggParams) -> dict[str, Any]:
+    """The metrics-row columns of a SecAgg+ round (:mod:`flower_llm.metrics`)."""
+    return {
+        columns.SECAGG_FAILED: report.failed,
+        columns.SECAGG_NUM_SHARES: report.num_shares,
+        columns.SECAGG_THRESHOLD: report.threshold,
+        columns.SECAGG_CLIPPING_RANGE: params.clipping_range,
+        columns.SECAGG_QUANTIZATION_RANGE: params.quantization_range,
+        columns.SECAGG_MAX_WEIGHT: params.max_weight,
+        columns.SECAGG_ERROR_BOUND: params.error_bound(),
+    }
+
+
 class SecAggRounds:
     """One SecAgg+ round per call of :meth:`train_round`, for :func:`strategies.rounds.federate`.
 
@@ -479,21 +496,13 @@ class SecAggRounds:
             counting, self.legacy, server_round, download, params, deadline
         )
         self.last_report = report
-        row: dict[str, Any] = {
-            columns.SECAGG_FAILED: report.failed,
-            columns.SECAGG_NUM_SHARES: report.num_shares,
-            columns.SECAGG_THRESHOLD: report.threshold,
-            columns.SECAGG_CLIPPING_RANGE: params.clipping_range,
-            columns.SECAGG_QUANTIZATION_RANGE: params.quantization_range,
-            columns.SECAGG_MAX_WEIGHT: params.max_weight,
-            columns.SECAGG_ERROR_BOUND: params.error_bound(),
-        }
+        row = secagg_columns(report, params)
         if aggregate is None:
             log.error("Round %d failed, global adapter unchanged: %s", server_round, report.failed)
             return TrainRound(None, None, self._round_report(report, updated=False), row)
 
         delta, means = secagg.decode_aggregate(aggregate, self.keys, params.clipping_range)
-        metrics = MetricRecord({"clients-in-sum": len(report.active)})
+        metrics = MetricRecord({CLIENTS_IN_SUM: len(report.active)})
         if self.central is None:
             metrics[wire.TRAIN_LOSS] = means[wire.TRAIN_LOSS]
             new_state = secagg.apply_update(state, delta)
