@@ -448,7 +448,9 @@ def test_dp_checkpoint_refused_by_a_run_with_other_noise(tmp_path: Path) -> None
     run_dir.mkdir()
     overrides = {"privacy.mode": "server-fixed", "output.local-only-baseline": False}
     cfg = resume_config(tmp_path, **overrides)
-    strategy = DifferentialPrivacyFedAvg.from_config(WeightedFedAvg(), cfg, np.random.default_rng(1))
+    strategy = DifferentialPrivacyFedAvg.from_config(
+        WeightedFedAvg(), cfg, np.random.default_rng(1)
+    )
     write_round_checkpoint(run_dir, cfg, 1, arrays_to_record(adapter()), strategy, [])
     other = resume_config(tmp_path, **overrides, **{"privacy.noise-multiplier": 2.0})
     with pytest.raises(

@@ -23,9 +23,9 @@ from flower_llm.aggregation import weighted_average
 from flower_llm.client import clip_adapter_update
 from flower_llm.config import ConfigError, parse_run_config
 from flower_llm.privacy import epsilon_after, global_l2_norm, max_rounds_within
+from flower_llm.streams import RandomStreams
 from server_apps.fedavg import evaluates
 from strategies import dp as dp_module
-from flower_llm.streams import RandomStreams
 from strategies.dp import CLIENT_CLIP_TOLERANCE, CentralDP, DifferentialPrivacyFedAvg, PrivacyError
 from strategies.fedavg import ValidReply, WeightedFedAvg
 from strategies.rounds import MessageRounds, RoundResult, federate
@@ -691,7 +691,9 @@ def test_a_run_resumed_from_its_checkpoint_continues_the_same_epsilon_and_noise(
     def strategy() -> tuple[MessageRounds, RandomStreams]:
         # As the ServerApp: secret streams (OS entropy) for train sampling and noise
         streams = RandomStreams(cfg.seed, secret=True)
-        inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1, train_rng=streams.train)
+        inner = WeightedFedAvg(
+            min_train_clients=1, min_available_clients=1, train_rng=streams.train
+        )
         wrapper = DifferentialPrivacyFedAvg.from_config(inner, cfg, streams.noise)
         return MessageRounds(wrapper, timeout=10), streams
 
