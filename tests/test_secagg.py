@@ -994,3 +994,74 @@ def test_secagg_round_ends_at_the_round_timeout_without_the_silent_site(
     assert list(result.report.dropped.values()) == [
         "dropped out in SecAgg+ stage 'collect-masked-vectors'"
     ]
+
+
+@pytest.fixture(scope="module")
+def dp_resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """SecAgg+ with DP through the ServerApp's ``run``: 2 rounds uninterrupted, and 1 round
+    then a resumed second. The noise generator is seeded (tests only) so that both runs can
+    draw the same noise; a resume must continue it from the checkpoint."""
+    from server_apps.fedavg import run
+
+    out = tmp_path_factory.mktemp("secagg-resume")
+    job = {
+        "fed.aggregation": "secagg+",
+        "fed.min-available-clients": 4,
+        "privacy.mode": "client-fixed",
+        "privacy.clip-norm": 0.05,
+        "privacy.noise-multiplier": 0.7,
+        "train.lr-schedule": "constant",  # so that fed.num-rounds may grow on resume
+        "output.local-only-baseline": False,
+        "output.dir": str(out),
+    }
+    full = parse_run_config({**job, "fed.num-rounds": 2, "output.run-name": "full"})
+    first = parse_run_config({**job, "fed.num-rounds": 1, "output.run-name": "resumed"})
+    again = parse_run_config(
+        {**job, "fed.num-rounds": 2, "output.run-name": "resumed", "output.resume": True}
+    )
+
+    def main_for(cfg: RunConfig) -> Any:
+        def main(grid: Grid, context: Context) -> None:
+            streams = RandomStreams(cfg.seed)
+            mode = SecAggRounds(
+                cfg,
+                context,
+                real_adapter_keys(cfg),
+                evaluation=WeightedFedAvg(min_available_clients=4, eval_rng=streams.evaluate),
+                train_rng=streams.train,
+                central=CentralDP.from_config(cfg, np.random.default_rng(9)),
+            )
+            run(grid, context, cfg, mode)
+
+        return main
+
+    for cfg in (full, first, again):
+        simulate(main_for(cfg), simulation_client_app(cfg, None), num_supernodes=4)
+    return {"full": out / "full", "resumed": out / "resumed"}
+
+
+@pytest.mark.slow
+def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
+    dp_resume_runs: dict[str, Any],
+) -> None:
+    full, resumed = dp_resume_runs["full"], dp_resume_runs["resumed"]
+    rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rows_resumed = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    # Assert: the same epsilon after each round, continued from the checkpoint ...
+    assert [r["round"] for r in rows_resumed] == [1, 2]
+    assert [r["epsilon"] for r in rows_resumed] == [r["epsilon"] for r in rows_full]
+    assert rows_resumed[1]["epsilon"] > rows_resumed[0]["epsilon"]
+    # ... and the same adapter, up to SecAgg+'s stochastic rounding (its bound per round)
+    bound = sum(r["secagg-error-bound"] for r in rows_full) + 1e-7
+    a, b = load_adapter(full / "final"), load_adapter(resumed / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=bound)
+    # ... and one summary shape, privacy section included
+    s_full = json.loads((full / "summary.json").read_text())
+    s_resumed = json.loads((resumed / "summary.json").read_text())
+    assert s_resumed["resumed-after-round"] == 1
+    assert set(s_resumed) - {"resumed-after-round"} == set(s_full)
+    client_level = s_resumed["privacy"]["client-level"]
+    assert client_level["rounds-accounted"] == 2 and client_level["sampling"] == "poisson"
+    assert client_level["epsilon"] == rows_full[-1]["epsilon"]
