@@ -318,17 +318,32 @@ def main(grid: Grid, context: Context) -> None:
     run(PollingGrid(grid), context, parse_run_config(context.run_config))  # type: ignore[arg-type]
 
 
-def run(grid: Grid, context: Context, cfg: RunConfig, mode: RoundMode | None = None) -> None:
-    """One run of any mode into ``output.dir/output.run-name``; ``mode`` for tests."""
+def run(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    mode: RoundMode | None = None,
+    streams: RandomStreams | None = None,
+) -> None:
+    """One run of any mode into ``output.dir/output.run-name``.
+
+    ``mode`` and the ``streams`` it draws from are for tests (seeded noise, a recording
+    strategy); by default both follow the run-config.
+    """
     run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume, lock=True)
     try:
-        _run(grid, context, cfg, run_dir, mode)
+        _run(grid, context, cfg, run_dir, mode, streams)
     finally:
         run_dir.unlock()
 
 
 def _run(
-    grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDirectory, mode: RoundMode | None
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    run_dir: RunDirectory,
+    mode: RoundMode | None,
+    streams: RandomStreams | None,
 ) -> None:
     started = time.perf_counter()
     # The server needs the model's config only; adapter weights start as peft starts them.
@@ -337,7 +352,7 @@ def _run(
     log.info("Global adapter: %d parameters, %s", num_parameters(state), run_dir.path)
     arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
 
-    streams = RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
+    streams = streams or RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
     mode = mode or build_mode(cfg, context, list(state), streams)
     first_round, resumed_after = 1, None
     if cfg.output.resume:

@@ -998,45 +998,59 @@ def test_secagg_round_ends_at_the_round_timeout_without_the_silent_site(
 
 @pytest.fixture(scope="module")
 def dp_resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """SecAgg+ with DP through the ServerApp's ``run``: 2 rounds uninterrupted, and 1 round
-    then a resumed second. The noise generator is seeded (tests only) so that both runs can
-    draw the same noise; a resume must continue it from the checkpoint."""
+    """SecAgg+ with DP at q = 0.5 over 6 sites, through the ServerApp's ``run``: 3 rounds
+    uninterrupted; and 1 round, then resumed for the other 2 with other evaluation settings.
+
+    One simulation serves the three runs, so node ids stay put (as in a deployment); the
+    streams are seeded (tests only) so that both runs can draw the same cohorts and noise,
+    which a resume must continue from the checkpoint.
+    """
     from server_apps.fedavg import run
 
     out = tmp_path_factory.mktemp("secagg-resume")
     job = {
         "fed.aggregation": "secagg+",
-        "fed.min-available-clients": 4,
+        "fed.fraction-train": 0.5,
+        "fed.min-available-clients": 6,
         "privacy.mode": "client-fixed",
         "privacy.clip-norm": 0.05,
         "privacy.noise-multiplier": 0.7,
+        "privacy.min-sampled-clients": 3,
         "train.lr-schedule": "constant",  # so that fed.num-rounds may grow on resume
         "output.local-only-baseline": False,
         "output.dir": str(out),
     }
-    full = parse_run_config({**job, "fed.num-rounds": 2, "output.run-name": "full"})
+    full = parse_run_config({**job, "fed.num-rounds": 3, "output.run-name": "full"})
     first = parse_run_config({**job, "fed.num-rounds": 1, "output.run-name": "resumed"})
     again = parse_run_config(
-        {**job, "fed.num-rounds": 2, "output.run-name": "resumed", "output.resume": True}
+        {
+            **job,
+            "fed.num-rounds": 3,
+            "output.run-name": "resumed",
+            "output.resume": True,
+            "fed.fraction-evaluate": 0.5,
+            "fed.evaluate-every": 2,
+        }
     )
 
-    def main_for(cfg: RunConfig) -> Any:
-        def main(grid: Grid, context: Context) -> None:
+    def main(grid: Grid, context: Context) -> None:
+        for cfg in (full, first, again):
             streams = RandomStreams(cfg.seed)
             mode = SecAggRounds(
                 cfg,
                 context,
                 real_adapter_keys(cfg),
-                evaluation=WeightedFedAvg(min_available_clients=4, eval_rng=streams.evaluate),
+                evaluation=WeightedFedAvg(
+                    fraction_evaluate=cfg.fed.fraction_evaluate,
+                    min_available_clients=6,
+                    eval_rng=streams.evaluate,
+                ),
                 train_rng=streams.train,
-                central=CentralDP.from_config(cfg, np.random.default_rng(9)),
+                central=CentralDP.from_config(cfg, streams.noise),
             )
-            run(grid, context, cfg, mode)
+            run(grid, context, cfg, mode, streams)
 
-        return main
-
-    for cfg in (full, first, again):
-        simulate(main_for(cfg), simulation_client_app(cfg, None), num_supernodes=4)
+    simulate(main, simulation_client_app(full, None), num_supernodes=6)
     return {"full": out / "full", "resumed": out / "resumed"}
 
 
@@ -1047,12 +1061,15 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     full, resumed = dp_resume_runs["full"], dp_resume_runs["resumed"]
     rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     rows_resumed = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    # Assert: the same epsilon after each round, continued from the checkpoint ...
-    assert [r["round"] for r in rows_resumed] == [1, 2]
+    # Assert: the same Poisson cohorts and the same epsilon after each round ...
+    assert [r["round"] for r in rows_resumed] == [1, 2, 3]
+    assert [r["clients-sampled"] for r in rows_resumed] == [r["clients-sampled"] for r in rows_full]
     assert [r["epsilon"] for r in rows_resumed] == [r["epsilon"] for r in rows_full]
-    assert rows_resumed[1]["epsilon"] > rows_resumed[0]["epsilon"]
+    assert rows_resumed[2]["epsilon"] > rows_resumed[1]["epsilon"] > rows_resumed[0]["epsilon"]
+    # ... although evaluation changed on resume (every second round, and the last)
+    assert [r.get("eval-loss") is not None for r in rows_resumed] == [True, True, True]
     # ... and the same adapter, up to SecAgg+'s stochastic rounding (its bound per round)
-    bound = sum(r["secagg-error-bound"] for r in rows_full) + 1e-7
+    bound = sum(r.get("secagg-error-bound", 0.0) for r in rows_full) + 1e-7
     a, b = load_adapter(full / "final"), load_adapter(resumed / "final")
     assert a.keys() == b.keys()
     for key in a:
@@ -1063,5 +1080,5 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     assert s_resumed["resumed-after-round"] == 1
     assert set(s_resumed) - {"resumed-after-round"} == set(s_full)
     client_level = s_resumed["privacy"]["client-level"]
-    assert client_level["rounds-accounted"] == 2 and client_level["sampling"] == "poisson"
+    assert client_level["rounds-accounted"] == 3 and client_level["sampling"] == "poisson"
     assert client_level["epsilon"] == rows_full[-1]["epsilon"]
