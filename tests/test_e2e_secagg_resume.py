@@ -1,0 +1,102 @@
+"""`flwr run .` with SecAgg+: a run stopped after round 1 and resumed ends where an
+uninterrupted one ends.
+
+Three runs through one local SuperLink (3 simulated sites, 2 local steps, constant learning
+rate so that ``fed.num-rounds`` may grow on resume): 2 rounds uninterrupted; 1 round; the
+same run resumed with ``output.resume`` for round 2, in a fresh ServerApp process that has
+only the checkpoint. Every site is sampled (``fed.fraction-train = 1``): a simulation gives
+its nodes new ids each run, so only full cohorts are the same cohorts across runs (the
+resume of Poisson cohorts at q < 1, and of DP's epsilon, is checked in-process in
+tests/test_secagg.py and tests/test_engine.py, where node ids stay put).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.flwr_procs import flwr_run, local_superlink_pids, stop_pids
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+JOB = [
+    'fed.aggregation="secagg+"',
+    "output.local-only-baseline=false",
+    "train.local-steps=2",
+    'train.lr-schedule="constant"',
+]
+
+
+@pytest.fixture(scope="module")
+def secagg_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    home = tmp_path_factory.mktemp("flwr-home")
+    out = tmp_path_factory.mktemp("outputs")
+    cache = tmp_path_factory.mktemp("cache")
+    runs = {
+        "full": [*JOB, f'output.dir="{out}"', 'output.run-name="full"', "fed.num-rounds=2"],
+        "first": [*JOB, f'output.dir="{out}"', 'output.run-name="resumed"', "fed.num-rounds=1"],
+        "resumed": [
+            *JOB,
+            f'output.dir="{out}"',
+            'output.run-name="resumed"',
+            "fed.num-rounds=2",
+            "output.resume=true",
+            "fed.evaluate-every=2",  # evaluation settings may change on resume
+        ],
+    }
+    procs = {}
+    try:
+        for name, settings in runs.items():
+            procs[name] = flwr_run(
+                home, run_config=" ".join(settings), num_supernodes=3, timeout=600, cache=cache
+            )
+            output = procs[name].stdout + procs[name].stderr
+            assert procs[name].returncode == 0, output[-4000:]
+    finally:
+        stop_pids(local_superlink_pids(home))
+    return {"out": out, "resumed-output": procs["resumed"].stdout + procs["resumed"].stderr}
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def test_a_resumed_secagg_run_ends_with_the_uninterrupted_adapter(
+    secagg_runs: dict[str, Any],
+) -> None:
+    out: Path = secagg_runs["out"]
+    full, resumed = rows(out / "full"), rows(out / "resumed")
+    assert "Resuming" in secagg_runs["resumed-output"]
+    assert [r["round"] for r in resumed] == [1, 2]
+    assert all(r["aggregation"] == "secagg+" and r["secagg-failed"] is None for r in resumed)
+    # The clients train from the same global adapter with the same data order, so the only
+    # difference is SecAgg+'s stochastic rounding: within the bound it records per round.
+    bound = sum(r["secagg-error-bound"] for r in full) + 1e-6
+    a, b = final_adapter(out / "full"), final_adapter(out / "resumed")
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    assert worst <= bound, (worst, bound)
+    # a genuinely trained adapter, not the initial one twice
+    assert any(float(np.abs(a[k]).max()) > 0 for k in a if "lora_B" in k)
+
+
+def test_a_resumed_secagg_run_writes_the_same_summary(secagg_runs: dict[str, Any]) -> None:
+    out: Path = secagg_runs["out"]
+    full = json.loads((out / "full" / "summary.json").read_text())
+    resumed = json.loads((out / "resumed" / "summary.json").read_text())
+    assert resumed["resumed-after-round"] == 1
+    assert set(resumed) - {"resumed-after-round"} == set(full)
+    assert resumed["aggregation"] == full["aggregation"] == "secagg+"
+    assert resumed["rounds"] == full["rounds"] == 2
+    # evaluated every second round after the resume: round 2 (the last) only
+    assert rows(out / "resumed")[1]["eval-loss"] is not None
