@@ -41,10 +41,11 @@ from flower_llm.client import ClientSession, SiteIdentity
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.data import ClientData, prepare_client_data
 from flower_llm.privacy import calibrate_noise_multiplier, global_l2_norm
+from flower_llm.streams import RandomStreams
 from flower_llm.train import train_adapter
-from strategies.dp import DifferentialPrivacyFedAvg
+from strategies.dp import CentralDP, DifferentialPrivacyFedAvg
 from strategies.fedavg import WeightedFedAvg
-from strategies.rounds import RoundResult, federate
+from strategies.rounds import MessageRounds, RoundResult, federate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DELTA = 1e-5
@@ -138,19 +139,19 @@ def federation(
 ) -> dict[str, Any]:
     """Run ``rounds`` rounds; ``noise_multiplier=None`` is plain FedAvg of every site."""
     grid = InProcessGrid(sites)
-    inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1)
+    streams = RandomStreams(seed)  # seeded: a benchmark, not a deployment
+    inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1, train_rng=streams.train)
     strategy: WeightedFedAvg | DifferentialPrivacyFedAvg = inner
     if noise_multiplier is not None:
-        strategy = DifferentialPrivacyFedAvg(
-            inner,
-            mode="server-fixed",
+        central = CentralDP(
             noise_multiplier=noise_multiplier,
             clip_norm=clip_norm,
             sampling_rate=rate,
             delta=DELTA,
             min_sampled_clients=1,
-            seed=seed,
+            rng=streams.noise,
         )
+        strategy = DifferentialPrivacyFedAvg(inner, central, mode="server-fixed")
     start = adapter_state(sites.session.model)
     losses: list[float] = []
     epsilons: list[float] = []
@@ -163,12 +164,11 @@ def federation(
 
     started = time.perf_counter()
     federate(
-        strategy,
+        MessageRounds(strategy, timeout=600),
         grid,  # type: ignore[arg-type]
         wire.to_array_record(start),
         first_round=1,
         num_rounds=rounds,
-        timeout=600,
         train_config=lambda r: ConfigRecord(
             {
                 wire.SERVER_ROUND: r,

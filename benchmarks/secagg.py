@@ -2,7 +2,7 @@
 
 Synthetic clients (no model, no training) return ``global + a random update`` of a given
 size, so what is timed is the aggregation protocol alone: the project's plain Message-API
-path (``WeightedFedAvg``) against its SecAgg+ path (``server_apps.secagg.federate_secagg``
+path (``WeightedFedAvg``) against its SecAgg+ path (``strategies.secagg.SecAggRounds``
 with Flower's ``SecAggPlusWorkflow`` and the legacy ``client_apps.secagg`` app), both over
 Flower's in-process simulation runtime (Ray, one CPU per client actor). It also reports how
 far the SecAgg+ aggregate is from exact weighted FedAvg of the same updates, next to the
@@ -31,10 +31,11 @@ from flwr.serverapp import Grid, ServerApp
 from client_apps.secagg import make_app
 from flower_llm import secagg, wire
 from flower_llm.config import RunConfig, parse_run_config
+from flower_llm.streams import RandomStreams
 from flower_llm.train import TrainStats
-from server_apps.secagg import build_secagg_strategy, federate_secagg
 from strategies.fedavg import WeightedFedAvg
-from strategies.secagg import CountingGrid
+from strategies.rounds import RoundResult, federate
+from strategies.secagg import CountingGrid, SecAggRounds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_ARRAYS = 8
@@ -163,10 +164,20 @@ def secagg_rounds(
     """Rounds of the SecAgg+ path, with the distance to exact FedAvg of the same updates."""
     out: list[dict[str, Any]] = []
     current = {"state": state}
-    strategy = build_secagg_strategy(cfg)
     keys = secagg.ordered_keys(state)
+    streams = RandomStreams(cfg.seed)
+    mode = SecAggRounds(
+        cfg,
+        context,
+        keys,
+        evaluation=WeightedFedAvg(eval_rng=streams.evaluate),
+        train_rng=streams.train,
+    )
+    strategy = mode.strategy
 
-    def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
+    def on_round_end(result: RoundResult) -> None:
+        report, params = mode.last_report, mode.last_params
+        assert report is not None and params is not None
         before = current["state"]
         current["state"] = wire.from_array_record(result.arrays)
         partitions = list(range(len(report.sampled)))
@@ -194,9 +205,19 @@ def secagg_rounds(
             }
         )
 
-    federate_secagg(
-        grid, context, cfg, state, on_round_end=on_round_end, strategy=strategy, evaluate=False
-    )
+    try:
+        federate(
+            mode,
+            grid,
+            wire.to_array_record(state),
+            first_round=1,
+            num_rounds=rounds,
+            train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r, wire.LEARNING_RATE: 0.0}),
+            on_round_end=on_round_end,
+            evaluate=lambda _r: False,
+        )
+    finally:
+        mode.close()
     return out
 
 
