@@ -894,64 +894,6 @@ def test_a_key_exchange_stage_runs_without_importing_the_training_stack() -> Non
 
 
 @pytest.fixture(scope="module")
-def poisson_dp_run() -> dict[str, Any]:
-    """Three SecAgg+ rounds with DP at q = 0.5 over 6 sites (Poisson cohorts)."""
-    cfg = parse_run_config(
-        {
-            "fed.num-rounds": 3,
-            "fed.fraction-train": 0.5,
-            "fed.min-available-clients": 6,
-            "privacy.mode": "client-fixed",
-            "privacy.clip-norm": 0.5,
-            "privacy.noise-multiplier": 1.0,
-            "privacy.min-sampled-clients": 3,
-        }
-    )
-    start = {k: np.zeros(s, np.float32) for k, s in SYNTHETIC_SHAPES.items()}
-    out: dict[str, Any] = {"cfg": cfg, "rows": []}
-
-    def main(grid: Grid, context: Context) -> None:
-        central = CentralDP.from_config(cfg, np.random.default_rng(5))
-        mode = secagg_mode(cfg, context, central=central, seed=3)
-        out["sampler"] = mode.sampler
-
-        def on_round_end(result: RoundResult) -> None:
-            out["rows"].append({"sampled": len(result.report.sampled), **result.columns})
-
-        federate_synthetic(mode, grid, start, 3, on_round_end)
-        out["central"] = central
-
-    simulate(main, simulation_client_app(cfg, SYNTHETIC_SHAPES), num_supernodes=6)
-    return out
-
-
-@pytest.mark.slow
-def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
-    poisson_dp_run: dict[str, Any],
-) -> None:
-    # Prepare: dp-accounting's RDP accountant composing the event that ran each round
-    import dp_accounting
-
-    cfg: RunConfig = poisson_dp_run["cfg"]
-    event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0))
-    expected = []
-    for rounds in (1, 2, 3):
-        reference = dp_accounting.rdp.RdpAccountant()
-        reference.compose(event, rounds)
-        expected.append(reference.get_epsilon(cfg.privacy.delta))
-
-    # Execute
-    rows = poisson_dp_run["rows"]
-
-    # Assert: the sampler that drew the cohorts is the accounted Poisson(q) ...
-    assert poisson_dp_run["sampler"].kind == "poisson" and poisson_dp_run["sampler"].rate == 0.5
-    # ... every round released and was accounted, whatever its cohort size ...
-    assert [row["epsilon"] for row in rows] == pytest.approx(expected, rel=1e-3)
-    # ... with the fixed denominator m = round(q N) = 3
-    assert all(row["dp-expected-clients"] == 3 for row in rows)
-
-
-@pytest.fixture(scope="module")
 def timeout_run() -> dict[str, Any]:
     """One SecAgg+ round with fed.round-timeout = 12 s in which one of 4 sites is silent.
 
@@ -1082,3 +1024,29 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     client_level = s_resumed["privacy"]["client-level"]
     assert client_level["rounds-accounted"] == 3 and client_level["sampling"] == "poisson"
     assert client_level["epsilon"] == rows_full[-1]["epsilon"]
+
+
+@pytest.mark.slow
+def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
+    dp_resume_runs: dict[str, Any],
+) -> None:
+    # Prepare: dp-accounting's RDP accountant composing the event that ran, each round
+    import dp_accounting
+
+    event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(0.7))
+    expected = []
+    for rounds in (1, 2, 3):
+        reference = dp_accounting.rdp.RdpAccountant()
+        reference.compose(event, rounds)
+        expected.append(reference.get_epsilon(1e-5))
+
+    # Execute
+    full = dp_resume_runs["full"]
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+
+    # Assert: every round released and was accounted as Poisson(q = 0.5), whatever its
+    # cohort size, with the fixed denominator m = round(q N) = 3
+    assert [row["epsilon"] for row in rows] == pytest.approx(expected, rel=1e-3)
+    assert all(row["dp-expected-clients"] == 3 for row in rows)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["privacy"]["client-level"]["sampling-rate"] == 0.5
