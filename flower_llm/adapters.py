@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -126,9 +128,11 @@ def save_adapter(state: Mapping[str, np.ndarray], config: LoraConfig, out_dir: s
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_weights = out / f".{ADAPTER_WEIGHTS}.tmp"
+    # Unique temporary names: two writers (a merge and a server, say) never share one.
+    unique = f"{os.getpid()}.{time.monotonic_ns()}"
+    tmp_weights = out / f".{ADAPTER_WEIGHTS}.{unique}.tmp"
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, tmp_weights)
-    tmp_config = out / f".{ADAPTER_CONFIG}.tmp"
+    tmp_config = out / f".{ADAPTER_CONFIG}.{unique}.tmp"
     config_dict = config.to_dict()
     tmp_config.write_text(json.dumps(_jsonable(config_dict), indent=2, sort_keys=True))
     tmp_weights.replace(out / ADAPTER_WEIGHTS)

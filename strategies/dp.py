@@ -187,6 +187,8 @@ class CentralDP:
         self.accountant = make_accountant(self.noise_multiplier, self.sampling_rate, delta)
         self.sampler = PoissonSampler(self.sampling_rate)
         """The sampling the accountant composes; draw every DP round with it."""
+        self.rng_for_sampling = np.random.default_rng()
+        """Draws the cohorts; the owner sets it to the run's train-sampling stream."""
         self.update_noise_multiplier = self.noise_multiplier
         self.population: int | None = None
         self.expected_clients: int | None = None
@@ -254,9 +256,6 @@ class CentralDP:
                 self.expected_clients,
             )
         return self.sampler.sample(connected, self.rng_for_sampling)
-
-    rng_for_sampling: np.random.Generator
-    """Set by the owner: the train-sampling stream (secret under DP)."""
 
     def fix_population(self, population: int) -> None:
         """Fix ``N`` and ``m = round(q N)``; refuse too few expected clients."""
