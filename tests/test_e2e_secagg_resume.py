@@ -77,17 +77,20 @@ def test_a_resumed_secagg_run_ends_with_the_uninterrupted_adapter(
     out: Path = secagg_runs["out"]
     full, resumed = rows(out / "full"), rows(out / "resumed")
     assert "Resuming" in secagg_runs["resumed-output"]
-    assert [r["round"] for r in resumed] == [1, 2]
-    assert all(r["aggregation"] == "secagg+" and r["secagg-failed"] is None for r in resumed)
-    # The clients train from the same global adapter with the same data order, so the only
-    # difference is SecAgg+'s stochastic rounding: within the bound it records per round.
-    bound = sum(r["secagg-error-bound"] for r in full) + 1e-6
+    assert [r["round"] for r in resumed] == [r["round"] for r in full] == [1, 2]
+    for row in (*full, *resumed):
+        assert row["aggregation"] == "secagg+" and row["secagg-failed"] is None
+        assert row["clients-replied"] == 3
+    # The sites train on the same batches from the same round-1 adapter up to SecAgg+'s
+    # stochastic rounding (at most the recorded bound per value); round 2 trains in
+    # bfloat16 from there, where a one-ulp difference can flip a rounding. So: equal to
+    # float tolerance, far below what one round of training moves (checked below).
     a, b = final_adapter(out / "full"), final_adapter(out / "resumed")
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
-    assert worst <= bound, (worst, bound)
-    # a genuinely trained adapter, not the initial one twice
-    assert any(float(np.abs(a[k]).max()) > 0 for k in a if "lora_B" in k)
+    moved = max(float(np.abs(a[k]).max()) for k in a if "lora_B" in k)  # lora_B starts at 0
+    assert worst <= 1e-6 + 1e-3 * moved, (worst, moved)
+    assert moved > 1e-4  # a trained adapter, not the initial one twice
 
 
 def test_a_resumed_secagg_run_writes_the_same_summary(secagg_runs: dict[str, Any]) -> None:
