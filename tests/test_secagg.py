@@ -1023,6 +1023,8 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     assert set(s_resumed) - {"resumed-after-round"} == set(s_full)
     client_level = s_resumed["privacy"]["client-level"]
     assert client_level["rounds-accounted"] == 3 and client_level["sampling"] == "poisson"
+    assert s_resumed["privacy"]["warnings"] == s_full["privacy"]["warnings"] == []
+    assert "clients clip under SecAgg+" in client_level["caveat"]
     assert client_level["epsilon"] == rows_full[-1]["epsilon"]
 
 
