@@ -28,6 +28,10 @@ JOB = [
     "output.local-only-baseline=false",
     "train.local-steps=2",
     'train.lr-schedule="constant"',
+    # Not evaluated after round 1: in a simulation a site's cached session that evaluated
+    # trains its next round differently (by ~1e-2 on this model, see the engine report);
+    # a resumed run's fresh workers have evaluated nothing before round 2.
+    "fed.evaluate-every=2",
 ]
 
 
@@ -45,7 +49,7 @@ def secagg_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             'output.run-name="resumed"',
             "fed.num-rounds=2",
             "output.resume=true",
-            "fed.evaluate-every=2",  # evaluation settings may change on resume
+            "fed.evaluate-every=1",  # evaluation settings may change on resume
         ],
     }
     procs = {}
@@ -101,5 +105,7 @@ def test_a_resumed_secagg_run_writes_the_same_summary(secagg_runs: dict[str, Any
     assert set(resumed) - {"resumed-after-round"} == set(full)
     assert resumed["aggregation"] == full["aggregation"] == "secagg+"
     assert resumed["rounds"] == full["rounds"] == 2
-    # evaluated every second round after the resume: round 2 (the last) only
-    assert rows(out / "resumed")[1]["eval-loss"] is not None
+    # round 2 evaluated in both (every second round, then every round after the resume)
+    assert rows(out / "resumed")[1]["eval-loss"] == pytest.approx(
+        rows(out / "full")[1]["eval-loss"], rel=1e-3
+    )
