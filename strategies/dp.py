@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,12 +51,13 @@ from flower_llm import wire
 from flower_llm.adapters import AdapterState
 from flower_llm.config import DP_MODES, RunConfig
 from flower_llm.privacy import (
-    RdpAccountant,
+    DualAccountant,
     adaptive_clip_norm,
     adaptive_update_noise_multiplier,
     add_gaussian_noise,
     clip_update,
     dp_fedavg_noise_stddev,
+    epsilons,
     global_l2_norm,
     noisy_unclipped_fraction,
     would_exceed,
@@ -91,6 +92,8 @@ class PrivacyRound:
     """``m``, the fixed denominator."""
     noisy_unclipped_fraction: float | None = None
     """server-adaptive only: the noised fraction that drove the clip-norm update."""
+    epsilons: dict[str, float] = field(default_factory=dict)
+    """Both accountants' epsilons (``pld-epsilon``, ``rdp-epsilon``); ``epsilon`` is one."""
 
     def as_row(self) -> dict[str, Any]:
         """Keys as metrics.jsonl writes them."""
@@ -103,6 +106,7 @@ class PrivacyRound:
         }
         if self.noisy_unclipped_fraction is not None:
             row["dp-noisy-unclipped-fraction"] = self.noisy_unclipped_fraction
+        row.update({k: v for k, v in self.epsilons.items() if k != "epsilon"})
         return row
 
 
@@ -153,6 +157,7 @@ class DifferentialPrivacyFedAvg(Strategy):
         clip_learning_rate: float = 0.2,
         clipped_count_stddev: float | None = None,
         seed: int | None = None,
+        accountant: str = "pld",
     ) -> None:
         super().__init__()
         if mode not in DP_MODES or mode == "off":
@@ -173,7 +178,10 @@ class DifferentialPrivacyFedAvg(Strategy):
         self.clipped_count_stddev = clipped_count_stddev
         self.rng = np.random.default_rng(seed)
         # One round is the sampled Gaussian mechanism with (sigma, q), whatever the mode.
-        self.accountant = RdpAccountant(self.noise_multiplier, self.sampling_rate, delta)
+        # ``accountant`` (privacy.accountant) gives the headline epsilon; both are recorded.
+        self.accountant = DualAccountant(
+            accountant, self.noise_multiplier, self.sampling_rate, delta
+        )
         self.population: int | None = None
         self.expected_clients: int | None = None
         self.update_noise_multiplier = self.noise_multiplier
@@ -210,6 +218,7 @@ class DifferentialPrivacyFedAvg(Strategy):
             clip_learning_rate=p.clip_learning_rate,
             clipped_count_stddev=p.clipped_count_stddev or None,
             seed=seed,
+            accountant=p.accountant,
         )
 
     def _warn(self, message: str) -> None:
@@ -322,6 +331,7 @@ class DifferentialPrivacyFedAvg(Strategy):
         self.accountant.step()
         self.last_round = PrivacyRound(
             epsilon=self.epsilon(),
+            epsilons=epsilons(self.accountant),
             delta=self.accountant.delta,
             clip_norm=clip_norm,
             noise_stddev=stddev,
@@ -453,7 +463,8 @@ class DifferentialPrivacyFedAvg(Strategy):
         """What summary.json records about DP."""
         return {
             "mode": self.mode,
-            "epsilon": self.epsilon(),
+            "accountant": self.accountant.kind,
+            **epsilons(self.accountant),
             "delta": self.accountant.delta,
             "rounds-accounted": self.accountant.rounds,
             "noise-multiplier": self.noise_multiplier,
@@ -501,7 +512,7 @@ class DifferentialPrivacyFedAvg(Strategy):
             raise ValueError(
                 f"checkpoint was taken with privacy.mode = {state['mode']!r}, not {self.mode!r}"
             )
-        accountant = RdpAccountant.from_state_dict(state["accountant"])
+        accountant = DualAccountant.from_checkpoint(state["accountant"], self.accountant.kind)
         for key, saved, now in (
             ("privacy.noise-multiplier", accountant.noise_multiplier, self.noise_multiplier),
             ("fed.fraction-train", accountant.sampling_rate, self.sampling_rate),

@@ -794,3 +794,40 @@ def test_max_rounds_within_and_would_exceed_under_pld() -> None:
     assert budget > max_rounds_within(target, sigma, q, DELTA, accountant="rdp")
     assert accountant.rounds == budget
     assert accountant.epsilon() <= target < accountant.projected_epsilon()
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_an_rdp_only_checkpoint_resumes_with_both_accountants(kind: str) -> None:
+    # Prepare: what DP-FedAvg checkpoints held before PLD accounting
+    old = RdpAccountant(noise_multiplier=0.9, sampling_rate=0.25, delta=DELTA)
+    old.step(4)
+
+    # Execute
+    dual = DualAccountant.from_checkpoint(json.loads(json.dumps(old.state_dict())), kind)
+    dual.step(2)
+
+    # Assert
+    assert dual.kind == kind
+    assert dual.rounds == 6
+    assert dual.pld.epsilon() == epsilon_after(6, 0.9, 0.25, DELTA, accountant="pld")
+    assert dual.rdp.epsilon() == pytest.approx(
+        epsilon_after(6, 0.9, 0.25, DELTA, accountant="rdp"), rel=1e-12
+    )
+
+
+def test_an_rdp_only_checkpoint_with_overridden_rounds_is_refused() -> None:
+    old = RdpAccountant(noise_multiplier=0.9, sampling_rate=0.25, delta=DELTA)
+    old.step(2, sampling_rate=0.5)
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        DualAccountant.from_checkpoint(old.state_dict(), "pld")
+
+
+def test_the_config_accepts_exactly_the_accountants_there_are() -> None:
+    from flower_llm import config
+    from flower_llm.privacy import ACCOUNTANTS
+
+    assert config.ACCOUNTANTS == ACCOUNTANTS
+    assert config.parse_run_config({}).privacy.accountant == "pld"
+    assert config.parse_run_config({"privacy.accountant": "rdp"}).privacy.accountant == "rdp"
+    with pytest.raises(config.ConfigError, match=r"privacy\.accountant.*'prv'|'prv'.*pld"):
+        config.parse_run_config({"privacy.accountant": "prv"})

@@ -1038,6 +1038,32 @@ class DualAccountant:
         dual.pld, dual.rdp = pld, rdp
         return dual
 
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any], kind: str) -> DualAccountant:
+        """The accountant of a checkpoint, with ``kind`` (today's setting) as the headline.
+
+        Either kind may be the headline on resume, as both are kept and both are upper
+        bounds. A checkpoint from before PLD accounting holds only an RDP state; its PLD
+        history is rebuilt when the RDP vector is exactly ``rounds`` default rounds (always
+        so for DP-FedAvg, which never overrides), and refused otherwise.
+        """
+        kind = _check_kind(kind)
+        if isinstance(state, Mapping) and state.get("format") == _STATE_FORMAT:
+            rdp = RdpAccountant.from_state_dict(state)
+            dual = cls(kind, rdp.noise_multiplier, rdp.sampling_rate, rdp.delta)
+            if rdp.rounds:
+                dual.step(rdp.rounds)
+            if not np.allclose(dual.rdp.rdp, rdp.rdp, rtol=1e-12, atol=0.0):
+                raise ValueError(
+                    "accountant state: this RDP-only checkpoint composed rounds with other "
+                    "parameters than its defaults, so its PLD history cannot be rebuilt"
+                )
+            dual.rdp = rdp
+            return dual
+        dual = cls.from_state_dict(state)
+        dual._kind = kind
+        return dual
+
     def __repr__(self) -> str:
         return f"DualAccountant(headline={self._kind!r}, {self.pld!r}, {self.rdp!r})"
 
