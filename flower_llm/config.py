@@ -657,15 +657,9 @@ def _check_resume_combinations(cfg: RunConfig) -> None:
         "workflow, which this project does not checkpoint)",
         cfg.fed.aggregation,
     )
-    # Each site keeps its DP-SGD accountant and its local-only adapter in Flower's
-    # per-run node state, which a new run starts empty.
-    _require(
-        not cfg.privacy.dpsgd,
-        "privacy.dpsgd",
-        "cannot be resumed: each site's DP-SGD accountant lives in the run's node state "
-        "and would restart at zero, under-reporting epsilon",
-        cfg.privacy.dpsgd,
-    )
+    # Each site keeps its DP-SGD accountant in its own state store (flower_llm.site_state),
+    # which outlives the run; its local-only adapter still lives in Flower's per-run node
+    # state, which a new run starts empty.
     _require(
         not cfg.output.local_only_baseline,
         "output.local-only-baseline",

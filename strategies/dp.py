@@ -582,10 +582,16 @@ def privacy_summary(
         out["warnings"] = [*strategy.warnings, *out["warnings"]]
     if cfg.privacy.dpsgd:
         # Each site reports its own cumulative epsilon; the weakest site is the guarantee.
-        key = f"train/{wire.DPSGD_EPSILON}"
-        reported = [row[key] for row in history if isinstance(row.get(key), int | float)]
+        def max_over_sites(name: str) -> float | None:
+            key = f"train/{name}"
+            reported = [row[key] for row in history if isinstance(row.get(key), int | float)]
+            return max(reported) if reported else None
+
         out["sample-level"] = {
-            "epsilon-max-over-sites": max(reported) if reported else None,
+            "accountant": cfg.privacy.accountant,
+            "epsilon-max-over-sites": max_over_sites(wire.DPSGD_EPSILON),
+            "pld-epsilon-max-over-sites": max_over_sites(wire.DPSGD_PLD_EPSILON),
+            "rdp-epsilon-max-over-sites": max_over_sites(wire.DPSGD_RDP_EPSILON),
             "delta": cfg.privacy.dpsgd_delta,
             "noise-multiplier": cfg.privacy.dpsgd_noise_multiplier,
             "max-grad-norm": cfg.privacy.dpsgd_max_grad_norm,
