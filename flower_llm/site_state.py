@@ -7,8 +7,8 @@ directory at the site::
     <root>/<run key>/<site key>/<name>.json
 
 - ``root`` is the node-config key ``site-state-dir`` (a SuperNode's
-  ``--node-config "site-state-dir='/var/lib/flower-llm'"``), else
-  ``$XDG_CACHE_HOME/flower-llm/site-state`` (``~/.cache/...``).
+  ``--node-config "site-state-dir='/var/lib/flower-llm'"``), else ``site-state`` in the
+  project's cache, ``$FLOWER_LLM_CACHE`` or ``~/.cache/flower-llm``;
 - the run key is ``output.run-name`` (what a resume names; see :func:`run_key`), or
   ``run-<Flower run id>`` for an unnamed run, which cannot be resumed anyway;
 - the site key names the site's data (:meth:`flower_llm.client.SiteIdentity.key`), so the
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flower_llm.embedded import default_cache_root
+
 #: Node-config key of the directory that holds the state of the sites on this machine.
 SITE_STATE_DIR_KEY = "site-state-dir"
 
@@ -50,9 +52,8 @@ class SiteStateError(RuntimeError):
 
 
 def default_site_state_dir() -> Path:
-    """``$XDG_CACHE_HOME/flower-llm/site-state``, ``~/.cache/flower-llm/site-state`` without it."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "flower-llm" / "site-state"
+    """``site-state`` in the project's cache: ``$FLOWER_LLM_CACHE`` or ``~/.cache/flower-llm``."""
+    return default_cache_root() / "site-state"
 
 
 def site_state_dir(node_config: Mapping[str, Any]) -> Path:
