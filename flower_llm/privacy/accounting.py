@@ -44,12 +44,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-from dp_accounting import NeighboringRelation
-from dp_accounting.pld import privacy_loss_distribution
 from scipy import special
+
+if TYPE_CHECKING:
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 
 __all__ = [
     "ACCOUNTANTS",
@@ -612,7 +613,7 @@ _PLD_STATE_KEYS = frozenset(
 @functools.lru_cache(maxsize=64)
 def _one_round_pld(
     noise_multiplier: float, sampling_rate: float, interval: float
-) -> privacy_loss_distribution.PrivacyLossDistribution:
+) -> PrivacyLossDistribution:
     """PLD of one round of the Poisson-subsampled Gaussian, pessimistically discretised.
 
     Every choice that keeps the result an upper bound is spelled out rather than inherited:
@@ -620,7 +621,12 @@ def _one_round_pld(
     worst case (infinite loss); ``use_connect_dots`` (Doroshenko et al. 2022) is itself a
     pessimistic discretisation; the add-or-remove relation is the one RDP accounts. Building
     it is the slow part (~0.8 s at q < 1), hence the cache: a run's rounds share one.
+    dp-accounting is imported here, not at the top: it loads scipy.signal and scipy.stats
+    (~1 s), which a ClientApp that only clips (``privacy.mechanism``) must not pay for.
     """
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.pld import privacy_loss_distribution
+
     return privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         sensitivity=1.0,
@@ -635,7 +641,7 @@ def _one_round_pld(
 @functools.lru_cache(maxsize=256)
 def _composed_pld(
     noise_multiplier: float, sampling_rate: float, count: int, interval: float
-) -> privacy_loss_distribution.PrivacyLossDistribution:
+) -> PrivacyLossDistribution:
     """PLD of ``count`` rounds of ``(sigma, q)`` (dp-accounting's FFT self-composition, whose
     tail truncation is pessimistic too). With ``q = 1`` the ``count``-fold Gaussian is
     exactly one Gaussian of std ``sigma / sqrt(count)``, which avoids compounding the
