@@ -50,6 +50,31 @@ def test_an_entry_round_trips_and_leaves_no_temporary_file(tmp_path: Path) -> No
     assert sorted(p.name for p in path.parent.iterdir()) == ["dpsgd-accountant.json"]
 
 
+def test_a_failed_write_keeps_the_old_entry_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    store = SiteStateStore(tmp_path, "run", "site")
+    store.save("x", {"v": 1}, 1)
+
+    def crash(*_: object) -> None:
+        raise OSError("disk full")
+
+    # Execute: NaN is not JSON, so the first save fails before writing; the second fails
+    # after the temporary file is written, at the rename
+    with pytest.raises(ValueError):
+        store.save("x", {"v": float("nan")}, 2)
+    monkeypatch.setattr("flower_llm.site_state.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.save("x", {"v": 3}, 3)
+    monkeypatch.undo()
+
+    # Assert
+    entry = store.load("x")
+    assert entry is not None and entry.data == {"v": 1} and entry.run_id == 1
+    assert [p.name for p in store.directory.iterdir()] == ["x.json"]
+
+
 def test_runs_and_sites_never_share_a_file(tmp_path: Path) -> None:
     # Prepare
     a = SiteStateStore(tmp_path, "run-a", "partition-0-of-2")
