@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.secagg import AdapterTrainer, make_app
@@ -36,8 +36,6 @@ def sessions() -> SessionCache:
 
 
 LOCAL_ONLY_STATE = "local-only-adapter"
-# This site's DP-SGD accountant (Opacus RDP history as JSON), kept across rounds.
-DPSGD_ACCOUNTANT_STATE = "dpsgd-accountant"
 
 
 def session_for(context: Context) -> ClientSession:
@@ -74,15 +72,17 @@ def train(msg: Message, context: Context) -> Message:
     global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 
-    dpsgd_epsilon = None
+    dpsgd_epsilons = None
     if session.cfg.privacy.dpsgd:
-        kept_accountant = context.state.config_records.get(DPSGD_ACCOUNTANT_STATE)
-        history = str(kept_accountant["history"]) if kept_accountant is not None else None
-        state, dp_result = session.train_dp(global_state, learning_rate, history)
-        context.state[DPSGD_ACCOUNTANT_STATE] = ConfigRecord(
-            {"history": dp_result.accountant_state}
+        from flower_llm.client import site_store
+
+        # The site's accountant lives in its state store, which outlives the run: a
+        # resumed run continues this site's epsilon.
+        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
+        state, dp_result = session.train_dp(
+            global_state, learning_rate, server_round, store, context.run_id
         )
-        stats, dpsgd_epsilon = dp_result.stats, dp_result.epsilon
+        stats, dpsgd_epsilons = dp_result.stats, dp_result.epsilons
     else:
         state, stats = session.train(global_state, server_round, learning_rate)
     if wire.CLIP_NORM in config:
@@ -98,8 +98,10 @@ def train(msg: Message, context: Context) -> Message:
             wire.TRAIN_SECONDS: stats.seconds,
         }
     )
-    if dpsgd_epsilon is not None:
-        metrics[wire.DPSGD_EPSILON] = dpsgd_epsilon
+    if dpsgd_epsilons is not None:
+        metrics[wire.DPSGD_EPSILON] = dpsgd_epsilons["epsilon"]
+        metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
+        metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
     content = RecordDict(
         {wire.ARRAYS: wire.to_array_record(state, wire_dtype), wire.METRICS: metrics}
     )

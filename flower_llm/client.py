@@ -15,11 +15,14 @@ reload costs).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from flower_llm.adapters import AdapterState, adapter_state, apply_lora, load_ad
 from flower_llm.config import RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
 from flower_llm.models import BaseModel, describe, load_base_model
+from flower_llm.site_state import SiteStateEntry, SiteStateStore, run_key, site_state_dir
 from flower_llm.train import EvalStats, TrainStats, cycle_batches, evaluate, train_adapter
 
 if TYPE_CHECKING:  # opacus loads only when DP-SGD is on
@@ -59,6 +63,63 @@ class SiteIdentity:
                 f"[0, num-partitions = {num_partitions})"
             )
         return cls(data_path or None, partition_id, num_partitions)
+
+    def key(self) -> str:
+        """A file name for this site's kept state, stable across runs and processes.
+
+        ``partition-<id>-of-<n>`` in simulation; with a data file, its name and a hash of its
+        absolute path, so two sites on one machine never share state.
+        """
+        if self.data_path is None:
+            return f"partition-{self.partition_id}-of-{self.num_partitions}"
+        path = Path(self.data_path).expanduser().resolve()
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name).strip("._")[:60] or "data"
+        return f"data-{readable}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+#: Site-state entry of a site's DP-SGD accountant.
+DPSGD_ACCOUNTANT_ENTRY = "dpsgd-accountant"
+
+
+def site_store(
+    node_config: Mapping[str, Any], cfg: RunConfig, site: SiteIdentity, run_id: int
+) -> SiteStateStore:
+    """This site's state store for this run (see :mod:`flower_llm.site_state`)."""
+    return SiteStateStore(
+        site_state_dir(node_config), run_key(cfg.output.run_name, run_id), site.key()
+    )
+
+
+def continued_entry(
+    entry: SiteStateEntry | None, run_id: int, resume: bool, server_round: int, path: Path
+) -> SiteStateEntry | None:
+    """The kept entry this round continues from, or None to start afresh.
+
+    State written by this Flower run, or by an earlier one when this run resumes it
+    (``output.resume``), continues. A fresh run that reuses the run name (the server moved
+    the earlier run's directory aside) starts afresh, as its outputs do.
+    """
+    if entry is None:
+        return None
+    if entry.run_id != run_id and not resume:
+        log.warning(
+            "Site state %s was written by run %d; this is a new run of the same name "
+            "(output.resume = false), so it starts afresh",
+            path,
+            entry.run_id,
+        )
+        return None
+    last_round = entry.data.get("last-round")
+    if isinstance(last_round, int) and last_round >= server_round:
+        # The round ran here before the interruption and its update may have reached the
+        # server: its privacy loss is real, so it is counted again, never dropped.
+        log.warning(
+            "Site state %s already accounts round %d; round %d is accounted on top",
+            path,
+            last_round,
+            server_round,
+        )
+    return entry
 
 
 def derive_seed(*parts: int) -> int:
@@ -171,19 +232,28 @@ class ClientSession:
         self,
         global_state: AdapterState,
         learning_rate: float,
-        accountant_state: str | None = None,
+        server_round: int,
+        store: SiteStateStore,
+        run_id: int,
         seed: int | None = None,
     ) -> tuple[AdapterState, DpSgdResult]:
         """As :meth:`train`, with sample-level DP-SGD (``privacy.dpsgd-*`` settings).
 
-        ``accountant_state`` is the JSON the previous round returned in its
-        :class:`~flower_llm.privacy.dpsgd.DpSgdResult`: epsilon accumulates over rounds.
+        The site's accountant is read from ``store`` (see :func:`continued_entry`) and
+        written back after the round, so epsilon accumulates over rounds and over a resume.
         Batches and noise are drawn from an operating-system seed unless ``seed`` is given
         (tests): the run-config seed is public, and known noise protects nothing.
         """
         from flower_llm.privacy.dpsgd import train_adapter_dpsgd
 
         privacy = self.cfg.privacy
+        entry = continued_entry(
+            store.load(DPSGD_ACCOUNTANT_ENTRY),
+            run_id,
+            self.cfg.output.resume,
+            server_round,
+            store.path(DPSGD_ACCOUNTANT_ENTRY),
+        )
         load_adapter_state(self.model, global_state)
         result = train_adapter_dpsgd(
             self.model,
@@ -196,8 +266,14 @@ class ClientSession:
             max_grad_norm=privacy.dpsgd_max_grad_norm,
             delta=privacy.dpsgd_delta,
             pad_id=self.pad_id,
-            accountant_state=accountant_state,
+            accountant_state=entry.data["accountant"] if entry is not None else None,
+            accountant=privacy.accountant,
             seed=seed,
+        )
+        store.save(
+            DPSGD_ACCOUNTANT_ENTRY,
+            {"accountant": result.accountant_state, "last-round": server_round},
+            run_id,
         )
         # Read from the PEFT model, not Opacus' wrapper (whose keys gain "_module.").
         return adapter_state(self.model), result

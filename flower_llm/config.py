@@ -32,6 +32,8 @@ WEIGHTINGS = ("examples", "tokens")
 WIRE_DTYPES = ("float32", "float16")
 AGGREGATIONS = ("fedavg", "secagg+")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
+# flower_llm.privacy.accounting.ACCOUNTANTS, repeated so parsing a config loads no maths.
+ACCOUNTANTS = ("pld", "rdp")
 
 
 class ConfigError(ValueError):
@@ -378,6 +380,12 @@ class PrivacyConfig:
     delta: float = setting(
         1e-5, "privacy.delta", "delta of the (epsilon, delta) guarantee, in (0, 1)."
     )
+    accountant: str = setting(
+        "pld",
+        "privacy.accountant",
+        "Accountant of the headline epsilon, the budget stop and DP-SGD: pld (privacy loss "
+        "distributions, tighter) | rdp (Renyi DP); both epsilons are recorded.",
+    )
     min_sampled_clients: int = setting(
         2,
         "privacy.min-sampled-clients",
@@ -417,6 +425,7 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _one_of("privacy.mode", self.mode, DP_MODES)
+        _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
         for key, value in (
             ("privacy.noise-multiplier", self.noise_multiplier),
             ("privacy.target-epsilon", self.target_epsilon),
@@ -642,15 +651,9 @@ def _check_resume_combinations(cfg: RunConfig) -> None:
     """Refuse to resume what the server's checkpoint cannot restore (it lives on clients)."""
     if not cfg.output.resume:
         return
-    # Each site keeps its DP-SGD accountant and its local-only adapter in Flower's
-    # per-run node state, which a new run starts empty.
-    _require(
-        not cfg.privacy.dpsgd,
-        "privacy.dpsgd",
-        "cannot be resumed: each site's DP-SGD accountant lives in the run's node state "
-        "and would restart at zero, under-reporting epsilon",
-        cfg.privacy.dpsgd,
-    )
+    # Each site keeps its DP-SGD accountant in its own state store (flower_llm.site_state),
+    # which outlives the run; its local-only adapter still lives in Flower's per-run node
+    # state, which a new run starts empty.
     _require(
         not cfg.output.local_only_baseline,
         "output.local-only-baseline",

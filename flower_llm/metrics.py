@@ -53,6 +53,8 @@ TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
 TRAIN_EXAMPLES = prefixed("train", wire.NUM_EXAMPLES)
 TRAIN_TOKENS = prefixed("train", wire.NUM_TOKENS)
 DPSGD_EPSILON_COLUMN = prefixed("train", wire.DPSGD_EPSILON)
+DPSGD_PLD_EPSILON_COLUMN = prefixed("train", wire.DPSGD_PLD_EPSILON)
+DPSGD_RDP_EPSILON_COLUMN = prefixed("train", wire.DPSGD_RDP_EPSILON)
 CLIENTS_IN_SUM = "train/clients-in-sum"
 # Evaluation, pooled over the sites' held-out tokens
 EVAL_LOSS = prefixed("eval", wire.EVAL_LOSS)
@@ -63,6 +65,8 @@ EVAL_EXAMPLES = prefixed("eval", wire.NUM_EXAMPLES)
 EVAL_CLIENTS = "eval/clients"
 # Client-level DP (DP-FedAvg and SecAgg+ with DP)
 EPSILON = "epsilon"
+PLD_EPSILON = "pld-epsilon"
+RDP_EPSILON = "rdp-epsilon"
 DELTA = "delta"
 DP_CLIP_NORM = "dp-clip-norm"
 DP_NOISE_STDDEV = "dp-noise-stddev"
@@ -142,7 +146,19 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         DPSGD_EPSILON_COLUMN,
         "epsilon",
-        "Largest sample-level DP-SGD epsilon any replying site reports.",
+        "Largest sample-level DP-SGD epsilon any replying site reports (privacy.accountant).",
+        "privacy.dpsgd = true",
+    ),
+    Column(
+        DPSGD_PLD_EPSILON_COLUMN,
+        "epsilon",
+        "The same under the PLD accountant.",
+        "privacy.dpsgd = true",
+    ),
+    Column(
+        DPSGD_RDP_EPSILON_COLUMN,
+        "epsilon",
+        "The same under the exact RDP accountant.",
         "privacy.dpsgd = true",
     ),
     Column(CLIENTS_IN_SUM, "sites", "Sites whose masked update is in the SecAgg+ sum.", _SECAGG),
@@ -167,10 +183,12 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         EPSILON,
         "epsilon",
-        "Client-level epsilon spent after this round, at delta.",
+        "Client-level epsilon spent after this round, at delta, under privacy.accountant.",
         _DP,
         tensorboard="privacy/epsilon",
     ),
+    Column(PLD_EPSILON, "epsilon", "Client-level epsilon under the PLD accountant.", _DP),
+    Column(RDP_EPSILON, "epsilon", "Client-level epsilon under the exact RDP accountant.", _DP),
     Column(DELTA, "-", "The delta epsilon is reported at (privacy.delta).", _DP),
     Column(DP_CLIP_NORM, "L2", "Clip norm C the round used.", _DP),
     Column(

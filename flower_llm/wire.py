@@ -32,6 +32,9 @@ EVAL_TOKENS = "eval-tokens"
 TRAIN_SECONDS = "train-seconds"
 # Sample-level epsilon of a site under DP-SGD; the server keeps the maximum, never a mean.
 DPSGD_EPSILON = "dpsgd-epsilon"
+# The same under each accountant (DPSGD_EPSILON is the one privacy.accountant names).
+DPSGD_PLD_EPSILON = "dpsgd-pld-epsilon"
+DPSGD_RDP_EPSILON = "dpsgd-rdp-epsilon"
 
 # Config keys in instructions.
 SERVER_ROUND = "server-round"

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,16 +59,17 @@ from flower_llm.metrics import (
     DP_EXPECTED_CLIENTS,
     DP_NOISE_STDDEV,
     DP_NOISY_UNCLIPPED_FRACTION,
-    DPSGD_EPSILON_COLUMN,
     EPSILON,
+    prefixed,
 )
 from flower_llm.privacy import (
-    RdpAccountant,
+    DualAccountant,
     adaptive_clip_norm,
     adaptive_update_noise_multiplier,
     add_gaussian_noise,
     clip_update,
     dp_fedavg_noise_stddev,
+    epsilons,
     global_l2_norm,
     noisy_unclipped_fraction,
     would_exceed,
@@ -86,20 +87,22 @@ CLIENT_CLIP_TOLERANCE = 1e-4
 _STATE_FORMAT = "flower-llm/central-dp"
 _STATE_VERSION = 2
 
-#: The client-level accountant's class: ``step`` / ``epsilon`` / ``projected_epsilon`` /
-#: ``state_dict`` / ``from_state_dict``. Built only by :func:`make_accountant` and
-#: :func:`load_accountant`, so another accountant with that interface is a one-line swap.
-Accountant = RdpAccountant
+#: The client-level accountant: PLD and exact RDP kept in step, ``privacy.accountant`` the
+#: headline (epsilon, budget stop). Built only by :func:`make_accountant` and
+#: :func:`load_accountant`.
+Accountant = DualAccountant
 
 
-def make_accountant(noise_multiplier: float, sampling_rate: float, delta: float) -> Accountant:
+def make_accountant(
+    kind: str, noise_multiplier: float, sampling_rate: float, delta: float
+) -> Accountant:
     """The accountant of one round = the Poisson-subsampled Gaussian with ``(sigma, q)``."""
-    return Accountant(noise_multiplier, sampling_rate, delta)
+    return Accountant(kind, noise_multiplier, sampling_rate, delta)
 
 
-def load_accountant(state: Mapping[str, Any]) -> Accountant:
-    """An accountant continued from its ``state_dict()``."""
-    return Accountant.from_state_dict(state)
+def load_accountant(state: Mapping[str, Any], kind: str) -> Accountant:
+    """An accountant continued from its ``state_dict()`` (or a pre-PLD RDP-only state)."""
+    return Accountant.from_checkpoint(state, kind)
 
 
 class PrivacyError(RuntimeError):
@@ -120,6 +123,8 @@ class PrivacyRound:
     """``m``, the fixed denominator."""
     noisy_unclipped_fraction: float | None = None
     """server-adaptive only: the noised fraction that drove the clip-norm update."""
+    epsilons: Mapping[str, float] = field(default_factory=dict)
+    """Both accountants' epsilons (``pld-epsilon``, ``rdp-epsilon``) next to the headline."""
 
     def as_row(self) -> dict[str, Any]:
         """Keys as metrics.jsonl writes them."""
@@ -132,6 +137,7 @@ class PrivacyRound:
         }
         if self.noisy_unclipped_fraction is not None:
             row[DP_NOISY_UNCLIPPED_FRACTION] = self.noisy_unclipped_fraction
+        row.update({k: v for k, v in self.epsilons.items() if k != EPSILON})
         return row
 
 
@@ -173,6 +179,7 @@ class CentralDP:
         target_epsilon: float = 0.0,
         min_sampled_clients: int = 1,
         rng: np.random.Generator | None = None,
+        accountant: str = "pld",
     ) -> None:
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
@@ -184,7 +191,9 @@ class CentralDP:
         self.target_epsilon = float(target_epsilon)
         self.min_sampled_clients = int(min_sampled_clients)
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.accountant = make_accountant(self.noise_multiplier, self.sampling_rate, delta)
+        self.accountant = make_accountant(
+            accountant, self.noise_multiplier, self.sampling_rate, delta
+        )
         self.sampler = PoissonSampler(self.sampling_rate)
         """The sampling the accountant composes; draw every DP round with it."""
         self.rng_for_sampling = np.random.default_rng()
@@ -218,6 +227,7 @@ class CentralDP:
             target_epsilon=p.target_epsilon,
             min_sampled_clients=p.min_sampled_clients,
             rng=rng,
+            accountant=p.accountant,
         )
 
     def warn(self, message: str) -> None:
@@ -306,6 +316,7 @@ class CentralDP:
         self.accountant.step()
         self.last_round = PrivacyRound(
             epsilon=self.epsilon(),
+            epsilons=epsilons(self.accountant),
             delta=self.accountant.delta,
             clip_norm=used_clip,
             noise_stddev=stddev,
@@ -329,7 +340,8 @@ class CentralDP:
     def summary(self) -> dict[str, Any]:
         """What summary.json records about client-level DP."""
         return {
-            "epsilon": self.epsilon(),
+            "accountant": self.accountant.kind,
+            **epsilons(self.accountant),
             "delta": self.accountant.delta,
             "rounds-accounted": self.accountant.rounds,
             "noise-multiplier": self.noise_multiplier,
@@ -372,7 +384,7 @@ class CentralDP:
             raise ValueError(
                 f"not a central-DP state of version {_STATE_VERSION}: {state.get('format')!r}"
             )
-        accountant = load_accountant(state["accountant"])
+        accountant = load_accountant(state["accountant"], self.accountant.kind)
         for key, saved, now in (
             ("privacy.noise-multiplier", accountant.noise_multiplier, self.noise_multiplier),
             ("fed.fraction-train", accountant.sampling_rate, self.sampling_rate),
@@ -736,10 +748,16 @@ def privacy_summary(
         out["client-level"] = client_level
     if cfg.privacy.dpsgd:
         # Each site reports its own cumulative epsilon; the weakest site is the guarantee.
-        key = DPSGD_EPSILON_COLUMN
-        reported = [row[key] for row in history if isinstance(row.get(key), int | float)]
+        def max_over_sites(name: str) -> float | None:
+            key = prefixed("train", name)
+            reported = [row[key] for row in history if isinstance(row.get(key), int | float)]
+            return max(reported) if reported else None
+
         out["sample-level"] = {
-            "epsilon-max-over-sites": max(reported) if reported else None,
+            "accountant": cfg.privacy.accountant,
+            "epsilon-max-over-sites": max_over_sites(wire.DPSGD_EPSILON),
+            "pld-epsilon-max-over-sites": max_over_sites(wire.DPSGD_PLD_EPSILON),
+            "rdp-epsilon-max-over-sites": max_over_sites(wire.DPSGD_RDP_EPSILON),
             "delta": cfg.privacy.dpsgd_delta,
             "noise-multiplier": cfg.privacy.dpsgd_noise_multiplier,
             "max-grad-norm": cfg.privacy.dpsgd_max_grad_norm,

@@ -311,7 +311,6 @@ def test_a_key_newer_than_the_checkpoint_matches_at_its_default() -> None:
     ("overrides", "key"),
     [
         ({"output.run-name": ""}, "output.run-name"),
-        ({"privacy.dpsgd": True}, "privacy.dpsgd"),
         ({"output.local-only-baseline": True}, "output.local-only-baseline"),
     ],
 )
@@ -322,6 +321,12 @@ def test_resume_settings_that_cannot_work_fail_at_parse_time(
     run_config.update(overrides)
     with pytest.raises(ConfigError, match=f"'{key}'"):
         parse_run_config(run_config)
+
+
+def test_a_dpsgd_run_can_be_resumed() -> None:
+    # Each site keeps its DP-SGD accountant in its site-state store (tests/test_site_state.py).
+    cfg = parse_run_config({"output.resume": True, "output.run-name": "run", "privacy.dpsgd": True})
+    assert cfg.output.resume and cfg.privacy.dpsgd
 
 
 # --------------------------------------------------------------------------------------

@@ -313,8 +313,12 @@ def test_update_is_divided_by_the_expected_cohort_not_the_realised_one() -> None
 # --------------------------------------------------------------------------------------
 
 
-def dp_accounting_epsilon(sigma: float, q: float, rounds: int, delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant()
+def dp_accounting_epsilon(
+    sigma: float, q: float, rounds: int, delta: float, kind: str = "pld"
+) -> float:
+    accountant = (
+        dp_accounting.pld.PLDAccountant() if kind == "pld" else dp_accounting.rdp.RdpAccountant()
+    )
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     accountant.compose(event, rounds)
     return float(accountant.get_epsilon(delta))
@@ -337,9 +341,15 @@ def test_accountant_steps_once_per_round_with_q_and_sigma(mode: str) -> None:
         one_round(strategy, grid, reference, lambda _n, _m: reference, server_round=r)
         assert strategy.accountant.rounds == r
         epsilons.append(strategy.epsilon())
-        assert epsilons[-1] == pytest.approx(dp_accounting_epsilon(sigma, q, r, delta), rel=0.01)
+        assert epsilons[-1] == pytest.approx(dp_accounting_epsilon(sigma, q, r, delta), rel=1e-9)
         assert strategy.last_round is not None
         assert strategy.last_round.epsilon == epsilons[-1]
+        row = strategy.last_round.as_row()
+        assert row["pld-epsilon"] == epsilons[-1]
+        assert row["rdp-epsilon"] == pytest.approx(
+            dp_accounting_epsilon(sigma, q, r, delta, "rdp"), rel=0.01
+        )
+        assert row["rdp-epsilon"] > row["pld-epsilon"]
     assert all(b > a for a, b in itertools.pairwise(epsilons))
 
 

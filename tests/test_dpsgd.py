@@ -1,11 +1,14 @@
 """Sample-level DP-SGD with Opacus on the tiny NF4 model: LoRA-only updates, DP-off equals
-plain training, the accountant survives rounds, empty Poisson batches are stepped."""
+plain training, the project's accountant (checked against dp-accounting) survives rounds,
+empty Poisson batches are stepped and accounted."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
@@ -14,11 +17,11 @@ from flower_llm.adapters import adapter_state, apply_lora, load_adapter_state
 from flower_llm.config import parse_run_config
 from flower_llm.data import Collator, Example
 from flower_llm.models import load_base_model, quantized_linear_layers
+from flower_llm.privacy import DualAccountant, epsilon_after
 from flower_llm.privacy.dpsgd import (
-    accountant_from_json,
-    accountant_to_json,
-    epsilon_of,
     example_losses,
+    poisson_sampling_rate,
+    site_accountant,
     train_adapter_dpsgd,
 )
 from flower_llm.train import token_losses, train_adapter
@@ -174,8 +177,16 @@ def test_dpsgd_without_noise_or_clipping_matches_plain_training(tiny_model_dir: 
 # --------------------------------------------------------------------------------------
 
 
+def dp_accounting_pld(sigma: float, q: float, steps: int, delta: float) -> float:
+    reference = dp_accounting.pld.PLDAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    reference.compose(event, steps)
+    return float(reference.get_epsilon(delta))
+
+
 def test_epsilon_accumulates_across_rounds_through_json(tiny_model_dir: Path) -> None:
-    # Prepare
+    # Prepare: RDP as the headline here; the PLD headline is the default everywhere else
+    kind = "rdp"
     model = peft_model(tiny_model_dir)
     examples = same_length_examples(model.config.vocab_size, 40)
     settings: dict[str, Any] = dict(
@@ -183,7 +194,8 @@ def test_epsilon_accumulates_across_rounds_through_json(tiny_model_dir: Path) ->
     )
 
     # Execute: three rounds, the accountant travelling as JSON in between
-    state, epsilons = None, []
+    state: dict[str, Any] | None = None
+    epsilons = []
     for round_seed in range(3):
         result = train_adapter_dpsgd(
             model,
@@ -191,25 +203,40 @@ def test_epsilon_accumulates_across_rounds_through_json(tiny_model_dir: Path) ->
             delta=1e-5,
             pad_id=0,
             accountant_state=state,
+            accountant=kind,
             seed=round_seed,
             **settings,
         )
-        state = result.accountant_state
+        state = json.loads(json.dumps(result.accountant_state, allow_nan=False))
         epsilons.append(result.epsilon)
 
-    # Assert: strictly increasing, and equal to one accountant that took all 12 steps
+    # Assert: strictly increasing; after 12 steps at q = 8/40 the PLD epsilon is
+    # dp-accounting's and the RDP one is the project's exact RDP, the headline the chosen one
     assert epsilons[0] < epsilons[1] < epsilons[2]
-    reference = accountant_from_json(None)
-    for _ in range(12):
-        reference.step(noise_multiplier=1.1, sample_rate=8 / 40)
-    assert epsilons[-1] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
-    assert epsilon_of(state, 1e-5) == pytest.approx(epsilons[-1], rel=1e-9)
-    assert accountant_to_json(accountant_from_json(state)) == state
+    pld = dp_accounting_pld(1.1, 0.2, 12, 1e-5)
+    rdp = epsilon_after(12, 1.1, 0.2, 1e-5, accountant="rdp")
+    assert result.epsilons["pld-epsilon"] == pytest.approx(pld, rel=1e-9)
+    assert result.epsilons["rdp-epsilon"] == pytest.approx(rdp, rel=1e-12)
+    assert result.epsilon == result.epsilons[f"{kind}-epsilon"] == epsilons[-1]
+    assert result.epsilons["pld-epsilon"] < result.epsilons["rdp-epsilon"]
+    assert state is not None
+    resumed = DualAccountant.from_checkpoint(state, kind)
+    assert resumed.pld.events == [(1.1, 0.2, 12)]
+    assert resumed.epsilon() == epsilons[-1]
 
 
-def test_accountant_state_of_another_mechanism_is_refused() -> None:
-    with pytest.raises(ValueError, match="RDP"):
-        accountant_from_json('{"mechanism": "prv", "history": []}')
+def test_a_kept_accountant_at_another_delta_is_refused() -> None:
+    kept = DualAccountant("pld", 1.0, 0.1, 1e-5)
+    kept.step(3)
+    with pytest.raises(ValueError, match="dpsgd-delta"):
+        site_accountant(kept.state_dict(), "pld", 1.0, 0.1, 1e-6)
+
+
+@pytest.mark.parametrize(("n", "batch", "q"), [(40, 8, 0.2), (10, 4, 1 / 3), (3, 5, 1.0)])
+def test_the_sampling_rate_is_one_over_the_batches_of_an_epoch(
+    n: int, batch: int, q: float
+) -> None:
+    assert poisson_sampling_rate(n, batch) == pytest.approx(q, rel=1e-15)
 
 
 def test_empty_poisson_batches_still_step_and_count(tiny_model_dir: Path) -> None:
@@ -232,6 +259,32 @@ def test_empty_poisson_batches_still_step_and_count(tiny_model_dir: Path) -> Non
     )
 
     # Assert: all 25 steps were accounted even though fewer than 25 batches held data
-    history = accountant_from_json(result.accountant_state).history
-    assert history == [(1.0, pytest.approx(1 / 3), 25)]
+    events = DualAccountant.from_checkpoint(result.accountant_state, "pld").pld.events
+    assert events == [(1.0, pytest.approx(1 / 3), 25)]
     assert result.stats.steps == 25
+    assert result.stats.examples < 25 * 3
+
+
+def test_fixed_batches_are_accounted_without_amplification(tiny_model_dir: Path) -> None:
+    # Prepare
+    model = peft_model(tiny_model_dir)
+    examples = same_length_examples(model.config.vocab_size, 16)
+
+    # Execute
+    result = train_adapter_dpsgd(
+        model,
+        examples,
+        steps=2,
+        batch_size=8,
+        learning_rate=1e-3,
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        pad_id=0,
+        seed=0,
+        poisson_sampling=False,
+    )
+
+    # Assert: q = 1, not Opacus' 1 / len(loader) = 0.5
+    events = DualAccountant.from_checkpoint(result.accountant_state, "pld").pld.events
+    assert events == [(2.0, 1.0, 2)]

@@ -97,14 +97,17 @@ RESUME_SIGMA = 1.0
 
 @pytest.fixture(scope="module")
 def dp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A server-fixed DP run of one round, then the same run resumed for a second round.
+    """A server-fixed DP run with DP-SGD of one round, then the same run resumed for a second.
 
     The first run ends after round 1 as a crashed one would have after its checkpoint:
-    the second `flwr run` starts a fresh ServerApp process that only has the checkpoint.
+    the second `flwr run` starts a fresh ServerApp process that only has the checkpoint, and
+    fresh ClientApps whose Flower node state is empty (the sites' DP-SGD accountants are in
+    their site-state directories under the cache).
     """
     home = tmp_path_factory.mktemp("flwr-home")
     out = tmp_path_factory.mktemp("outputs")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = out / "cache"  # the sites' site-state directories are under it
+    cache.mkdir()
     settings = [
         f'output.dir="{out}"',
         'output.run-name="dp-resumed"',
@@ -115,6 +118,8 @@ def dp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"privacy.noise-multiplier={RESUME_SIGMA}",
         "privacy.clip-norm=0.1",
         f"privacy.delta={DELTA}",
+        "privacy.dpsgd=true",
+        f"privacy.dpsgd-noise-multiplier={RESUME_SIGMA}",
     ]
     try:
         first = flwr_run(
@@ -137,6 +142,7 @@ def dp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
     assert "Resuming" in output, output[-4000:]
+    assert not list(out.glob("*.previous-*")), "the resumed run must not start over"
     return out / "dp-resumed"
 
 
@@ -155,3 +161,28 @@ def test_a_resumed_dp_run_continues_the_epsilon_of_one_uninterrupted_run(
     assert client_level["rounds-accounted"] == 2
     assert client_level["epsilon"] == pytest.approx(expected[1], rel=1e-9)
     assert client_level["delta"] == DELTA
+
+
+def test_a_resumed_dpsgd_run_continues_every_sites_epsilon(dp_resumed: Path) -> None:
+    # Prepare: each site's kept accountant (one local step per round, 2 rounds)
+    from flower_llm.privacy import DualAccountant
+
+    state_dir = dp_resumed.parent / "cache" / "site-state" / "dp-resumed"
+    files = sorted(state_dir.glob("partition-*-of-2/dpsgd-accountant.json"))
+    assert len(files) == 2, list(state_dir.rglob("*"))
+    kept = [json.loads(f.read_text()) for f in files]
+    accountants = [DualAccountant.from_checkpoint(k["data"]["accountant"], "pld") for k in kept]
+
+    # Assert: two steps composed on every site (a restarted accountant would hold one), and
+    # the recorded maximum over sites is the epsilon of exactly those two steps
+    history = rows(dp_resumed)
+    for accountant in accountants:
+        ((sigma, q, steps),) = accountant.pld.events
+        assert (sigma, steps) == (RESUME_SIGMA, 2)
+        assert accountant.epsilon() == epsilon_after(2, RESUME_SIGMA, q, DELTA)
+    assert {k["data"]["last-round"] for k in kept} == {2}
+    dpsgd = [row["train/dpsgd-epsilon"] for row in history]
+    assert dpsgd[1] == pytest.approx(max(a.epsilon() for a in accountants), rel=1e-12)
+    assert dpsgd[1] > dpsgd[0]
+    assert history[1]["train/dpsgd-rdp-epsilon"] > dpsgd[1]
+    assert history[1]["rdp-epsilon"] > history[1]["epsilon"] == history[1]["pld-epsilon"]

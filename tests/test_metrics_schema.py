@@ -57,6 +57,8 @@ def fedavg_row() -> dict[str, object]:
         wire.TRAIN_LOSS: 1.5,
         wire.TRAIN_SECONDS: 2.0,
         wire.DPSGD_EPSILON: 0.7,
+        wire.DPSGD_PLD_EPSILON: 0.7,
+        wire.DPSGD_RDP_EPSILON: 0.8,
     }
     _, train_metrics = strategy.aggregate_train(1, [reply(m, train) for m in messages])
     evaluation = {

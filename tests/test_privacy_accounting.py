@@ -1,4 +1,6 @@
-"""RDP accountant: against dp-accounting, Opacus and numerical integration; golden values.
+"""Accountants: RDP against dp-accounting, Opacus and numerical integration, golden values;
+PLD against dp-accounting's own PLD accountant and the exact Gaussian mechanism; both behind
+one interface, checkpointed, calibrated.
 
 References, all independent of the code under test:
 - dp-accounting's ``RdpAccountant`` with ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``.
@@ -28,14 +30,20 @@ from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
-from scipy import integrate
+from scipy import integrate, optimize, stats
 
 from flower_llm.privacy import (
     DEFAULT_ORDERS,
+    Accountant,
+    DualAccountant,
+    PldAccountant,
     RdpAccountant,
+    accountant_from_state_dict,
     calibrate_noise_multiplier,
     compute_rdp,
     epsilon_after,
+    epsilons,
+    make_accountant,
     max_rounds_within,
     rdp_to_epsilon,
     would_exceed,
@@ -132,7 +140,7 @@ def test_epsilon_matches_dp_accounting_at_integer_orders(
     reference, _ = dp_rdp_module.compute_epsilon(INTEGER_ORDERS, reference_rdp, DELTA)
 
     # Execute
-    ours = epsilon_after(rounds, sigma, q, DELTA, INTEGER_ORDERS)
+    ours = epsilon_after(rounds, sigma, q, DELTA, INTEGER_ORDERS, accountant="rdp")
     ours_rdp = rounds * compute_rdp(sigma, q, INTEGER_ORDERS)
 
     # Assert: the brief asks for 1%; the two evaluate the same finite sum.
@@ -148,7 +156,7 @@ def test_fractional_orders_are_never_looser_than_dp_accounting(
     reference, reference_rdp = dp_accounting_reference(sigma, q, rounds, MIXED_ORDERS)
 
     # Execute
-    ours = epsilon_after(rounds, sigma, q, DELTA, MIXED_ORDERS)
+    ours = epsilon_after(rounds, sigma, q, DELTA, MIXED_ORDERS, accountant="rdp")
     ours_rdp = rounds * compute_rdp(sigma, q, MIXED_ORDERS)
 
     # Assert: its absolute-value series bounds the signed one from above, order by order (up
@@ -163,7 +171,7 @@ def test_fractional_orders_are_never_looser_than_dp_accounting(
 @pytest.mark.parametrize(("sigma", "q", "rounds"), GRID)
 def test_epsilon_matches_opacus(sigma: float, q: float, rounds: int) -> None:
     # Execute
-    ours = epsilon_after(rounds, sigma, q, DELTA, MIXED_ORDERS)
+    ours = epsilon_after(rounds, sigma, q, DELTA, MIXED_ORDERS, accountant="rdp")
 
     # Assert: the brief asks for 1%; both evaluate the signed series.
     assert ours == pytest.approx(opacus_reference(sigma, q, rounds, MIXED_ORDERS), rel=1e-6)
@@ -172,7 +180,7 @@ def test_epsilon_matches_opacus(sigma: float, q: float, rounds: int) -> None:
 @pytest.mark.parametrize(("sigma", "q", "rounds"), [(0.5, 0.5, 100), (5.0, 0.01, 1)])
 def test_default_orders_match_opacus(sigma: float, q: float, rounds: int) -> None:
     orders = tuple(DEFAULT_ORDERS)
-    ours = epsilon_after(rounds, sigma, q, DELTA)
+    ours = epsilon_after(rounds, sigma, q, DELTA, accountant="rdp")
     assert ours == pytest.approx(opacus_reference(sigma, q, rounds, orders), rel=1e-6)
 
 
@@ -264,7 +272,9 @@ GOLDEN = [
 
 @pytest.mark.parametrize(("sigma", "q", "rounds", "expected"), GOLDEN)
 def test_golden_epsilons(sigma: float, q: float, rounds: int, expected: float) -> None:
-    assert epsilon_after(rounds, sigma, q, DELTA) == pytest.approx(expected, rel=1e-9)
+    assert epsilon_after(rounds, sigma, q, DELTA, accountant="rdp") == pytest.approx(
+        expected, rel=1e-9
+    )
 
 
 def test_full_participation_is_the_plain_gaussian_mechanism() -> None:
@@ -315,8 +325,8 @@ def test_no_noise_means_infinite_epsilon() -> None:
     accountant.step()
     assert accountant.epsilon() == math.inf
     assert math.isnan(accountant.best_order())
-    assert epsilon_after(3, 0.0, 0.5, DELTA) == math.inf
-    assert max_rounds_within(10.0, 0.0, 0.5, DELTA) == 0
+    assert epsilon_after(3, 0.0, 0.5, DELTA, accountant="rdp") == math.inf
+    assert max_rounds_within(10.0, 0.0, 0.5, DELTA, accountant="rdp") == 0
 
 
 def test_state_dict_round_trip_resumes_exactly() -> None:
@@ -445,15 +455,15 @@ def test_step_rejects_bad_counts_and_overrides() -> None:
 def test_max_rounds_within_is_the_last_round_within_target(
     target: float, sigma: float, q: float
 ) -> None:
-    rounds = max_rounds_within(target, sigma, q, DELTA)
+    rounds = max_rounds_within(target, sigma, q, DELTA, accountant="rdp")
     assert rounds >= 1
-    assert epsilon_after(rounds, sigma, q, DELTA) <= target
-    assert epsilon_after(rounds + 1, sigma, q, DELTA) > target
+    assert epsilon_after(rounds, sigma, q, DELTA, accountant="rdp") <= target
+    assert epsilon_after(rounds + 1, sigma, q, DELTA, accountant="rdp") > target
 
 
 def test_max_rounds_within_is_zero_when_one_round_is_too_many() -> None:
-    assert epsilon_after(1, 0.5, 1.0, DELTA) > 1.0
-    assert max_rounds_within(1.0, 0.5, 1.0, DELTA) == 0
+    assert epsilon_after(1, 0.5, 1.0, DELTA, accountant="rdp") > 1.0
+    assert max_rounds_within(1.0, 0.5, 1.0, DELTA, accountant="rdp") == 0
 
 
 @pytest.mark.parametrize(
@@ -463,11 +473,11 @@ def test_calibrated_sigma_is_the_smallest_within_target(
     target: float, rounds: int, q: float
 ) -> None:
     # Execute
-    sigma = calibrate_noise_multiplier(target, DELTA, rounds, q)
+    sigma = calibrate_noise_multiplier(target, DELTA, rounds, q, accountant="rdp")
 
     # Assert
-    assert epsilon_after(rounds, sigma, q, DELTA) <= target
-    assert epsilon_after(rounds, 0.99 * sigma, q, DELTA) > target
+    assert epsilon_after(rounds, sigma, q, DELTA, accountant="rdp") <= target
+    assert epsilon_after(rounds, 0.99 * sigma, q, DELTA, accountant="rdp") > target
 
 
 @pytest.mark.parametrize(
@@ -497,7 +507,7 @@ def test_calibration_rejects_bad_tolerance() -> None:
 def test_would_exceed_stops_before_the_budget_is_spent() -> None:
     # Prepare
     target, sigma, q = 2.0, 1.0, 0.05
-    budget = max_rounds_within(target, sigma, q, DELTA)
+    budget = max_rounds_within(target, sigma, q, DELTA, accountant="rdp")
     accountant = RdpAccountant(noise_multiplier=sigma, sampling_rate=q, delta=DELTA)
 
     # Execute: a server loop that asks before every round
@@ -526,8 +536,298 @@ FAST_ORDERS = (1.5, 2.0, 3.0, 4.5, 8.0, 16.0, 32.0, 64.0, 256.0)
 )
 def test_epsilon_is_monotone_in_noise_and_rounds(sigma: float, q: float, rounds: int) -> None:
     # Up to rounding: near q = 1 the series (with its rounding margin) meets the closed form.
-    eps = epsilon_after(rounds, sigma, q, DELTA, FAST_ORDERS)
+    eps = epsilon_after(rounds, sigma, q, DELTA, FAST_ORDERS, accountant="rdp")
     slack = 1e-12 * eps
-    assert epsilon_after(rounds, sigma * 1.1, q, DELTA, FAST_ORDERS) <= eps + slack
-    assert epsilon_after(rounds + 1, sigma, q, DELTA, FAST_ORDERS) >= eps - slack
-    assert epsilon_after(rounds, sigma, min(1.0, q * 1.1), DELTA, FAST_ORDERS) >= eps - slack
+    assert (
+        epsilon_after(rounds, sigma * 1.1, q, DELTA, FAST_ORDERS, accountant="rdp") <= eps + slack
+    )
+    assert epsilon_after(rounds + 1, sigma, q, DELTA, FAST_ORDERS, accountant="rdp") >= eps - slack
+    assert (
+        epsilon_after(rounds, sigma, min(1.0, q * 1.1), DELTA, FAST_ORDERS, accountant="rdp")
+        >= eps - slack
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PLD accountant
+# ---------------------------------------------------------------------------------------------
+
+# The two DP-FedAvg runs measured in issue 11 and one DP-SGD-like run (many small steps).
+ISSUE_RUNS = [(0.9, 0.25, 6), (1.3, 0.5, 4), (1.0, 0.0625, 300)]
+
+
+def dp_accounting_pld(events: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """dp-accounting's own PLD accountant over ``(sigma, q, count)`` events, default settings."""
+    reference = dp_accounting.pld.PLDAccountant()
+    for sigma, q, count in events:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        reference.compose(event, count)
+    return float(reference.get_epsilon(delta))
+
+
+def gaussian_mechanism_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of the Gaussian mechanism with sensitivity 1 (Balle & Wang 2018, Thm. 8):
+    the root of ``Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s) = delta``."""
+
+    def excess(eps: float) -> float:
+        a, b = 1 / (2 * sigma) - eps * sigma, -1 / (2 * sigma) - eps * sigma
+        return float(stats.norm.cdf(a) - math.exp(eps) * stats.norm.cdf(b)) - delta
+
+    return float(optimize.brentq(excess, 0.0, 100.0, xtol=1e-14))
+
+
+@pytest.mark.parametrize(("sigma", "q", "rounds"), [*ISSUE_RUNS, (2.0, 0.01, 50)])
+def test_pld_epsilon_matches_dp_accountings_pld_accountant(
+    sigma: float, q: float, rounds: int
+) -> None:
+    # Prepare
+    accountant = PldAccountant(noise_multiplier=sigma, sampling_rate=q, delta=DELTA)
+
+    # Execute
+    accountant.step(rounds)
+
+    # Assert
+    assert accountant.epsilon() == pytest.approx(dp_accounting_pld([(sigma, q, rounds)]), rel=1e-9)
+
+
+def test_pld_composes_rounds_that_differ_as_dp_accounting_does() -> None:
+    # Prepare: an override in the middle, as a DP-SGD site whose data grew between runs
+    events = [(1.1, 0.1, 3), (0.8, 0.05, 2), (1.1, 0.1, 1)]
+    accountant = PldAccountant(noise_multiplier=1.1, sampling_rate=0.1, delta=DELTA)
+
+    # Execute
+    accountant.step(3)
+    accountant.step(2, noise_multiplier=0.8, sampling_rate=0.05)
+    accountant.step()
+
+    # Assert
+    assert accountant.rounds == 6
+    assert accountant.events == events
+    assert accountant.epsilon() == pytest.approx(dp_accounting_pld(events), rel=1e-9)
+
+
+@pytest.mark.parametrize(("sigma", "rounds"), [(1.0, 1), (2.0, 4), (5.0, 30)])
+def test_pld_epsilon_is_an_upper_bound_within_1e3_of_the_exact_gaussian(
+    sigma: float, rounds: int
+) -> None:
+    # Prepare: q = 1, where the exact epsilon is known in closed form; T rounds of sigma are
+    # one Gaussian of sigma / sqrt(T)
+    exact = gaussian_mechanism_epsilon(sigma / math.sqrt(rounds), DELTA)
+    accountant = PldAccountant(noise_multiplier=sigma, sampling_rate=1.0, delta=DELTA)
+
+    # Execute
+    accountant.step(rounds)
+
+    # Assert: pessimistic discretisation errs only upwards, and only a little
+    assert exact <= accountant.epsilon() <= exact * (1 + 1e-3)
+
+
+def test_a_finer_pld_grid_gives_a_smaller_or_equal_epsilon() -> None:
+    # Prepare
+    coarse = PldAccountant(1.0, 0.1, DELTA, value_discretization_interval=1e-3)
+    fine = PldAccountant(1.0, 0.1, DELTA, value_discretization_interval=1e-4)
+
+    # Execute
+    coarse.step(20)
+    fine.step(20)
+
+    # Assert: both are upper bounds; the coarse one is the looser
+    assert fine.epsilon() <= coarse.epsilon()
+    assert coarse.epsilon() < 1.05 * fine.epsilon()
+
+
+@pytest.mark.parametrize(("sigma", "q", "rounds"), ISSUE_RUNS)
+def test_pld_epsilon_is_below_rdp_on_the_same_runs(sigma: float, q: float, rounds: int) -> None:
+    # Execute
+    pld = epsilon_after(rounds, sigma, q, DELTA, accountant="pld")
+    rdp = epsilon_after(rounds, sigma, q, DELTA, accountant="rdp")
+
+    # Assert: the issue measured 9-16 % on the two DP-FedAvg runs
+    assert pld < 0.93 * rdp
+
+
+def test_pld_state_round_trip_continues_the_same_epsilon() -> None:
+    # Prepare
+    uninterrupted = PldAccountant(noise_multiplier=1.1, sampling_rate=0.02, delta=DELTA)
+    uninterrupted.step(30)
+    uninterrupted.step(5, sampling_rate=0.04)
+    interrupted = PldAccountant(noise_multiplier=1.1, sampling_rate=0.02, delta=DELTA)
+    interrupted.step(20)
+
+    # Execute: save as strict JSON, load, go on
+    saved = json.dumps(interrupted.state_dict(), allow_nan=False)
+    resumed = accountant_from_state_dict(json.loads(saved))
+    assert isinstance(resumed, PldAccountant)
+    resumed.step(10)
+    resumed.step(5, sampling_rate=0.04)
+
+    # Assert
+    assert resumed.rounds == uninterrupted.rounds == 35
+    assert resumed.events == uninterrupted.events
+    assert resumed.epsilon() == uninterrupted.epsilon()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "flower-llm/rdp-accountant"}, "format"),
+        ({"version": 2}, "version"),
+        ({"rounds": 7}, "add up to"),
+        ({"events": [[1.0, 0.1]]}, "sigma, q, count"),
+        ({"events": [[1.0, 1.5, 3]]}, "q"),
+        ({"events": [[1.0, 0.1, 0]]}, "count"),
+        ({"extra": 1}, "unknown keys"),
+    ],
+)
+def test_a_bad_pld_state_is_refused_with_a_message(change: dict[str, Any], message: str) -> None:
+    # Prepare
+    accountant = PldAccountant(noise_multiplier=1.0, sampling_rate=0.1, delta=DELTA)
+    accountant.step(3)
+    state = {**accountant.state_dict(), **change}
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        PldAccountant.from_state_dict(state)
+
+
+def test_a_pld_round_without_noise_has_infinite_epsilon() -> None:
+    accountant = PldAccountant(noise_multiplier=0.0, sampling_rate=0.5, delta=DELTA)
+    assert accountant.epsilon() == 0.0
+    accountant.step()
+    assert accountant.epsilon() == math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# One interface: factory, dual accountant, planning under either
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_make_accountant_gives_the_kind_asked_for(kind: str) -> None:
+    # Execute
+    accountant = make_accountant(kind, 0.9, 0.25, DELTA)
+    accountant.step(6)
+
+    # Assert
+    assert isinstance(accountant, Accountant)
+    assert accountant.kind == kind
+    assert accountant.epsilon() == epsilon_after(6, 0.9, 0.25, DELTA, accountant=kind)
+    assert epsilons(accountant) == {
+        "epsilon": accountant.epsilon(),
+        f"{kind}-epsilon": accountant.epsilon(),
+    }
+
+
+def test_make_accountant_names_the_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="'prv'"):
+        make_accountant("prv", 1.0, 0.1, DELTA)
+
+
+@pytest.mark.parametrize("headline", ["pld", "rdp"])
+def test_dual_accountant_reports_both_and_decides_by_the_headline(headline: str) -> None:
+    # Prepare
+    dual = DualAccountant(headline, 0.9, 0.25, DELTA)
+
+    # Execute
+    dual.step(5)
+    saved = json.dumps(dual.state_dict(), allow_nan=False)
+    resumed = accountant_from_state_dict(json.loads(saved))
+    resumed.step()
+
+    # Assert
+    pld = epsilon_after(6, 0.9, 0.25, DELTA, accountant="pld")
+    rdp = epsilon_after(6, 0.9, 0.25, DELTA, accountant="rdp")
+    assert isinstance(resumed, DualAccountant) and resumed.kind == headline
+    assert epsilons(resumed) == pytest.approx(
+        {"epsilon": pld if headline == "pld" else rdp, "pld-epsilon": pld, "rdp-epsilon": rdp},
+        rel=1e-12,
+    )
+    assert dual.projected_epsilon() == pytest.approx(resumed.epsilon(), rel=1e-12)
+    assert would_exceed(dual, (pld + rdp) / 2) == (headline == "rdp")
+
+
+def test_orders_are_refused_with_the_pld_accountant() -> None:
+    with pytest.raises(ValueError, match="orders"):
+        epsilon_after(3, 1.0, 0.1, DELTA, INTEGER_ORDERS, accountant="pld")
+
+
+@pytest.mark.parametrize(("target", "q", "rounds"), [(5.0, 0.25, 6), (4.0, 0.5, 4)])
+def test_pld_calibration_matches_dp_accounting_and_is_the_smallest(
+    target: float, q: float, rounds: int
+) -> None:
+    # Prepare: dp-accounting's own calibration of the same mechanism under its PLD
+    def event(sigma: float) -> Any:
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds
+        )
+
+    reference = dp_accounting.calibrate_dp_mechanism(
+        dp_accounting.pld.PLDAccountant,
+        event,
+        target,
+        DELTA,
+        dp_accounting.LowerEndpointAndGuess(0.3, 1.0),
+        tol=1e-3,
+    )
+
+    # Execute
+    sigma = calibrate_noise_multiplier(target, DELTA, rounds, q, tol=1e-3)
+
+    # Assert
+    assert sigma == pytest.approx(reference, rel=2e-3)
+    assert epsilon_after(rounds, sigma, q, DELTA) <= target
+    assert epsilon_after(rounds, 0.995 * sigma, q, DELTA) > target
+    assert sigma < calibrate_noise_multiplier(target, DELTA, rounds, q, accountant="rdp")
+
+
+def test_max_rounds_within_and_would_exceed_under_pld() -> None:
+    # Prepare
+    target, sigma, q = 3.0, 1.0, 0.1
+    budget = max_rounds_within(target, sigma, q, DELTA)
+    accountant = PldAccountant(noise_multiplier=sigma, sampling_rate=q, delta=DELTA)
+
+    # Execute
+    while not would_exceed(accountant, target):
+        accountant.step()
+
+    # Assert
+    assert budget > max_rounds_within(target, sigma, q, DELTA, accountant="rdp")
+    assert accountant.rounds == budget
+    assert accountant.epsilon() <= target < accountant.projected_epsilon()
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_an_rdp_only_checkpoint_resumes_with_both_accountants(kind: str) -> None:
+    # Prepare: what DP-FedAvg checkpoints held before PLD accounting
+    old = RdpAccountant(noise_multiplier=0.9, sampling_rate=0.25, delta=DELTA)
+    old.step(4)
+
+    # Execute
+    dual = DualAccountant.from_checkpoint(json.loads(json.dumps(old.state_dict())), kind)
+    dual.step(2)
+
+    # Assert
+    assert dual.kind == kind
+    assert dual.rounds == 6
+    assert dual.pld.epsilon() == epsilon_after(6, 0.9, 0.25, DELTA, accountant="pld")
+    assert dual.rdp.epsilon() == pytest.approx(
+        epsilon_after(6, 0.9, 0.25, DELTA, accountant="rdp"), rel=1e-12
+    )
+
+
+def test_an_rdp_only_checkpoint_with_overridden_rounds_is_refused() -> None:
+    old = RdpAccountant(noise_multiplier=0.9, sampling_rate=0.25, delta=DELTA)
+    old.step(2, sampling_rate=0.5)
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        DualAccountant.from_checkpoint(old.state_dict(), "pld")
+
+
+def test_the_config_accepts_exactly_the_accountants_there_are() -> None:
+    from flower_llm import config
+    from flower_llm.privacy import ACCOUNTANTS
+
+    assert config.ACCOUNTANTS == ACCOUNTANTS
+    assert config.parse_run_config({}).privacy.accountant == "pld"
+    assert config.parse_run_config({"privacy.accountant": "rdp"}).privacy.accountant == "rdp"
+    with pytest.raises(config.ConfigError, match=r"privacy\.accountant.*'prv'|'prv'.*pld"):
+        config.parse_run_config({"privacy.accountant": "prv"})

@@ -3,16 +3,20 @@
 DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") clips the gradient of
 every training example to ``max_grad_norm``, sums, adds ``N(0, (sigma * max_grad_norm)^2)``
 and averages over the expected batch size; batches are drawn by Poisson sampling so the
-RDP accountant (Mironov 2017; Mironov, Talwar & Zhang 2019) can amplify by sampling. What
-it protects is one *record* of one site: the adapter a site sends is (epsilon, delta)-DP
-with respect to adding or removing one of its training examples.
+accountant can amplify by sampling. What it protects is one *record* of one site: the
+adapter a site sends is (epsilon, delta)-DP with respect to adding or removing one of its
+training examples.
 
-Glue only, as Opacus' own engine is: the maths is Opacus', the loss is
-:func:`flower_llm.train.token_losses`, and the caller keeps the model. Three facts of
-Opacus shape the code (see PLATFORM-NOTES):
+Glue only, as Opacus' own engine is: the mechanism is Opacus', the loss is
+:func:`flower_llm.train.token_losses`, and the caller keeps the model. Accounting is NOT
+Opacus': every optimizer step Opacus' hook records is composed into this project's
+:class:`~flower_llm.privacy.accounting.DualAccountant` (PLD or RDP headline, both reported),
+the same accountant as the server's client-level DP. Three facts of Opacus shape the code
+(see PLATFORM-NOTES):
 
-- A new ``PrivacyEngine`` starts at epsilon 0, so a site's accountant history travels in
-  and out of every round as JSON (the ClientApp keeps it in Flower's per-node state).
+- A new ``PrivacyEngine`` starts at epsilon 0, so a site's accountant state travels in and
+  out of every round (the ClientApp keeps it in the site's state store, which outlives the
+  run, so a resumed run continues each site's epsilon).
 - Wrapping the same module twice raises "Trying to add hooks twice": the
   ``GradSampleModule`` is closed at the end of every round, whatever happens.
 - While wrapped, ``state_dict`` keys gain ``_module.``: adapter weights are read from the
@@ -21,21 +25,21 @@ Opacus shape the code (see PLATFORM-NOTES):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from flower_llm.data import Collator, Example
+from flower_llm.privacy.accounting import DualAccountant, epsilons
 from flower_llm.train import IGNORE_INDEX, Batch, TrainStats, cycle_batches, token_losses
 
 
@@ -45,10 +49,13 @@ class DpSgdResult:
 
     stats: TrainStats
     epsilon: float
-    """Sample-level epsilon of this site after the round, over all its rounds so far."""
+    """Sample-level epsilon of this site after the round, over all its rounds so far, by the
+    headline accountant (``privacy.accountant``)."""
+    epsilons: dict[str, float]
+    """``epsilon``, ``pld-epsilon`` and ``rdp-epsilon``: both accountants' numbers."""
     delta: float
-    accountant_state: str
-    """Opacus RDP accountant history as JSON, to hand back next round."""
+    accountant_state: dict[str, Any]
+    """The site's accountant (:meth:`DualAccountant.state_dict`), to hand back next round."""
 
 
 # --------------------------------------------------------------------------------------
@@ -56,30 +63,43 @@ class DpSgdResult:
 # --------------------------------------------------------------------------------------
 
 
-def accountant_from_json(state: str | None) -> RDPAccountant:
-    """An Opacus RDP accountant holding the history in ``state`` (fresh when None or "")."""
-    accountant = RDPAccountant()
-    if state:
-        payload = json.loads(state)
-        if payload.get("mechanism") != accountant.mechanism():
-            raise ValueError(f"accountant state is for {payload.get('mechanism')!r}, not RDP")
-        # Opacus keeps (noise_multiplier, sample_rate, num_steps) tuples; JSON gives lists.
-        accountant.history = [
-            (float(sigma), float(rate), int(steps)) for sigma, rate, steps in payload["history"]
-        ]
+def site_accountant(
+    state: Mapping[str, Any] | None,
+    kind: str,
+    noise_multiplier: float,
+    sampling_rate: float,
+    delta: float,
+) -> DualAccountant:
+    """The site's accountant: continued from ``state``, or fresh when it is None.
+
+    Raises
+    ------
+    ValueError
+        If ``state`` is malformed, or was accounted at another delta (its epsilons would not
+        be comparable with this round's).
+    """
+    if state is None:
+        return DualAccountant(kind, noise_multiplier, sampling_rate, delta)
+    accountant = DualAccountant.from_checkpoint(state, kind)
+    if not math.isclose(accountant.delta, delta, rel_tol=1e-12):
+        raise ValueError(
+            f"privacy.dpsgd-delta is {delta} but this site's kept accountant reports at "
+            f"delta {accountant.delta}"
+        )
     return accountant
 
 
-def accountant_to_json(accountant: RDPAccountant) -> str:
-    """The accountant's history as JSON (what Flower's ``ConfigRecord`` can carry)."""
-    history = [[float(s), float(q), int(n)] for s, q, n in accountant.history]
-    return json.dumps({"mechanism": accountant.mechanism(), "history": history})
+def poisson_sampling_rate(num_examples: int, batch_size: int) -> float:
+    """``q = 1 / ceil(n / batch_size)``: each example's chance to be in one step's batch.
 
-
-def epsilon_of(state: str | None, delta: float) -> float:
-    """Epsilon at ``delta`` of a serialised accountant (0 before any step)."""
-    accountant = accountant_from_json(state)
-    return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+    Opacus' ``DPDataLoader`` uses the same rate (one over the batches of an epoch); it equals
+    ``batch_size / n`` when ``batch_size`` divides ``n`` and is slightly larger otherwise.
+    """
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(
+            f"need at least one example and batch_size >= 1, got {num_examples}, {batch_size}"
+        )
+    return 1.0 / math.ceil(num_examples / batch_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -122,7 +142,8 @@ def train_adapter_dpsgd(
     delta: float,
     pad_id: int,
     weight_decay: float = 0.0,
-    accountant_state: str | None = None,
+    accountant_state: Mapping[str, Any] | None = None,
+    accountant: str = "pld",
     seed: int | None = None,
     poisson_sampling: bool = True,
 ) -> DpSgdResult:
@@ -136,20 +157,23 @@ def train_adapter_dpsgd(
     examples : list of Example
         The site's tokenized training examples: the dataset whose records are protected.
     steps, batch_size, learning_rate, weight_decay
-        As plain local training; ``batch_size / len(examples)`` is the Poisson sampling
-        rate, so a batch has ``batch_size`` examples on average.
+        As plain local training; :func:`poisson_sampling_rate` (``batch_size / n`` when it
+        divides) is each example's chance to be in a step's batch.
     noise_multiplier, max_grad_norm : float
         Gaussian noise std relative to ``max_grad_norm``, the per-example L2 bound.
     delta : float
         delta at which the returned epsilon is computed.
-    accountant_state : str, optional
-        JSON from the previous round's :class:`DpSgdResult`, so epsilon accumulates over
-        rounds (every round's steps are on the same dataset).
+    accountant_state : mapping, optional
+        ``accountant_state`` of the previous round's :class:`DpSgdResult`, so epsilon
+        accumulates over rounds (every round's steps are on the same dataset).
+    accountant : str
+        ``"pld"`` or ``"rdp"`` (``privacy.accountant``): whose epsilon is the headline.
     seed : int, optional
         Seeds sampling and noise, for tests only. None (the default) takes the seed from
         the operating system: a seed the server knows would let it subtract the noise.
     poisson_sampling : bool
-        False keeps the loader's fixed batches (no privacy amplification; tests only).
+        False keeps the loader's fixed batches (tests only); then every step is accounted
+        at ``q = 1``, which is valid without any amplification by sampling.
 
     Returns
     -------
@@ -161,11 +185,14 @@ def train_adapter_dpsgd(
         raise ValueError("model has no trainable parameters; were LoRA adapters applied?")
     device = params[0].device
     seed = _unpredictable_seed() if seed is None else seed
+    rate = poisson_sampling_rate(len(examples), batch_size) if poisson_sampling else 1.0
+    kept = site_accountant(accountant_state, accountant, noise_multiplier, rate, delta)
     loader = _poisson_loader(examples, batch_size, pad_id, seed, poisson_sampling)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model.train()  # Opacus refuses to wrap a module in eval mode (as after evaluation)
+    # Opacus' own accountant starts empty and only records the steps its hook sees; they
+    # are composed into ``kept`` below.
     engine = PrivacyEngine(accountant="rdp")
-    engine.accountant = accountant_from_json(accountant_state)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: we say so in docs/privacy.md instead.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG.*")
@@ -183,12 +210,34 @@ def train_adapter_dpsgd(
     finally:
         # Unwrap even on error: the next round wraps the same PEFT model again.
         private_model._close()
+    _account_steps(kept, engine.accountant.history, steps, rate)
     return DpSgdResult(
         stats=stats,
-        epsilon=float(engine.accountant.get_epsilon(delta)),
+        epsilon=kept.epsilon(),
+        epsilons=epsilons(kept),
         delta=delta,
-        accountant_state=accountant_to_json(engine.accountant),
+        accountant_state=kept.state_dict(),
     )
+
+
+def _account_steps(
+    accountant: DualAccountant,
+    history: list[tuple[float, float, int]],
+    steps: int,
+    sampling_rate: float,
+) -> None:
+    """Compose the noisy steps Opacus' optimizer hook recorded, at the rate that was sampled.
+
+    The hook fires once per noised optimizer step, so its history counts exactly the steps
+    that released something; it must be all ``steps`` (empty batches included). Its rate is
+    ``1 / len(loader)``, the Poisson rate, which is replaced by ``sampling_rate``
+    (``q = 1`` without Poisson sampling).
+    """
+    recorded = sum(count for _, _, count in history)
+    if recorded != steps:
+        raise RuntimeError(f"Opacus recorded {recorded} noisy steps for {steps} training steps")
+    for noise_multiplier, _, count in history:
+        accountant.step(count, noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
 
 
 def _poisson_loader(
@@ -199,7 +248,7 @@ def _poisson_loader(
     Opacus' own ``DPDataLoader`` does the same sampling but cannot build an empty batch
     for dict-of-list examples when the first batch is empty (it calls ``torch.zeros`` with
     Python types). Here an empty draw collates to ``{}`` and :func:`_dp_steps` takes a
-    noise-only step. ``len(loader) = 1 / q``, so Opacus' accountant reads the same ``q``.
+    noise-only step. ``len(loader) = 1 / q``, so Opacus' hook records the same ``q``.
     """
     collate = Collator(pad_id)
     generator = torch.Generator().manual_seed(seed)
@@ -213,7 +262,7 @@ def _poisson_loader(
     batches_per_epoch = math.ceil(len(examples) / batch_size)
     sampler = UniformWithReplacementSampler(
         num_samples=len(examples),
-        sample_rate=1.0 / batches_per_epoch,
+        sample_rate=poisson_sampling_rate(len(examples), batch_size),
         generator=generator,
         steps=batches_per_epoch,
     )
