@@ -25,11 +25,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from flower_llm import wire
 from flower_llm.adapters import AdapterState, adapter_state, apply_lora, load_adapter_state
 from flower_llm.config import RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
+from flower_llm.lora_aggregation import is_lora_a, sent_keys
 from flower_llm.models import BaseModel, describe, load_base_model
-from flower_llm.train import EvalStats, TrainStats, cycle_batches, evaluate, train_adapter
+from flower_llm.train import (
+    EvalStats,
+    TrainStats,
+    cycle_batches,
+    evaluate,
+    response_tokens,
+    train_adapter,
+)
 
 if TYPE_CHECKING:  # opacus loads only when DP-SGD is on
     from flower_llm.privacy.dpsgd import DpSgdResult
@@ -92,6 +101,12 @@ def load_model(cfg: RunConfig, device: torch.device | None = None) -> LoadedMode
     seed_everything(cfg.seed)
     base = load_base_model(cfg.model, device)
     model = apply_lora(base.model, cfg.lora, base.name_or_path)
+    if cfg.lora.aggregation == "ffa":
+        # FFA-LoRA: A stays at the initialisation every site receives from the server, so
+        # the sites' products share one A and FedAvg of B is exact.
+        for name, param in model.named_parameters():
+            if is_lora_a(name):
+                param.requires_grad_(False)
     log.info("Loaded base model: %s", describe(base))
     return LoadedModel(base, model)
 
@@ -118,6 +133,7 @@ class ClientSession:
         seed_everything(cfg.seed)
         self.base: BaseModel = loaded.base
         self.model = loaded.model
+        self._num_train_tokens: int | None = None
         self.data: ClientData = prepare_client_data(
             cfg.data,
             self.base.tokenizer,
@@ -132,6 +148,33 @@ class ClientSession:
             self.data.num_train_examples,
             self.data.num_eval_examples,
         )
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Response tokens in this site's training examples (``fed.weighting = tokens``)."""
+        if self._num_train_tokens is None:
+            self._num_train_tokens = response_tokens(self.data.train)
+        return self._num_train_tokens
+
+    def train_reply_metrics(self, stats: TrainStats) -> dict[str, int | float]:
+        """What a train reply reports: what the site holds, and what it trained on.
+
+        ``num-examples`` is the number of training examples the site holds, ``n_k`` of
+        FedAvg (as FlowerTune sends ``len(trainset)``); the ``-seen`` counts are this
+        round's, counting repeats.
+        """
+        return {
+            wire.NUM_EXAMPLES: self.data.num_train_examples,
+            wire.NUM_TOKENS: self.num_train_tokens,
+            wire.NUM_EXAMPLES_SEEN: stats.examples,
+            wire.NUM_TOKENS_SEEN: stats.tokens,
+            wire.TRAIN_LOSS: stats.loss,
+            wire.TRAIN_SECONDS: stats.seconds,
+        }
+
+    def to_send(self, state: AdapterState) -> AdapterState:
+        """The part of a trained adapter that goes up: all of it, or B only with ``ffa``."""
+        return {k: state[k] for k in sent_keys(state, self.cfg.lora.aggregation)}
 
     @property
     def pad_id(self) -> int:

@@ -28,15 +28,7 @@ app = ServerApp()
 
 def build_strategy(cfg: RunConfig) -> WeightedFedAvg | DifferentialPrivacyFedAvg:
     """The strategy the run-config asks for."""
-    fed = cfg.fed
-    strategy = WeightedFedAvg(
-        weighting=fed.weighting,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_clients=fed.min_train_clients,
-        min_evaluate_clients=fed.min_evaluate_clients,
-        min_available_clients=fed.min_available_clients,
-    )
+    strategy = WeightedFedAvg.from_config(cfg)
     if cfg.privacy.client_level:
         # Outermost wrapper: whatever observes the aggregate (outputs, checkpoints,
         # evaluation) sees the noised adapter only.
@@ -57,6 +49,7 @@ def round_row(result: RoundResult) -> dict[str, Any]:
         "bytes-down": report.bytes_down,
         "bytes-up": report.bytes_up,
         "updated": report.updated,
+        **report.aggregation_row(),  # refused / clamped replies, LoRA truncation error
     }
     for prefix, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
         for key, value in (metrics or {}).items():

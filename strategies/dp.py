@@ -276,7 +276,7 @@ class DifferentialPrivacyFedAvg(Strategy):
         config[wire.SERVER_ROUND] = server_round
         if self.mode == "client-fixed":
             config[wire.CLIP_NORM] = self.clip_norm
-        self.strategy.reference = wire.from_array_record(arrays)
+        self.strategy.start_round(server_round, arrays)
         self.strategy.report = RoundReport(
             sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(sampled)
         )
@@ -338,7 +338,7 @@ class DifferentialPrivacyFedAvg(Strategy):
             self.last_round.epsilon,
             self.accountant.delta,
         )
-        return wire.to_array_record(new_state), metrics
+        return wire.to_array_record(new_state, self.strategy.wire_dtype), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
