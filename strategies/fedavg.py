@@ -454,10 +454,11 @@ class WeightedFedAvg(FedAvg):
         out = MetricRecord()
         for key in wire.COUNT_METRICS:
             if any(key in r.metrics for r in valid):
-                # A reply's counts are its own claims: a non-finite one counts 0.
+                # A reply's counts are its own claims: one that is not a count a site
+                # could hold (negative, non-finite, beyond 2^53) adds nothing.
                 counts = [r.metrics.get(key, 0) for r in valid]
                 out[key] = sum(
-                    int(c) for c in counts if isinstance(c, int | float) and math.isfinite(c)
+                    int(c) for c in counts if isinstance(c, int | float) and 0 <= c <= 2**53
                 )
         # A privacy guarantee is only as strong as its weakest site: report the worst
         # epsilon of any replying site, never an average that would understate it.
