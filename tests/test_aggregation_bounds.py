@@ -434,3 +434,88 @@ def test_derived_bounds_follow_the_settings() -> None:
 def test_bad_aggregation_settings_name_the_key(run_config: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         parse_run_config(run_config)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# The wire dtype holds in both directions, every round
+# --------------------------------------------------------------------------------------
+
+
+class TrainingGrid:
+    """Just enough of a Flower ``Grid``: every node moves the adapter a little and replies
+    in ``wire_dtype``; the train messages of every round are kept."""
+
+    def __init__(self, num_nodes: int, wire_dtype: str) -> None:
+        self.nodes = list(range(1, num_nodes + 1))
+        self.wire_dtype = wire_dtype
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: object, timeout: float | None = None) -> list[Message]:
+        batch = list(messages)  # type: ignore[call-overload]
+        if not batch or batch[0].metadata.message_type != MessageType.TRAIN:
+            return []
+        self.sent.append(batch)
+        replies = []
+        for message in batch:
+            node = message.metadata.dst_node_id
+            state = wire.from_array_record(message.content.array_records[wire.ARRAYS])
+            rng = np.random.default_rng(node + 10 * len(self.sent))
+            moved = {k: v + rng.uniform(-0.01, 0.01, v.shape) for k, v in state.items()}
+            content = RecordDict(
+                {
+                    wire.ARRAYS: wire.to_array_record(moved, self.wire_dtype),
+                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10 * node}),
+                }
+            )
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def bytes_down_per_round(wire_dtype: str) -> tuple[list[int], list[int]]:
+    """(bytes of the train messages' adapters, what the round reports) for 3 rounds."""
+    from flwr.app import ConfigRecord
+
+    from strategies.rounds import RoundResult, federate
+
+    big = {"m.lora_A.weight": (32, 256), "m.lora_B.weight": (256, 32)}
+    start = {k: np.random.default_rng(0).normal(0, 0.1, s) for k, s in big.items()}
+    strategy = WeightedFedAvg(wire_dtype=wire_dtype, min_train_clients=2)
+    grid = TrainingGrid(3, wire_dtype)
+    reported: list[int] = []
+
+    def on_round_end(result: RoundResult) -> bool:
+        reported.append(result.report.bytes_down)
+        assert result.report.updated
+        return False
+
+    federate(
+        strategy,
+        grid,  # type: ignore[arg-type]
+        wire.to_array_record(start, wire_dtype),
+        first_round=1,
+        num_rounds=3,
+        timeout=10,
+        train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
+        on_round_end=on_round_end,
+        evaluate=lambda _r: False,
+    )
+    sent = [
+        sum(wire.num_bytes(m.content.array_records[wire.ARRAYS]) for m in batch)
+        for batch in grid.sent
+    ]
+    return sent, reported
+
+
+def test_float16_halves_the_bytes_down_in_every_round() -> None:
+    # Execute
+    sent16, reported16 = bytes_down_per_round("float16")
+    sent32, reported32 = bytes_down_per_round("float32")
+
+    # Assert: rounds 2 and 3 carry the aggregate, which is float16 too
+    assert sent16 == reported16 and sent32 == reported32
+    assert len(sent16) == 3
+    for b16, b32 in zip(sent16, sent32, strict=True):
+        assert 0.5 <= b16 / b32 < 0.51  # values halve; small .npy headers do not
