@@ -1,0 +1,210 @@
+"""lora.aggregation: fedavg (inexact), ffa (exact, B only) and exact (product average, SVD)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flower_llm import wire
+from flower_llm.aggregation import weighted_average
+from flower_llm.lora_aggregation import (
+    exact_average,
+    lora_pairs,
+    product_gap,
+    refactor_product_sum,
+    sent_keys,
+)
+from strategies.fedavg import WeightedFedAvg
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+D_OUT, D_IN, RANK = 24, 20, 4
+MODULES = ("layers.0.q_proj", "layers.0.v_proj")
+
+
+def site_state(seed: int, rank: int = RANK, a: dict[str, np.ndarray] | None = None) -> dict:
+    """One site's LoRA factors (a shared ``a`` when given, as under ffa)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for m in MODULES:
+        state[f"{m}.lora_A.weight"] = (
+            a[f"{m}.lora_A.weight"] if a is not None else rng.normal(0, 0.3, (rank, D_IN))
+        ).astype(np.float32)
+        state[f"{m}.lora_B.weight"] = rng.normal(0, 0.1, (D_OUT, rank)).astype(np.float32)
+    return state
+
+
+def product(state: dict, module: str) -> np.ndarray:
+    return state[f"{module}.lora_B.weight"].astype(np.float64) @ state[
+        f"{module}.lora_A.weight"
+    ].astype(np.float64)
+
+
+def averaged_product(states: list[dict], weights: list[float], module: str) -> np.ndarray:
+    total = sum(weights)
+    return sum(w / total * product(s, module) for s, w in zip(states, weights, strict=True))
+
+
+def test_pairs_and_sent_keys() -> None:
+    state = site_state(0)
+    assert lora_pairs(state) == [
+        (f"{m}.lora_A.weight", f"{m}.lora_B.weight") for m in sorted(MODULES)
+    ]
+    assert sent_keys(state, "ffa") == [k for k in state if ".lora_B." in k]
+    assert sent_keys(state, "exact") == list(state)
+    with pytest.raises(ValueError, match="has no"):
+        lora_pairs({"x.lora_A.weight": 0})
+
+
+def test_fedavg_of_factors_is_not_the_average_of_products() -> None:
+    # Prepare
+    states = [site_state(s) for s in (1, 2, 3)]
+    weights = [1.0, 2.0, 3.0]
+
+    # Execute
+    averaged = weighted_average(states, weights)
+
+    # Assert: the cross terms B_j A_k make a large relative gap
+    assert product_gap(states, weights, averaged) > 0.3
+
+
+def test_ffa_fedavg_of_b_with_a_shared_is_exact() -> None:
+    # Prepare: every site holds the same (frozen) A
+    shared = site_state(0)
+    states = [site_state(s, a=shared) for s in (1, 2, 3)]
+    weights = [5.0, 1.0, 10.0]
+
+    # Execute
+    averaged = weighted_average(states, weights)
+
+    # Assert
+    assert product_gap(states, weights, averaged) < 1e-6
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 4, 8)])
+def test_exact_is_exact_when_rank_covers_the_sum_of_site_ranks(ranks: tuple[int, ...]) -> None:
+    # Prepare: sites of possibly different ranks; the global rank is their sum
+    states = [site_state(s, rank=r) for s, r in zip((1, 2, 3), ranks, strict=True)]
+    weights = [1.0, 2.0, 3.0]
+    pairs_a = [[s[f"{m}.lora_A.weight"] for s in states] for m in MODULES]
+    pairs_b = [[s[f"{m}.lora_B.weight"] for s in states] for m in MODULES]
+
+    # Execute
+    factors = [w / sum(weights) for w in weights]
+    out = [
+        refactor_product_sum(bs, as_, factors, sum(ranks))
+        for bs, as_ in zip(pairs_b, pairs_a, strict=True)
+    ]
+
+    # Assert: the global product is the weighted average of the products
+    for module, refactored in zip(MODULES, out, strict=True):
+        target = averaged_product(states, weights, module)
+        np.testing.assert_allclose(refactored.b @ refactored.a, target, atol=1e-10)
+        assert refactored.error < 1e-10
+        np.testing.assert_allclose(refactored.a @ refactored.a.T, np.eye(sum(ranks)), atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), rank=st.integers(1, 11))
+def test_exact_truncation_error_is_the_reported_one(seed: int, rank: int) -> None:
+    # Prepare: three rank-4 sites re-factored to a smaller rank than 12
+    states = [site_state(seed + k) for k in range(3)]
+    weights = [1.0, 3.0, 6.0]
+
+    # Execute
+    state, report = exact_average(states, weights, rank)
+
+    # Assert: ||M - B A||_F equals the reported error, and the truncated SVD is optimal:
+    # no better than the best rank-r approximation, computed here from the dense M
+    errors, norms = [], []
+    for module in MODULES:
+        target = averaged_product(states, weights, module)
+        got = product(state, module)
+        errors.append(np.linalg.norm(target - got))
+        s = np.linalg.svd(target, compute_uv=False)
+        best = np.sqrt(np.sum(s[rank:] ** 2))
+        assert errors[-1] == pytest.approx(best, rel=1e-4, abs=1e-6)
+        norms.append(np.linalg.norm(target))
+    total = float(np.sqrt(np.sum(np.square(errors))) / np.sqrt(np.sum(np.square(norms))))
+    assert report.relative_error == pytest.approx(total, rel=1e-4, abs=1e-6)
+    assert state[f"{MODULES[0]}.lora_B.weight"].shape == (D_OUT, rank)
+
+
+def train_reply(node: int, state: dict, examples: int) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def strategy_at(global_state: dict, **kwargs: object) -> WeightedFedAvg:
+    strategy = WeightedFedAvg(min_train_clients=1, **kwargs)  # type: ignore[arg-type]
+    strategy.start_round(1, wire.to_array_record(global_state))
+    strategy.report.sampled = [1, 2, 3]
+    return strategy
+
+
+def test_strategy_exact_aggregation_reports_its_truncation_error() -> None:
+    # Prepare
+    start = site_state(0)
+    states = [site_state(s) for s in (1, 2, 3)]
+    examples = [10, 20, 70]
+    replies = [train_reply(n, s, e) for n, s, e in zip((1, 2, 3), states, examples, strict=True)]
+    full = strategy_at(start, lora_aggregation="exact", lora_rank=3 * RANK)
+    truncated = strategy_at(start, lora_aggregation="exact", lora_rank=RANK)
+
+    # Execute
+    exact_arrays, _ = full.aggregate_train(1, replies)
+    cut_arrays, _ = truncated.aggregate_train(1, replies)
+
+    # Assert
+    assert exact_arrays is not None and cut_arrays is not None
+    exact = wire.from_array_record(exact_arrays)
+    cut = wire.from_array_record(cut_arrays)
+    weights = [float(e) for e in examples]
+    assert product_gap(states, weights, exact) < 1e-5
+    assert full.report.lora_error is not None and full.report.lora_error < 1e-6
+    assert truncated.report.lora_error is not None
+    assert product_gap(states, weights, cut) == pytest.approx(truncated.report.lora_error, rel=1e-3)
+    assert truncated.report.aggregation_row()["lora-truncation-error"] > 0.1
+
+
+def test_strategy_ffa_takes_b_only_and_keeps_the_frozen_a() -> None:
+    # Prepare: replies carry B only (half the upload); one that sends A too is refused
+    start = site_state(0)
+    states = [site_state(s, a=start) for s in (1, 2)]
+    b_only = [{k: v for k, v in s.items() if ".lora_B." in k} for s in states]
+    replies = [
+        train_reply(1, b_only[0], 10),
+        train_reply(2, b_only[1], 30),
+        train_reply(3, states[0], 10),
+    ]
+    strategy = strategy_at(start, lora_aggregation="ffa")
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert arrays is not None
+    out = wire.from_array_record(arrays)
+    assert strategy.report.accepted == [1, 2]
+    assert "unexpected arrays" in strategy.report.dropped[3]
+    for key, value in start.items():
+        if ".lora_A." in key:
+            np.testing.assert_array_equal(out[key], value)
+    assert product_gap(states, [10.0, 30.0], out) < 1e-6
+    sent = sum(v.nbytes for v in b_only[0].values())
+    assert sent == sum(v.nbytes for v in states[0].values()) * D_OUT / (D_OUT + D_IN)
