@@ -159,10 +159,10 @@ def bound_reply(
 ) -> BoundedReply | str:
     """The reply within ``bounds`` (see :class:`BoundedReply`), or why it is dropped.
 
-    Reads every value once, in float64, so nothing overflows here: a float64 value beyond
-    float32's range (which would turn into Inf when the aggregate is cast) is named and
-    always dropped, as is NaN or Inf; a clamp cannot repair a reply that holds those.
-    ``state`` must have passed :func:`update_problem` (same keys and shapes).
+    Reads every value once. A float64 value beyond float32's range (finite, but Inf once
+    the aggregate is cast) is named and always dropped, as is NaN or Inf; a clamp cannot
+    repair a reply that holds those. ``state`` must have passed :func:`update_problem`
+    (same keys and shapes).
     """
     clamped: list[str] = []
     values_clamped = False
@@ -182,8 +182,7 @@ def bound_reply(
             peak = float(np.max(np.abs(value)))
             if math.isfinite(peak) and peak > FLOAT32_MAX:
                 return f"'{key}' holds {peak:.3g}, beyond float32's range"
-        update = np.subtract(value, ref, dtype=np.float64)
-        largest = float(np.max(np.abs(update)))
+        update, largest, key_squares = _update_of(value, ref, exact=bounds.clamp)
         if not math.isfinite(largest):
             return f"'{key}' holds NaN or Inf"
         if bounds.max_abs_update is not None and largest > bounds.max_abs_update:
@@ -196,8 +195,8 @@ def bound_reply(
             clamped.append(reason + ": clamped")
             values_clamped = True
             np.clip(update, -bounds.max_abs_update, bounds.max_abs_update, out=update)
-        flat = update.ravel()
-        squares += float(np.dot(flat, flat))
+            key_squares = float(np.dot(update.ravel(), update.ravel()))
+        squares += key_squares
         updates[key] = update
     norm = math.sqrt(squares)
     if bounds.max_update_norm is not None and norm > bounds.max_update_norm:
@@ -215,6 +214,28 @@ def bound_reply(
         return BoundedReply(dict(state), weight, norm, clamped)
     bounded = {key: reference[key].astype(np.float64) + updates[key] for key in reference}
     return BoundedReply(bounded, weight, norm, clamped)
+
+
+def _update_of(
+    value: np.ndarray, ref: np.ndarray, *, exact: bool
+) -> tuple[np.ndarray, float, float]:
+    """``(value - ref, max |value - ref|, ||value - ref||^2)``.
+
+    float32 and float16 replies are differenced in float32, which is exact to one
+    rounding and half the memory traffic of float64; only if that overflows (values
+    near float32's limit) or ``exact`` asks for an update to clamp is float64 used.
+    """
+    if value.dtype.itemsize <= 4 and not exact:
+        update = np.subtract(value, ref, dtype=np.float32)
+        largest = max(float(update.max()), -float(update.min()))
+        flat = update.ravel()
+        squares = float(np.dot(flat, flat))
+        if math.isfinite(largest) and math.isfinite(squares):
+            return update, largest, squares
+    update = np.subtract(value, ref, dtype=np.float64)
+    largest = max(float(update.max()), -float(update.min()))
+    flat = update.ravel()
+    return update, largest, float(np.dot(flat, flat))
 
 
 def derive_max_weight(cfg: RunConfig) -> float:
