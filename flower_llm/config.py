@@ -117,13 +117,65 @@ class LoraSettings:
         "weighted average of the products B_k A_k, re-factored to rank `lora.r` by a "
         "truncated SVD; error reported per round).",
     )
+    site_ranks: str = setting(
+        "",
+        "lora.site-ranks",
+        "Simulation: comma-separated LoRA ranks by partition id, cycled (e.g. `4,8,16`); "
+        "empty = every site at `lora.r`. A SuperNode's node-config `lora-r` sets its own. "
+        "Each at most `lora.r`; needs `lora.aggregation = exact`.",
+    )
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer", self.r)
         _one_of("lora.aggregation", self.aggregation, LORA_AGGREGATIONS)
+        try:
+            ranks = self.ranks_by_partition
+        except ValueError:
+            ranks = ()
+            _require(False, "lora.site-ranks", "must be comma-separated integers", self.site_ranks)
+        _require(
+            all(0 < r <= self.r for r in ranks),
+            "lora.site-ranks",
+            f"each rank must be in [1, lora.r = {self.r}]",
+            self.site_ranks,
+        )
+        _require(
+            not ranks or self.aggregation == "exact",
+            "lora.site-ranks",
+            "needs lora.aggregation = 'exact' (only products of different ranks average)",
+            self.site_ranks,
+        )
         _require(self.alpha > 0, "lora.alpha", "must be positive", self.alpha)
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
         _require(bool(self.modules), "lora.target-modules", "names no module", self.target_modules)
+
+    @property
+    def ranks_by_partition(self) -> tuple[int, ...]:
+        """``lora.site-ranks`` as integers (empty when unset)."""
+        return tuple(int(r) for r in self.site_ranks.split(",") if r.strip())
+
+    def site_rank(self, partition_id: int, node_rank: int | None = None) -> int:
+        """The LoRA rank of a site: node-config ``lora-r``, else its partition's, else ``r``.
+
+        Raises
+        ------
+        ConfigError
+            The node's rank is outside ``[1, lora.r]`` or differs from ``lora.r`` without
+            ``lora.aggregation = exact``.
+        """
+        ranks = self.ranks_by_partition
+        if node_rank is None:
+            return ranks[partition_id % len(ranks)] if ranks else self.r
+        if not 0 < node_rank <= self.r:
+            raise ConfigError(
+                f"node-config 'lora-r' = {node_rank}: must be in [1, lora.r = {self.r}]"
+            )
+        if node_rank != self.r and self.aggregation != "exact":
+            raise ConfigError(
+                f"node-config 'lora-r' = {node_rank}: a rank other than lora.r = {self.r} "
+                "needs lora.aggregation = 'exact'"
+            )
+        return node_rank
 
     @property
     def modules(self) -> str | list[str]:

@@ -20,6 +20,11 @@ product the model uses, ``sum_k p_k B_k A_k`` with ``p_k = n_k / n``.
 
   The new A has orthonormal rows and B carries the singular values. The truncation error
   is ``||M - B A||_F = sqrt(sum_{i > r} S_i^2)``, zero when ``r >= R``.
+
+Heterogeneous ranks: a site of rank ``r_k <= r`` uses the scale ``alpha / r_k``; for its
+model to hold ``s B A`` it gets the rank-``r_k`` truncation of the global product times
+``r_k / r`` (:func:`to_rank`), and its reply counts ``r / r_k`` times its product in the
+average (:func:`exact_average`), so that every product is in the global scale.
 """
 
 from __future__ import annotations
@@ -121,6 +126,45 @@ def refactor_product_sum(
     return Refactored(b, a, error, math.sqrt(float(np.sum(np.square(s)))))
 
 
+def rank_of(state: Mapping[str, np.ndarray]) -> int:
+    """The LoRA rank of ``state`` (rows of its A matrices).
+
+    Raises
+    ------
+    ValueError
+        Its modules do not share one rank, or it holds no LoRA pair.
+    """
+    ranks = {int(state[a].shape[0]) for a, _ in lora_pairs(state)}
+    if len(ranks) != 1:
+        raise ValueError(f"LoRA matrices of different ranks {sorted(ranks)} in one adapter")
+    return ranks.pop()
+
+
+def to_rank(state: Mapping[str, np.ndarray], rank: int) -> AdapterState:
+    """``state`` (rank ``r``, scale ``alpha / r``) as the closest adapter of rank ``rank``
+    and scale ``alpha / rank``: each product times ``rank / r``, truncated by SVD when
+    ``rank < r`` and padded with zeros (exact) when ``rank > r``.
+
+    The state itself (no copy) when ``rank`` is its own rank.
+    """
+    own = rank_of(state)
+    if rank == own:
+        return dict(state)
+    out: AdapterState = dict(state)
+    for a_key, b_key in lora_pairs(state):
+        if rank < own:
+            refactored = refactor_product_sum([state[b_key]], [state[a_key]], [rank / own], rank)
+            out[a_key] = refactored.a.astype(np.float32)
+            out[b_key] = refactored.b.astype(np.float32)
+            continue
+        b = np.zeros((state[b_key].shape[0], rank), np.float32)
+        a = np.zeros((rank, state[a_key].shape[1]), np.float32)
+        b[:, :own] = state[b_key] * np.float32(rank / own)
+        a[:own] = state[a_key]
+        out[a_key], out[b_key] = a, b
+    return out
+
+
 @dataclass(frozen=True)
 class ExactReport:
     """How far the re-factored global adapter is from the average of the products."""
@@ -138,8 +182,10 @@ def exact_average(
 ) -> tuple[AdapterState, ExactReport]:
     """The weighted average of the sites' LoRA products, re-factored to ``rank``.
 
-    Arrays that are not LoRA factors (none with PEFT's ``bias = "none"``) are averaged as
-    FedAvg does. Weights are normalised as :func:`flower_llm.aggregation.weighted_average`
+    A site of rank ``r_k`` (read from its A matrices) counts ``rank / r_k`` times its
+    product (the ratio of the LoRA scales ``alpha / r_k`` and ``alpha / rank``). Arrays
+    that are not LoRA factors (none with PEFT's ``bias = "none"``) are averaged as FedAvg
+    does. Weights are normalised as :func:`flower_llm.aggregation.weighted_average`
     normalises them, so huge weights cannot overflow.
     """
     from flower_llm.aggregation import weighted_average
@@ -149,7 +195,8 @@ def exact_average(
     largest = max(float(w) for w in weights)
     relative = [float(w) / largest for w in weights]
     total = math.fsum(relative)
-    factors = [r / total for r in relative]
+    scales = [rank / rank_of(s) for s in states]
+    factors = [r / total * scale for r, scale in zip(relative, scales, strict=True)]
     pairs = lora_pairs(states[0])
     in_pairs = {k for pair in pairs for k in pair}
     rest = [k for k in states[0] if k not in in_pairs]
@@ -179,15 +226,19 @@ def product_gap(
     averaged: Mapping[str, np.ndarray],
 ) -> float:
     """``||avg(B A) - B_g A_g||_F / ||avg(B A)||_F`` over all modules: how far the global
-    factors ``averaged`` are from the weighted average of the sites' products.
+    factors ``averaged`` are from the weighted average of the sites' products (each in the
+    global adapter's LoRA scale: a site of rank ``r_k`` counts ``r_g / r_k`` times).
 
     Forms d_out x d_in products, so for tests and benchmarks on small adapters only.
     """
     total = float(sum(weights))
+    global_rank = rank_of(averaged)
     num = den = 0.0
     for a_key, b_key in lora_pairs(averaged):
         target = sum(
-            (w / total) * (s[b_key].astype(np.float64) @ s[a_key].astype(np.float64))
+            (w / total)
+            * (global_rank / s[a_key].shape[0])
+            * (s[b_key].astype(np.float64) @ s[a_key].astype(np.float64))
             for s, w in zip(states, weights, strict=True)
         )
         got = averaged[b_key].astype(np.float64) @ averaged[a_key].astype(np.float64)

@@ -35,7 +35,13 @@ from flower_llm.aggregation import (
     update_problem,
 )
 from flower_llm.config import ROBUST_RULES, RunConfig
-from flower_llm.lora_aggregation import LORA_AGGREGATIONS, exact_average, sent_keys
+from flower_llm.lora_aggregation import (
+    LORA_AGGREGATIONS,
+    exact_average,
+    rank_of,
+    sent_keys,
+    to_rank,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +191,7 @@ class WeightedFedAvg(FedAvg):
         """The global adapter the round's sites start from (float32 decoding of what went
         down); the reference every reply is checked and aggregated against."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
+        self._reference_by_rank: dict[int, AdapterState] = {}
         self.report = RoundReport()
         self.last_valid: list[ValidReply] = []
         self.instructions: list[Message] = []
@@ -251,6 +258,7 @@ class WeightedFedAvg(FedAvg):
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Set the reference adapter and this round's bounds (also for wrappers)."""
         self.reference = wire.from_array_record(arrays)
+        self._reference_by_rank = {}
         peak = max(
             (float(np.max(np.abs(v))) for v in self.reference.values() if v.size), default=0.0
         )
@@ -261,6 +269,13 @@ class WeightedFedAvg(FedAvg):
             max_update_norm=self.max_update_norm,
             clamp=self.clamp,
         )
+
+    def reference_at_rank(self, rank: int) -> AdapterState:
+        """The reference re-factored to ``rank``, as a site of that rank receives it."""
+        assert self.reference is not None, "configure_train sets the reference"
+        if rank not in self._reference_by_rank:
+            self._reference_by_rank[rank] = to_rank(self.reference, rank)
+        return self._reference_by_rank[rank]
 
     @property
     def expected(self) -> AdapterState:
@@ -301,6 +316,16 @@ class WeightedFedAvg(FedAvg):
         except (ValueError, TypeError) as err:
             return f"unreadable adapter: {err}"
         expected = self.expected
+        if self.lora_aggregation == "exact":
+            # A site may train at its own rank (at most lora.r): check it against the
+            # global adapter at that rank, as the site itself re-factored it.
+            try:
+                rank = rank_of(state)
+            except ValueError as err:
+                return f"unreadable LoRA factors: {err}"
+            if not 0 < rank <= self.lora_rank:
+                return f"LoRA rank {rank} outside [1, lora.r = {self.lora_rank}]"
+            expected = self.reference_at_rank(rank)
         problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
         if problem is not None:
             return problem

@@ -14,8 +14,10 @@ from flower_llm.lora_aggregation import (
     exact_average,
     lora_pairs,
     product_gap,
+    rank_of,
     refactor_product_sum,
     sent_keys,
+    to_rank,
 )
 from strategies.fedavg import WeightedFedAvg
 
@@ -49,9 +51,19 @@ def product(state: dict, module: str) -> np.ndarray:
     ].astype(np.float64)
 
 
-def averaged_product(states: list[dict], weights: list[float], module: str) -> np.ndarray:
+def averaged_product(
+    states: list[dict], weights: list[float], module: str, rank: int | None = None
+) -> np.ndarray:
+    """``sum_k p_k (r / r_k) B_k A_k``: the products in the scale of a rank-``rank`` adapter."""
     total = sum(weights)
-    return sum(w / total * product(s, module) for s, w in zip(states, weights, strict=True))
+    return sum(
+        w
+        / total
+        * (rank or s[f"{module}.lora_A.weight"].shape[0])
+        / s[f"{module}.lora_A.weight"].shape[0]
+        * product(s, module)
+        for s, w in zip(states, weights, strict=True)
+    )
 
 
 def test_pairs_and_sent_keys() -> None:
@@ -127,7 +139,7 @@ def test_exact_truncation_error_is_the_reported_one(seed: int, rank: int) -> Non
     # no better than the best rank-r approximation, computed here from the dense M
     errors, norms = [], []
     for module in MODULES:
-        target = averaged_product(states, weights, module)
+        target = averaged_product(states, weights, module, rank)
         got = product(state, module)
         errors.append(np.linalg.norm(target - got))
         s = np.linalg.svd(target, compute_uv=False)
@@ -208,3 +220,77 @@ def test_strategy_ffa_takes_b_only_and_keeps_the_frozen_a() -> None:
     assert product_gap(states, [10.0, 30.0], out) < 1e-6
     sent = sum(v.nbytes for v in b_only[0].values())
     assert sent == sum(v.nbytes for v in states[0].values()) * D_OUT / (D_OUT + D_IN)
+
+
+# --------------------------------------------------------------------------------------
+# Heterogeneous ranks
+# --------------------------------------------------------------------------------------
+
+
+def test_to_rank_truncates_down_and_pads_up_in_the_site_scale() -> None:
+    # Prepare: a rank-8 global adapter
+    state = site_state(1, rank=8)
+
+    # Execute
+    down = to_rank(state, 3)
+    up = to_rank(state, 12)
+    back = to_rank(up, 8)
+
+    # Assert: rank 3 holds the best rank-3 approximation of the product, times 3 / 8 (its
+    # scale alpha / 3 against alpha / 8); padding up is exact, and so is the way back
+    for module in MODULES:
+        target = product(state, module)
+        s = np.linalg.svd(target, compute_uv=False)
+        err = np.linalg.norm(target - (8 / 3) * product(down, module))
+        assert err == pytest.approx(np.sqrt(np.sum(s[3:] ** 2)), rel=1e-4)
+        np.testing.assert_allclose((8 / 12) * product(up, module), target, atol=1e-6)
+        np.testing.assert_allclose(product(back, module), target, atol=1e-5)
+    assert rank_of(down) == 3 and rank_of(up) == 12
+    assert to_rank(state, 8) == state
+
+
+def test_exact_average_of_ranks_2_4_8_is_exact_at_rank_14_in_every_scale() -> None:
+    # Prepare: sites of ranks 2, 4, 8 with scale alpha / r_k; the global rank is 14
+    ranks = (2, 4, 8)
+    states = [site_state(s, rank=r) for s, r in zip((1, 2, 3), ranks, strict=True)]
+    weights = [3.0, 1.0, 2.0]
+
+    # Execute
+    out, report = exact_average(states, weights, 14)
+
+    # Assert: (alpha / 14) B A = sum_k p_k (alpha / r_k) B_k A_k
+    for module in MODULES:
+        expected = sum(
+            w / sum(weights) / r * product(s, module)
+            for s, w, r in zip(states, weights, ranks, strict=True)
+        )
+        np.testing.assert_allclose(product(out, module) / 14, expected, atol=1e-7)
+    assert report.relative_error < 1e-6
+
+
+def test_strategy_checks_a_lower_rank_reply_against_the_global_adapter_at_its_rank() -> None:
+    # Prepare: global rank 8; one site replies at rank 4 (moved a little from the global
+    # adapter at rank 4), one at rank 8, one at rank 16 (above lora.r)
+    start = site_state(0, rank=8)
+    low = {k: v + np.float32(0.001) for k, v in to_rank(start, 4).items()}
+    full = {k: v - np.float32(0.001) for k, v in start.items()}
+    replies = [
+        train_reply(1, low, 10),
+        train_reply(2, full, 10),
+        train_reply(3, site_state(3, rank=16), 10),
+    ]
+    strategy = strategy_at(
+        start, lora_aggregation="exact", lora_rank=8, update_bound=lambda _r, _p: 0.01
+    )
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.report.accepted == [1, 2]
+    assert "outside [1, lora.r = 8]" in strategy.report.dropped[3]
+    assert arrays is not None
+    out = wire.from_array_record(arrays)
+    expected, _ = exact_average([low, full], [10.0, 10.0], 8)
+    for module in MODULES:
+        np.testing.assert_allclose(product(out, module), product(expected, module), atol=1e-6)
