@@ -1,9 +1,10 @@
-"""`flwr run` with two misbehaving sites of four: the server drops them every round.
+"""`flwr run` with two misbehaving sites of five, and honest sites at LoRA ranks 4, 8, 16.
 
 The app is a copy of this project whose ClientApp is ``tests.hostile_clientapp`` (one site
 sends float64 values of 1e300, one claims 1e12 training examples); the ServerApp is the
-project's own. The run must finish, name both sites' problems in every round of
-metrics.jsonl, and still lower the held-out loss with the two honest sites.
+project's own, with ``lora.aggregation = exact`` and ``lora.site-ranks`` giving the three
+honest sites ranks 4, 8 and 16. The run must finish, name both hostile sites' problems in
+every round of metrics.jsonl, and lower the held-out loss with the three honest sites.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def hostile_app(dest: Path) -> Path:
     return app
 
 
-def test_two_hostile_sites_are_dropped_every_round_and_the_loss_still_falls(
+def test_hostile_sites_are_dropped_and_sites_of_ranks_4_8_16_lower_the_loss(
     tmp_path: Path,
 ) -> None:
     # Prepare
@@ -50,7 +51,8 @@ def test_two_hostile_sites_are_dropped_every_round_and_the_loss_still_falls(
     home.mkdir()
     run_config = (
         f'output.dir="{out}" output.run-name="hostile" fed.num-rounds=2 '
-        "output.local-only-baseline=false train.local-steps=10"
+        "output.local-only-baseline=false train.local-steps=10 "
+        'lora.aggregation="exact" lora.r=16 lora.site-ranks="16,16,4,8,16"'
     )
 
     # Execute
@@ -63,7 +65,7 @@ def test_two_hostile_sites_are_dropped_every_round_and_the_loss_still_falls(
                 "local",
                 "--stream",
                 "--federation-config",
-                "num-supernodes=4 client-resources-num-cpus=1",
+                "num-supernodes=5 client-resources-num-cpus=1",
                 "--run-config",
                 run_config,
             ],
@@ -84,11 +86,12 @@ def test_two_hostile_sites_are_dropped_every_round_and_the_loss_still_falls(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2], log
     for row in rows:
-        assert row["clients-sampled"] == 4 and row["clients-replied"] == 2
+        assert row["clients-sampled"] == 5 and row["clients-replied"] == 3
         reasons = sorted(row["dropped"].values())
         assert len(reasons) == 2, row
         assert any("beyond float32's range" in r for r in reasons), reasons
         assert any("above fed.max-weight" in r for r in reasons), reasons
         assert row["updated"]
+        assert 0 <= row["lora-truncation-error"] < 1, row
     losses = json.loads((run_dir / "summary.json").read_text())["eval-loss-by-round"]
     assert losses[1] < losses[0], losses
