@@ -175,7 +175,9 @@ class ClientSession:
             self._num_train_tokens = response_tokens(self.data.train)
         return self._num_train_tokens
 
-    def train_reply_metrics(self, stats: TrainStats) -> dict[str, int | float]:
+    def train_reply_metrics(
+        self, stats: TrainStats
+    ) -> dict[str, int | float | list[int] | list[float]]:
         """What a train reply reports: what the site holds, and what it trained on.
 
         ``num-examples`` is the number of training examples the site holds, ``n_k`` of
