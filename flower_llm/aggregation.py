@@ -156,13 +156,16 @@ def bound_reply(
     reference: Mapping[str, np.ndarray],
     weight: float,
     bounds: ReplyBounds,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> BoundedReply | str:
     """The reply within ``bounds`` (see :class:`BoundedReply`), or why it is dropped.
 
-    Reads every value once. A float64 value beyond float32's range (finite, but Inf once
-    the aggregate is cast) is named and always dropped, as is NaN or Inf; a clamp cannot
-    repair a reply that holds those. ``state`` must have passed :func:`update_problem`
-    (same keys and shapes).
+    ``scratch`` (key -> float32 buffer, filled on first use) lets a caller that checks
+    many replies of the same layout reuse one buffer per array instead of allocating and
+    faulting in fresh memory for every reply. Reads every value once. A float64 value
+    beyond float32's range (finite, but Inf once the aggregate is cast) is named and
+    always dropped, as is NaN or Inf; a clamp cannot repair a reply that holds those.
+    ``state`` must have passed :func:`update_problem` (same keys and shapes).
     """
     clamped: list[str] = []
     values_clamped = False
@@ -182,7 +185,12 @@ def bound_reply(
             peak = float(np.max(np.abs(value)))
             if math.isfinite(peak) and peak > FLOAT32_MAX:
                 return f"'{key}' holds {peak:.3g}, beyond float32's range"
-        update, largest, key_squares = _update_of(value, ref, exact=bounds.clamp)
+        buffer = None
+        if scratch is not None and not bounds.clamp:
+            buffer = scratch.get(key)
+            if buffer is None or buffer.shape != value.shape:
+                buffer = scratch[key] = np.empty(value.shape, np.float32)
+        update, largest, key_squares = _update_of(value, ref, exact=bounds.clamp, out=buffer)
         if not math.isfinite(largest):
             return f"'{key}' holds NaN or Inf"
         if bounds.max_abs_update is not None and largest > bounds.max_abs_update:
@@ -217,7 +225,7 @@ def bound_reply(
 
 
 def _update_of(
-    value: np.ndarray, ref: np.ndarray, *, exact: bool
+    value: np.ndarray, ref: np.ndarray, *, exact: bool, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, float, float]:
     """``(value - ref, max |value - ref|, ||value - ref||^2)``.
 
@@ -226,7 +234,7 @@ def _update_of(
     near float32's limit) or ``exact`` asks for an update to clamp is float64 used.
     """
     if value.dtype.itemsize <= 4 and not exact:
-        update = np.subtract(value, ref, dtype=np.float32)
+        update = np.subtract(value, ref, out=out, dtype=np.float32)
         largest = max(float(update.max()), -float(update.min()))
         flat = update.ravel()
         squares = float(np.dot(flat, flat))

@@ -192,6 +192,8 @@ class WeightedFedAvg(FedAvg):
         down); the reference every reply is checked and aggregated against."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
         self._reference_by_rank: dict[int, AdapterState] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+        """One float32 buffer per array for the bound checks, reused by every reply."""
         self.report = RoundReport()
         self.last_valid: list[ValidReply] = []
         self.instructions: list[Message] = []
@@ -329,7 +331,7 @@ class WeightedFedAvg(FedAvg):
         problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
         if problem is not None:
             return problem
-        bounded = bound_reply(state, expected, float(weight), self.bounds)  # type: ignore[arg-type]
+        bounded = bound_reply(state, expected, float(weight), self.bounds, self._scratch)  # type: ignore[arg-type]
         if isinstance(bounded, str):
             return bounded
         node = reply.metadata.src_node_id
