@@ -121,8 +121,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     )
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """Run, print and save."""
+    args = parser(__doc__).parse_args(argv)
     setup(args.threads)
     run_and_finish("aggregation_throughput", args, lambda: run(args.quick), to_markdown)
 

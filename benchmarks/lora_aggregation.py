@@ -234,8 +234,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     )
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """Run, print and save."""
+    args = parser(__doc__).parse_args(argv)
     setup(args.threads)
     run_and_finish("lora_aggregation", args, lambda: run(args.quick), to_markdown)
 
