@@ -100,6 +100,8 @@ class ValidReply:
     metrics: MetricRecord
     content: RecordDict
     """The whole reply, for records beyond the adapter (a local-only baseline, say)."""
+    update_norm: float | None = None
+    """L2 norm of ``local - global`` as sent, when the bound checks computed it."""
 
 
 class WeightedFedAvg(FedAvg):
@@ -338,7 +340,9 @@ class WeightedFedAvg(FedAvg):
         if bounded.clamped:
             log.warning("Reply of node %d clamped: %s", node, "; ".join(bounded.clamped))
             self.report.clamped[node] = bounded.clamped
-        return ValidReply(node, bounded.state, bounded.weight, metrics, content)
+        return ValidReply(
+            node, bounded.state, bounded.weight, metrics, content, bounded.update_norm
+        )
 
     def sender_problem(
         self, reply: Message, addressed: dict[str, int], seen: set[int]
@@ -455,7 +459,15 @@ class WeightedFedAvg(FedAvg):
             )
             return state
         expected = self.expected
-        averaged = robust_aggregate(states, weights, expected, self.robust, self.trim_fraction)
+        norms = [r.update_norm for r in valid]
+        averaged = robust_aggregate(
+            states,
+            weights,
+            expected,
+            self.robust,
+            self.trim_fraction,
+            None if None in norms or self.clamp else norms,  # type: ignore[arg-type]
+        )
         # ffa: the frozen A matrices never left the server; they stay as they are.
         return {k: averaged.get(k, self.reference[k]) for k in self.reference}
 

@@ -519,3 +519,22 @@ def test_float16_halves_the_bytes_down_in_every_round() -> None:
     assert len(sent16) == 3
     for b16, b32 in zip(sent16, sent32, strict=True):
         assert 0.5 <= b16 / b32 < 0.51  # values halve; small .npy headers do not
+
+
+def test_norm_bound_in_the_strategy_uses_the_norms_the_checks_computed() -> None:
+    # Prepare: three honest updates and one x50 (bounds off so it is accepted)
+    ref = global_state()
+    honest = [honest_state(n) for n in (1, 2, 3)]
+    boosted = {k: ref[k] + 50 * (honest[0][k] - ref[k]) for k in ref}
+    states = [*honest, boosted]
+    replies = [reply(n, s) for n, s in zip((1, 2, 3, 4), states, strict=True)]
+    strategy = strategy_for_round([1, 2, 3, 4], update_bound=None, robust="norm-bound")
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the same as norms computed from scratch, to float32 rounding
+    expected = robust_aggregate(states, [100.0] * 4, ref, "norm-bound")
+    for key in SHAPES:
+        np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert all(r.update_norm is not None for r in strategy.last_valid)
