@@ -538,3 +538,40 @@ def test_norm_bound_in_the_strategy_uses_the_norms_the_checks_computed() -> None
     for key in SHAPES:
         np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)
     assert all(r.update_norm is not None for r in strategy.last_valid)
+
+
+def test_a_reply_to_the_instruction_of_another_node_is_refused() -> None:
+    # Prepare: instructions with ids, as the Grid leaves them; node 2 answers node 1's
+    from flwr.app import ConfigRecord
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    strategy = WeightedFedAvg(min_train_clients=1)
+    messages = list(
+        strategy.configure_train(1, wire.to_array_record(global_state()), ConfigRecord(), Grid())  # type: ignore[arg-type]
+    )
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+
+    def answer(node: int, to: int) -> Message:
+        state = honest_state(node)
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.to_array_record(state),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
+            }
+        )
+        message = Message(content, reply_to=by_node[to])
+        message.metadata.__dict__["_src_node_id"] = node
+        return message
+
+    # Execute
+    strategy.aggregate_train(1, [answer(1, 1), answer(2, 1)])
+
+    # Assert
+    assert strategy.report.accepted == [1]
+    assert strategy.report.refused == ["node 2 replied to the instruction sent to node 1"]
+    assert strategy.report.dropped == {2: "no reply before the round timeout"}
