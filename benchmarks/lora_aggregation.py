@@ -45,7 +45,7 @@ from flower_llm.aggregation import (
 )
 from flower_llm.client import ClientSession, SiteIdentity
 from flower_llm.config import RunConfig, parse_run_config
-from flower_llm.lora_aggregation import exact_average, product_gap, sent_keys
+from flower_llm.lora_aggregation import exact_average, product_gap, rank_of, sent_keys, to_rank
 
 Attack = Callable[[AdapterState, AdapterState, float], tuple[AdapterState, float]]
 """(global, honest local state, honest weight) -> (state sent, weight claimed)."""
@@ -94,6 +94,9 @@ DEFENCES = {
 }
 
 
+HETEROGENEOUS = "exact, site ranks 4, 8, 16, 16"
+
+
 def union_loss(sessions: list[ClientSession], state: AdapterState) -> float:
     """Token-weighted held-out loss of ``state`` over every site's evaluation split."""
     stats = [s.evaluate(state) for s in sessions]
@@ -115,6 +118,8 @@ def server_round(
     expected = {k: start[k] for k in sent_keys(start, cfg.lora.aggregation)}
     kept, dropped = [], []
     for state, weight in replies:
+        if cfg.lora.aggregation == "exact":  # a site of its own rank: its re-factoring
+            expected = to_rank(start, rank_of(state))
         checked = bound_reply(state, expected, weight, bounds)
         if isinstance(checked, str):
             dropped.append(checked)
@@ -145,7 +150,8 @@ def federate(
     """Run ``num_rounds`` in-process rounds; the last site runs ``attack`` when given."""
     cfg = parse_run_config({"fed.num-rounds": num_rounds, **overrides})
     sessions = [ClientSession(cfg, SiteIdentity(None, i, num_sites)) for i in range(num_sites)]
-    state = adapter_state(sessions[0].model)
+    # The global adapter starts at the global rank (a site of lower rank would not do).
+    state = adapter_state(next(s.model for s in sessions if s.lora.r == cfg.lora.r))
     losses, rounds = [union_loss(sessions, state)], []
     for rnd in range(1, num_rounds + 1):
         lr = cfg.train.learning_rate_at(rnd, num_rounds)
@@ -153,7 +159,7 @@ def federate(
         for k, session in enumerate(sessions):
             local, stats = session.train(state, rnd, lr)
             sent = session.to_send(local)
-            weight = float(session.train_reply_metrics(stats)["num-examples"])
+            weight = float(session.data.num_train_examples)
             if attack is not None and k == num_sites - 1:
                 honest_start = {key: state[key] for key in sent}
                 sent, weight = attack(honest_start, sent, weight)
@@ -174,6 +180,9 @@ def run(quick: bool) -> dict[str, Any]:
     lora: dict[str, Any] = {}
     for rule in ("fedavg", "ffa", "exact"):
         lora[rule] = federate({**steps, "lora.aggregation": rule}, 4, num_rounds)
+    lora[HETEROGENEOUS] = federate(
+        {**steps, "lora.aggregation": "exact", "lora.site-ranks": "4,8,16,16"}, 4, num_rounds
+    )
     attacks: dict[str, dict[str, float]] = {}
     attack_names = ["none", "update x1e6", "weight 1e12"] if quick else list(ATTACKS)
     defence_names = list(DEFENCES)[:2] if quick else list(DEFENCES)
