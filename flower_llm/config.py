@@ -789,11 +789,13 @@ def _check_aggregation_combinations(cfg: RunConfig) -> None:
             fed.robust,
         )
     if lora.aggregation != "fedavg":
+        # DP-FedAvg clips and noises whatever the sites send: B alone under ffa works.
         _require(
-            per_site,
+            cfg.fed.aggregation == "fedavg"
+            and (lora.aggregation == "ffa" or not cfg.privacy.client_level),
             "lora.aggregation",
-            "must be 'fedavg' with fed.aggregation = 'secagg+' or client-level DP "
-            "(their aggregation of factors is not wired for ffa/exact yet)",
+            "must be 'fedavg' with fed.aggregation = 'secagg+', and 'fedavg' or 'ffa' with "
+            "client-level DP (exact re-factoring is not wired there)",
             lora.aggregation,
         )
 

@@ -291,8 +291,10 @@ class DifferentialPrivacyFedAvg(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip (or check), sum, divide by ``m``, add noise; step the accountant."""
         assert self.expected_clients is not None, "configure_train starts the accounting"
-        reference = self.strategy.reference
-        assert reference is not None, "configure_train sets the reference"
+        assert self.strategy.reference is not None, "configure_train sets the reference"
+        # What the sites train and send: the whole adapter, or B alone under ffa (the
+        # frozen A is public, so clipping and noise cover all that a site contributes).
+        reference = self.strategy.expected
         valid = self.strategy.valid_replies(replies)
         updates = [_difference(r.state, reference) for r in valid]
         if self.mode == "client-fixed":
@@ -312,8 +314,11 @@ class DifferentialPrivacyFedAvg(Strategy):
         stddev = dp_fedavg_noise_stddev(self.update_noise_multiplier, clip_norm, m)
         noised = add_gaussian_noise({k: v / m for k, v in total.items()}, stddev, self.rng)
         new_state = {
-            key: (reference[key].astype(np.float64) + noised[key]).astype(np.float32)
-            for key in reference
+            **self.strategy.reference,
+            **{
+                key: (reference[key].astype(np.float64) + noised[key]).astype(np.float32)
+                for key in reference
+            },
         }
 
         fraction = None

@@ -429,11 +429,17 @@ def test_derived_bounds_follow_the_settings() -> None:
         ({"fed.robust": "median", "lora.aggregation": "exact"}, "fed.robust"),
         ({"lora.aggregation": "ffa", "fed.aggregation": "secagg+"}, "lora.aggregation"),
         ({"lora.aggregation": "svd"}, "lora.aggregation"),
+        ({"lora.aggregation": "exact", "privacy.mode": "server-fixed"}, "lora.aggregation"),
     ],
 )
 def test_bad_aggregation_settings_name_the_key(run_config: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         parse_run_config(run_config)  # type: ignore[arg-type]
+
+
+def test_ffa_is_allowed_with_client_level_dp() -> None:
+    cfg = parse_run_config({"lora.aggregation": "ffa", "privacy.mode": "server-fixed"})
+    assert cfg.lora.aggregation == "ffa" and cfg.privacy.client_level
 
 
 # --------------------------------------------------------------------------------------

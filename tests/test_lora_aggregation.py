@@ -294,3 +294,53 @@ def test_strategy_checks_a_lower_rank_reply_against_the_global_adapter_at_its_ra
     expected, _ = exact_average([low, full], [10.0, 10.0], 8)
     for module in MODULES:
         np.testing.assert_allclose(product(out, module), product(expected, module), atol=1e-6)
+
+
+def test_dp_fedavg_with_ffa_noises_b_and_keeps_the_frozen_a() -> None:
+    # Prepare: DP-FedAvg (server-fixed, noise 0, huge C, q = 1) over sites sending B only
+    from flwr.app import ConfigRecord
+
+    from strategies.dp import DifferentialPrivacyFedAvg
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    start = site_state(0)
+    states = {n: site_state(n, a=start) for n in (1, 2)}
+    inner = WeightedFedAvg(min_train_clients=1, min_available_clients=1, lora_aggregation="ffa")
+    strategy = DifferentialPrivacyFedAvg(
+        inner,
+        mode="server-fixed",
+        noise_multiplier=0.0,
+        clip_norm=1e6,
+        sampling_rate=1.0,
+        delta=1e-5,
+        seed=0,
+    )
+    messages = list(
+        strategy.configure_train(1, wire.to_array_record(start), ConfigRecord(), Grid())
+    )  # type: ignore[arg-type]
+
+    # Execute
+    replies = []
+    for m in messages:
+        node = m.metadata.dst_node_id
+        b_only = {k: v for k, v in states[node].items() if ".lora_B." in k}
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.to_array_record(b_only),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10 * node}),
+            }
+        )
+        replies.append(Message(content, reply_to=m))
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: uniform FedAvg of B (DP weighs every site the same), A exactly as sent
+    assert arrays is not None and inner.report.accepted == [1, 2]
+    out = wire.from_array_record(arrays)
+    for key, value in start.items():
+        if ".lora_A." in key:
+            np.testing.assert_array_equal(out[key], value)
+        else:
+            np.testing.assert_allclose(out[key], (states[1][key] + states[2][key]) / 2, atol=1e-6)
