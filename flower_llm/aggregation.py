@@ -145,8 +145,8 @@ class BoundedReply:
     state: AdapterState
     """The reply's arrays as sent, or ``global + clamped update`` (float64) if clamped."""
     weight: float
-    update_norm: float
-    """L2 norm of ``local - global`` as sent, before any clamping."""
+    update_norm: float | None
+    """L2 norm of ``local - global`` as sent, before any clamping (None: not computed)."""
     clamped: list[str] = field(default_factory=list)
     """What was clamped and why; empty if nothing was."""
 
@@ -157,15 +157,22 @@ def bound_reply(
     weight: float,
     bounds: ReplyBounds,
     scratch: dict[str, np.ndarray] | None = None,
+    *,
+    want_norm: bool = False,
 ) -> BoundedReply | str:
     """The reply within ``bounds`` (see :class:`BoundedReply`), or why it is dropped.
 
-    ``scratch`` (key -> float32 buffer, filled on first use) lets a caller that checks
-    many replies of the same layout reuse one buffer per array instead of allocating and
-    faulting in fresh memory for every reply. Reads every value once. A float64 value
-    beyond float32's range (finite, but Inf once the aggregate is cast) is named and
-    always dropped, as is NaN or Inf; a clamp cannot repair a reply that holds those.
-    ``state`` must have passed :func:`update_problem` (same keys and shapes).
+    A float64 value beyond float32's range (finite, but Inf once the aggregate is cast)
+    is named and always dropped, as is NaN or Inf; a clamp cannot repair a reply that
+    holds those. ``state`` must have passed :func:`update_problem` (same keys and shapes).
+
+    Each value is read once, and only as far as needed: the update ``value - ref`` when a
+    per-value or norm bound is set (its squares only for a norm bound or ``want_norm``);
+    with no value bound, a float32 or float16 reply is not read here at all, and its
+    NaN/Inf is left to the caller's check of the aggregate (the weighted average of
+    finite values is finite). ``scratch`` (key -> float32 buffer, filled on first use)
+    lets a caller that checks many replies of one layout reuse one buffer per array
+    instead of faulting in fresh memory for every reply.
     """
     clamped: list[str] = []
     values_clamped = False
@@ -174,6 +181,8 @@ def bound_reply(
             return f"weight {weight:.6g} above fed.max-weight = {bounds.max_weight:.6g}"
         clamped.append(f"weight {weight:.6g} clamped to fed.max-weight = {bounds.max_weight:.6g}")
         weight = bounds.max_weight
+    need_norm = want_norm or bounds.max_update_norm is not None
+    need_update = need_norm or bounds.max_abs_update is not None
     updates: dict[str, np.ndarray] = {}
     squares = 0.0
     for key, ref in reference.items():
@@ -183,14 +192,18 @@ def bound_reply(
             continue
         if value.dtype.itemsize > 4:
             peak = float(np.max(np.abs(value)))
-            if math.isfinite(peak) and peak > FLOAT32_MAX:
+            if not math.isfinite(peak):
+                return f"'{key}' holds NaN or Inf"
+            if peak > FLOAT32_MAX:
                 return f"'{key}' holds {peak:.3g}, beyond float32's range"
+        if not need_update:
+            continue
         buffer = None
         if scratch is not None and not bounds.clamp:
             buffer = scratch.get(key)
             if buffer is None or buffer.shape != value.shape:
                 buffer = scratch[key] = np.empty(value.shape, np.float32)
-        update, largest, key_squares = _update_of(value, ref, exact=bounds.clamp, out=buffer)
+        update, largest = _update_of(value, ref, exact=bounds.clamp, out=buffer)
         if not math.isfinite(largest):
             return f"'{key}' holds NaN or Inf"
         if bounds.max_abs_update is not None and largest > bounds.max_abs_update:
@@ -203,11 +216,15 @@ def bound_reply(
             clamped.append(reason + ": clamped")
             values_clamped = True
             np.clip(update, -bounds.max_abs_update, bounds.max_abs_update, out=update)
-            key_squares = float(np.dot(update.ravel(), update.ravel()))
-        squares += key_squares
+        if need_norm:
+            flat = update.ravel()
+            key_squares = float(np.dot(flat, flat))
+            if not math.isfinite(key_squares):  # float32 squares overflow: redo in float64
+                key_squares = float(np.sum(np.square(flat, dtype=np.float64)))
+            squares += key_squares
         updates[key] = update
-    norm = math.sqrt(squares)
-    if bounds.max_update_norm is not None and norm > bounds.max_update_norm:
+    norm = math.sqrt(squares) if need_norm else None
+    if bounds.max_update_norm is not None and norm is not None and norm > bounds.max_update_norm:
         reason = (
             f"update L2 norm {norm:.4g} above fed.max-update-norm = {bounds.max_update_norm:.4g}"
         )
@@ -226,8 +243,8 @@ def bound_reply(
 
 def _update_of(
     value: np.ndarray, ref: np.ndarray, *, exact: bool, out: np.ndarray | None = None
-) -> tuple[np.ndarray, float, float]:
-    """``(value - ref, max |value - ref|, ||value - ref||^2)``.
+) -> tuple[np.ndarray, float]:
+    """``(value - ref, max |value - ref|)``.
 
     float32 and float16 replies are differenced in float32, which is exact to one
     rounding and half the memory traffic of float64; only if that overflows (values
@@ -236,14 +253,10 @@ def _update_of(
     if value.dtype.itemsize <= 4 and not exact:
         update = np.subtract(value, ref, out=out, dtype=np.float32)
         largest = max(float(update.max()), -float(update.min()))
-        flat = update.ravel()
-        squares = float(np.dot(flat, flat))
-        if math.isfinite(largest) and math.isfinite(squares):
-            return update, largest, squares
+        if math.isfinite(largest):
+            return update, largest
     update = np.subtract(value, ref, dtype=np.float64)
-    largest = max(float(update.max()), -float(update.min()))
-    flat = update.ravel()
-    return update, largest, float(np.dot(flat, flat))
+    return update, max(float(update.max()), -float(update.min()))
 
 
 def derive_max_weight(cfg: RunConfig) -> float:

@@ -333,7 +333,17 @@ class WeightedFedAvg(FedAvg):
         problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
         if problem is not None:
             return problem
-        bounded = bound_reply(state, expected, float(weight), self.bounds, self._scratch)  # type: ignore[arg-type]
+        bounded = bound_reply(
+            state,
+            expected,
+            float(weight),  # type: ignore[arg-type]
+            self.bounds,
+            self._scratch,
+            # Robust rules and the SVD of exact aggregation must see only finite values
+            # (the aggregate check would not catch a NaN a trimmed mean cut, and an SVD
+            # of NaN raises): read every reply in full for them.
+            want_norm=self.robust != "none" or self.lora_aggregation == "exact",
+        )
         if isinstance(bounded, str):
             return bounded
         node = reply.metadata.src_node_id

@@ -581,3 +581,24 @@ def test_a_reply_to_the_instruction_of_another_node_is_refused() -> None:
     assert strategy.report.accepted == [1]
     assert strategy.report.refused == ["node 2 replied to the instruction sent to node 1"]
     assert strategy.report.dropped == {2: "no reply before the round timeout"}
+
+
+@pytest.mark.parametrize("robust", ["none", "norm-bound", "trimmed-mean", "median"])
+def test_nan_is_dropped_under_every_rule_with_the_bounds_off(robust: str) -> None:
+    # Prepare: five sites, one sends NaN; no weight or value bound
+    honest = {n: honest_state(n) for n in (1, 2, 3, 4)}
+    nan = {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}
+    replies = [reply(n, s) for n, s in honest.items()] + [reply(5, nan)]
+    strategy = strategy_for_round(
+        [1, 2, 3, 4, 5], update_bound=None, max_weight=math.inf, robust=robust
+    )
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.report.accepted == [1, 2, 3, 4]
+    assert "NaN or Inf" in strategy.report.dropped[5]
+    expected = robust_aggregate(list(honest.values()), [100.0] * 4, global_state(), robust)
+    for key in SHAPES:
+        np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)
