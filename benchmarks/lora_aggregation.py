@@ -157,7 +157,7 @@ def federate(
         lr = cfg.train.learning_rate_at(rnd, num_rounds)
         replies, up = [], 0
         for k, session in enumerate(sessions):
-            local, stats = session.train(state, rnd, lr)
+            local, _ = session.train(state, rnd, lr)
             sent = session.to_send(local)
             weight = float(session.data.num_train_examples)
             if attack is not None and k == num_sites - 1:
