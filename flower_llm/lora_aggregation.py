@@ -18,8 +18,11 @@ product the model uses, ``sum_k p_k B_k A_k`` with ``p_k = n_k / n``.
       R_u R_v^T = W S Z^T                  (SVD of an R x R core)
       M = (Q_u W) S (Q_v Z)^T              -> B = (Q_u W)[:, :r] S[:r],  A = (Q_v Z)[:, :r]^T
 
-  The new A has orthonormal rows and B carries the singular values. The truncation error
-  is ``||M - B A||_F = sqrt(sum_{i > r} S_i^2)``, zero when ``r >= R``.
+  The new A has orthonormal rows, each signed so that its largest entry is positive (the
+  factors then do not depend on the sign conventions of a LAPACK build, which matters
+  because a site and the server re-factor the same adapter independently), and B carries
+  the singular values. The truncation error is ``||M - B A||_F = sqrt(sum_{i > r} S_i^2)``,
+  zero when ``r >= R``.
 
 Heterogeneous ranks: a site of rank ``r_k <= r`` uses the scale ``alpha / r_k``; for its
 model to hold ``s B A`` it gets the rank-``r_k`` truncation of the global product times
@@ -118,10 +121,18 @@ def refactor_product_sum(
     q_v, r_v = np.linalg.qr(v.T)  # d_in x n, n x R
     w, s, zt = np.linalg.svd(r_u @ r_v.T, full_matrices=False)
     kept = min(rank, s.size)
+    left = q_u @ w[:, :kept]  # d_out x kept
+    right = (q_v @ zt[:kept].T).T  # kept x d_in
+    # Singular vectors are defined up to a sign per pair, and LAPACK builds differ in the
+    # sign they return. A site re-factors the global adapter and the server checks its
+    # reply against its own re-factoring, so both must agree: the largest entry of each
+    # row of A is made positive.
+    peaks = right[np.arange(kept), np.argmax(np.abs(right), axis=1)]
+    signs = np.where(peaks < 0, -1.0, 1.0)
     b = np.zeros((d_out, rank))
     a = np.zeros((rank, d_in))
-    b[:, :kept] = (q_u @ w[:, :kept]) * s[:kept]
-    a[:kept] = (q_v @ zt[:kept].T).T
+    b[:, :kept] = left * (s[:kept] * signs)
+    a[:kept] = right * signs[:, None]
     error = math.sqrt(float(np.sum(np.square(s[kept:]))))
     return Refactored(b, a, error, math.sqrt(float(np.sum(np.square(s)))))
 

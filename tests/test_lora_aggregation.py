@@ -344,3 +344,20 @@ def test_dp_fedavg_with_ffa_noises_b_and_keeps_the_frozen_a() -> None:
             np.testing.assert_array_equal(out[key], value)
         else:
             np.testing.assert_allclose(out[key], (states[1][key] + states[2][key]) / 2, atol=1e-6)
+
+
+def test_refactored_factors_do_not_depend_on_singular_vector_signs() -> None:
+    # Prepare: the same product from factors of opposite signs (B A = (-B)(-A))
+    state = site_state(4, rank=8)
+    bs = [state[f"{MODULES[0]}.lora_B.weight"]]
+    as_ = [state[f"{MODULES[0]}.lora_A.weight"]]
+
+    # Execute
+    plus = refactor_product_sum(bs, as_, [1.0], 5)
+    minus = refactor_product_sum([-b for b in bs], [-a for a in as_], [1.0], 5)
+
+    # Assert: identical factors; every row of A has a positive largest entry
+    np.testing.assert_allclose(plus.a, minus.a, atol=1e-10)
+    np.testing.assert_allclose(plus.b, minus.b, atol=1e-10)
+    rows = np.arange(5)
+    assert (plus.a[rows, np.argmax(np.abs(plus.a), axis=1)] > 0).all()
