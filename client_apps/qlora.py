@@ -90,20 +90,16 @@ def train(msg: Message, context: Context) -> Message:
 
         # privacy.mode = client-fixed: bound the update before it leaves the site.
         state = clip_adapter_update(state, global_state, float(config[wire.CLIP_NORM]))  # type: ignore[arg-type]
-    metrics = MetricRecord(
-        {
-            wire.NUM_EXAMPLES: stats.examples,
-            wire.NUM_TOKENS: stats.tokens,
-            wire.TRAIN_LOSS: stats.loss,
-            wire.TRAIN_SECONDS: stats.seconds,
-        }
-    )
+    metrics = MetricRecord(session.train_reply_metrics(stats))
     if dpsgd_epsilons is not None:
         metrics[wire.DPSGD_EPSILON] = dpsgd_epsilons["epsilon"]
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
     content = RecordDict(
-        {wire.ARRAYS: wire.to_array_record(state, wire_dtype), wire.METRICS: metrics}
+        {
+            wire.ARRAYS: wire.to_array_record(session.to_send(state), wire_dtype),
+            wire.METRICS: metrics,
+        }
     )
 
     if session.cfg.output.local_only_baseline:

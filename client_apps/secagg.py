@@ -53,8 +53,13 @@ class AdapterTrainer(Protocol):
 
 
 def client_weight(cfg: RunConfig, stats: TrainStats, max_weight: float) -> int:
-    """The FedAvg weight of this client, clamped to the max weight SecAgg+ was set up for."""
-    if cfg.privacy.client_level:
+    """The FedAvg weight of this client, clamped to the max weight SecAgg+ was set up for.
+
+    SecAgg+ weighs by what the site trained on this round (examples or tokens *seen*),
+    which the settings bound exactly: a held-data count has no such bound, and a loose
+    max weight would cost quantization precision (docs/aggregation.md).
+    """
+    if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
         return 1  # DP-FedAvg's accountant assumes equal weights
     weight = stats.tokens if cfg.fed.weighting == "tokens" else stats.examples
     if weight > max_weight:

@@ -1,16 +1,42 @@
-"""Weighted federated averaging over plain adapter states, and reply validation.
+"""Weighted federated averaging over plain adapter states, reply bounds and robust rules.
 
 API-neutral on purpose: the Message-API strategy and the legacy SecAgg+ path call the
 same functions, so there is one implementation of the maths.
+
+A reply passes three kinds of check before it is averaged:
+
+- structure (:func:`update_problem`): keys, shapes, float dtypes, a positive finite weight;
+- bounds (:func:`bound_reply`): every value representable in float32 (a float64 ``1e300``
+  is finite but overflows in the cast), its weight at most ``max_weight``, every value of
+  its update ``local - global`` within a per-value bound (derived from local AdamW, see
+  :func:`derive_update_bound`) and the update's L2 norm within a bound.
+  Beyond a bound the reply is dropped with the reason, or clamped to the bound;
+- the aggregation rule (:func:`robust_aggregate`): weighted FedAvg, or one of the robust
+  rules over the accepted updates.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flower_llm.adapters import AdapterState
+if TYPE_CHECKING:
+    from flower_llm.adapters import AdapterState
+    from flower_llm.config import RunConfig
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+MAX_HELD_EXAMPLES = 2.0**24
+"""Derived ``fed.max-weight`` for weighting by examples held: 16.7 M training examples, far
+above any instruction-tuning site and exactly representable in float32. Set the key to your
+largest site's size for a tighter bound."""
+
+WIRE_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11}
+"""Relative rounding of one value stored in the wire dtype."""
 
 
 def weighted_average(
@@ -23,16 +49,22 @@ def weighted_average(
     states : sequence of adapter states
         Client updates with identical keys and shapes.
     weights : sequence of float
-        Non-negative weights ``n_k`` (examples or tokens), not all zero.
+        Non-negative finite weights ``n_k`` (examples or tokens), not all zero. They are
+        divided by the largest one before they are summed, so the sum cannot overflow
+        whatever their size (two weights of 1e308 average like two weights of 1).
     """
     if len(states) != len(weights) or not states:
         raise ValueError(
             f"need one weight per state, got {len(states)} states, {len(weights)} weights"
         )
-    total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    factors = [float(w) / total for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
+        raise ValueError(
+            f"weights must be finite and non-negative with a positive sum, got {list(weights)}"
+        )
+    largest = max(float(w) for w in weights)
+    relative = [float(w) / largest for w in weights]  # in [0, 1]: the sum is at most len
+    total = math.fsum(relative)
+    factors = [r / total for r in relative]
     result: AdapterState = {}
     for key, first in states[0].items():
         # One float64 accumulator and one scratch buffer per array, whatever the number
@@ -61,15 +93,12 @@ def update_problem(
 ) -> str | None:
     """Why a client update cannot be averaged into ``reference``, or None if it can.
 
-    ``check_finite=False`` leaves out the NaN/Inf scan, which reads every value: a caller
-    that averages first can check the aggregate once instead. With positive finite weights
-    the weighted average of finite values is finite (each term is at most the largest
-    value in size), so a non-finite aggregate means some reply holds NaN or Inf, and only
-    then is each reply scanned to find it.
+    Structure only (keys, shapes, dtypes, weight), plus NaN/Inf unless ``check_finite``
+    is False; :func:`bound_reply` checks the values against bounds.
     """
     if not isinstance(weight, int | float) or isinstance(weight, bool):
         return f"weight {weight!r} is not a number"
-    if not np.isfinite(weight) or weight <= 0:
+    if not math.isfinite(weight) or weight <= 0:
         return f"weight {weight!r} is not positive"
     missing = set(reference) - set(state)
     if missing:
@@ -88,3 +117,271 @@ def update_problem(
         if bad is not None:
             return f"'{bad}' holds NaN or Inf"
     return None
+
+
+# --------------------------------------------------------------------------------------
+# Bounds on one reply
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplyBounds:
+    """What one reply may claim and move in a round."""
+
+    max_weight: float = math.inf
+    """Largest weight a reply may claim (``fed.max-weight``)."""
+    max_abs_update: float | None = None
+    """Per-value bound on ``|local - global|`` (``fed.update-bound``); None = none."""
+    max_update_norm: float | None = None
+    """L2 bound on the whole update (``fed.max-update-norm``); None = none."""
+    clamp: bool = False
+    """Clamp a reply beyond a bound to it instead of dropping the reply."""
+
+
+@dataclass
+class BoundedReply:
+    """A reply within its bounds, possibly after clamping."""
+
+    state: AdapterState
+    """The reply's arrays as sent, or ``global + clamped update`` (float64) if clamped."""
+    weight: float
+    update_norm: float | None
+    """L2 norm of ``local - global`` as sent, before any clamping (None: not computed)."""
+    clamped: list[str] = field(default_factory=list)
+    """What was clamped and why; empty if nothing was."""
+
+
+def bound_reply(
+    state: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    weight: float,
+    bounds: ReplyBounds,
+    scratch: dict[str, np.ndarray] | None = None,
+    *,
+    want_norm: bool = False,
+) -> BoundedReply | str:
+    """The reply within ``bounds`` (see :class:`BoundedReply`), or why it is dropped.
+
+    A float64 value beyond float32's range (finite, but Inf once the aggregate is cast)
+    is named and always dropped, as is NaN or Inf; a clamp cannot repair a reply that
+    holds those. ``state`` must have passed :func:`update_problem` (same keys and shapes).
+
+    Each value is read once, and only as far as needed: the update ``value - ref`` when a
+    per-value or norm bound is set (its squares only for a norm bound or ``want_norm``);
+    with no value bound, a float32 or float16 reply is not read here at all, and its
+    NaN/Inf is left to the caller's check of the aggregate (the weighted average of
+    finite values is finite). ``scratch`` (key -> float32 buffer, filled on first use)
+    lets a caller that checks many replies of one layout reuse one buffer per array
+    instead of faulting in fresh memory for every reply.
+    """
+    clamped: list[str] = []
+    values_clamped = False
+    if weight > bounds.max_weight:
+        if not bounds.clamp:
+            return f"weight {weight:.6g} above fed.max-weight = {bounds.max_weight:.6g}"
+        clamped.append(f"weight {weight:.6g} clamped to fed.max-weight = {bounds.max_weight:.6g}")
+        weight = bounds.max_weight
+    need_norm = want_norm or bounds.max_update_norm is not None
+    need_update = need_norm or bounds.max_abs_update is not None
+    updates: dict[str, np.ndarray] = {}
+    squares = 0.0
+    for key, ref in reference.items():
+        value = state[key]
+        if value.size == 0:
+            updates[key] = np.zeros(value.shape, np.float64)
+            continue
+        if value.dtype.itemsize > 4:
+            peak = float(np.max(np.abs(value)))
+            if not math.isfinite(peak):
+                return f"'{key}' holds NaN or Inf"
+            if peak > FLOAT32_MAX:
+                return f"'{key}' holds {peak:.3g}, beyond float32's range"
+        if not need_update:
+            continue
+        buffer = None
+        if scratch is not None and not bounds.clamp:
+            buffer = scratch.get(key)
+            if buffer is None or buffer.shape != value.shape:
+                buffer = scratch[key] = np.empty(value.shape, np.float32)
+        update, largest = _update_of(value, ref, exact=bounds.clamp, out=buffer)
+        if not math.isfinite(largest):
+            return f"'{key}' holds NaN or Inf"
+        if bounds.max_abs_update is not None and largest > bounds.max_abs_update:
+            reason = (
+                f"'{key}' moves a value by {largest:.3g}, beyond the per-value update bound "
+                f"{bounds.max_abs_update:.3g} (fed.update-bound)"
+            )
+            if not bounds.clamp:
+                return reason
+            clamped.append(reason + ": clamped")
+            values_clamped = True
+            np.clip(update, -bounds.max_abs_update, bounds.max_abs_update, out=update)
+        if need_norm:
+            flat = update.ravel()
+            key_squares = float(np.dot(flat, flat))
+            if not math.isfinite(key_squares):  # float32 squares overflow: redo in float64
+                key_squares = float(np.sum(np.square(flat, dtype=np.float64)))
+            squares += key_squares
+        updates[key] = update
+    norm = math.sqrt(squares) if need_norm else None
+    if bounds.max_update_norm is not None and norm is not None and norm > bounds.max_update_norm:
+        reason = (
+            f"update L2 norm {norm:.4g} above fed.max-update-norm = {bounds.max_update_norm:.4g}"
+        )
+        if not bounds.clamp:
+            return reason
+        clamped.append(reason + ": scaled down")
+        values_clamped = True
+        scale = bounds.max_update_norm / norm
+        for update in updates.values():
+            update *= scale
+    if not values_clamped:
+        return BoundedReply(dict(state), weight, norm, clamped)
+    bounded = {key: reference[key].astype(np.float64) + updates[key] for key in reference}
+    return BoundedReply(bounded, weight, norm, clamped)
+
+
+def _update_of(
+    value: np.ndarray, ref: np.ndarray, *, exact: bool, out: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """``(value - ref, max |value - ref|)``.
+
+    float32 and float16 replies are differenced in float32, which is exact to one
+    rounding and half the memory traffic of float64; only if that overflows (values
+    near float32's limit) or ``exact`` asks for an update to clamp is float64 used.
+    """
+    if value.dtype.itemsize <= 4 and not exact:
+        update = np.subtract(value, ref, out=out, dtype=np.float32)
+        largest = max(float(update.max()), -float(update.min()))
+        if math.isfinite(largest):
+            return update, largest
+    update = np.subtract(value, ref, dtype=np.float64)
+    return update, max(float(update.max()), -float(update.min()))
+
+
+def derive_max_weight(cfg: RunConfig) -> float:
+    """``fed.max-weight``, or the largest weight a site can honestly claim under ``cfg``.
+
+    ``seen``: a round trains ``local-steps x grad-accum`` micro-batches of at most
+    ``batch-size`` examples, an exact bound. ``uniform``: 1. Examples or tokens *held*
+    cannot be derived from the settings: :data:`MAX_HELD_EXAMPLES` (times the response
+    tokens an example can hold, ``max-seq-length - 1``). Under client-level DP weights are
+    not used (every site weighs the same) and nothing is bounded.
+    """
+    fed = cfg.fed
+    if cfg.privacy.client_level:
+        return math.inf
+    if fed.max_weight > 0:
+        return fed.max_weight
+    if fed.weighting == "uniform":
+        return 1.0
+    if fed.weighting == "seen":
+        return float(cfg.train.local_steps * cfg.train.grad_accum * cfg.train.batch_size)
+    if fed.weighting == "tokens":
+        return MAX_HELD_EXAMPLES * (cfg.data.max_seq_length - 1)
+    return MAX_HELD_EXAMPLES
+
+
+def derive_update_bound(cfg: RunConfig, server_round: int, global_max_abs: float) -> float | None:
+    """Per-value bound on a site's update this round (``fed.update-bound``), or None if off.
+
+    :func:`flower_llm.secagg.local_update_bound` (what one round of local AdamW can move a
+    weight, whatever the data) with SecAgg+'s safety margin, plus one rounding of the
+    weight and of the update in the wire dtype, since the server compares the float32
+    decodings of what was sent.
+    """
+    if cfg.fed.update_bound == "off":
+        return None
+    from flower_llm.secagg import SAFETY_MARGIN, local_update_bound
+
+    train = cfg.train
+    # Client-side DP clipping (client-fixed) only makes an update smaller: the AdamW
+    # bound holds in every mode.
+    bound = SAFETY_MARGIN * local_update_bound(
+        learning_rate=train.learning_rate_at(server_round, cfg.fed.num_rounds),
+        steps=train.local_steps,
+        weight_decay=train.weight_decay,
+        start_max_abs=global_max_abs,
+        dtype=cfg.model.compute_dtype,
+    )
+    roundoff = WIRE_UNIT_ROUNDOFF[cfg.fed.wire_dtype] * (global_max_abs + bound)
+    return bound + 2 * roundoff
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation rules
+# --------------------------------------------------------------------------------------
+
+
+def robust_aggregate(
+    states: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    reference: Mapping[str, np.ndarray],
+    rule: str = "none",
+    trim_fraction: float = 0.2,
+    norms: Sequence[float] | None = None,
+) -> AdapterState:
+    """The new global state from accepted replies under ``fed.robust = rule``.
+
+    - ``none``: :func:`weighted_average` of the states (FedAvg).
+    - ``norm-bound``: every update ``u_k = w_k - w`` is scaled to at most the median of
+      the round's update norms, ``u_k * min(1, median / ||u_k||)``, then weighted FedAvg
+      of ``w + u_k``. A minority cannot scale its update up; honest updates above the
+      median shrink a little (bias), which is the cost.
+    - ``trimmed-mean``: per value, the ``floor(trim_fraction * K)`` largest and smallest
+      of the ``K`` updates are cut and the rest averaged, unweighted (Yin et al. 2018).
+    - ``median``: per value, the median of the ``K`` updates, unweighted.
+
+    Trimmed mean and median ignore the weights (a weighted median of a value that one
+    site can claim a huge weight for would be that site's), hold all ``K`` updates of an
+    array at once and sort them: ``O(K log K)`` per value and ``K`` times the memory.
+    ``norms`` are the updates' L2 norms when the caller has them (:func:`bound_reply`
+    does), saving ``norm-bound`` a pass over every reply.
+    """
+    if rule == "none":
+        return weighted_average(states, weights)
+    if not states:
+        raise ValueError("no state to aggregate")
+    if rule == "norm-bound":
+        norms = (
+            list(norms)
+            if norms is not None
+            else [
+                math.sqrt(
+                    sum(
+                        float(np.sum(np.square(np.subtract(s[k], reference[k], dtype=np.float64))))
+                        for k in reference
+                    )
+                )
+                for s in states
+            ]
+        )
+        bound = float(np.median(norms))
+        scaled = []
+        for state, norm in zip(states, norms, strict=True):
+            if norm <= bound or norm == 0:
+                scaled.append(state)
+                continue
+            scale = bound / norm
+            scaled.append(
+                {
+                    k: reference[k] + scale * np.subtract(state[k], reference[k], dtype=np.float64)
+                    for k in reference
+                }
+            )
+        return weighted_average(scaled, weights)
+    if rule not in ("trimmed-mean", "median"):
+        raise ValueError(f"unknown aggregation rule {rule!r}")
+    count = len(states)
+    cut = min(math.floor(trim_fraction * count), (count - 1) // 2)
+    result: AdapterState = {}
+    for key, ref in reference.items():
+        ref64 = ref.astype(np.float64)
+        stacked = np.stack([np.subtract(s[key], ref64, dtype=np.float64) for s in states])
+        if rule == "median":
+            central = np.median(stacked, axis=0)
+        else:
+            stacked.sort(axis=0)
+            central = stacked[cut : count - cut].mean(axis=0)
+        result[key] = (ref64 + central).astype(np.float32)
+    return result

@@ -15,6 +15,7 @@ reload costs).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -28,12 +29,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from flower_llm import wire
 from flower_llm.adapters import AdapterState, adapter_state, apply_lora, load_adapter_state
-from flower_llm.config import RunConfig
+from flower_llm.config import LoraSettings, RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
+from flower_llm.lora_aggregation import is_lora_a, sent_keys
 from flower_llm.models import BaseModel, describe, load_base_model
 from flower_llm.site_state import SiteStateEntry, SiteStateStore, run_key, site_state_dir
-from flower_llm.train import EvalStats, TrainStats, cycle_batches, evaluate, train_adapter
+from flower_llm.train import (
+    EvalStats,
+    TrainStats,
+    cycle_batches,
+    evaluate,
+    response_tokens,
+    train_adapter,
+)
 
 if TYPE_CHECKING:  # opacus loads only when DP-SGD is on
     from flower_llm.privacy.dpsgd import DpSgdResult
@@ -48,6 +58,8 @@ class SiteIdentity:
     data_path: str | None = None
     partition_id: int = 0
     num_partitions: int = 1
+    lora_r: int | None = None
+    """node-config ``lora-r``: this site's own LoRA rank (at most ``lora.r``)."""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteIdentity:
@@ -62,7 +74,10 @@ class SiteIdentity:
                 f"node-config 'partition-id' = {partition_id} is outside "
                 f"[0, num-partitions = {num_partitions})"
             )
-        return cls(data_path or None, partition_id, num_partitions)
+        lora_r = node_config.get("lora-r")
+        if lora_r is not None and (isinstance(lora_r, bool) or not isinstance(lora_r, int)):
+            raise ValueError(f"node-config 'lora-r' must be an integer, got {lora_r!r}")
+        return cls(data_path or None, partition_id, num_partitions, lora_r)
 
     def key(self) -> str:
         """A file name for this site's kept state, stable across runs and processes.
@@ -148,11 +163,28 @@ class LoadedModel:
     """The PEFT model around ``base.model``."""
 
 
-def load_model(cfg: RunConfig, device: torch.device | None = None) -> LoadedModel:
-    """Load the base model of ``cfg.model`` and apply ``cfg.lora``."""
+def site_lora(cfg: RunConfig, site: SiteIdentity) -> LoraSettings:
+    """``cfg.lora`` at this site's rank (node-config ``lora-r``, ``lora.site-ranks``)."""
+    rank = cfg.lora.site_rank(site.partition_id, site.lora_r)
+    if rank == cfg.lora.r:
+        return cfg.lora
+    return dataclasses.replace(cfg.lora, r=rank, site_ranks="")
+
+
+def load_model(
+    cfg: RunConfig, device: torch.device | None = None, lora: LoraSettings | None = None
+) -> LoadedModel:
+    """Load the base model of ``cfg.model`` and apply ``lora`` (default ``cfg.lora``)."""
+    lora = lora or cfg.lora
     seed_everything(cfg.seed)
     base = load_base_model(cfg.model, device)
-    model = apply_lora(base.model, cfg.lora, base.name_or_path)
+    model = apply_lora(base.model, lora, base.name_or_path)
+    if lora.aggregation == "ffa":
+        # FFA-LoRA: A stays at the initialisation every site receives from the server, so
+        # the sites' products share one A and FedAvg of B is exact.
+        for name, param in model.named_parameters():
+            if is_lora_a(name):
+                param.requires_grad_(False)
     log.info("Loaded base model: %s", describe(base))
     return LoadedModel(base, model)
 
@@ -174,11 +206,14 @@ class ClientSession:
     ):
         self.cfg = cfg
         self.site = site
+        self.lora = site_lora(cfg, site)
+        """LoRA settings of this site's model: ``cfg.lora`` at the site's rank."""
         if loaded is None:
-            loaded = load_model(cfg, device)
+            loaded = load_model(cfg, device, self.lora)
         seed_everything(cfg.seed)
         self.base: BaseModel = loaded.base
         self.model = loaded.model
+        self._num_train_tokens: int | None = None
         self.data: ClientData = prepare_client_data(
             cfg.data,
             self.base.tokenizer,
@@ -193,6 +228,47 @@ class ClientSession:
             self.data.num_train_examples,
             self.data.num_eval_examples,
         )
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Response tokens in this site's training examples (``fed.weighting = tokens``)."""
+        if self._num_train_tokens is None:
+            self._num_train_tokens = response_tokens(self.data.train)
+        return self._num_train_tokens
+
+    def train_reply_metrics(
+        self, stats: TrainStats
+    ) -> dict[str, int | float | list[int] | list[float]]:
+        """What a train reply reports: what the site holds, and what it trained on.
+
+        ``num-examples`` is the number of training examples the site holds, ``n_k`` of
+        FedAvg (as FlowerTune sends ``len(trainset)``); the ``-seen`` counts are this
+        round's, counting repeats.
+        """
+        return {
+            wire.NUM_EXAMPLES: self.data.num_train_examples,
+            wire.NUM_TOKENS: self.num_train_tokens,
+            wire.NUM_EXAMPLES_SEEN: stats.examples,
+            wire.NUM_TOKENS_SEEN: stats.tokens,
+            wire.TRAIN_LOSS: stats.loss,
+            wire.TRAIN_SECONDS: stats.seconds,
+        }
+
+    def from_global(self, state: AdapterState) -> AdapterState:
+        """``state`` at this site's rank (re-factored when it differs, else as it is).
+
+        Only ``exact`` aggregation mixes ranks: the global adapter (rank ``lora.r``), or
+        another site's local-only adapter sent for evaluation.
+        """
+        if self.cfg.lora.aggregation != "exact":
+            return state
+        from flower_llm.lora_aggregation import to_rank
+
+        return to_rank(state, self.lora.r)
+
+    def to_send(self, state: AdapterState) -> AdapterState:
+        """The part of a trained adapter that goes up: all of it, or B only with ``ffa``."""
+        return {k: state[k] for k in sent_keys(state, self.cfg.lora.aggregation)}
 
     @property
     def pad_id(self) -> int:
@@ -215,7 +291,7 @@ class ClientSession:
         self, global_state: AdapterState, server_round: int, learning_rate: float
     ) -> tuple[AdapterState, TrainStats]:
         """Start from ``global_state``, train the round's local steps, return the adapter."""
-        load_adapter_state(self.model, global_state)
+        load_adapter_state(self.model, self.from_global(global_state))
         torch.manual_seed(derive_seed(self.cfg.seed, self.site.partition_id, server_round, 1))
         stats = train_adapter(
             self.model,
@@ -254,7 +330,7 @@ class ClientSession:
             server_round,
             store.path(DPSGD_ACCOUNTANT_ENTRY),
         )
-        load_adapter_state(self.model, global_state)
+        load_adapter_state(self.model, self.from_global(global_state))
         result = train_adapter_dpsgd(
             self.model,
             self.data.train,
@@ -280,7 +356,7 @@ class ClientSession:
 
     def evaluate(self, state: AdapterState) -> EvalStats:
         """Held-out loss, perplexity and token accuracy of ``state`` on this site."""
-        load_adapter_state(self.model, state)
+        load_adapter_state(self.model, self.from_global(state))
         loader = make_dataloader(
             self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0, pad_id=self.pad_id
         )
@@ -333,12 +409,13 @@ class SessionCache:
         if session is not None:
             self._sessions.move_to_end(key)
             return session
-        model_key = (cfg.model, cfg.lora)
+        lora = site_lora(cfg, site)
+        model_key = (cfg.model, lora)
         if self._loaded is None or self._model_key != model_key:
             # Free the old model (and the sessions holding it) before loading a new one.
             self._sessions.clear()
             self._loaded = None
-            self._loaded = load_model(cfg)
+            self._loaded = load_model(cfg, lora=lora)
             self._model_key = model_key
             self.model_loads += 1
         session = ClientSession(cfg, site, loaded=self._loaded)

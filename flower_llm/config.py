@@ -28,9 +28,13 @@ QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 PARTITIONERS = ("iid", "dirichlet", "by-field", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-WEIGHTINGS = ("examples", "tokens")
+WEIGHTINGS = ("examples", "tokens", "seen", "uniform")
 WIRE_DTYPES = ("float32", "float16")
 AGGREGATIONS = ("fedavg", "secagg+")
+BOUND_ACTIONS = ("drop", "clamp")
+UPDATE_BOUNDS = ("adamw", "off")
+ROBUST_RULES = ("none", "norm-bound", "trimmed-mean", "median")
+LORA_AGGREGATIONS = ("fedavg", "ffa", "exact")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
 # flower_llm.privacy.accounting.ACCOUNTANTS, repeated so parsing a config loads no maths.
 ACCOUNTANTS = ("pld", "rdp")
@@ -106,12 +110,74 @@ class LoraSettings:
         "lora.target-modules",
         "Comma-separated module names to adapt (e.g. `q_proj,v_proj`) or `all-linear`.",
     )
+    aggregation: str = setting(
+        "fedavg",
+        "lora.aggregation",
+        "How the server combines the sites' LoRA factors: `fedavg` (A and B averaged "
+        "apart; avg(B) avg(A) is not the average of the products), `ffa` (A frozen at its "
+        "seeded init, only B trained and sent: exact, half the upload) or `exact` (the "
+        "weighted average of the products B_k A_k, re-factored to rank `lora.r` by a "
+        "truncated SVD; error reported per round).",
+    )
+    site_ranks: str = setting(
+        "",
+        "lora.site-ranks",
+        "Simulation: comma-separated LoRA ranks by partition id, cycled (e.g. `4,8,16`); "
+        "empty = every site at `lora.r`. A SuperNode's node-config `lora-r` sets its own. "
+        "Each at most `lora.r`; needs `lora.aggregation = exact`.",
+    )
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", "must be a positive integer", self.r)
+        _one_of("lora.aggregation", self.aggregation, LORA_AGGREGATIONS)
+        try:
+            ranks = self.ranks_by_partition
+        except ValueError:
+            ranks = ()
+            _require(False, "lora.site-ranks", "must be comma-separated integers", self.site_ranks)
+        _require(
+            all(0 < r <= self.r for r in ranks),
+            "lora.site-ranks",
+            f"each rank must be in [1, lora.r = {self.r}]",
+            self.site_ranks,
+        )
+        _require(
+            not ranks or self.aggregation == "exact",
+            "lora.site-ranks",
+            "needs lora.aggregation = 'exact' (only products of different ranks average)",
+            self.site_ranks,
+        )
         _require(self.alpha > 0, "lora.alpha", "must be positive", self.alpha)
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
         _require(bool(self.modules), "lora.target-modules", "names no module", self.target_modules)
+
+    @property
+    def ranks_by_partition(self) -> tuple[int, ...]:
+        """``lora.site-ranks`` as integers (empty when unset)."""
+        return tuple(int(r) for r in self.site_ranks.split(",") if r.strip())
+
+    def site_rank(self, partition_id: int, node_rank: int | None = None) -> int:
+        """The LoRA rank of a site: node-config ``lora-r``, else its partition's, else ``r``.
+
+        Raises
+        ------
+        ConfigError
+            The node's rank is outside ``[1, lora.r]`` or differs from ``lora.r`` without
+            ``lora.aggregation = exact``.
+        """
+        ranks = self.ranks_by_partition
+        if node_rank is None:
+            return ranks[partition_id % len(ranks)] if ranks else self.r
+        if not 0 < node_rank <= self.r:
+            raise ConfigError(
+                f"node-config 'lora-r' = {node_rank}: must be in [1, lora.r = {self.r}]"
+            )
+        if node_rank != self.r and self.aggregation != "exact":
+            raise ConfigError(
+                f"node-config 'lora-r' = {node_rank}: a rank other than lora.r = {self.r} "
+                "needs lora.aggregation = 'exact'"
+            )
+        return node_rank
 
     @property
     def modules(self) -> str | list[str]:
@@ -275,10 +341,53 @@ class FederationConfig:
         600.0, "fed.round-timeout", "Seconds to wait for replies; later clients are dropped."
     )
     weighting: str = setting(
-        "examples", "fed.weighting", "FedAvg weight of each client: examples | tokens."
+        "examples",
+        "fed.weighting",
+        "FedAvg weight n_k of each site: `examples` (training examples it holds), `tokens` "
+        "(response tokens it holds), `seen` (examples it trained on this round) or `uniform`.",
     )
     wire_dtype: str = setting(
-        "float32", "fed.wire-dtype", "dtype of adapter weights on the wire: float32 | float16."
+        "float32",
+        "fed.wire-dtype",
+        "dtype of adapter weights on the wire, both directions, every round: float32 | float16.",
+    )
+    max_weight: float = setting(
+        0.0,
+        "fed.max-weight",
+        "Largest weight a reply may claim (0 = derived: local-steps x grad-accum x batch-size "
+        "for `seen`, 1 for `uniform`, 2^24 examples or 2^24 x (max-seq-length - 1) tokens "
+        "held). A larger claim is dropped, or clamped with `fed.bound-action = clamp`.",
+    )
+    update_bound: str = setting(
+        "adamw",
+        "fed.update-bound",
+        "Per-value bound on a site's update |local - global|: `adamw` (derived from the "
+        "round's learning rate and local AdamW steps, as SecAgg+ does) or `off`.",
+    )
+    max_update_norm: float = setting(
+        0.0,
+        "fed.max-update-norm",
+        "L2 bound on one site's whole update (0 = none).",
+    )
+    bound_action: str = setting(
+        "drop",
+        "fed.bound-action",
+        "A reply beyond `fed.max-weight`, `fed.update-bound` or `fed.max-update-norm`: "
+        "`drop` it (reason in metrics.jsonl) or `clamp` it to the bound.",
+    )
+    robust: str = setting(
+        "none",
+        "fed.robust",
+        "Aggregation rule over the accepted updates: none (weighted FedAvg) | norm-bound "
+        "(every update scaled to at most the round's median update norm, then FedAvg) | "
+        "trimmed-mean (per value, unweighted, `fed.trim-fraction` cut at each end) | median "
+        "(per value, unweighted). See docs/aggregation.md.",
+    )
+    trim_fraction: float = setting(
+        0.2,
+        "fed.trim-fraction",
+        "Fraction of the replies cut at each end per value by `fed.robust = trimmed-mean`, "
+        "in [0, 0.5).",
     )
     aggregation: str = setting(
         "fedavg", "fed.aggregation", "fedavg, or secagg+ (the server only sees the sum)."
@@ -305,6 +414,27 @@ class FederationConfig:
         )
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _require(
+            math.isfinite(self.max_weight) and self.max_weight >= 0,
+            "fed.max-weight",
+            "must be finite and >= 0 (0 = derived)",
+            self.max_weight,
+        )
+        _one_of("fed.update-bound", self.update_bound, UPDATE_BOUNDS)
+        _require(
+            math.isfinite(self.max_update_norm) and self.max_update_norm >= 0,
+            "fed.max-update-norm",
+            "must be finite and >= 0 (0 = none)",
+            self.max_update_norm,
+        )
+        _one_of("fed.bound-action", self.bound_action, BOUND_ACTIONS)
+        _one_of("fed.robust", self.robust, ROBUST_RULES)
+        _require(
+            0.0 <= self.trim_fraction < 0.5,
+            "fed.trim-fraction",
+            "must be in [0, 0.5)",
+            self.trim_fraction,
+        )
         _one_of("fed.aggregation", self.aggregation, AGGREGATIONS)
 
     def evaluates(self, server_round: int) -> bool:
@@ -566,6 +696,7 @@ class RunConfig:
         _check_privacy_combinations(self)
         _check_secagg_combinations(self)
         _check_resume_combinations(self)
+        _check_aggregation_combinations(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -645,6 +776,38 @@ def _check_secagg_combinations(cfg: RunConfig) -> None:
         "(client-level DP) with fed.aggregation = 'secagg+'",
         cfg.privacy.dpsgd,
     )
+
+
+def _check_aggregation_combinations(cfg: RunConfig) -> None:
+    """Refuse aggregation rules that need per-site updates where the server has none."""
+    fed, lora = cfg.fed, cfg.lora
+    per_site = cfg.fed.aggregation == "fedavg" and not cfg.privacy.client_level
+    if fed.robust != "none":
+        _require(
+            per_site,
+            "fed.robust",
+            "needs each site's update on the server: not with fed.aggregation = 'secagg+' "
+            "(the server sees the sum) nor with client-level DP (clipping and the fixed "
+            "denominator are its bound)",
+            fed.robust,
+        )
+        _require(
+            lora.aggregation != "exact",
+            "fed.robust",
+            "must be 'none' with lora.aggregation = 'exact' (per-value statistics of "
+            "factors B_k, A_k say nothing about their products)",
+            fed.robust,
+        )
+    if lora.aggregation != "fedavg":
+        # DP-FedAvg clips and noises whatever the sites send: B alone under ffa works.
+        _require(
+            cfg.fed.aggregation == "fedavg"
+            and (lora.aggregation == "ffa" or not cfg.privacy.client_level),
+            "lora.aggregation",
+            "must be 'fedavg' with fed.aggregation = 'secagg+', and 'fedavg' or 'ffa' with "
+            "client-level DP (exact re-factoring is not wired there)",
+            lora.aggregation,
+        )
 
 
 def _check_resume_combinations(cfg: RunConfig) -> None:

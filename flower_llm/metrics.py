@@ -13,6 +13,7 @@ slash (``num-examples`` -> ``train/num-examples``), see :func:`prefixed`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flower_llm import wire
@@ -47,11 +48,16 @@ DROPPED = "dropped"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
 UPDATED = "updated"
+REFUSED = "refused"
+CLAMPED = "clamped"
+LORA_TRUNCATION_ERROR = "lora-truncation-error"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
 TRAIN_EXAMPLES = prefixed("train", wire.NUM_EXAMPLES)
 TRAIN_TOKENS = prefixed("train", wire.NUM_TOKENS)
+TRAIN_EXAMPLES_SEEN = prefixed("train", wire.NUM_EXAMPLES_SEEN)
+TRAIN_TOKENS_SEEN = prefixed("train", wire.NUM_TOKENS_SEEN)
 DPSGD_EPSILON_COLUMN = prefixed("train", wire.DPSGD_EPSILON)
 DPSGD_PLD_EPSILON_COLUMN = prefixed("train", wire.DPSGD_PLD_EPSILON)
 DPSGD_RDP_EPSILON_COLUMN = prefixed("train", wire.DPSGD_RDP_EPSILON)
@@ -119,6 +125,25 @@ COLUMNS: tuple[Column, ...] = (
     Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(
+        REFUSED,
+        "-",
+        "Replies refused before validation: from a node not sampled this round, a second "
+        "reply from one node, a reply to another node's instruction.",
+        "rounds with such a reply",
+    ),
+    Column(
+        CLAMPED,
+        "-",
+        "node id -> what was clamped (fed.bound-action = clamp).",
+        "rounds with a clamped reply",
+    ),
+    Column(
+        LORA_TRUNCATION_ERROR,
+        "fraction",
+        "Relative Frobenius error of re-factoring the averaged LoRA products to rank r.",
+        "lora.aggregation = exact",
+    ),
+    Column(
         TRAIN_LOSS,
         "nats/token",
         "Weighted mean of the sites' training loss (not under client-level DP with SecAgg+).",
@@ -134,13 +159,25 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         TRAIN_EXAMPLES,
         "examples",
-        "Examples trained on, summed over the sites.",
+        "Training examples the replying sites hold (n_k), summed.",
         "fedavg rounds with an update",
     ),
     Column(
         TRAIN_TOKENS,
         "tokens",
-        "Response tokens trained on, summed over the sites.",
+        "Response tokens in the replying sites' training data, summed.",
+        "fedavg rounds with an update",
+    ),
+    Column(
+        TRAIN_EXAMPLES_SEEN,
+        "examples",
+        "Examples trained on this round (repeats counted), summed over the sites.",
+        "fedavg rounds with an update",
+    ),
+    Column(
+        TRAIN_TOKENS_SEEN,
+        "tokens",
+        "Response tokens trained on this round, summed over the sites.",
         "fedavg rounds with an update",
     ),
     Column(
@@ -224,9 +261,13 @@ COLUMNS: tuple[Column, ...] = (
 BY_NAME = {c.name: c for c in COLUMNS}
 
 
-def check_row(row: dict[str, object]) -> None:
-    """Refuse a row with a column this module does not declare (a name that drifted)."""
-    unknown = sorted(set(row) - set(BY_NAME))
+def check_row(row: dict[str, object], site_columns: Iterable[str] = ()) -> None:
+    """Refuse a row with a column this module does not declare (a name that drifted).
+
+    ``site_columns`` are columns made of metrics the sites chose to send (a client written
+    outside this project may send its own): kept in the row, not refused.
+    """
+    unknown = sorted(set(row) - set(BY_NAME) - set(site_columns))
     if unknown:
         raise ValueError(
             f"metrics row has undeclared columns {unknown}; declare them in flower_llm.metrics"

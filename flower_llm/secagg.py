@@ -181,7 +181,7 @@ def auto_max_weight(cfg: RunConfig) -> float:
     Otherwise a round trains ``local-steps x grad-accum`` micro-batches of at most
     ``batch-size`` examples, each with fewer than ``max-seq-length`` response tokens.
     """
-    if cfg.privacy.client_level:
+    if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
         return 1.0
     examples = cfg.train.local_steps * cfg.train.grad_accum * cfg.train.batch_size
     if cfg.fed.weighting == "tokens":

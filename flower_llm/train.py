@@ -28,9 +28,9 @@ class TrainStats:
     """Mean loss over response tokens across all steps."""
     steps: int
     examples: int
-    """Examples seen, counting repeats (drives FedAvg weighting by examples)."""
+    """Examples seen, counting repeats (FedAvg's weight with ``fed.weighting = seen``)."""
     tokens: int
-    """Response tokens trained on (drives weighting by tokens)."""
+    """Response tokens trained on, counting repeats."""
     seconds: float
 
 
@@ -45,6 +45,15 @@ class EvalStats:
     """Fraction of response tokens whose arg-max prediction is right."""
     tokens: int
     examples: int
+
+
+def response_tokens(examples: Iterable[dict[str, list[int]]]) -> int:
+    """Response tokens of ``examples``, counted as training counts them.
+
+    Position t predicts token t+1, so a label counts from the second position on: the
+    same count :func:`train_adapter` reports for one pass over the examples.
+    """
+    return sum(sum(1 for label in ex["labels"][1:] if label != IGNORE_INDEX) for ex in examples)
 
 
 def cycle_batches(loader: Iterable[Batch]) -> Iterator[Batch]:

@@ -21,9 +21,18 @@ CONFIG = "config"
 METRICS = "metrics"
 LOCAL_ONLY_ARRAYS = "local-only-arrays"
 
-# Metric keys in replies.
+# Metric keys in replies. A train reply carries what every ``fed.weighting`` needs:
+# what the site holds (n_k of FedAvg) and what it trained on this round.
 NUM_EXAMPLES = "num-examples"
+"""Training examples the site holds (train reply); held-out examples (evaluate reply)."""
 NUM_TOKENS = "num-tokens"
+"""Response tokens in the site's training examples."""
+NUM_EXAMPLES_SEEN = "num-examples-seen"
+"""Examples trained on this round, counting repeats."""
+NUM_TOKENS_SEEN = "num-tokens-seen"
+"""Response tokens trained on this round, counting repeats."""
+COUNT_METRICS = (NUM_EXAMPLES, NUM_TOKENS, NUM_EXAMPLES_SEEN, NUM_TOKENS_SEEN)
+"""Counts the server sums over sites rather than averages."""
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_PERPLEXITY = "eval-perplexity"

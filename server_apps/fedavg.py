@@ -46,19 +46,8 @@ def build_strategy(
     cfg: RunConfig, streams: RandomStreams | None = None
 ) -> WeightedFedAvg | DifferentialPrivacyFedAvg:
     """The Message-API strategy the run-config asks for, drawing from ``streams``."""
-    fed = cfg.fed
     streams = streams or RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
-    strategy = WeightedFedAvg(
-        weighting=fed.weighting,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_clients=fed.min_train_clients,
-        min_evaluate_clients=fed.min_evaluate_clients,
-        min_available_clients=fed.min_available_clients,
-        train_rng=streams.train,
-        eval_rng=streams.evaluate,
-        wait_timeout=fed.round_timeout,
-    )
+    strategy = WeightedFedAvg.from_config(cfg, train_rng=streams.train, eval_rng=streams.evaluate)
     if cfg.privacy.client_level:
         # Outermost wrapper: whatever observes the aggregate (outputs, checkpoints,
         # evaluation) sees the noised adapter only.
@@ -120,12 +109,16 @@ def round_row(result: RoundResult, aggregation: str = "fedavg") -> dict[str, Any
         columns.BYTES_DOWN: report.bytes_down,
         columns.BYTES_UP: report.bytes_up,
         columns.UPDATED: report.updated,
+        **report.aggregation_row(),  # refused / clamped replies, LoRA truncation error
     }
+    site_columns = []
     for prefix, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
         for key, value in (metrics or {}).items():
-            row[columns.prefixed(prefix, key)] = value
+            site_columns.append(columns.prefixed(prefix, key))
+            row[site_columns[-1]] = value
     row.update(result.columns)
-    columns.check_row(row)
+    # The server's own columns must be declared; a metric a site sent is kept as it came.
+    columns.check_row(row, site_columns=set(site_columns) - set(columns.BY_NAME))
     return row
 
 

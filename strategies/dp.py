@@ -538,7 +538,7 @@ class DifferentialPrivacyFedAvg(Strategy):
         config[wire.SERVER_ROUND] = server_round
         if self.mode == "client-fixed":
             config[wire.CLIP_NORM] = self.central.clip_norm
-        self.strategy.reference = wire.from_array_record(arrays)
+        self.strategy.start_round(server_round, arrays)
         self.strategy.report = RoundReport(
             sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(sampled)
         )
@@ -554,8 +554,10 @@ class DifferentialPrivacyFedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip (or check), sum, then the central release: ``/ m``, noise, account."""
-        reference = self.strategy.reference
-        assert reference is not None, "configure_train sets the reference"
+        assert self.strategy.reference is not None, "configure_train sets the reference"
+        # What the sites train and send: the whole adapter, or B alone under ffa (the
+        # frozen A is public, so clipping and noise cover all that a site contributes).
+        reference = self.strategy.expected
         valid = self.strategy.valid_replies(replies)
         updates = [_difference(r.state, reference) for r in valid]
         if self.mode == "client-fixed":
@@ -571,8 +573,12 @@ class DifferentialPrivacyFedAvg(Strategy):
             for key, value in clipped.items():
                 total[key] += value
 
-        # Noise the released adapter with C of this round, then adapt C for the next.
-        new_state = self.central.release(reference, total, clip_norm=clip_norm)
+        # Noise the released adapter with C of this round, then adapt C for the next; a
+        # frozen A (ffa) stays as it was.
+        new_state = {
+            **self.strategy.reference,
+            **self.central.release(reference, total, clip_norm=clip_norm),
+        }
         if self.mode == "server-adaptive":
             fraction = self._noisy_fraction(unclipped, len(updates))
             self.central.clip_norm = adaptive_clip_norm(
@@ -593,7 +599,7 @@ class DifferentialPrivacyFedAvg(Strategy):
             self.central.last_round.epsilon,
             self.central.accountant.delta,
         )
-        return wire.to_array_record(new_state), metrics
+        return wire.to_array_record(new_state, self.strategy.wire_dtype), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

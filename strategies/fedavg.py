@@ -1,30 +1,62 @@
-"""Weighted FedAvg over LoRA adapters that survives bad clients.
+"""Weighted FedAvg over LoRA adapters that survives bad and hostile clients.
 
 Flower's ``FedAvg`` raises ``InconsistentMessageReplies`` on one malformed reply, which
-ends the whole ServerApp. Here each reply is checked on its own (keys, shapes, dtypes,
-NaN/Inf, weight); a bad one is dropped with a logged reason, and a round left with too
-few valid replies keeps the previous global adapter instead of failing the run.
+ends the whole ServerApp. Here each reply is checked on its own: who sent it (a node
+sampled this round, once), its structure (keys, shapes, dtypes, weight) and its values
+against bounds (float32 range, NaN/Inf, ``fed.max-weight``, the per-value update bound,
+``fed.max-update-norm``; see :mod:`flower_llm.aggregation`). A bad reply is dropped with
+its reason (or clamped, if asked), the rest are aggregated exactly as if it had never
+been sent, and a round left with too few valid replies keeps the previous global adapter
+instead of failing the run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flower_llm import metrics as columns
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
-from flower_llm.aggregation import non_finite_key, update_problem, weighted_average
+from flower_llm.aggregation import (
+    ReplyBounds,
+    bound_reply,
+    derive_max_weight,
+    derive_update_bound,
+    non_finite_key,
+    robust_aggregate,
+    update_problem,
+)
+from flower_llm.config import ROBUST_RULES, RunConfig
+from flower_llm.lora_aggregation import (
+    LORA_AGGREGATIONS,
+    exact_average,
+    rank_of,
+    sent_keys,
+    to_rank,
+)
 from strategies.sampling import FixedSizeSampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
 
-WEIGHT_KEYS = {"examples": wire.NUM_EXAMPLES, "tokens": wire.NUM_TOKENS}
+WEIGHT_KEYS: dict[str, str | None] = {
+    "examples": wire.NUM_EXAMPLES,
+    "tokens": wire.NUM_TOKENS,
+    "seen": wire.NUM_EXAMPLES_SEEN,
+    "uniform": None,
+}
+"""``fed.weighting`` -> the reply metric that holds a site's weight (None: every site 1)."""
+
+UpdateBound = Callable[[int, float], float | None]
+"""(server round, largest |value| of the global adapter) -> per-value update bound."""
 
 
 @dataclass
@@ -39,6 +71,23 @@ class RoundReport:
     bytes_up: int = 0
     updated: bool = False
     """Whether the global adapter changed this round."""
+    refused: list[str] = field(default_factory=list)
+    """Replies refused for who sent them (a node not sampled, a second reply), with why."""
+    clamped: dict[int, list[str]] = field(default_factory=dict)
+    """node id -> what was clamped in its (accepted) reply."""
+    lora_error: float | None = None
+    """``lora.aggregation = exact``: relative Frobenius truncation error of the round."""
+
+    def aggregation_row(self) -> dict[str, Any]:
+        """metrics.jsonl keys beyond the basic ones, present only when they say something."""
+        row: dict[str, Any] = {}
+        if self.refused:
+            row[columns.REFUSED] = list(self.refused)
+        if self.clamped:
+            row[columns.CLAMPED] = {str(k): v for k, v in self.clamped.items()}
+        if self.lora_error is not None:
+            row[columns.LORA_TRUNCATION_ERROR] = self.lora_error
+        return row
 
 
 @dataclass
@@ -47,11 +96,14 @@ class ValidReply:
 
     node_id: int
     state: AdapterState
-    """Read-only views of the reply's arrays, as sent (float32 or float16)."""
+    """Read-only views of the reply's arrays, as sent (float32 or float16), or the
+    clamped state when a bound was applied."""
     weight: float
     metrics: MetricRecord
     content: RecordDict
     """The whole reply, for records beyond the adapter (a local-only baseline, say)."""
+    update_norm: float | None = None
+    """L2 norm of ``local - global`` as sent, when the bound checks computed it."""
 
 
 class WeightedFedAvg(FedAvg):
@@ -60,8 +112,9 @@ class WeightedFedAvg(FedAvg):
     Parameters
     ----------
     weighting : str
-        ``"examples"`` weighs each client by ``num-examples``; ``"tokens"`` by the
-        response tokens it trained on (``num-tokens``).
+        ``n_k``: ``"examples"`` training examples the site holds (``num-examples``),
+        ``"tokens"`` response tokens it holds, ``"seen"`` examples it trained on this
+        round, ``"uniform"`` 1 for every site.
     fraction_train, fraction_evaluate : float
         Fractions of connected nodes sampled per round.
     min_train_clients : int
@@ -73,6 +126,24 @@ class WeightedFedAvg(FedAvg):
         separate, so evaluation settings never change who trains. Default: unseeded.
     wait_timeout : float
         Seconds to wait for ``min_available_clients`` before a round fails.
+    wire_dtype : str
+        dtype of the aggregate sent down (``fed.wire-dtype``), every round.
+    max_weight : float
+        Largest weight a reply may claim.
+    update_bound : callable, optional
+        ``(round, largest |global value|) -> per-value bound`` on ``|local - global|``.
+    max_update_norm : float, optional
+        L2 bound on one site's update.
+    clamp : bool
+        Clamp a reply beyond a bound instead of dropping it.
+    robust : str
+        ``fed.robust``: none | norm-bound | trimmed-mean | median.
+    trim_fraction : float
+        Cut at each end per value by ``trimmed-mean``.
+    lora_aggregation : str
+        ``lora.aggregation``: fedavg | ffa | exact.
+    lora_rank : int
+        Rank ``exact`` re-factors the global adapter to (``lora.r``).
     """
 
     def __init__(
@@ -87,22 +158,54 @@ class WeightedFedAvg(FedAvg):
         train_rng: np.random.Generator | None = None,
         eval_rng: np.random.Generator | None = None,
         wait_timeout: float = 600.0,
+        wire_dtype: str = "float32",
+        max_weight: float = math.inf,
+        update_bound: UpdateBound | None = None,
+        max_update_norm: float | None = None,
+        clamp: bool = False,
+        robust: str = "none",
+        trim_fraction: float = 0.2,
+        lora_aggregation: str = "fedavg",
+        lora_rank: int = 16,
     ) -> None:
         if weighting not in WEIGHT_KEYS:
             raise ValueError(f"weighting must be one of {sorted(WEIGHT_KEYS)}, got {weighting!r}")
+        if wire_dtype not in wire.WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(wire.WIRE_DTYPES)}")
+        if robust not in ROBUST_RULES:
+            raise ValueError(f"robust must be one of {ROBUST_RULES}, got {robust!r}")
+        if lora_aggregation not in LORA_AGGREGATIONS:
+            raise ValueError(f"lora_aggregation must be one of {LORA_AGGREGATIONS}")
+        if robust != "none" and lora_aggregation == "exact":
+            raise ValueError("robust rules apply to fedavg and ffa, not to exact aggregation")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_clients,
             min_evaluate_nodes=min_evaluate_clients,
             min_available_nodes=min_available_clients,
-            weighted_by_key=WEIGHT_KEYS[weighting],
+            weighted_by_key=WEIGHT_KEYS[weighting] or wire.NUM_EXAMPLES,
             arrayrecord_key=wire.ARRAYS,
             configrecord_key=wire.CONFIG,
         )
         self.weighting = weighting
         self.min_train_clients = min_train_clients
+        self.wire_dtype = wire_dtype
+        self.max_weight = max_weight
+        self.update_bound = update_bound
+        self.max_update_norm = max_update_norm
+        self.clamp = clamp
+        self.robust = robust
+        self.trim_fraction = trim_fraction
+        self.lora_aggregation = lora_aggregation
+        self.lora_rank = lora_rank
         self.reference: AdapterState | None = None
+        """The global adapter the round's sites start from (float32 decoding of what went
+        down); the reference every reply is checked and aggregated against."""
+        self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
+        self._reference_by_rank: dict[int, AdapterState] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+        """One float32 buffer per array for the bound checks, reused by every reply."""
         self.report = RoundReport()
         self.last_valid: list[ValidReply] = []
         self.instructions: list[Message] = []
@@ -113,22 +216,66 @@ class WeightedFedAvg(FedAvg):
         self.train_sampler = FixedSizeSampler(fraction_train, min_train_clients)
         self.eval_sampler = FixedSizeSampler(fraction_evaluate, min_evaluate_clients)
 
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        *,
+        train_rng: np.random.Generator | None = None,
+        eval_rng: np.random.Generator | None = None,
+    ) -> WeightedFedAvg:
+        """The strategy of ``cfg``'s ``fed.*`` and ``lora.aggregation`` settings."""
+        fed = cfg.fed
+        return cls(
+            train_rng=train_rng,
+            eval_rng=eval_rng,
+            wait_timeout=fed.round_timeout,
+            weighting=fed.weighting,
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_clients=fed.min_train_clients,
+            min_evaluate_clients=fed.min_evaluate_clients,
+            min_available_clients=fed.min_available_clients,
+            wire_dtype=fed.wire_dtype,
+            max_weight=derive_max_weight(cfg),
+            update_bound=(
+                (lambda server_round, peak: derive_update_bound(cfg, server_round, peak))
+                if fed.update_bound != "off"
+                else None
+            ),
+            max_update_norm=fed.max_update_norm or None,
+            clamp=fed.bound_action == "clamp",
+            robust=fed.robust,
+            trim_fraction=fed.trim_fraction,
+            lora_aggregation=cfg.lora.aggregation,
+            lora_rank=cfg.lora.r,
+        )
+
     def summary(self) -> None:
         """Log the strategy's settings."""
         log.info(
             "WeightedFedAvg: weighting by %s, fraction train %.2f / evaluate %.2f, "
-            "min valid train replies %d",
+            "min valid train replies %d, max weight %g, update bound %s, max update norm %s "
+            "(%s), robust %s, LoRA aggregation %s, wire %s",
             self.weighting,
             self.fraction_train,
             self.fraction_evaluate,
             self.min_train_clients,
+            self.max_weight,
+            "adamw" if self.update_bound is not None else "off",
+            self.max_update_norm or "off",
+            "clamp" if self.clamp else "drop",
+            self.robust,
+            self.lora_aggregation,
+            self.wire_dtype,
         )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients from the train stream and remember the adapter they start from."""
-        self.reference = wire.from_array_record(arrays)
+        """Sample clients from the train stream, remember the adapter they start from and
+        the round's bounds."""
+        self.start_round(server_round, arrays)
         nodes = wait_for_nodes(grid, self.min_available_nodes, self.wait_timeout)
         sampled = self.train_sampler.sample(nodes, self.train_rng)
         log.info(
@@ -161,15 +308,49 @@ class WeightedFedAvg(FedAvg):
             for node in sampled
         ]
 
+    def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Set the reference adapter and this round's bounds (also for wrappers)."""
+        self.reference = wire.from_array_record(arrays)
+        self._reference_by_rank = {}
+        peak = max(
+            (float(np.max(np.abs(v))) for v in self.reference.values() if v.size), default=0.0
+        )
+        per_value = self.update_bound(server_round, peak) if self.update_bound else None
+        self.bounds = ReplyBounds(
+            max_weight=self.max_weight,
+            max_abs_update=per_value,
+            max_update_norm=self.max_update_norm,
+            clamp=self.clamp,
+        )
+
+    def reference_at_rank(self, rank: int) -> AdapterState:
+        """The reference re-factored to ``rank``, as a site of that rank receives it."""
+        assert self.reference is not None, "configure_train sets the reference"
+        if rank not in self._reference_by_rank:
+            self._reference_by_rank[rank] = to_rank(self.reference, rank)
+        return self._reference_by_rank[rank]
+
+    @property
+    def expected(self) -> AdapterState:
+        """The arrays a reply must hold: the reference, less the frozen A under ``ffa``."""
+        assert self.reference is not None, "configure_train sets the reference"
+        keys = sent_keys(self.reference, self.lora_aggregation)
+        return {k: self.reference[k] for k in keys}
+
     # ----------------------------------------------------------------------------------
     # Validation
     # ----------------------------------------------------------------------------------
 
-    def check_reply(self, reply: Message, check_finite: bool = True) -> ValidReply | str:
-        """A :class:`ValidReply`, or the reason ``reply`` cannot be aggregated.
+    def reply_weight(self, metrics: MetricRecord) -> object:
+        """The weight a reply claims under ``fed.weighting`` (1 under ``uniform``)."""
+        key = WEIGHT_KEYS[self.weighting]
+        return 1.0 if key is None else metrics[key]
 
-        ``check_finite=False`` skips the NaN/Inf scan of every value (see
-        :meth:`aggregate_train`, which checks the aggregate instead).
+    def check_reply(self, reply: Message, check_finite: bool = True) -> ValidReply | str:
+        """A :class:`ValidReply` (clamped where asked), or why ``reply`` cannot be aggregated.
+
+        ``check_finite`` is kept for callers of the old interface: every value is read
+        once by the bound checks, which find NaN and Inf anyway.
         """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -179,28 +360,75 @@ class WeightedFedAvg(FedAvg):
         if wire.METRICS not in content.metric_records:
             return f"no MetricRecord '{wire.METRICS}'"
         metrics = content.metric_records[wire.METRICS]
-        if self.weighted_by_key not in metrics:
-            return f"metric '{self.weighted_by_key}' missing"
-        weight = metrics[self.weighted_by_key]
+        key = WEIGHT_KEYS[self.weighting]
+        if key is not None and key not in metrics:
+            return f"metric '{key}' missing"
+        weight = self.reply_weight(metrics)
         try:
             state = wire.array_views(content.array_records[wire.ARRAYS])
         except (ValueError, TypeError) as err:
             return f"unreadable adapter: {err}"
-        assert self.reference is not None, "configure_train sets the reference"
-        problem = update_problem(
-            state,
-            self.reference,
-            weight,  # type: ignore[arg-type]
-            check_finite=check_finite,
-        )
+        expected = self.expected
+        if self.lora_aggregation == "exact":
+            # A site may train at its own rank (at most lora.r): check it against the
+            # global adapter at that rank, as the site itself re-factored it.
+            try:
+                rank = rank_of(state)
+            except ValueError as err:
+                return f"unreadable LoRA factors: {err}"
+            if not 0 < rank <= self.lora_rank:
+                return f"LoRA rank {rank} outside [1, lora.r = {self.lora_rank}]"
+            expected = self.reference_at_rank(rank)
+        problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
         if problem is not None:
             return problem
-        return ValidReply(reply.metadata.src_node_id, state, float(weight), metrics, content)  # type: ignore[arg-type]
+        bounded = bound_reply(
+            state,
+            expected,
+            float(weight),  # type: ignore[arg-type]
+            self.bounds,
+            self._scratch,
+            # Robust rules and the SVD of exact aggregation must see only finite values
+            # (the aggregate check would not catch a NaN a trimmed mean cut, and an SVD
+            # of NaN raises): read every reply in full for them.
+            want_norm=self.robust != "none" or self.lora_aggregation == "exact",
+        )
+        if isinstance(bounded, str):
+            return bounded
+        node = reply.metadata.src_node_id
+        if bounded.clamped:
+            log.warning("Reply of node %d clamped: %s", node, "; ".join(bounded.clamped))
+            self.report.clamped[node] = bounded.clamped
+        return ValidReply(
+            node, bounded.state, bounded.weight, metrics, content, bounded.update_norm
+        )
+
+    def sender_problem(
+        self, reply: Message, addressed: dict[str, int], seen: set[int]
+    ) -> str | None:
+        """Why a reply is refused for who sent it, or None.
+
+        Flower's SuperLink delivers only replies to instructions it sent, once each; the
+        strategy does not rely on that: a reply from a node that was not sampled this
+        round, a reply to an instruction addressed to another node, and a second reply
+        from the same node are refused.
+        """
+        if reply.has_error():
+            return None  # the SuperLink answers for a node that stopped: attributed below
+        node = reply.metadata.src_node_id
+        if node not in self.report.sampled:
+            return f"node {node} was not sampled this round"
+        target = addressed.get(reply.metadata.reply_to_message_id)
+        if target is not None and target != node:
+            return f"node {node} replied to the instruction sent to node {target}"
+        if node in seen:
+            return f"second reply from node {node} this round"
+        return None
 
     def valid_replies(
         self, replies: Iterable[Message], check_finite: bool = True
     ) -> list[ValidReply]:
-        """Check every reply, log and record the dropped ones."""
+        """Check every reply, log and record the dropped and refused ones."""
         valid: list[ValidReply] = []
         # For a node that stopped heartbeating, the SuperLink itself replies with an error
         # (src = the SuperLink): attribute it to the node the instruction went to.
@@ -209,15 +437,22 @@ class WeightedFedAvg(FedAvg):
             for m in self.instructions
             if m.metadata.message_id  # set by the Grid when it sends
         }
+        seen: set[int] = set()
         for reply in replies:
             self.report.bytes_up += (
                 sum(wire.num_bytes(r) for r in reply.content.array_records.values())
                 if not reply.has_error()
                 else 0
             )
+            refused = self.sender_problem(reply, addressed, seen)
+            if refused is not None:
+                log.warning("Refusing a reply: %s", refused)
+                self.report.refused.append(refused)
+                continue
+            node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            seen.add(node)
             checked = self.check_reply(reply, check_finite)
             if isinstance(checked, str):
-                node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 log.warning("Dropping reply of node %d: %s", node, checked)
                 self.report.dropped[node] = checked
             else:
@@ -231,6 +466,7 @@ class WeightedFedAvg(FedAvg):
         # bit-for-bit repeatable (a one-ulp difference grows through bf16 training and
         # AdamW into visibly different adapters, so a resumed run would drift).
         valid.sort(key=lambda r: r.node_id)
+        self.report.dropped = dict(sorted(self.report.dropped.items()))
         self.report.accepted = [r.node_id for r in valid]
         self.last_valid = valid
         return valid
@@ -242,18 +478,15 @@ class WeightedFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted average of the valid replies, or None to keep the previous adapter.
+        """The aggregate of the valid replies, or None to keep the previous adapter.
 
-        Replies are averaged as read-only views of their bytes, and NaN/Inf is checked
-        once, on the aggregate: it is finite exactly when every reply is (see
-        :func:`flower_llm.aggregation.update_problem`). Only when it is not are the
-        replies scanned one by one, the offenders dropped and logged, and the rest
-        averaged again.
+        Sent down in ``fed.wire-dtype``: the float16 saving holds in every round, not
+        only the first.
         """
-        valid = self.valid_replies(replies, check_finite=False)
+        valid = self.valid_replies(replies)
         state = self.average(valid)
         if state is not None and non_finite_key(state) is not None:
-            valid = self.drop_non_finite(valid)
+            valid = self.drop_non_finite(valid)  # unreachable with bounds; kept as a guard
             state = self.average(valid)
         if state is None:
             log.warning(
@@ -265,13 +498,37 @@ class WeightedFedAvg(FedAvg):
             )
             return None, None
         self.report.updated = True
-        return wire.to_array_record(state), self.aggregate_train_metrics(valid)
+        return wire.to_array_record(state, self.wire_dtype), self.aggregate_train_metrics(valid)
 
     def average(self, valid: list[ValidReply]) -> AdapterState | None:
-        """Weighted average of ``valid``, or None when fewer than the minimum replied."""
+        """The ``lora.aggregation`` / ``fed.robust`` aggregate of ``valid``, or None when
+        fewer than the minimum replied."""
         if len(valid) < self.min_train_clients or not valid:
             return None
-        return weighted_average([r.state for r in valid], [r.weight for r in valid])
+        assert self.reference is not None, "configure_train sets the reference"
+        states = [r.state for r in valid]
+        weights = [r.weight for r in valid]
+        if self.lora_aggregation == "exact":
+            state, exact = exact_average(states, weights, self.lora_rank)
+            self.report.lora_error = exact.relative_error
+            log.info(
+                "Exact LoRA aggregation: relative truncation error %.3g (worst module %.3g)",
+                exact.relative_error,
+                exact.max_module_relative_error,
+            )
+            return state
+        expected = self.expected
+        norms = [r.update_norm for r in valid]
+        averaged = robust_aggregate(
+            states,
+            weights,
+            expected,
+            self.robust,
+            self.trim_fraction,
+            None if None in norms or self.clamp else norms,  # type: ignore[arg-type]
+        )
+        # ffa: the frozen A matrices never left the server; they stay as they are.
+        return {k: averaged.get(k, self.reference[k]) for k in self.reference}
 
     def drop_non_finite(self, valid: list[ValidReply]) -> list[ValidReply]:
         """``valid`` without the replies holding NaN or Inf, each dropped with its reason."""
@@ -290,11 +547,17 @@ class WeightedFedAvg(FedAvg):
 
     def aggregate_train_metrics(self, valid: list[ValidReply]) -> MetricRecord:
         """Weighted mean of scalar metrics; sums of counts; the maximum of any epsilon."""
-        total = sum(r.weight for r in valid)
+        largest = max(r.weight for r in valid)
+        total = math.fsum(r.weight / largest for r in valid)  # cannot overflow
         out = MetricRecord()
-        for key in (wire.NUM_EXAMPLES, wire.NUM_TOKENS):
-            counts: list[int] = [int(r.metrics.get(key, 0)) for r in valid]  # type: ignore[arg-type]
-            out[key] = sum(counts)
+        for key in wire.COUNT_METRICS:
+            if any(key in r.metrics for r in valid):
+                # A reply's counts are its own claims: one that is not a count a site
+                # could hold (negative, non-finite, beyond 2^53) adds nothing.
+                counts = [r.metrics.get(key, 0) for r in valid]
+                out[key] = sum(
+                    int(c) for c in counts if isinstance(c, int | float) and 0 <= c <= 2**53
+                )
         # A privacy guarantee is only as strong as its weakest site: report the worst
         # epsilon of any replying site, never an average that would understate it.
         reported = set().union(*(set(r.metrics) for r in valid))
@@ -303,15 +566,17 @@ class WeightedFedAvg(FedAvg):
             if all(isinstance(v, int | float) for v in values):
                 out[key] = max(float(v) for v in values)  # type: ignore[arg-type]
         shared = set.intersection(*(set(r.metrics) for r in valid)) - {
-            wire.NUM_EXAMPLES,
-            wire.NUM_TOKENS,
+            *wire.COUNT_METRICS,
             *(k for k in reported if k.endswith("epsilon")),
         }
         for key in sorted(shared):
             values = [r.metrics[key] for r in valid]
             if all(isinstance(v, int | float) for v in values):
-                weighted = (float(v) * r.weight / total for v, r in zip(values, valid, strict=True))  # type: ignore[arg-type]
-                out[key] = sum(weighted)
+                weighted = (
+                    float(v) * (r.weight / largest) / total  # type: ignore[arg-type]
+                    for v, r in zip(values, valid, strict=True)
+                )
+                out[key] = math.fsum(weighted)
         return out
 
     def aggregate_evaluate(

@@ -143,3 +143,16 @@ def test_gpu_benchmark_skips_without_cuda(
     assert gpu_qlora.main(["--out", str(tmp_path)]) is None
     assert "skipped" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_aggregation_throughput_quick_measures_every_rule(tmp_path: Path) -> None:
+    from benchmarks import aggregation_throughput
+
+    aggregation_throughput.main(["--quick", "--out", str(tmp_path)])
+
+    result = json.loads((tmp_path / "aggregation_throughput.json").read_text())
+    assert set(result["rules"]) == set(aggregation_throughput.RULES)
+    for row in result["rules"].values():
+        assert row["reply-bytes-per-second"] > 0
+        assert row["fraction-of-stream"] > 0
+    assert result["stream-bytes-per-second"] > 0

@@ -54,6 +54,8 @@ def fedavg_row() -> dict[str, object]:
     train = {
         wire.NUM_EXAMPLES: 4,
         wire.NUM_TOKENS: 40,
+        wire.NUM_EXAMPLES_SEEN: 8,
+        wire.NUM_TOKENS_SEEN: 80,
         wire.TRAIN_LOSS: 1.5,
         wire.TRAIN_SECONDS: 2.0,
         wire.DPSGD_EPSILON: 0.7,
@@ -94,8 +96,32 @@ def secagg_dp_row() -> dict[str, object]:
     return round_row(result, "secagg+")
 
 
+def bounded_row() -> dict[str, object]:
+    """A round whose report refused, clamped and re-factored (lora.aggregation = exact)."""
+    report = RoundReport(refused=["node 9: not sampled this round"], clamped={1: ["m.lora_A.weight"]})
+    report.lora_error = 0.01
+    return round_row(RoundResult(1, ArrayRecord(), None, None, report, 1.0))
+
+
 def written() -> set[str]:
-    return set(fedavg_row()) | set(secagg_dp_row())
+    return set(fedavg_row()) | set(secagg_dp_row()) | set(bounded_row())
+
+
+def test_a_metric_a_site_chose_to_send_is_kept_not_refused() -> None:
+    # Prepare: a client written outside the project reports its own metric
+    metrics = MetricRecord({"train_loss": 0.5})
+
+    # Execute
+    row = round_row(RoundResult(1, ArrayRecord(), metrics, None, RoundReport(), 1.0))
+
+    # Assert
+    assert row["train_loss"] == 0.5
+
+
+def test_an_undeclared_server_column_is_refused() -> None:
+    result = RoundResult(1, ArrayRecord(), None, None, RoundReport(), 1.0, {"epsilom": 1.0})
+    with pytest.raises(ValueError, match="epsilom"):
+        round_row(result)
 
 
 def test_every_declared_column_is_written_by_the_writer() -> None:

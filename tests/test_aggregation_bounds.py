@@ -1,0 +1,603 @@
+"""Weighting by data size, bounded replies and robust rules, with hostile replies in-process.
+
+Every hostile case must be dropped (or clamped, when asked) with a reason, and the
+aggregate over the remaining replies must equal FedAvg of exactly those replies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+from flower_llm import wire
+from flower_llm.aggregation import (
+    ReplyBounds,
+    bound_reply,
+    derive_max_weight,
+    derive_update_bound,
+    robust_aggregate,
+    weighted_average,
+)
+from flower_llm.config import ConfigError, parse_run_config
+from strategies.fedavg import WeightedFedAvg
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity() -> None:
+    """Messages are stamped with the run and node of the process that makes them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+SHAPES = {"layer.lora_A.weight": (4, 16), "layer.lora_B.weight": (16, 4)}
+BOUND = 0.05
+"""Per-value update bound of these tests' rounds."""
+
+
+def global_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {k: rng.normal(0, 0.1, size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def honest_state(seed: int) -> dict[str, np.ndarray]:
+    """The global adapter moved by at most 0.02 per value, as local training would."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.uniform(-0.02, 0.02, size=v.shape)).astype(np.float32)
+        for k, v in global_state().items()
+    }
+
+
+def reply(node_id: int, state: dict[str, np.ndarray], **metrics: float) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    counts = {wire.NUM_EXAMPLES: 100, wire.NUM_EXAMPLES_SEEN: 160, wire.NUM_TOKENS: 1000}
+    content = RecordDict(
+        {
+            wire.METRICS: MetricRecord({**counts, **metrics}),
+            wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def strategy_for_round(sampled: list[int], **kwargs: object) -> WeightedFedAvg:
+    """A strategy in round 1 whose sites start from :func:`global_state`."""
+    options: dict[str, object] = {
+        "max_weight": 10_000.0,
+        "update_bound": lambda _round, _peak: BOUND,
+        "min_train_clients": 1,
+    }
+    strategy = WeightedFedAvg(**{**options, **kwargs})  # type: ignore[arg-type]
+    strategy.start_round(1, wire.to_array_record(global_state()))
+    strategy.report.sampled = sampled
+    return strategy
+
+
+def decoded(arrays: ArrayRecord | None) -> dict[str, np.ndarray]:
+    assert arrays is not None
+    return wire.from_array_record(arrays)
+
+
+# --------------------------------------------------------------------------------------
+# Weighting: n_k is the data a site holds
+# --------------------------------------------------------------------------------------
+
+
+def test_sites_of_very_different_sizes_weigh_by_the_examples_they_hold() -> None:
+    # Prepare: three sites holding 10, 10,000 and 100 examples, each trained on 160 this
+    # round (the same local steps everywhere, as the ClientApp reports)
+    states = [honest_state(s) for s in (1, 2, 3)]
+    held = [10, 10_000, 100]
+    replies = [
+        reply(i + 1, s, **{wire.NUM_EXAMPLES: n, wire.NUM_EXAMPLES_SEEN: 160})
+        for i, (s, n) in enumerate(zip(states, held, strict=True))
+    ]
+
+    # Execute
+    by_examples = decoded(strategy_for_round([1, 2, 3]).aggregate_train(1, replies)[0])
+    by_seen = decoded(
+        strategy_for_round([1, 2, 3], weighting="seen").aggregate_train(1, replies)[0]
+    )
+    uniform = decoded(
+        strategy_for_round([1, 2, 3], weighting="uniform").aggregate_train(1, replies)[0]
+    )
+
+    # Assert: the data-size-weighted average, far from the uniform one; "seen" and
+    # "uniform" agree here because every site trained on 160 examples
+    expected = weighted_average(states, held)
+    plain_mean = weighted_average(states, [1, 1, 1])
+    for key in SHAPES:
+        np.testing.assert_array_equal(by_examples[key], expected[key])
+        np.testing.assert_array_equal(uniform[key], plain_mean[key])
+        np.testing.assert_allclose(by_seen[key], plain_mean[key], rtol=1e-6, atol=1e-7)
+        assert np.abs(by_examples[key] - uniform[key]).max() > 1e-3
+        # the big site (99 % of the data) dominates
+        big = states[1][key]
+        assert np.abs(by_examples[key] - big).max() < 0.1 * np.abs(uniform[key] - big).max()
+
+
+def test_weighting_by_tokens_held_uses_num_tokens() -> None:
+    # Prepare
+    states = [honest_state(s) for s in (1, 2)]
+    replies = [
+        reply(1, states[0], **{wire.NUM_TOKENS: 300, wire.NUM_EXAMPLES: 1}),
+        reply(2, states[1], **{wire.NUM_TOKENS: 100, wire.NUM_EXAMPLES: 1}),
+    ]
+
+    # Execute
+    arrays, metrics = strategy_for_round([1, 2], weighting="tokens").aggregate_train(1, replies)
+
+    # Assert
+    expected = weighted_average(states, [300, 100])
+    for key in SHAPES:
+        np.testing.assert_array_equal(decoded(arrays)[key], expected[key])
+    assert metrics is not None and metrics[wire.NUM_TOKENS] == 400
+
+
+def test_uniform_weighting_needs_no_weight_metric() -> None:
+    # Prepare: replies with only a loss; a missing count must not drop them under uniform
+    states = [honest_state(s) for s in (1, 2)]
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    wire.METRICS: MetricRecord({wire.TRAIN_LOSS: 1.0}),
+                    wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in s.items()}),
+                }
+            ),
+            reply_to=Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN),
+        )
+        for n, s in zip((1, 2), states, strict=True)
+    ]
+
+    # Execute
+    strategy = strategy_for_round([1, 2], weighting="uniform")
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.report.accepted == [1, 2]
+    np.testing.assert_array_equal(
+        decoded(arrays)["layer.lora_B.weight"],
+        weighted_average(states, [1, 1])["layer.lora_B.weight"],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Hostile replies
+# --------------------------------------------------------------------------------------
+
+
+def hostile_float64(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, np.float64) for k, s in SHAPES.items()}
+
+
+HOSTILE = {
+    "finite 1e30 values": (
+        lambda: {k: np.full(s, 1e30, np.float32) for k, s in SHAPES.items()},
+        {},
+        "beyond the per-value update bound",
+    ),
+    "a claimed weight of 1e12": (
+        lambda: honest_state(9),
+        {wire.NUM_EXAMPLES: 1e12},
+        "above fed.max-weight",
+    ),
+    "float64 1e300, overflowing a float32 cast": (
+        lambda: hostile_float64(1e300),
+        {},
+        "beyond float32's range",
+    ),
+    "NaN": (
+        lambda: {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()},
+        {},
+        "NaN or Inf",
+    ),
+    "an update just beyond the AdamW bound": (
+        lambda: {k: v + np.float32(2 * BOUND) for k, v in global_state().items()},
+        {},
+        "beyond the per-value update bound",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_reply_is_dropped_with_its_reason_and_the_rest_averaged(case: str) -> None:
+    # Prepare: three honest sites and one hostile one
+    make, metrics, reason = HOSTILE[case]
+    honest = {n: honest_state(n) for n in (1, 2, 4)}
+    held = {1: 50, 2: 200, 4: 750}
+    replies = [reply(n, s, **{wire.NUM_EXAMPLES: held[n]}) for n, s in honest.items()]
+    replies.insert(2, reply(3, make(), **metrics))
+    strategy = strategy_for_round([1, 2, 3, 4])
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: dropped with the reason; the aggregate is FedAvg of the other three, exactly
+    assert strategy.report.accepted == [1, 2, 4]
+    assert reason in strategy.report.dropped[3]
+    expected = weighted_average([honest[n] for n in (1, 2, 4)], [50, 200, 750])
+    for key in SHAPES:
+        np.testing.assert_array_equal(decoded(arrays)[key], expected[key])
+
+
+def test_float64_1e300_is_caught_even_with_every_bound_off() -> None:
+    # Prepare: no weight bound, no update bound; the reply is finite in float64
+    honest = honest_state(1)
+    strategy = strategy_for_round([1, 2], max_weight=math.inf, update_bound=None)
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [reply(1, honest), reply(2, hostile_float64(1e300))])
+
+    # Assert: not an Inf aggregate, the honest reply alone
+    assert "beyond float32's range" in strategy.report.dropped[2]
+    for key in SHAPES:
+        assert np.isfinite(decoded(arrays)[key]).all()
+        np.testing.assert_array_equal(decoded(arrays)[key], honest[key])
+
+
+def test_two_weights_of_1e308_do_not_overflow_the_weight_sum() -> None:
+    # Prepare: with the weight bound off, two replies claiming 1e308 each (their sum is Inf)
+    states = [honest_state(1), honest_state(2)]
+    replies = [
+        reply(n, s, **{wire.NUM_EXAMPLES: 1e308, wire.TRAIN_LOSS: 1.0 + n})
+        for n, s in zip((1, 2), states, strict=True)
+    ]
+    unbounded = strategy_for_round([1, 2], max_weight=math.inf)
+    bounded = strategy_for_round([1, 2])
+
+    # Execute
+    arrays, metrics = unbounded.aggregate_train(1, replies)
+    refused, _ = bounded.aggregate_train(1, replies)
+
+    # Assert: the equal-weight average (not zeros, not NaN); with the default bound both
+    # replies are dropped and the round keeps the previous adapter
+    mean = weighted_average(states, [1, 1])
+    for key in SHAPES:
+        np.testing.assert_allclose(decoded(arrays)[key], mean[key], rtol=1e-6)
+        assert np.abs(decoded(arrays)[key]).max() > 0
+    assert metrics is not None and metrics[wire.TRAIN_LOSS] == pytest.approx(2.5)
+    assert refused is None
+    assert all("above fed.max-weight" in r for r in bounded.report.dropped.values())
+
+
+def test_unsampled_node_and_second_reply_are_refused() -> None:
+    # Prepare: node 9 was not sampled; node 2 replies twice (the second one hostile)
+    honest = {n: honest_state(n) for n in (1, 2)}
+    replies = [
+        reply(1, honest[1]),
+        reply(2, honest[2]),
+        reply(2, {k: np.full(s, 1e30, np.float32) for k, s in SHAPES.items()}),
+        reply(9, honest_state(9)),
+    ]
+    strategy = strategy_for_round([1, 2])
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.report.accepted == [1, 2]
+    assert strategy.report.dropped == {}
+    assert strategy.report.refused == [
+        "second reply from node 2 this round",
+        "node 9 was not sampled this round",
+    ]
+    assert strategy.report.aggregation_row()["refused"] == strategy.report.refused
+    expected = weighted_average([honest[1], honest[2]], [100, 100])
+    for key in SHAPES:
+        np.testing.assert_array_equal(decoded(arrays)[key], expected[key])
+
+
+def test_clamping_bounds_the_reply_and_averages_the_clamped_update() -> None:
+    # Prepare: one site moves every value by +1 and claims 1e12 examples
+    ref = global_state()
+    attacker = {k: v + np.float32(1.0) for k, v in ref.items()}
+    honest = honest_state(1)
+    strategy = strategy_for_round([1, 2], clamp=True, max_weight=1000.0)
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, honest), reply(2, attacker, **{wire.NUM_EXAMPLES: 1e12})]
+    )
+
+    # Assert: kept, moved by exactly the bound, weighing the max weight
+    assert strategy.report.accepted == [1, 2]
+    assert any("clamped to fed.max-weight" in c for c in strategy.report.clamped[2])
+    clamped = {k: v.astype(np.float64) + BOUND for k, v in ref.items()}
+    expected = weighted_average([honest, clamped], [100, 1000])
+    for key in SHAPES:
+        np.testing.assert_array_equal(decoded(arrays)[key], expected[key])
+
+
+def test_update_norm_bound_drops_or_scales_a_large_update() -> None:
+    # Prepare: an update of L2 norm 2 against a bound of 1 (values within the per-value bound)
+    ref = global_state()
+    direction = {k: np.full(s, 1.0) for k, s in SHAPES.items()}
+    norm = math.sqrt(sum(v.size for v in direction.values()))
+    state = {k: ref[k] + 2.0 * direction[k] / norm for k in ref}
+    bounds = ReplyBounds(max_update_norm=1.0)
+
+    # Execute
+    dropped = bound_reply(state, ref, 1.0, bounds)
+    scaled = bound_reply(state, ref, 1.0, ReplyBounds(max_update_norm=1.0, clamp=True))
+
+    # Assert
+    assert isinstance(dropped, str) and "above fed.max-update-norm = 1" in dropped
+    assert not isinstance(scaled, str)
+    assert scaled.update_norm == pytest.approx(2.0)
+    new_norm = math.sqrt(sum(float(np.sum((scaled.state[k] - ref[k]) ** 2)) for k in ref))
+    assert new_norm == pytest.approx(1.0, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Robust rules
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["norm-bound", "trimmed-mean", "median"])
+def test_robust_rules_resist_one_scaled_update_that_plain_fedavg_follows(rule: str) -> None:
+    # Prepare: four honest updates and one x1e4 scaled update (no value bound, a minority)
+    ref = global_state()
+    honest = [honest_state(n) for n in (1, 2, 3, 4)]
+    scaled = {k: ref[k] + 1e4 * (honest[0][k] - ref[k]) for k in ref}
+    states = [*honest, scaled]
+    weights = [1.0] * 5
+
+    # Execute
+    plain = robust_aggregate(states, weights, ref, "none")
+    robust = robust_aggregate(states, weights, ref, rule, trim_fraction=0.2)
+
+    # Assert: FedAvg moves by ~4 per value; the robust rule stays within the honest range
+    for key in ref:
+        assert np.abs(plain[key] - ref[key]).max() > 1.0
+        assert np.abs(robust[key] - ref[key]).max() <= 0.02 + 1e-6
+
+
+def test_trimmed_mean_without_outliers_is_the_mean_of_the_central_values() -> None:
+    # Prepare: per value, updates 0, 1, 2, 3, 100 -> cut one at each end -> mean(1, 2, 3)
+    ref = {"w": np.zeros((2,), np.float32)}
+    states = [{"w": np.full((2,), v, np.float32)} for v in (3.0, 0.0, 100.0, 1.0, 2.0)]
+
+    # Execute
+    out = robust_aggregate(states, [1.0] * 5, ref, "trimmed-mean", trim_fraction=0.2)
+    med = robust_aggregate(states, [1.0] * 5, ref, "median")
+
+    # Assert
+    np.testing.assert_array_equal(out["w"], [2.0, 2.0])
+    np.testing.assert_array_equal(med["w"], [2.0, 2.0])
+
+
+def test_strategy_applies_the_robust_rule_to_accepted_replies() -> None:
+    # Prepare: bounds off so the scaled update is accepted; the median must still hold
+    ref = global_state()
+    honest = [honest_state(n) for n in (1, 2, 3)]
+    scaled = {k: ref[k] + 1e3 * (honest[0][k] - ref[k]) for k in ref}
+    replies = [reply(n, s) for n, s in zip((1, 2, 3, 4), [*honest, scaled], strict=True)]
+    strategy = strategy_for_round([1, 2, 3, 4], update_bound=None, robust="median")
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    expected = robust_aggregate([*honest, scaled], [100.0] * 4, ref, "median")
+    for key in SHAPES:
+        np.testing.assert_array_equal(decoded(arrays)[key], expected[key])
+        assert np.abs(decoded(arrays)[key] - ref[key]).max() <= 0.02 + 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# Derived bounds and settings
+# --------------------------------------------------------------------------------------
+
+
+def test_derived_bounds_follow_the_settings() -> None:
+    # Prepare
+    seen = parse_run_config(
+        {"fed.weighting": "seen", "train.local-steps": 5, "train.batch-size": 4}
+    )
+    held = parse_run_config({})
+    dp = parse_run_config({"privacy.mode": "server-fixed", "fed.fraction-train": 0.5})
+    off = parse_run_config({"fed.update-bound": "off"})
+
+    # Execute / Assert: the exact bound of what a round trains on; a generous one for
+    # data held; no bound under DP (weights unused); the AdamW bound grows with lr
+    assert derive_max_weight(seen) == 20
+    assert derive_max_weight(held) == 2.0**24
+    assert derive_max_weight(parse_run_config({"fed.max-weight": 5000.0})) == 5000
+    assert math.isinf(derive_max_weight(dp))
+    assert derive_update_bound(off, 1, 0.1) is None
+    bound = derive_update_bound(held, 1, 0.1)
+    assert bound is not None
+    lr, steps = held.train.learning_rate, held.train.local_steps
+    assert lr * steps < bound < 2 * lr * steps  # Adam moves a weight by at most ~lr a step
+
+
+@pytest.mark.parametrize(
+    ("run_config", "named"),
+    [
+        ({"fed.weighting": "rows"}, "fed.weighting"),
+        ({"fed.max-weight": -1.0}, "fed.max-weight"),
+        ({"fed.robust": "krum"}, "fed.robust"),
+        ({"fed.trim-fraction": 0.5}, "fed.trim-fraction"),
+        ({"fed.bound-action": "ignore"}, "fed.bound-action"),
+        ({"fed.robust": "median", "fed.aggregation": "secagg+"}, "fed.robust"),
+        ({"fed.robust": "median", "privacy.mode": "server-fixed"}, "fed.robust"),
+        ({"fed.robust": "median", "lora.aggregation": "exact"}, "fed.robust"),
+        ({"lora.aggregation": "ffa", "fed.aggregation": "secagg+"}, "lora.aggregation"),
+        ({"lora.aggregation": "svd"}, "lora.aggregation"),
+        ({"lora.aggregation": "exact", "privacy.mode": "server-fixed"}, "lora.aggregation"),
+    ],
+)
+def test_bad_aggregation_settings_name_the_key(run_config: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        parse_run_config(run_config)  # type: ignore[arg-type]
+
+
+def test_ffa_is_allowed_with_client_level_dp() -> None:
+    cfg = parse_run_config({"lora.aggregation": "ffa", "privacy.mode": "server-fixed"})
+    assert cfg.lora.aggregation == "ffa" and cfg.privacy.client_level
+
+
+# --------------------------------------------------------------------------------------
+# The wire dtype holds in both directions, every round
+# --------------------------------------------------------------------------------------
+
+
+class TrainingGrid:
+    """Just enough of a Flower ``Grid``: every node moves the adapter a little and replies
+    in ``wire_dtype``; the train messages of every round are kept."""
+
+    def __init__(self, num_nodes: int, wire_dtype: str) -> None:
+        self.nodes = list(range(1, num_nodes + 1))
+        self.wire_dtype = wire_dtype
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: object, timeout: float | None = None) -> list[Message]:
+        batch = list(messages)  # type: ignore[call-overload]
+        if not batch or batch[0].metadata.message_type != MessageType.TRAIN:
+            return []
+        self.sent.append(batch)
+        replies = []
+        for message in batch:
+            node = message.metadata.dst_node_id
+            state = wire.from_array_record(message.content.array_records[wire.ARRAYS])
+            rng = np.random.default_rng(node + 10 * len(self.sent))
+            moved = {k: v + rng.uniform(-0.01, 0.01, v.shape) for k, v in state.items()}
+            content = RecordDict(
+                {
+                    wire.ARRAYS: wire.to_array_record(moved, self.wire_dtype),
+                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10 * node}),
+                }
+            )
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def bytes_down_per_round(wire_dtype: str) -> tuple[list[int], list[int]]:
+    """(bytes of the train messages' adapters, what the round reports) for 3 rounds."""
+    from flwr.app import ConfigRecord
+
+    from strategies.rounds import MessageRounds, RoundResult, federate
+
+    big = {"m.lora_A.weight": (32, 256), "m.lora_B.weight": (256, 32)}
+    start = {k: np.random.default_rng(0).normal(0, 0.1, s) for k, s in big.items()}
+    strategy = WeightedFedAvg(wire_dtype=wire_dtype, min_train_clients=2)
+    grid = TrainingGrid(3, wire_dtype)
+    reported: list[int] = []
+
+    def on_round_end(result: RoundResult) -> bool:
+        reported.append(result.report.bytes_down)
+        assert result.report.updated
+        return False
+
+    federate(
+        MessageRounds(strategy, timeout=10),
+        grid,  # type: ignore[arg-type]
+        wire.to_array_record(start, wire_dtype),
+        first_round=1,
+        num_rounds=3,
+        train_config=lambda r: ConfigRecord({wire.SERVER_ROUND: r}),
+        on_round_end=on_round_end,
+        evaluate=lambda _r: False,
+    )
+    sent = [
+        sum(wire.num_bytes(m.content.array_records[wire.ARRAYS]) for m in batch)
+        for batch in grid.sent
+    ]
+    return sent, reported
+
+
+def test_float16_halves_the_bytes_down_in_every_round() -> None:
+    # Execute
+    sent16, reported16 = bytes_down_per_round("float16")
+    sent32, reported32 = bytes_down_per_round("float32")
+
+    # Assert: rounds 2 and 3 carry the aggregate, which is float16 too
+    assert sent16 == reported16 and sent32 == reported32
+    assert len(sent16) == 3
+    for b16, b32 in zip(sent16, sent32, strict=True):
+        assert 0.5 <= b16 / b32 < 0.51  # values halve; small .npy headers do not
+
+
+def test_norm_bound_in_the_strategy_uses_the_norms_the_checks_computed() -> None:
+    # Prepare: three honest updates and one x50 (bounds off so it is accepted)
+    ref = global_state()
+    honest = [honest_state(n) for n in (1, 2, 3)]
+    boosted = {k: ref[k] + 50 * (honest[0][k] - ref[k]) for k in ref}
+    states = [*honest, boosted]
+    replies = [reply(n, s) for n, s in zip((1, 2, 3, 4), states, strict=True)]
+    strategy = strategy_for_round([1, 2, 3, 4], update_bound=None, robust="norm-bound")
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the same as norms computed from scratch, to float32 rounding
+    expected = robust_aggregate(states, [100.0] * 4, ref, "norm-bound")
+    for key in SHAPES:
+        np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert all(r.update_norm is not None for r in strategy.last_valid)
+
+
+def test_a_reply_to_the_instruction_of_another_node_is_refused() -> None:
+    # Prepare: instructions with ids, as the Grid leaves them; node 2 answers node 1's
+    from flwr.app import ConfigRecord
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    strategy = WeightedFedAvg(min_train_clients=1)
+    messages = list(
+        strategy.configure_train(1, wire.to_array_record(global_state()), ConfigRecord(), Grid())  # type: ignore[arg-type]
+    )
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+
+    def answer(node: int, to: int) -> Message:
+        state = honest_state(node)
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.to_array_record(state),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
+            }
+        )
+        message = Message(content, reply_to=by_node[to])
+        message.metadata.__dict__["_src_node_id"] = node
+        return message
+
+    # Execute
+    strategy.aggregate_train(1, [answer(1, 1), answer(2, 1)])
+
+    # Assert
+    assert strategy.report.accepted == [1]
+    assert strategy.report.refused == ["node 2 replied to the instruction sent to node 1"]
+    assert strategy.report.dropped == {2: "no reply before the round timeout"}
+
+
+@pytest.mark.parametrize("robust", ["none", "norm-bound", "trimmed-mean", "median"])
+def test_nan_is_dropped_under_every_rule_with_the_bounds_off(robust: str) -> None:
+    # Prepare: five sites, one sends NaN; no weight or value bound
+    honest = {n: honest_state(n) for n in (1, 2, 3, 4)}
+    nan = {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}
+    replies = [reply(n, s) for n, s in honest.items()] + [reply(5, nan)]
+    strategy = strategy_for_round(
+        [1, 2, 3, 4, 5], update_bound=None, max_weight=math.inf, robust=robust
+    )
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.report.accepted == [1, 2, 3, 4]
+    assert "NaN or Inf" in strategy.report.dropped[5]
+    expected = robust_aggregate(list(honest.values()), [100.0] * 4, global_state(), robust)
+    for key in SHAPES:
+        np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,97 @@
+"""`flwr run` with two misbehaving sites of five, and honest sites at LoRA ranks 4, 8, 16.
+
+The app is a copy of this project whose ClientApp is ``tests.hostile_clientapp`` (one site
+sends float64 values of 1e300, one claims 1e12 training examples); the ServerApp is the
+project's own, with ``lora.aggregation = exact`` and ``lora.site-ranks`` giving the three
+honest sites ranks 4, 8 and 16. The run must finish, name both hostile sites' problems in
+every round of metrics.jsonl, and lower the held-out loss with the three honest sites.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.flwr_procs import BIN, ROOT, flwr_env, local_superlink_pids, stop_pids
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+APP_PARTS = ("flower_llm", "strategies", "client_apps", "server_apps", "tests")
+
+
+def hostile_app(dest: Path) -> Path:
+    """This project, with its ClientApp swapped for the hostile one."""
+    app = dest / "app"
+    app.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
+    for part in APP_PARTS:
+        shutil.copytree(ROOT / part, app / part, ignore=ignore)
+    for name in ("LICENSE", "README.md"):
+        shutil.copy(ROOT / name, app / name)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'clientapp = "client_apps.qlora:app"' in pyproject
+    (app / "pyproject.toml").write_text(
+        pyproject.replace(
+            'clientapp = "client_apps.qlora:app"', 'clientapp = "tests.hostile_clientapp:app"'
+        )
+    )
+    return app
+
+
+def test_hostile_sites_are_dropped_and_sites_of_ranks_4_8_16_lower_the_loss(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    app = hostile_app(tmp_path)
+    home, out = tmp_path / "flwr-home", tmp_path / "outputs"
+    home.mkdir()
+    run_config = (
+        f'output.dir="{out}" output.run-name="hostile" fed.num-rounds=2 '
+        "output.local-only-baseline=false train.local-steps=10 "
+        'lora.aggregation="exact" lora.r=16 lora.site-ranks="16,16,4,8,16"'
+    )
+
+    # Execute
+    try:
+        proc = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "local",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=5 client-resources-num-cpus=1",
+                "--run-config",
+                run_config,
+            ],
+            cwd=app,
+            env=flwr_env(home, tmp_path / "cache"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        stop_pids(local_superlink_pids(home))
+
+    # Assert
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    run_dir = out / "hostile"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2], log
+    for row in rows:
+        assert row["clients-sampled"] == 5 and row["clients-replied"] == 3
+        reasons = sorted(row["dropped"].values())
+        assert len(reasons) == 2, row
+        assert any("beyond float32's range" in r for r in reasons), reasons
+        assert any("above fed.max-weight" in r for r in reasons), reasons
+        assert row["updated"]
+        assert 0 <= row["lora-truncation-error"] < 1, row
+    losses = json.loads((run_dir / "summary.json").read_text())["eval-loss-by-round"]
+    assert losses[1] < losses[0], losses
