@@ -98,7 +98,9 @@ def secagg_dp_row() -> dict[str, object]:
 
 def bounded_row() -> dict[str, object]:
     """A round whose report refused, clamped and re-factored (lora.aggregation = exact)."""
-    report = RoundReport(refused=["node 9: not sampled this round"], clamped={1: ["m.lora_A.weight"]})
+    report = RoundReport(
+        refused=["node 9: not sampled this round"], clamped={1: ["m.lora_A.weight"]}
+    )
     report.lora_error = 0.01
     return round_row(RoundResult(1, ArrayRecord(), None, None, report, 1.0))
 
