@@ -17,11 +17,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_llm import wire
-from flower_llm.config import parse_run_config
+from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
 
 if TYPE_CHECKING:
-    from flower_llm.client import ClientSession, SessionCache
+    from flower_llm.client import ClientSession, SessionCache, SiteIdentity
+    from flower_llm.config import DataConfig
 
 app = ClientApp()
 
@@ -32,6 +33,14 @@ def sessions() -> SessionCache:
     from flower_llm.client import SessionCache
 
     return SessionCache()
+
+
+@functools.cache
+def checked_site_data(data: DataConfig, site: SiteIdentity, seed: int) -> int:
+    """This site's data, checked once per process before any model loads (records)."""
+    from flower_llm.data import check_site_data
+
+    return check_site_data(data, site.data_path, site.partition_id, site.num_partitions, seed)
 
 
 LOCAL_ONLY_STATE = "local-only-adapter"
@@ -45,7 +54,9 @@ def session_for(context: Context) -> ClientSession:
 
     setup_logging()
     cfg = parse_run_config(context.run_config)
-    return sessions().get(cfg, SiteIdentity.from_node_config(context.node_config))
+    site = SiteIdentity.from_node_config(context.node_config)
+    checked_site_data(cfg.data, site, cfg.seed)  # before the model loads, cheap
+    return sessions().get(cfg, site)
 
 
 @app.train()
@@ -58,9 +69,9 @@ def train(msg: Message, context: Context) -> Message:
 
         return secagg_app(msg, context)
     session = session_for(context)
-    config = msg.content[wire.CONFIG]
-    server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
-    learning_rate = float(config[wire.LEARNING_RATE])  # type: ignore[arg-type]
+    # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
+    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    server_round, learning_rate = round_settings(config, session.cfg)
     global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 

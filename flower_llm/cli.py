@@ -7,6 +7,8 @@ Sub-commands (``flower-llm COMMAND --help`` for every option)::
     flower-llm merge --run RUN_DIR --out DIR
     flower-llm evaluate --data FILE_OR_embedded (--run RUN_DIR | --model NAME_OR_PATH)
     flower-llm plan --model NAME_OR_CONFIG --gpu-mem 8GiB
+    flower-llm check-config [--app DIR] [--run-config 'k=v ...'] [--federation-config ...]
+    flower-llm export --run RUN_DIR [--adapter final] --out DIR
 
 Exit codes: 0 success; 1 ``plan`` says the client does not fit; 2 bad arguments (a
 one-line message on stderr, no traceback). Results go to stdout, progress to stderr.
@@ -37,6 +39,10 @@ from flower_llm.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
+    app_config,
+    check_federation_size,
+    check_run_config,
+    parse_overrides,
 )
 from flower_llm.plan import MemoryPlan, PlanSettings, format_bytes, parse_memory
 
@@ -449,6 +455,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if plan.fits is False else 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate ``flwr run`` overrides before anything is submitted."""
+    try:
+        defaults = app_config(args.app)
+        overrides = parse_overrides(args.run_config) if args.run_config else {}
+        cfg = check_run_config(overrides, defaults)
+        federation = parse_overrides(args.federation_config) if args.federation_config else {}
+        num_nodes = federation.get("num-supernodes")
+        if num_nodes is not None:
+            if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+                raise ConfigError(
+                    f"--federation-config num-supernodes = {num_nodes!r}: must be an integer >= 1"
+                )
+            check_federation_size(cfg.fed, num_nodes, "--federation-config num-supernodes")
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    log.info(
+        "run-config OK: %d override(s) of %s", len(overrides), Path(args.app) / "pyproject.toml"
+    )
+    return 0
+
+
 def _count(number: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if number >= size:
@@ -633,6 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.set_defaults(handler=cmd_plan)
+
+    check = command("check-config", "validate `flwr run` overrides before submitting them")
+    check.add_argument("--app", default=".", help="the Flower app directory (default: .)")
+    check.add_argument(
+        "--run-config", action="append", metavar="OVERRIDES", help="as given to `flwr run`"
+    )
+    check.add_argument(
+        "--federation-config",
+        action="append",
+        metavar="OPTIONS",
+        help="as given to `flwr run`; num-supernodes is checked against fed.min-*",
+    )
+    check.set_defaults(handler=cmd_check_config)
     return parser
 
 

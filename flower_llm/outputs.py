@@ -7,8 +7,17 @@ Layout::
         metrics.jsonl            one JSON object per finished round
         round-001/               global adapter after round 1 (PEFT format)
         ...
-        final/                   global adapter after the last round
-        summary.json             written when the run ends
+        final/                   global adapter after the last round (only if a round
+                                 updated the model)
+        summary.json             written when the run ends; "status" is "ok" or "failed"
+        run-id                   the Flower run this directory belongs to
+
+A run directory belongs to one Flower run: the ServerApp records its run id in ``run-id``
+and every write checks it first, so a run that should have stopped (an interrupted run
+still training in a leftover process) never writes into the next run's directory.
+
+``python -m flower_llm.outputs finished RUN_DIR RUN_ID`` is what ``run-default.sh`` calls
+when the log stream ends: it reports the run's outcome and exits non-zero if it failed.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +45,17 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_ADAPTER = "final"
+RUN_ID_FILE = "run-id"
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+class RunFailed(RuntimeError):
+    """The run updated the model in no round, or could not start: Flower marks it failed."""
+
+
+class RunDirectoryTaken(RuntimeError):
+    """Another run owns the run directory now: this run must not write into it."""
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -53,7 +74,15 @@ def _default(value: Any) -> Any:
 class RunDirectory:
     """Where one run's outputs go."""
 
-    def __init__(self, root: str | Path, run_name: str = "", *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        run_name: str = "",
+        *,
+        resume: bool = False,
+        run_id: int | None = None,
+    ) -> None:
+        self.run_id = run_id
         name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
         self.path = Path(root) / name
         if not resume and self.path.exists() and any(self.path.iterdir()):
@@ -67,19 +96,37 @@ class RunDirectory:
             # that is missing, resuming fails on the missing checkpoint and leaves no
             # empty directory behind.
             self.path.mkdir(parents=True, exist_ok=True)
+        if run_id is not None and self.path.is_dir():
+            # Claimed last: from here on, an older run still writing here stops.
+            (self.path / RUN_ID_FILE).write_text(f"{run_id}\n")
+
+    def check_owner(self) -> None:
+        """Raise :class:`RunDirectoryTaken` if another run has claimed this directory."""
+        if self.run_id is None:
+            return
+        file = self.path / RUN_ID_FILE
+        owner = file.read_text().strip() if file.is_file() else None
+        if owner != str(self.run_id):
+            raise RunDirectoryTaken(
+                f"{self.path} now belongs to run {owner or '(none: moved away)'}; run "
+                f"{self.run_id} stops writing there"
+            )
 
     def save_config(self, cfg: RunConfig) -> None:
         """Record the settings the run used."""
+        self.check_owner()
         write_json_atomic(self.path / CONFIG_FILE, dataclasses.asdict(cfg))
 
     def save_adapter(self, state: Mapping[str, np.ndarray], config: LoraConfig, name: str) -> Path:
         """Save a PEFT-format adapter under ``name`` (``round-003``, ``final``)."""
         from flower_llm.adapters import save_adapter
 
+        self.check_owner()
         return save_adapter(state, config, self.path / name)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one round's metrics as a JSON line, flushed to disk."""
+        self.check_owner()
         with (self.path / METRICS_FILE).open("a") as fh:
             fh.write(json.dumps(row, sort_keys=True, default=_default) + "\n")
             fh.flush()
@@ -94,9 +141,180 @@ class RunDirectory:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``."""
+        self.check_owner()
         write_json_atomic(self.path / SUMMARY_FILE, dict(summary))
 
 
 def round_name(server_round: int) -> str:
     """Directory name of the adapter saved after ``server_round``."""
     return f"round-{server_round:03d}"
+
+
+# --------------------------------------------------------------------------------------
+# Outcome of a run: did any round update the model?
+# --------------------------------------------------------------------------------------
+
+
+def run_outcome(history: list[Mapping[str, Any]], planned_rounds: int) -> dict[str, Any]:
+    """``status``, ``reason`` and per-round failures of a run, for summary.json.
+
+    A run whose rounds never updated the global adapter learned nothing: it is
+    ``"failed"``, with the reason, whatever Flower says about the run. Rounds that did not
+    update the model are listed with every node's drop reason.
+    """
+    failed_rounds = {
+        str(row["round"]): {
+            "clients-sampled": row.get("clients-sampled", 0),
+            "clients-replied": row.get("clients-replied", 0),
+            "dropped": row.get("dropped", {}),
+        }
+        for row in history
+        if not row.get("updated", False)
+    }
+    updated = len(history) - len(failed_rounds)
+    outcome: dict[str, Any] = {
+        "status": STATUS_OK if updated else STATUS_FAILED,
+        "rounds-updated": updated,
+        "rounds-failed": len(failed_rounds),
+        "failed-rounds": failed_rounds,
+    }
+    if not history:
+        outcome["reason"] = f"no round of {planned_rounds} finished"
+    elif not updated:
+        reasons = sorted({r for f in failed_rounds.values() for r in f["dropped"].values()})
+        outcome["reason"] = (
+            f"no round updated the model ({len(history)} of {planned_rounds} ran); "
+            + ("replies dropped: " + "; ".join(reasons) if reasons else "no valid replies")
+        )
+    elif failed_rounds:
+        outcome["reason"] = (
+            f"{len(failed_rounds)} of {len(history)} rounds did not update the model "
+            f"(rounds {', '.join(failed_rounds)})"
+        )
+    return outcome
+
+
+SETUP_ERRORS = ("DataError", "ConfigError", "FileNotFoundError")
+"""Exceptions of a site's setup that the next round would raise again."""
+
+
+def setup_failure(dropped: Mapping[Any, str]) -> str | None:
+    """The reason to stop now if every dropped reply is a setup error that will repeat."""
+    if dropped and all(any(e in r for e in SETUP_ERRORS) for r in dropped.values()):
+        return "every site failed to set up: " + "; ".join(sorted(set(dropped.values())))
+    return None
+
+
+def conclude(summary: dict[str, Any], history: list[Mapping[str, Any]], planned: int) -> bool:
+    """Add the run's outcome to ``summary``; True if it updated the model at all.
+
+    A failed run has no ``final/`` adapter (``final-adapter`` is null): nothing that
+    looks like a result.
+    """
+    summary.update(run_outcome(history, planned))
+    if summary["status"] != STATUS_OK:
+        summary["final-adapter"] = None
+    return bool(summary["status"] == STATUS_OK)
+
+
+def end_run(run_dir: RunDirectory, summary: Mapping[str, Any]) -> None:
+    """The run's last log line; raises :class:`RunFailed` (Flower: finished:failed) if failed."""
+    if summary.get("status") == STATUS_OK:
+        if summary.get("rounds-failed"):
+            log.warning("Run finished with %s: %s", summary["reason"], run_dir.path)
+        else:
+            log.info("Run finished: %s", run_dir.path)
+        return
+    log.error("Run FAILED: %s. See %s", summary.get("reason"), run_dir.path / SUMMARY_FILE)
+    raise RunFailed(str(summary.get("reason")))
+
+
+def failure_summary(reason: str, **extra: Any) -> dict[str, Any]:
+    """summary.json of a run that stopped before or between rounds, with the reason."""
+    return {"status": STATUS_FAILED, "reason": reason, **extra}
+
+
+# --------------------------------------------------------------------------------------
+# What run-default.sh prints when the log stream ends
+# --------------------------------------------------------------------------------------
+
+
+def flower_run_status(run_id: str) -> str | None:
+    """``flwr ls --run-id`` status text (``finished:completed``...), None if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["flwr", "ls", "local", "--run-id", run_id, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        runs = json.loads(out).get("runs", [])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    for run in runs:
+        if str(run.get("run-id")) == str(run_id):
+            return str(run.get("status"))
+    return None
+
+
+def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
+    """The end-of-run text: per-round table, local-only comparison, status, where files are."""
+    from flower_llm.report import format_table, read_run, write_report_files
+
+    lines = [f"--- {run_dir}"]
+    try:
+        records = read_run(run_dir)
+    except (FileNotFoundError, ValueError):
+        records = None
+    if records is not None and records.rows:
+        lines.append(format_table(records.rows))
+    federated = summary.get("union-eval-loss/federated")
+    local_only = summary.get("union-eval-loss/local-only") or {}
+    if isinstance(federated, int | float) and local_only:
+        lines.append("held-out loss on all sites' data (lower is better):")
+        lines.append(f"  {'federated (global adapter)':<32} {federated:.4f}")
+        for site, loss in local_only.items():
+            shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
+            lines.append(f"  {'local-only, ' + str(site):<32} {shown}")
+    status = summary.get("status", "unknown")
+    reason = summary.get("reason")
+    lines.append(f"status: {status}" + (f" ({reason})" if reason else ""))
+    if records is not None and records.rows:
+        try:
+            files = write_report_files(records)
+            lines.append(f"plot: {files['plot']}  report: {files['table']}")
+        except ImportError:
+            lines.append("plot: pip install 'flower-llm[report]', then flower-llm report RUN_DIR")
+    if (run_dir / FINAL_ADAPTER).is_dir():
+        lines.append(f"final adapter: {run_dir / FINAL_ADAPTER}")
+    return "\n".join(lines)
+
+
+def report_finished(run_dir: Path, run_id: str) -> int:
+    """Print a finished run's outcome; 0 if it updated the model, else 1."""
+    status = flower_run_status(run_id)
+    owner = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else ""
+    summary_file = run_dir / SUMMARY_FILE
+    if owner != str(run_id) or not summary_file.is_file():
+        print(
+            f"--- run {run_id} ended ({status or 'status unknown'}) without writing "
+            f"{summary_file}: it failed before its first round or its ServerApp was killed; "
+            f"see the log above, and `flwr ls local --run-id {run_id}`",
+            file=sys.stderr,
+        )
+        return 1
+    summary = json.loads(summary_file.read_text())
+    print(format_outcome(run_dir, summary))
+    if summary.get("status") != STATUS_OK:
+        print(f"--- run {run_id} FAILED: {summary.get('reason', 'see the log')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "finished":
+        raise SystemExit("usage: python -m flower_llm.outputs finished RUN_DIR RUN_ID")
+    raise SystemExit(report_finished(Path(sys.argv[2]), sys.argv[3]))

@@ -16,7 +16,15 @@ from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, writ
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging
 from flower_llm.models import resolve_model_path
-from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
+from flower_llm.outputs import (
+    FINAL_ADAPTER,
+    RunDirectory,
+    conclude,
+    end_run,
+    round_name,
+    setup_failure,
+)
+from flower_llm.preflight import check_simulation_size
 from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.rounds import PollingGrid, RoundResult, federate
@@ -131,13 +139,16 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = parse_run_config(context.run_config)
     grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
+    check_simulation_size(grid, cfg.fed)  # a too-small simulation would wait forever
     if cfg.fed.aggregation == "secagg+":
         # SecAgg+ runs on Flower's legacy workflow; imported here as it imports this module.
         from server_apps.secagg import run as run_secagg
 
         run_secagg(grid, context, cfg)
         return
-    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume)
+    run_dir = RunDirectory(
+        cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume, run_id=context.run_id
+    )
     started = time.perf_counter()
 
     # The server needs the model's config only; adapter weights start as peft starts them.
@@ -212,6 +223,9 @@ def main(grid: Grid, context: Context) -> None:
                 strategy.target_epsilon,
             )
             return True
+        if not report.updated and (reason := setup_failure(report.dropped)):
+            log.error("Stopping: %s", reason)  # the next round would fail the same way
+            return True
         return False
 
     final = federate(
@@ -225,13 +239,13 @@ def main(grid: Grid, context: Context) -> None:
         on_round_end=on_round_end,
         evaluate=lambda server_round: evaluates(cfg, strategy, server_round),
     )
-    run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
-
     # ----------------------------------------------------------------------------------
     # Summary, with the local-only comparison when asked for
     # ----------------------------------------------------------------------------------
     history = run_dir.read_metrics()
     summary = run_summary(run_dir, history, num_parameters(state), started)
+    if conclude(summary, history, num_rounds):  # a run that learned nothing has no final/
+        run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
     if resumed_after is not None:
         summary["resumed-after-round"] = resumed_after
     if cfg.privacy.enabled:
@@ -257,4 +271,4 @@ def main(grid: Grid, context: Context) -> None:
             ", ".join(f"{v:.4f}" for v in per_site.values() if v is not None),
         )
     run_dir.write_summary(summary)
-    log.info("Run finished: %s", run_dir.path)
+    end_run(run_dir, summary)

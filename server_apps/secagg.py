@@ -27,7 +27,7 @@ from flower_llm import secagg, wire
 from flower_llm.adapters import AdapterState, init_adapter, num_parameters
 from flower_llm.config import ConfigError, RunConfig
 from flower_llm.models import resolve_model_path
-from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
+from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, conclude, end_run, round_name
 from server_apps.fedavg import build_strategy, log_round, round_row, run_summary
 from strategies.fedavg import RoundReport
 from strategies.rounds import RoundResult
@@ -212,7 +212,7 @@ def federate_secagg(
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
     """The ServerApp's main for ``fed.aggregation = "secagg+"``."""
-    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name)
+    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, run_id=context.run_id)
     run_dir.save_config(cfg)
     started = time.perf_counter()
     name_or_path = resolve_model_path(cfg.model)
@@ -242,7 +242,6 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
         return False
 
     final = federate_secagg(grid, context, cfg, state, on_round_end=on_round_end)
-    run_dir.save_adapter(final, lora_cfg, FINAL_ADAPTER)
     history = run_dir.read_metrics()
     summary: dict[str, Any] = {}
     if cfg.privacy.client_level:
@@ -256,12 +255,13 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
             "rounds-released": len(released),
             "caveat": "clients clip under SecAgg+; the server cannot verify it",
         }
-    run_dir.write_summary(
+    summary.update(
         {
-            **summary,
             "aggregation": "secagg+",
-            "rounds-failed": sum(1 for row in history if row.get("secagg-failed")),
             **run_summary(run_dir, history, num_parameters(state), started),
         }
     )
-    log.info("Run finished: %s", run_dir.path)
+    if conclude(summary, history, num_rounds):  # a run that learned nothing has no final/
+        run_dir.save_adapter(final, lora_cfg, FINAL_ADAPTER)
+    run_dir.write_summary(summary)
+    end_run(run_dir, summary)

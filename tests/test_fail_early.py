@@ -1,0 +1,334 @@
+"""Fail early, fail loud: checks before anything heavy, failed runs marked failed.
+
+In-process tests with real Flower records; none of them loads a model (a data or
+config error must be reported before one is loaded, and the tests assert that).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from flower_llm import wire
+from flower_llm.cli import main as cli_main
+from flower_llm.config import (
+    ConfigError,
+    FederationConfig,
+    RunConfig,
+    app_config,
+    check_federation_size,
+    check_run_config,
+    config_reference_markdown,
+    known_keys,
+    parse_overrides,
+    round_settings,
+)
+from flower_llm.data import DataError, check_site_data
+from flower_llm.outputs import (
+    FINAL_ADAPTER,
+    STATUS_FAILED,
+    STATUS_OK,
+    RunDirectory,
+    RunDirectoryTaken,
+    RunFailed,
+    conclude,
+    end_run,
+    run_outcome,
+    setup_failure,
+)
+from flower_llm.preflight import check_simulation_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# Run-config, checked on the user's side before `flwr run` submits it
+# --------------------------------------------------------------------------------------
+
+
+def test_readme_config_table_is_generated_from_the_app_config() -> None:
+    # Prepare
+    table = config_reference_markdown(app_config(ROOT))
+
+    # Assert: scripts/regen-readme-config.py was run after the last change
+    assert table in (ROOT / "README.md").read_text()
+
+
+def test_app_config_declares_exactly_the_keys_the_apps_know() -> None:
+    assert set(app_config(ROOT)) == set(known_keys())
+
+
+def test_local_only_baseline_is_off_by_default_and_on_in_the_default_script() -> None:
+    assert app_config(ROOT)["output.local-only-baseline"] is False
+    assert "output.local-only-baseline=true" in (ROOT / "scripts/run-default.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        (
+            "fed.num-round=2",
+            "unknown run-config key 'fed.num-round'; did you mean 'fed.num-rounds'",
+        ),
+        ('fed.num-rounds="two"', "'fed.num-rounds' = 'two': expected int"),
+        ("fed.num-rounds=0", "'fed.num-rounds' = 0: must be a positive integer"),
+        ("data.source=3", r"'data.source' = 3: expected str.*quote strings"),
+        ('train.lr-schedule="cosin"', "'train.lr-schedule' = 'cosin': must be one of"),
+    ],
+)
+def test_a_bad_override_is_named_before_submitting(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_run_config(parse_overrides([override]), app_config(ROOT))
+
+
+def test_an_int_override_of_a_float_key_is_accepted() -> None:
+    cfg = check_run_config(parse_overrides(["train.learning-rate=1"]), app_config(ROOT))
+    assert cfg.train.learning_rate == 1.0
+
+
+def test_federation_smaller_than_the_minimum_names_both_numbers() -> None:
+    with pytest.raises(ConfigError, match=r"has 1 node.*'fed.min-available-clients' = 2"):
+        check_federation_size(FederationConfig(), 1, "num-supernodes")
+    check_federation_size(FederationConfig(), 2, "num-supernodes")  # enough: no error
+
+
+def test_check_config_command_prints_one_line_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Execute
+    code = cli_main(["check-config", "--app", str(ROOT), "--run-config", "fed.num-round=2"])
+
+    # Assert
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "did you mean 'fed.num-rounds'" in err
+
+
+def test_check_config_command_checks_num_supernodes(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["check-config", "--app", str(ROOT), "--federation-config", "num-supernodes=1"]
+    assert cli_main(args) == 2
+    assert "fed.min-available-clients' = 2" in capsys.readouterr().err
+    assert cli_main([*args[:-1], "num-supernodes=4 client-resources-num-cpus=1"]) == 0
+
+
+# --------------------------------------------------------------------------------------
+# A simulation too small for fed.min-* fails at once
+# --------------------------------------------------------------------------------------
+
+
+class InMemoryGrid:
+    """Stands in for Flower's simulation grid, which the check recognises by name."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_a_too_small_simulation_fails_within_seconds_with_the_numbers() -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"has 1 node\(s\) \(num-supernodes"):
+        check_simulation_size(InMemoryGrid(1), FederationConfig())
+    assert time.monotonic() - started < 5
+    check_simulation_size(InMemoryGrid(2), FederationConfig())
+
+
+# --------------------------------------------------------------------------------------
+# Data, checked before a model loads
+# --------------------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "match"),
+    [
+        ("empty.jsonl", b"", "the file is empty"),
+        ("header.csv", b"instruction,response\n", "header but no rows"),
+        ("latin.csv", b"instruction,response\ncaf\xe9,ok\n", "line 2 is not UTF-8 .byte 0xe9"),
+        (
+            "latin.jsonl",
+            b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9"}\n',
+            "line 2 is not UTF-8",
+        ),
+        ("broken.jsonl", b'{"instruction": "a", "response": "b"}\n{"instr\n', "line 2 is not JSON"),
+        ("cols.jsonl", b'{"q": "a", "a": "b"}\n', "has no column 'instruction'"),
+    ],
+)
+def test_a_bad_data_file_is_named_with_the_problem(
+    tmp_path: Path, name: str, data: bytes, match: str
+) -> None:
+    source = _write(tmp_path / name, data)
+    with pytest.raises(DataError, match=match) as error:
+        check_site_data(RunConfig().data.__class__(source=source))
+    assert source in str(error.value)
+
+
+def test_too_few_rows_for_the_sites_names_source_rows_and_sites(tmp_path: Path) -> None:
+    row = b'{"instruction": "a", "response": "b", "domain": "x"}\n'
+    source = _write(tmp_path / "three.jsonl", row * 3)
+    for partitioner in ("iid", "by-field"):
+        data = RunConfig().data.__class__(source=source, partitioner=partitioner)
+        for site in range(4):
+            with pytest.raises(DataError, match=r"has 3 records for 4 simulated sites.*8 records"):
+                check_site_data(data, partition_id=site, num_partitions=4)
+
+
+def test_the_embedded_data_passes_for_the_default_sites() -> None:
+    assert check_site_data(RunConfig().data, partition_id=3, num_partitions=4) > 8
+
+
+def _train_message(config: ConfigRecord) -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Messages are stamped with the run and node of the process that makes them.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return Message(
+        content=RecordDict({wire.ARRAYS: ArrayRecord(), wire.CONFIG: config}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+
+
+def test_client_app_reports_a_data_error_before_loading_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: any model load fails the test
+    import client_apps.qlora as qlora
+    import flower_llm.client as client
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(client, "load_base_model", no_load)
+    qlora.sessions.cache_clear()
+    source = _write(tmp_path / "empty.jsonl", b"\n")
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={"data.source": source},
+    )
+
+    # Execute / Assert
+    with pytest.raises(DataError, match="the file is empty"):
+        qlora.train(_train_message(ConfigRecord({"server-round": 1})), context)
+
+
+# --------------------------------------------------------------------------------------
+# Stock Flower strategies send no learning rate
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_learning_rate_follows_the_run_config_schedule() -> None:
+    cfg = RunConfig()
+    num_rounds = cfg.fed.num_rounds
+
+    # A stock FedAvg sends only the round
+    assert round_settings(ConfigRecord({"server-round": 2}), cfg) == (
+        2,
+        cfg.train.learning_rate_at(2, num_rounds),
+    )
+    # ... or nothing at all
+    assert round_settings(ConfigRecord(), cfg) == (1, cfg.train.learning_rate)
+    # This project's server sends both
+    assert round_settings(ConfigRecord({"server-round": 3, "learning-rate": 0.5}), cfg) == (3, 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# A run that learned nothing is failed; a run directory belongs to one run
+# --------------------------------------------------------------------------------------
+
+
+def _row(server_round: int, updated: bool, dropped: dict[str, str] | None = None) -> dict:
+    return {
+        "round": server_round,
+        "updated": updated,
+        "clients-sampled": 2,
+        "clients-replied": 2 - len(dropped or {}),
+        "dropped": dropped or {},
+    }
+
+
+def test_a_run_that_updated_nothing_is_failed_with_the_drop_reasons(tmp_path: Path) -> None:
+    # Prepare
+    history = [_row(1, False, {"11": "client error: DataError: empty"}), _row(2, False)]
+    run_dir = RunDirectory(tmp_path, "r", run_id=7)
+    summary: dict = {"final-adapter": str(run_dir.path / FINAL_ADAPTER)}
+
+    # Execute
+    ok = conclude(summary, history, planned=3)
+    run_dir.write_summary(summary)
+
+    # Assert
+    assert not ok
+    written = json.loads((run_dir.path / "summary.json").read_text())
+    assert written["status"] == STATUS_FAILED
+    assert written["final-adapter"] is None
+    assert "no round updated the model (2 of 3 ran)" in written["reason"]
+    assert "DataError: empty" in written["reason"]
+    assert written["failed-rounds"]["1"]["dropped"] == {"11": "client error: DataError: empty"}
+    with pytest.raises(RunFailed, match="no round updated"):
+        end_run(run_dir, written)
+
+
+def test_a_run_with_some_failed_rounds_says_how_many() -> None:
+    outcome = run_outcome([_row(1, True), _row(2, False, {"5": "no reply"}), _row(3, True)], 3)
+    assert outcome["status"] == STATUS_OK
+    assert outcome["rounds-failed"] == 1
+    assert "1 of 3 rounds did not update the model (rounds 2)" in outcome["reason"]
+
+
+def test_setup_errors_on_every_site_stop_the_run_but_a_timeout_does_not() -> None:
+    assert setup_failure({1: "client error: DataError: x", 2: "client error: ConfigError: y"})
+    assert setup_failure({1: "client error: DataError: x", 2: "no reply"}) is None
+
+
+def test_an_older_run_never_writes_into_a_newer_runs_directory(tmp_path: Path) -> None:
+    # Prepare: run 1 writes, then run 2 takes the same run name
+    old = RunDirectory(tmp_path, "default", run_id=1)
+    old.append_metrics({"round": 1})
+    new = RunDirectory(tmp_path, "default", run_id=2)
+
+    # Execute / Assert
+    with pytest.raises(RunDirectoryTaken, match="belongs to run"):
+        old.append_metrics({"round": 2})
+    new.append_metrics({"round": 1})
+    assert [r["round"] for r in new.read_metrics()] == [1]
+    assert (new.path / "run-id").read_text().strip() == "2"
+
+
+# --------------------------------------------------------------------------------------
+# One local SuperLink per checkout
+# --------------------------------------------------------------------------------------
+
+
+def _ports(checkout: Path, flwr_home: Path) -> tuple[int, int]:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/local-ports.py"), str(checkout), str(flwr_home)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_each_checkout_gets_its_own_stable_local_superlink_ports(tmp_path: Path) -> None:
+    a = _ports(tmp_path / "checkout-a", tmp_path / "home-a")
+    b = _ports(tmp_path / "checkout-b", tmp_path / "home-b")
+    assert a == _ports(tmp_path / "checkout-a", tmp_path / "home-a")  # stable
+    assert a != b
+    assert a[1] == a[0] + 1 and all(39999 < p < 60000 for p in (*a, *b))
