@@ -11,6 +11,7 @@ the first session.
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -41,6 +42,13 @@ def checked_site_data(data: DataConfig, site: SiteIdentity, seed: int) -> int:
     from flower_llm.data import check_site_data
 
     return check_site_data(data, site.data_path, site.partition_id, site.num_partitions, seed)
+
+
+def site_label(site: SiteIdentity) -> str:
+    """How the end-of-run report names this site: its data file, or its partition."""
+    if site.data_path:
+        return os.path.basename(site.data_path)
+    return f"partition {site.partition_id}/{site.num_partitions}"
 
 
 LOCAL_ONLY_STATE = "local-only-adapter"
@@ -114,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_ONLY_STATE] = wire.to_array_record(local_state)
         if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
             content[wire.LOCAL_ONLY_ARRAYS] = wire.to_array_record(local_state, wire_dtype)
+            content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     return Message(content=content, reply_to=msg)
 
 

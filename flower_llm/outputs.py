@@ -194,6 +194,15 @@ def run_outcome(history: list[Mapping[str, Any]], planned_rounds: int) -> dict[s
     return outcome
 
 
+def site_name(content: Any, node_id: int) -> str:
+    """The label a reply's ``site`` record gives its sender, else ``node <id>``."""
+    from flower_llm import wire
+
+    record = content.config_records.get(wire.SITE)
+    label = record.get("label") if record is not None else None
+    return str(label) if label else f"node {node_id}"
+
+
 SETUP_ERRORS = ("DataError", "ConfigError", "FileNotFoundError")
 """Exceptions of a site's setup that the next round would raise again."""
 

@@ -20,6 +20,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 LOCAL_ONLY_ARRAYS = "local-only-arrays"
+# ConfigRecord naming the site a local-only adapter comes from ({"label": "partition 2/4"}).
+SITE = "site"
 
 # Metric keys in replies.
 NUM_EXAMPLES = "num-examples"

@@ -14,7 +14,7 @@ from flower_llm import wire
 from flower_llm.adapters import init_adapter, num_parameters
 from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, write_round_checkpoint
 from flower_llm.config import RunConfig, parse_run_config
-from flower_llm.logs import setup_logging
+from flower_llm.logs import setup_logging, start_progress
 from flower_llm.models import resolve_model_path
 from flower_llm.outputs import (
     FINAL_ADAPTER,
@@ -23,6 +23,7 @@ from flower_llm.outputs import (
     end_run,
     round_name,
     setup_failure,
+    site_name,
 )
 from flower_llm.preflight import check_simulation_size
 from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
@@ -137,6 +138,7 @@ def evaluate_on_all_sites(
 def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()
+    start_progress()  # a status line after 12 s of silence: round, elapsed, ETA
     cfg = parse_run_config(context.run_config)
     grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
     check_simulation_size(grid, cfg.fed)  # a too-small simulation would wait forever
@@ -175,6 +177,7 @@ def main(grid: Grid, context: Context) -> None:
     privacy_warnings = dpsgd_warnings(cfg)
     num_rounds = cfg.fed.num_rounds
     local_only: dict[int, ArrayRecord] = {}
+    site_names: dict[int, str] = {}  # node id -> "partition 2/4" (the report's label)
 
     def train_config(server_round: int) -> ConfigRecord:
         last = server_round == num_rounds
@@ -204,6 +207,7 @@ def main(grid: Grid, context: Context) -> None:
         for reply in strategy.last_valid:
             if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
                 local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+                site_names[reply.node_id] = site_name(reply.content, reply.node_id)
         # Last, once the round's outputs are on disk: a restart continues from here.
         write_round_checkpoint(
             run_dir.path,
@@ -257,7 +261,7 @@ def main(grid: Grid, context: Context) -> None:
         per_site = {}
         for node, local_arrays in sorted(local_only.items()):
             metrics = evaluate_on_all_sites(grid, local_arrays, nodes, cfg.fed.round_timeout)
-            per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
+            per_site[site_names[node]] = metrics and metrics[wire.EVAL_LOSS]
         summary["union-eval-loss/local-only"] = per_site
         local_losses = [v for v in per_site.values() if v is not None]
         summary["federated-beats-every-local-only"] = bool(

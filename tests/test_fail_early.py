@@ -332,3 +332,65 @@ def test_each_checkout_gets_its_own_stable_local_superlink_ports(tmp_path: Path)
     assert a == _ports(tmp_path / "checkout-a", tmp_path / "home-a")  # stable
     assert a != b
     assert a[1] == a[0] + 1 and all(39999 < p < 60000 for p in (*a, *b))
+
+
+# --------------------------------------------------------------------------------------
+# Progress and known warnings
+# --------------------------------------------------------------------------------------
+
+
+def test_progress_ticker_gives_the_round_and_an_estimate_from_earlier_rounds() -> None:
+    import logging
+
+    from flower_llm.logs import ProgressTicker
+
+    ticker = ProgressTicker(every=12.0)
+
+    def line(message: str, at: float) -> None:
+        record = logging.LogRecord("strategies", logging.INFO, "", 0, message, None, None)
+        ticker.emit(record)
+        ticker.round_started = at if "ROUND" in message else ticker.round_started
+
+    assert ticker.status(0.0).startswith("starting")
+    line("[ROUND 1/3]", 0.0)
+    assert "first round also loads" in ticker.status(20.0)
+    ticker.round_started = 0.0
+    line("[ROUND 2/3]", 40.0)
+    ticker.round_seconds = [40.0]
+    # 10 s into round 2 of 3 after a 40-s round: 30 s left, run ends in ~70 s
+    assert ticker.status(50.0) == (
+        "round 2/3: running for 10 s, about 30 s left (rounds took ~40 s); run ends in ~70 s"
+    )
+
+
+def test_progress_ticker_speaks_after_a_silence(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    from flower_llm.logs import ProgressTicker
+
+    ticker = ProgressTicker(every=1.0, logger_name="flower_llm.progress-test")
+    with caplog.at_level(logging.INFO, logger="flower_llm.progress-test"):
+        ticker.start()
+        time.sleep(2.5)
+        ticker.stop()
+    assert any("starting" in r.getMessage() for r in caplog.records)
+
+
+def test_known_warnings_are_filtered_one_by_one_and_others_still_show() -> None:
+    import warnings
+
+    from flower_llm.logs import filter_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filter_known_warnings()
+        warnings.warn_explicit(
+            "`torch.jit.script_method` is deprecated. Please switch to `torch.compile`",
+            DeprecationWarning,
+            "x.py",
+            1,
+            module="torch.jit._script",
+        )
+        warnings.warn_explicit("something new", DeprecationWarning, "x.py", 1, module="torch.jit")
+    assert [str(w.message) for w in caught] == ["something new"]
