@@ -132,6 +132,8 @@ def _base_from_adapter(adapter: Path, cfg: RunConfig) -> str:
     base = recorded.get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{adapter / ADAPTER_CONFIG} names no base model: pass --base")
+    if base == EMBEDDED:  # adapters name the embedded model portably (adapters.py)
+        return EMBEDDED
     if not Path(base).exists() and base.startswith(("/", ".", "~")):
         if cfg.model.name == EMBEDDED:
             # The embedded model lives in a cache; rebuild it where this machine keeps it.
@@ -455,6 +457,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if plan.fits is False else 0
 
 
+EXPORT_README = """# {name}
+
+A LoRA adapter trained with flower-llm, with the base model it was trained on.
+
+- `base/`: the base model ({base}), full precision, with its tokenizer
+- `adapter/`: the LoRA adapter (PEFT format)
+
+Load it with peft alone, from this directory:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("base")
+model = PeftModel.from_pretrained(base, "adapter")
+tokenizer = AutoTokenizer.from_pretrained("base")
+```
+
+or with flower-llm: `flower-llm generate --model base --adapter adapter --prompt "..."`.
+"""
+
+
+def _base_model_dir(base: str) -> Path:
+    """The local directory holding base model ``base`` (a hub id from the local cache)."""
+    from flower_llm.models import resolve_model_path
+
+    resolved = Path(resolve_model_path(ModelConfig(name=base)))
+    if resolved.is_dir():
+        return resolved
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception as error:  # not in the local hub cache, offline, unknown id
+        raise UsageError(
+            f"base model {base!r} is neither a directory nor in the local hub cache: {error}"
+        ) from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a self-contained directory: the base model and the adapter, loadable anywhere."""
+    source = resolve_source(args)
+    if source.adapter is None:
+        raise UsageError("export needs an adapter: --run RUN_DIR or --model NAME --adapter DIR")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty: choose a new directory")
+    base_dir = _base_model_dir(source.base)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base_dir, staging / "base", ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(source.adapter, staging / "adapter", ignore=shutil.ignore_patterns(".*"))
+    (staging / "README.md").write_text(EXPORT_README.format(name=out.name, base=source.base))
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    log.info("Exported %s with base %s: %s", source.adapter, source.base, out)
+    print(out)
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate ``flwr run`` overrides before anything is submitted."""
     try:
@@ -661,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.set_defaults(handler=cmd_plan)
+
+    export = command("export", "copy an adapter and its base model into one portable directory")
+    _add_source(export, quantization=False)
+    export.add_argument("--out", required=True, metavar="DIR", help="new directory")
+    export.set_defaults(handler=cmd_export)
 
     check = command("check-config", "validate `flwr run` overrides before submitting them")
     check.add_argument("--app", default=".", help="the Flower app directory (default: .)")

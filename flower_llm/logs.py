@@ -24,6 +24,9 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch\.jit\._script"),
     # peft asks transformers 5 through the deprecated name; behaviour is unchanged.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # Adapters name the embedded base model `embedded` (portable); peft then cannot open a
+    # config by that name to check for resized embeddings, which LoRA here never resizes.
+    (UserWarning, r"Could not find a config file in embedded", r"peft\.utils\.save_and_load"),
 )
 """(category, message regex, module regex) of warnings the project knows to be harmless."""
 

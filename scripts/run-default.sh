@@ -35,6 +35,7 @@ python scripts/local-ports.py --check "$FLWR_HOME" "$FLWR_LOCAL_SUPERLINK_HTTP_A
 RUN_ID=""
 stop_run() {
   trap - INT TERM
+  [ -n "${!:-}" ] && kill "$!" 2>/dev/null
   if [ -n "$RUN_ID" ]; then
     echo "--- stopping run $RUN_ID" >&2
     flwr stop "$RUN_ID" local >/dev/null 2>&1 || true
@@ -54,7 +55,10 @@ if [ -z "$RUN_ID" ]; then
   exit 1
 fi
 echo "--- run $RUN_ID started; logs follow (Ctrl-C stops it)"
-flwr log "$RUN_ID" local --stream || true
+# In the background, so that a SIGTERM to this script is handled at once, not after the
+# log stream ends.
+flwr log "$RUN_ID" local --stream &
+wait $! || true
 # `flwr` exits 0 even when the ServerApp failed or was killed: ask for the run's status,
 # and read the summary only if this run wrote it.
-exec python -m flower_llm.outputs finished "$RUN_DIR" "$RUN_ID"
+python -m flower_llm.outputs finished "$RUN_DIR" "$RUN_ID"

@@ -394,3 +394,54 @@ def test_known_warnings_are_filtered_one_by_one_and_others_still_show() -> None:
         )
         warnings.warn_explicit("something new", DeprecationWarning, "x.py", 1, module="torch.jit")
     assert [str(w.message) for w in caught] == ["something new"]
+
+
+# --------------------------------------------------------------------------------------
+# Adapters name their base model portably; export writes a self-contained directory
+# --------------------------------------------------------------------------------------
+
+
+def test_an_exported_adapter_loads_in_another_tree_with_peft_and_flower_llm(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a run's final adapter on the embedded model, with non-zero LoRA B
+    import shutil
+
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flower_llm.adapters import adapter_state, init_adapter
+    from flower_llm.cli import resolve_source
+    from flower_llm.config import LoraSettings, ModelConfig
+    from flower_llm.embedded import embedded_model_dir
+
+    state, lora_cfg = init_adapter(ModelConfig(), LoraSettings(r=4), str(embedded_model_dir()), 0)
+    state = {k: v + 0.01 for k, v in state.items()}
+    run = RunDirectory(tmp_path / "outputs", "r")
+    run.save_config(RunConfig())
+    final = run.save_adapter(state, lora_cfg, FINAL_ADAPTER)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "embedded"
+    )
+
+    # Execute: export, then move the export somewhere else
+    assert cli_main(["export", "--run", str(run.path), "--out", str(tmp_path / "exp")]) == 0
+    moved = Path(shutil.move(tmp_path / "exp", tmp_path / "elsewhere" / "model"))
+    shutil.rmtree(tmp_path / "outputs")
+
+    # Assert: peft given the base directory loads the same adapter weights
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(moved / "base"), moved / "adapter"
+    )
+    loaded = adapter_state(model)
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        np.testing.assert_allclose(loaded[key], value, rtol=1e-6)
+    # ... and flower-llm resolves the adapter's base name without the run directory
+    import argparse
+
+    source = resolve_source(
+        argparse.Namespace(run=None, model="embedded", adapter=str(moved / "adapter"), base=None)
+    )
+    assert source.adapter == moved / "adapter"
