@@ -111,7 +111,7 @@ def log_round(result: RoundResult, row: dict[str, Any], num_rounds: int, clients
         num_rounds,
         _fmt(row.get("eval-loss")),
         _fmt(row.get("eval-perplexity")),
-        _fmt(row.get("train-loss")),
+        _fmt(row.get("train-loss", row.get("train_loss"))),  # Flower examples: train_loss
         clients,
         result.report.bytes_up / 1e6,
         result.seconds,
