@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flower_llm import wire
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
+from flower_llm.preflight import client_fails_loud
 
 if TYPE_CHECKING:
     from flower_llm.client import ClientSession, SessionCache, SiteIdentity
@@ -68,6 +69,7 @@ def session_for(context: Context) -> ClientSession:
 
 
 @app.train()
+@client_fails_loud  # a data or config mistake: an error reply naming it
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter; reply with it, the example and token counts."""
     if parse_run_config(context.run_config).fed.aggregation == "secagg+":
@@ -127,6 +129,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@client_fails_loud  # a data or config mistake: an error reply naming it
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split."""
     session = session_for(context)

@@ -1,4 +1,6 @@
-"""Checks the ServerApp runs before anything heavy: is the federation big enough?
+"""Checks before anything heavy, and how the apps report a mistake the user made.
+
+Is the federation big enough?
 
 A simulation's size (``num-supernodes``) is fixed when it starts, so a run whose
 ``fed.min-available-clients`` or ``fed.min-train-clients`` exceeds it would wait for
@@ -8,13 +10,26 @@ and go, so there the ServerApp waits as Flower does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flower_llm.config import FederationConfig, check_federation_size
 
 log = logging.getLogger(__name__)
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a setting or a file is wrong, not the code: one line suffices."""
+    from flower_llm.config import ConfigError
+    from flower_llm.data import DataError
+    from flower_llm.outputs import RunDirectoryTaken
+
+    return (ConfigError, DataError, FileNotFoundError, RunDirectoryTaken)
 
 
 def is_simulation(grid: Any) -> bool:
@@ -46,3 +61,46 @@ def check_simulation_size(grid: Any, fed: FederationConfig) -> None:
     if not is_simulation(grid):
         return
     check_federation_size(fed, simulated_nodes(grid), "num-supernodes of this simulation")
+
+
+def server_fails_loud(main: Handler) -> Handler:
+    """Wrap a ServerApp main: a user's mistake is one ERROR line, the traceback DEBUG.
+
+    The run still ends failed (Flower records ``finished:failed``): the mistake is raised
+    again as :class:`~flower_llm.outputs.RunFailed` without the chain of frames behind it.
+    """
+    from flower_llm.outputs import RunFailed
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except user_errors() as err:
+            log.error("Run FAILED: %s", err)
+            log.debug("where it was raised", exc_info=True)
+            raise RunFailed(f"{type(err).__name__}: {err}") from None
+
+    return wrapped  # type: ignore[return-value]
+
+
+def client_fails_loud(handler: Handler) -> Handler:
+    """Wrap a ClientApp handler: a user's mistake becomes an error reply, not a traceback.
+
+    The reply's reason (``DataError: ... the file is empty``) reaches the server, which
+    records it as the site's drop reason and stops the run when every site failed so.
+    """
+
+    @functools.wraps(handler)
+    def wrapped(msg: Any, context: Any) -> Any:
+        try:
+            return handler(msg, context)
+        except user_errors() as err:
+            from flwr.app import Error, Message
+            from flwr.common.constant import ErrorCode
+
+            log.error("%s", err)
+            log.debug("where it was raised", exc_info=True)
+            reason = f"{type(err).__name__}: {err}"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+    return wrapped  # type: ignore[return-value]

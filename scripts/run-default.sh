@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 . scripts/flwr-env.sh
 NUM_CLIENTS="${NUM_CLIENTS:-4}"
-RUN_DIR="$PWD/outputs/default"
-RUN_CONFIG="output.dir=\"$PWD/outputs\" output.run-name=\"default\" output.local-only-baseline=true"
+OUTPUTS="${FLOWER_LLM_OUTPUTS:-$PWD/outputs}"
+RUN_DIR="$OUTPUTS/default"
+RUN_CONFIG="output.dir=\"$OUTPUTS\" output.run-name=\"default\" output.local-only-baseline=true"
 FED_CONFIG="num-supernodes=$NUM_CLIENTS client-resources-num-cpus=1"
 
 # Check what the user asked for before Flower sees it: Flower only says "Invalid run

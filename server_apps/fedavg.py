@@ -25,7 +25,7 @@ from flower_llm.outputs import (
     setup_failure,
     site_name,
 )
-from flower_llm.preflight import check_simulation_size
+from flower_llm.preflight import check_simulation_size, server_fails_loud
 from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.rounds import PollingGrid, RoundResult, federate
@@ -135,6 +135,7 @@ def evaluate_on_all_sites(
 
 
 @app.main()
+@server_fails_loud  # a user's mistake: one line, not a traceback
 def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()

@@ -223,9 +223,14 @@ def test_client_app_reports_a_data_error_before_loading_a_model(
         run_config={"data.source": source},
     )
 
-    # Execute / Assert
-    with pytest.raises(DataError, match="the file is empty"):
-        qlora.train(_train_message(ConfigRecord({"server-round": 1})), context)
+    # Execute
+    reply = qlora.train(_train_message(ConfigRecord({"server-round": 1})), context)
+
+    # Assert: one error reply naming the file, which the server records and stops on
+    assert reply.has_error()
+    assert reply.error.reason.startswith("DataError: run-config 'data.source'")
+    assert f"{source}': the file is empty" in reply.error.reason
+    assert setup_failure({1: f"client error: {reply.error.reason}"})
 
 
 # --------------------------------------------------------------------------------------
