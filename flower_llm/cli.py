@@ -524,6 +524,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         defaults = app_config(args.app)
         overrides = parse_overrides(args.run_config) if args.run_config else {}
         cfg = check_run_config(overrides, defaults)
+        from flower_llm.preflight import check_model_reachable
+
+        check_model_reachable(cfg.model)
         federation = parse_overrides(args.federation_config) if args.federation_config else {}
         num_nodes = federation.get("num-supernodes")
         if num_nodes is not None:

@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flower_llm.config import FederationConfig, check_federation_size
+from flower_llm.config import (
+    EMBEDDED,
+    ConfigError,
+    FederationConfig,
+    ModelConfig,
+    check_federation_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,33 @@ def check_simulation_size(grid: Any, fed: FederationConfig) -> None:
     if not is_simulation(grid):
         return
     check_federation_size(fed, simulated_nodes(grid), "num-supernodes of this simulation")
+
+
+def check_model_reachable(model: ModelConfig) -> None:
+    """Refuse a ``model.name`` that cannot load here, before transformers retries and fails.
+
+    A path must exist; a hub id must be in the local Hugging Face cache when the hub is
+    off (``HF_HUB_OFFLINE=1``, as ``scripts/flwr-env.sh`` sets).
+    """
+    import os
+    from pathlib import Path
+
+    name = model.name
+    if name == EMBEDDED or Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", ".", "~")):
+        raise ConfigError(f"run-config 'model.name' = {name!r}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ConfigError(
+            f"run-config 'model.name' = {name!r} is not a local directory and not in the "
+            "local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloads: download it "
+            f"where the hub is reachable (huggingface-cli download {name}) or give a "
+            'directory, or use model.name = "embedded"'
+        )
 
 
 def server_fails_loud(main: Handler) -> Handler:

@@ -25,7 +25,11 @@ from flower_llm.outputs import (
     setup_failure,
     site_name,
 )
-from flower_llm.preflight import check_simulation_size, server_fails_loud
+from flower_llm.preflight import (
+    check_model_reachable,
+    check_simulation_size,
+    server_fails_loud,
+)
 from strategies.dp import DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.rounds import PollingGrid, RoundResult, federate
@@ -143,6 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)
     grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
     check_simulation_size(grid, cfg.fed)  # a too-small simulation would wait forever
+    check_model_reachable(cfg.model)  # before transformers retries an unreachable hub
     if cfg.fed.aggregation == "secagg+":
         # SecAgg+ runs on Flower's legacy workflow; imported here as it imports this module.
         from server_apps.secagg import run as run_secagg

@@ -117,6 +117,17 @@ def test_check_config_command_checks_num_supernodes(capsys: pytest.CaptureFixtur
     assert cli_main([*args[:-1], "num-supernodes=4 client-resources-num-cpus=1"]) == 0
 
 
+def test_a_model_that_cannot_load_here_is_named_before_submitting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["check-config", "--app", str(ROOT), "--run-config"]
+    assert cli_main([*args, 'model.name="gpt2-not-cached-here"']) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
+    assert cli_main([*args, 'model.name="/no/such/model"']) == 2
+    assert "'model.name' = '/no/such/model': no such directory" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------
 # A simulation too small for fed.min-* fails at once
 # --------------------------------------------------------------------------------------
