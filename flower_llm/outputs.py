@@ -249,7 +249,7 @@ def failure_summary(reason: str, **extra: Any) -> dict[str, Any]:
 
 
 def flower_run_status(run_id: str) -> str | None:
-    """``flwr ls --run-id`` status text (``finished:completed``...), None if unknown."""
+    """``flwr ls --run-id`` status (``finished:failed: <details>``...), None if unknown."""
     import subprocess
 
     try:
@@ -265,7 +265,8 @@ def flower_run_status(run_id: str) -> str | None:
         return None
     for run in runs:
         if str(run.get("run-id")) == str(run_id):
-            return str(run.get("status"))
+            details = run.get("status-details")
+            return f"{run.get('status')}: {details}" if details else str(run.get("status"))
     return None
 
 

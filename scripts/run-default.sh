@@ -48,7 +48,10 @@ trap stop_run INT TERM
 trap 'bash scripts/stop-local-superlink.sh >/dev/null' EXIT
 
 started=$(flwr run . local --format json --federation-config "$FED_CONFIG" \
-  --run-config "$RUN_CONFIG" "$@")
+  --run-config "$RUN_CONFIG" "$@") || {
+  echo "flwr run refused the run: $started" >&2
+  exit 1
+}
 RUN_ID=$(python -c 'import json,sys; print(json.loads(sys.argv[1]).get("run-id") or "")' \
   "$started" 2>/dev/null || true)
 if [ -z "$RUN_ID" ]; then
