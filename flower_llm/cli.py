@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -734,7 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export)
 
     check = command("check-config", "validate `flwr run` overrides before submitting them")
-    check.add_argument("--app", default=".", help="the Flower app directory (default: .)")
+    check.add_argument(
+        "--app",
+        default=os.environ.get("FLOWER_LLM_CHECKOUT", "."),
+        help="the Flower app directory (default: the checkout scripts/flwr-env.sh is from, else .)",
+    )
     check.add_argument(
         "--run-config", action="append", metavar="OVERRIDES", help="as given to `flwr run`"
     )
