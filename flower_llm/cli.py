@@ -519,6 +519,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_local_data(cfg: RunConfig, num_nodes: int | None) -> None:
+    """A simulation's data.source, checked here as each simulated site will check it.
+
+    Only the embedded data and local files: a hub dataset is the sites' business (and may
+    need the network), and a deployment's sites name their own files.
+    """
+    source = cfg.data.source
+    if source != EMBEDDED and not Path(source).expanduser().exists():
+        from flower_llm.data import _looks_like_local_path
+
+        if not _looks_like_local_path(source):
+            return
+    from flower_llm.data import check_site_data
+    from flower_llm.logs import filter_known_warnings
+
+    filter_known_warnings()  # no progress bar per simulated site
+    sites = num_nodes or 1
+    for site in range(sites):
+        check_site_data(cfg.data, None, site, sites, cfg.seed)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate ``flwr run`` overrides before anything is submitted."""
     try:
@@ -536,7 +557,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                     f"--federation-config num-supernodes = {num_nodes!r}: must be an integer >= 1"
                 )
             check_federation_size(cfg.fed, num_nodes, "--federation-config num-supernodes")
-    except ConfigError as error:
+        _check_local_data(cfg, num_nodes)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     log.info(
         "run-config OK: %d override(s) of %s", len(overrides), Path(args.app) / "pyproject.toml"

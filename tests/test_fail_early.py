@@ -128,6 +128,19 @@ def test_a_model_that_cannot_load_here_is_named_before_submitting(
     assert "'model.name' = '/no/such/model': no such directory" in capsys.readouterr().err
 
 
+def test_check_config_checks_a_local_data_source_for_the_simulated_sites(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    row = b'{"instruction": "a", "response": "b"}\n'
+    source = _write(tmp_path / "three.jsonl", row * 3)
+    args = ["check-config", "--app", str(ROOT), "--run-config"]
+    overrides = f'data.source="{source}" data.partitioner="iid"'
+    assert cli_main([*args, overrides, "--federation-config", "num-supernodes=4"]) == 2
+    assert "has 3 records for 4 simulated sites" in capsys.readouterr().err
+    assert cli_main([*args, 'data.source="/no/such.jsonl"']) == 2
+    assert "no such data file" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------
 # A simulation too small for fed.min-* fails at once
 # --------------------------------------------------------------------------------------
