@@ -132,6 +132,9 @@ def test_ctrl_c_stops_everything_and_a_second_run_owns_its_directory(tmp_path: P
                 os.killpg(first.pid, signal.SIGKILL)
     stopped_after = time.monotonic() - interrupted
     left = processes_of(home)
+    while left and time.monotonic() - interrupted < 30:  # the bound: 30 s
+        time.sleep(1)
+        left = processes_of(home)
     second = subprocess.run(
         ["bash", *script, "fed.num-rounds=1 train.local-steps=2"],
         env=env,
