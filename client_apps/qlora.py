@@ -11,18 +11,21 @@ the first session.
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.secagg import AdapterTrainer, make_app
 from flower_llm import secagg, wire
-from flower_llm.config import parse_run_config
+from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
+from flower_llm.preflight import client_fails_loud
 
 if TYPE_CHECKING:
-    from flower_llm.client import ClientSession, SessionCache
+    from flower_llm.client import ClientSession, SessionCache, SiteIdentity
+    from flower_llm.config import DataConfig
 
 app = ClientApp()
 
@@ -35,6 +38,21 @@ def sessions() -> SessionCache:
     return SessionCache()
 
 
+@functools.cache
+def checked_site_data(data: DataConfig, site: SiteIdentity, seed: int) -> int:
+    """This site's data, checked once per process before any model loads (records)."""
+    from flower_llm.data import check_site_data
+
+    return check_site_data(data, site.data_path, site.partition_id, site.num_partitions, seed)
+
+
+def site_label(site: SiteIdentity) -> str:
+    """How the end-of-run report names this site: its data file, or its partition."""
+    if site.data_path:
+        return os.path.basename(site.data_path)
+    return f"partition {site.partition_id}/{site.num_partitions}"
+
+
 LOCAL_ONLY_STATE = "local-only-adapter"
 
 
@@ -44,7 +62,9 @@ def session_for(context: Context) -> ClientSession:
 
     setup_logging()
     cfg = parse_run_config(context.run_config)
-    return sessions().get(cfg, SiteIdentity.from_node_config(context.node_config))
+    site = SiteIdentity.from_node_config(context.node_config)
+    checked_site_data(cfg.data, site, cfg.seed)  # before the model loads, cheap
+    return sessions().get(cfg, site)
 
 
 def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
@@ -61,14 +81,15 @@ secagg_app = make_app(session_and_keys)
 
 
 @app.train()
+@client_fails_loud  # a data or config mistake: an error reply naming it
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter; reply with it, the example and token counts."""
     if parse_run_config(context.run_config).fed.aggregation == "secagg+":
         return secagg_app(msg, context)
     session = session_for(context)
-    config = msg.content[wire.CONFIG]
-    server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
-    learning_rate = float(config[wire.LEARNING_RATE])  # type: ignore[arg-type]
+    # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
+    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    server_round, learning_rate = round_settings(config, session.cfg)
     global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 
@@ -111,10 +132,12 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_ONLY_STATE] = wire.to_array_record(local_state)
         if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
             content[wire.LOCAL_ONLY_ARRAYS] = wire.to_array_record(local_state, wire_dtype)
+            content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
+@client_fails_loud  # a data or config mistake: an error reply naming it
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split."""
     session = session_for(context)

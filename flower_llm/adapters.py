@@ -134,10 +134,30 @@ def save_adapter(state: Mapping[str, np.ndarray], config: LoraConfig, out_dir: s
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, tmp_weights)
     tmp_config = out / f".{ADAPTER_CONFIG}.{unique}.tmp"
     config_dict = config.to_dict()
+    config_dict["base_model_name_or_path"] = portable_base_name(config.base_model_name_or_path)
     tmp_config.write_text(json.dumps(_jsonable(config_dict), indent=2, sort_keys=True))
     tmp_weights.replace(out / ADAPTER_WEIGHTS)
     tmp_config.replace(out / ADAPTER_CONFIG)
     return out
+
+
+def portable_base_name(name_or_path: str | None) -> str | None:
+    """The base model name an adapter records: one that resolves on another machine.
+
+    The embedded model is loaded from this machine's cache directory; the adapter names
+    it ``embedded``, which ``flower-llm`` (and ``model.name``) rebuilds anywhere. Hub ids
+    and user directories are kept as given.
+    """
+    if not name_or_path:
+        return name_or_path
+    from flower_llm.config import EMBEDDED
+    from flower_llm.embedded import EMBEDDED_VERSION, default_cache_root
+
+    path = Path(name_or_path)
+    embedded_dir = default_cache_root() / f"embedded-tiny-llama-{EMBEDDED_VERSION}"
+    if path.name == embedded_dir.name and path.resolve() == embedded_dir.resolve():
+        return EMBEDDED
+    return name_or_path
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,6 +7,8 @@ Sub-commands (``flower-llm COMMAND --help`` for every option)::
     flower-llm merge --run RUN_DIR --out DIR
     flower-llm evaluate --data FILE_OR_embedded (--run RUN_DIR | --model NAME_OR_PATH)
     flower-llm plan --model NAME_OR_CONFIG --gpu-mem 8GiB
+    flower-llm check-config [--app DIR] [--run-config 'k=v ...'] [--federation-config ...]
+    flower-llm export --run RUN_DIR [--adapter final] --out DIR
 
 Exit codes: 0 success; 1 ``plan`` says the client does not fit; 2 bad arguments (a
 one-line message on stderr, no traceback). Results go to stdout, progress to stderr.
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -37,6 +40,10 @@ from flower_llm.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
+    app_config,
+    check_federation_size,
+    check_run_config,
+    parse_overrides,
 )
 from flower_llm.plan import MemoryPlan, PlanSettings, format_bytes, parse_memory
 
@@ -126,6 +133,8 @@ def _base_from_adapter(adapter: Path, cfg: RunConfig) -> str:
     base = recorded.get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{adapter / ADAPTER_CONFIG} names no base model: pass --base")
+    if base == EMBEDDED:  # adapters name the embedded model portably (adapters.py)
+        return EMBEDDED
     if not Path(base).exists() and base.startswith(("/", ".", "~")):
         if cfg.model.name == EMBEDDED:
             # The embedded model lives in a cache; rebuild it where this machine keeps it.
@@ -449,6 +458,114 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if plan.fits is False else 0
 
 
+EXPORT_README = """# {name}
+
+A LoRA adapter trained with flower-llm, with the base model it was trained on.
+
+- `base/`: the base model ({base}), full precision, with its tokenizer
+- `adapter/`: the LoRA adapter (PEFT format)
+
+Load it with peft alone, from this directory:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("base")
+model = PeftModel.from_pretrained(base, "adapter")
+tokenizer = AutoTokenizer.from_pretrained("base")
+```
+
+or with flower-llm: `flower-llm generate --model base --adapter adapter --prompt "..."`.
+"""
+
+
+def _base_model_dir(base: str) -> Path:
+    """The local directory holding base model ``base`` (a hub id from the local cache)."""
+    from flower_llm.models import resolve_model_path
+
+    resolved = Path(resolve_model_path(ModelConfig(name=base)))
+    if resolved.is_dir():
+        return resolved
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception as error:  # not in the local hub cache, offline, unknown id
+        raise UsageError(
+            f"base model {base!r} is neither a directory nor in the local hub cache: {error}"
+        ) from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a self-contained directory: the base model and the adapter, loadable anywhere."""
+    source = resolve_source(args)
+    if source.adapter is None:
+        raise UsageError("export needs an adapter: --run RUN_DIR or --model NAME --adapter DIR")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty: choose a new directory")
+    base_dir = _base_model_dir(source.base)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base_dir, staging / "base", ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(source.adapter, staging / "adapter", ignore=shutil.ignore_patterns(".*"))
+    (staging / "README.md").write_text(EXPORT_README.format(name=out.name, base=source.base))
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    log.info("Exported %s with base %s: %s", source.adapter, source.base, out)
+    print(out)
+    return 0
+
+
+def _check_local_data(cfg: RunConfig, num_nodes: int | None) -> None:
+    """A simulation's data.source, checked here as each simulated site will check it.
+
+    Only the embedded data and local files: a hub dataset is the sites' business (and may
+    need the network), and a deployment's sites name their own files.
+    """
+    source = cfg.data.source
+    if source != EMBEDDED and not Path(source).expanduser().exists():
+        from flower_llm.data import _looks_like_local_path
+
+        if not _looks_like_local_path(source):
+            return
+    from flower_llm.data import check_site_data
+    from flower_llm.logs import filter_known_warnings
+
+    filter_known_warnings()  # no progress bar per simulated site
+    sites = num_nodes or 1
+    for site in range(sites):
+        check_site_data(cfg.data, None, site, sites, cfg.seed)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate ``flwr run`` overrides before anything is submitted."""
+    try:
+        defaults = app_config(args.app)
+        overrides = parse_overrides(args.run_config) if args.run_config else {}
+        cfg = check_run_config(overrides, defaults)
+        from flower_llm.preflight import check_model_reachable
+
+        check_model_reachable(cfg.model)
+        federation = parse_overrides(args.federation_config) if args.federation_config else {}
+        num_nodes = federation.get("num-supernodes")
+        if num_nodes is not None:
+            if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+                raise ConfigError(
+                    f"--federation-config num-supernodes = {num_nodes!r}: must be an integer >= 1"
+                )
+            check_federation_size(cfg.fed, num_nodes, "--federation-config num-supernodes")
+        _check_local_data(cfg, num_nodes)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    log.info(
+        "run-config OK: %d override(s) of %s", len(overrides), Path(args.app) / "pyproject.toml"
+    )
+    return 0
+
+
 def _count(number: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if number >= size:
@@ -633,6 +750,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.set_defaults(handler=cmd_plan)
+
+    export = command("export", "copy an adapter and its base model into one portable directory")
+    _add_source(export, quantization=False)
+    export.add_argument("--out", required=True, metavar="DIR", help="new directory")
+    export.set_defaults(handler=cmd_export)
+
+    check = command("check-config", "validate `flwr run` overrides before submitting them")
+    check.add_argument(
+        "--app",
+        default=os.environ.get("FLOWER_LLM_CHECKOUT", "."),
+        help="the Flower app directory (default: the checkout scripts/flwr-env.sh is from, else .)",
+    )
+    check.add_argument(
+        "--run-config", action="append", metavar="OVERRIDES", help="as given to `flwr run`"
+    )
+    check.add_argument(
+        "--federation-config",
+        action="append",
+        metavar="OPTIONS",
+        help="as given to `flwr run`; num-supernodes is checked against fed.min-*",
+    )
+    check.set_defaults(handler=cmd_check_config)
     return parser
 
 

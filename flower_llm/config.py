@@ -17,6 +17,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_type_hints
 
 Scalar = bool | int | float | str
@@ -905,14 +906,133 @@ def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:
     return RunConfig(**sections, **top)
 
 
-def config_reference_markdown() -> str:
-    """A markdown table of every run-config key, its default and its meaning."""
+def config_reference_markdown(app_defaults: Mapping[str, Scalar] | None = None) -> str:
+    """A markdown table of every run-config key, its default and its meaning.
+
+    ``app_defaults`` (:func:`app_config`) are the values `flwr run` starts from; without
+    them the dataclass defaults are shown.
+    """
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, f in known_keys().items():
         default = f.default if f.default is not dataclasses.MISSING else ""
+        if app_defaults is not None and key in app_defaults:
+            default = app_defaults[key]
         shown = repr(default).replace("\n", "\\n") if isinstance(default, str) else default
         if isinstance(default, bool):
             shown = str(default).lower()
         help_text = f.metadata["help"].replace("|", "\\|")
         lines.append(f"| `{key}` | `{shown}` | {help_text} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Checks on the user's side, before `flwr run` submits anything
+# --------------------------------------------------------------------------------------
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    flat: dict[str, Scalar] = {}
+    for key, value in table.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def app_config(pyproject: str | Path) -> dict[str, Scalar]:
+    """The flat ``[tool.flwr.app.config]`` of an app's pyproject.toml: what `flwr run` uses."""
+    import tomllib
+
+    file = Path(pyproject)
+    if file.is_dir():
+        file = file / "pyproject.toml"
+    try:
+        document = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read the app config in {file}: {err}") from None
+    table = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{file} has no [tool.flwr.app.config] table")
+    return _flatten(table)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Scalar]:
+    """``--run-config`` strings (``'a=1 b="x"'``, or one .toml file) as a flat mapping.
+
+    The syntax is the one `flwr run --run-config` accepts (Flower's own parser).
+    """
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args(args))
+    except Exception as err:  # click's exception for bad TOML, OSError for a file
+        message = getattr(err, "message", None) or str(err)
+        raise ConfigError(f"--run-config {' '.join(args)!r}: {message}") from None
+
+
+def check_run_config(
+    overrides: Mapping[str, Scalar], app_defaults: Mapping[str, Scalar]
+) -> RunConfig:
+    """Validate ``--run-config`` overrides against the app config, as the apps will.
+
+    Catches what Flower only reports as "Invalid run configuration" (a key the app does
+    not declare, a value of another type than the declared one) with the key named and
+    the closest key suggested, then parses the merged config exactly as the apps do.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key and what to change.
+    """
+    for key, value in overrides.items():
+        if key not in app_defaults:
+            close = difflib.get_close_matches(key, list(app_defaults), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown run-config key '{key}'{hint}")
+        declared = app_defaults[key]
+        if type(value) is not type(declared) and not (
+            isinstance(declared, float) and type(value) is int
+        ):
+            raise ConfigError(
+                f"run-config '{key}' = {value!r}: expected {type(declared).__name__} like the "
+                f"app default {declared!r}, got {type(value).__name__}"
+                + (' (quote strings: key="value")' if isinstance(declared, str) else "")
+            )
+    return parse_run_config({**app_defaults, **overrides})
+
+
+def check_federation_size(fed: FederationConfig, num_nodes: int, where: str) -> None:
+    """Refuse a federation too small for ``fed.min-*``, naming both numbers.
+
+    ``where`` says where ``num_nodes`` comes from (``"num-supernodes"``, say) so the
+    message tells the user which of the two settings to change.
+    """
+    for key, needed in (
+        ("fed.min-available-clients", fed.min_available_clients),
+        ("fed.min-train-clients", fed.min_train_clients),
+    ):
+        if num_nodes < needed:
+            raise ConfigError(
+                f"the federation has {num_nodes} node(s) ({where}) but run-config '{key}' = "
+                f"{needed}: the run would wait forever; use {needed} or more nodes, or lower "
+                f"{key} to {num_nodes}"
+            )
+
+
+def round_settings(instruction: Mapping[str, Any], cfg: RunConfig) -> tuple[int, float]:
+    """``(server_round, learning_rate)`` of a train instruction's config record.
+
+    This project's ServerApp sends both (``server-round``, ``learning-rate``). A stock
+    Flower strategy sends ``server-round`` only, or nothing: the round defaults to 1 and
+    the learning rate follows the run-config's schedule (``train.learning-rate``,
+    ``train.lr-schedule``, ``train.lr-min`` over ``fed.num-rounds``).
+    """
+    server_round = int(instruction.get("server-round", 1))
+    rate = instruction.get("learning-rate")
+    if rate is None:
+        rate = cfg.train.learning_rate_at(
+            min(max(server_round, 1), cfg.fed.num_rounds), cfg.fed.num_rounds
+        )
+    return server_round, float(rate)

@@ -169,6 +169,113 @@ def _check_columns(dataset: Dataset, cfg: DataConfig, origin: str, source: str) 
         raise ValueError(f"{origin} = {source!r} holds no records")
 
 
+class DataError(ValueError):
+    """A site's data cannot be used: the message names the file or key and what to change."""
+
+
+def _check_file_text(path: Path, origin: str, source: str) -> None:
+    """Refuse an empty, non-UTF-8 or unparsable text data file, naming file and line.
+
+    ``datasets`` reports these as a bare StopIteration or "An error occurred while
+    generating the dataset", without the file.
+    """
+    raw = path.read_bytes()
+    where = f"{origin} = {source!r}"
+    if not raw.strip():
+        raise DataError(f"{where}: the file is empty ({path})")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        return
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            raw_line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = raw_line[err.start : err.start + 1].hex()
+            raise DataError(
+                f"{where}: line {number} is not UTF-8 (byte 0x{bad} at column {err.start + 1}; "
+                f"{path}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+    text = raw.decode("utf-8")
+    if suffix == ".csv":
+        rows = [line for line in text.splitlines() if line.strip()]
+        if len(rows) < 2:
+            raise DataError(f"{where}: the CSV file has a header but no rows ({path})")
+    elif suffix == ".jsonl":
+        import json
+
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: line {number} is not JSON ({err.msg}; {path})") from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{where}: line {number} is a JSON {type(record).__name__}, not an object "
+                    f"with the instruction and response columns ({path})"
+                )
+
+
+def check_site_data(
+    cfg: DataConfig,
+    data_path: str | None = None,
+    partition_id: int = 0,
+    num_partitions: int = 1,
+    seed: int = 0,
+) -> int:
+    """Check a site's data before anything heavy loads; return its number of records.
+
+    Reads the source (no tokenizer, no model): the file exists, is non-empty, UTF-8 and
+    parses; the instruction and response columns exist; and this site's partition has
+    at least 2 records, one to train on and one to hold out.
+
+    Raises
+    ------
+    DataError, FileNotFoundError
+        One message naming the file or run-config key, the numbers, and what to change.
+    """
+    source = data_path or cfg.source
+    origin = "node-config 'data-path'" if data_path else "run-config 'data.source'"
+    path = Path(source).expanduser()
+    if source != EMBEDDED and path.is_file():
+        _check_file_text(path, origin, source)
+    try:
+        records = load_records(cfg, data_path)
+    except (DataError, FileNotFoundError):
+        raise
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    except Exception as err:  # datasets' generation errors hide their cause in __cause__
+        cause = err.__cause__ or err
+        raise DataError(f"{origin} = {source!r} cannot be read: {cause}") from None
+    if data_path is not None or cfg.partitioner == "none" or num_partitions == 1:
+        mine = len(records)
+    else:
+        if len(records) < 2 * num_partitions:
+            raise DataError(_too_few(origin, source, len(records), num_partitions))
+        try:
+            mine = len(partition(records, cfg, partition_id, num_partitions, seed))
+        except IndexError as err:  # flwr-datasets: "Index 3 out of range for dataset..."
+            raise DataError(_too_few(origin, source, len(records), num_partitions)) from err
+        except ValueError as err:
+            raise DataError(str(err)) from None
+    if mine < 2:
+        raise DataError(
+            _too_few(origin, source, len(records), num_partitions)
+            + f"; site {partition_id} got {mine}"
+        )
+    return len(records)
+
+
+def _too_few(origin: str, source: str, rows: int, num_partitions: int) -> str:
+    return (
+        f"{origin} = {source!r} has {rows} records for {num_partitions} simulated sites; "
+        f"each site needs at least 2 (one to train on, one held out): use at least "
+        f"{2 * num_partitions} records or fewer sites (num-supernodes)"
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Partitioning and splitting
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flower_llm import metrics as schema
-from flower_llm.outputs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from flower_llm.outputs import (
+    CONFIG_FILE,
+    FINAL_ADAPTER,
+    METRICS_FILE,
+    RUN_ID_FILE,
+    STATUS_OK,
+    SUMMARY_FILE,
+)
 from flower_llm.plan import format_bytes
 
 if TYPE_CHECKING:
@@ -498,3 +506,88 @@ READ_COLUMNS = frozenset(
     | set(SCALAR_TAGS)
 )
 """Every metrics.jsonl column this module reads by name."""
+
+
+# --------------------------------------------------------------------------------------
+# What run-default.sh prints when the log stream ends
+# --------------------------------------------------------------------------------------
+
+
+def flower_run_status(run_id: str) -> str | None:
+    """``flwr ls --run-id`` status (``finished:failed: <details>``...), None if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["flwr", "ls", "local", "--run-id", run_id, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        runs = json.loads(out).get("runs", [])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    for run in runs:
+        if str(run.get("run-id")) == str(run_id):
+            details = run.get("status-details")
+            return f"{run.get('status')}: {details}" if details else str(run.get("status"))
+    return None
+
+
+def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
+    """The end-of-run text: per-round table, local-only comparison, status, where files are."""
+    lines = [f"--- {run_dir}"]
+    try:
+        records = read_run(run_dir)
+    except (FileNotFoundError, ValueError):
+        records = None
+    if records is not None and records.rows:
+        lines.append(format_table(records.rows))
+    federated = summary.get("union-eval-loss/federated")
+    local_only = summary.get("union-eval-loss/local-only") or {}
+    if isinstance(federated, int | float) and local_only:
+        lines.append("held-out loss on all sites' data (lower is better):")
+        lines.append(f"  {'federated (global adapter)':<32} {federated:.4f}")
+        for site, loss in local_only.items():
+            shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
+            lines.append(f"  {'local-only, ' + str(site):<32} {shown}")
+    status = summary.get("status", "unknown")
+    reason = summary.get("reason")
+    lines.append(f"status: {status}" + (f" ({reason})" if reason else ""))
+    if records is not None and records.rows:
+        try:
+            files = write_report_files(records)
+            lines.append(f"plot: {files['plot']}  report: {files['table']}")
+        except ImportError:
+            lines.append("plot: pip install 'flower-llm[report]', then flower-llm report RUN_DIR")
+    if (run_dir / FINAL_ADAPTER).is_dir():
+        lines.append(f"final adapter: {run_dir / FINAL_ADAPTER}")
+    return "\n".join(lines)
+
+
+def report_finished(run_dir: Path, run_id: str) -> int:
+    """Print a finished run's outcome; 0 if it updated the model, else 1."""
+    status = flower_run_status(run_id)
+    owner = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else ""
+    summary_file = run_dir / SUMMARY_FILE
+    if owner != str(run_id) or not summary_file.is_file():
+        print(
+            f"--- run {run_id} ended ({status or 'status unknown'}) without writing "
+            f"{summary_file}: it failed before its first round or its ServerApp was killed; "
+            f"see the log above, and `flwr ls local --run-id {run_id}`",
+            file=sys.stderr,
+        )
+        return 1
+    summary = json.loads(summary_file.read_text())
+    print(format_outcome(run_dir, summary))
+    if summary.get("status") != STATUS_OK:
+        print(f"--- run {run_id} FAILED: {summary.get('reason', 'see the log')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "finished":
+        raise SystemExit("usage: python -m flower_llm.report finished RUN_DIR RUN_ID")
+    raise SystemExit(report_finished(Path(sys.argv[2]), sys.argv[3]))

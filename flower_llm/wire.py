@@ -20,6 +20,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 LOCAL_ONLY_ARRAYS = "local-only-arrays"
+# ConfigRecord naming the site a local-only adapter comes from ({"label": "partition 2/4"}).
+SITE = "site"
 
 # Metric keys in replies. A train reply carries what every ``fed.weighting`` needs:
 # what the site holds (n_k of FedAvg) and what it trained on this round.

@@ -1,5 +1,6 @@
-# Source me: makes `flwr` use this project's profiles (pyproject-flwr.toml) and keeps
-# Flower from installing dependencies per run (they are in the venv already).
+# Source me: makes `flwr` use this project's profiles (pyproject-flwr.toml), keeps Flower
+# from installing dependencies per run (they are in the venv already), and gives this
+# checkout its own local SuperLink (its own FLWR_HOME and ports, see local-ports.py).
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FLWR_HOME="${FLWR_HOME:-$_root/.flwr-home}"
 mkdir -p "$FLWR_HOME"
@@ -7,6 +8,15 @@ mkdir -p "$FLWR_HOME"
 # the project's relative paths at the checkout so `flwr` works from anywhere.
 sed -E 's#^(root-certificates[[:space:]]*=[[:space:]]*")([^/~"][^"]*)"#\1'"$_root"'/\2"#' \
   "$_root/pyproject-flwr.toml" >"$FLWR_HOME/config.toml"
+if [ -z "${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-}" ] || [ -z "${FLWR_LOCAL_CONTROL_API_PORT:-}" ]; then
+  _py="$(command -v python || command -v python3)"
+  read -r FLWR_LOCAL_SUPERLINK_HTTP_API_PORT FLWR_LOCAL_CONTROL_API_PORT \
+    < <("$_py" "$_root/scripts/local-ports.py" "$_root" "$FLWR_HOME")
+  unset _py
+fi
+export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT FLWR_LOCAL_CONTROL_API_PORT
+# The marker run-default.sh and `flower-llm` look for: this shell uses this checkout.
+export FLOWER_LLM_CHECKOUT="$_root"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0

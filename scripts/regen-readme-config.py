@@ -1,12 +1,17 @@
-"""Regenerate the README's config reference table from flower_llm.config."""
+"""Regenerate the README's config reference table: keys and help from flower_llm.config,
+defaults from pyproject.toml's [tool.flwr.app.config] (what `flwr run` uses).
+
+tests/test_config.py checks that README.md matches.
+"""
 
 from pathlib import Path
 
-from flower_llm.config import config_reference_markdown
+from flower_llm.config import app_config, config_reference_markdown
 
 HEADER = "| key | default | meaning |"
 
-readme = Path(__file__).resolve().parents[1] / "README.md"
+root = Path(__file__).resolve().parents[1]
+readme = root / "README.md"
 lines = readme.read_text().split("\n")
 if HEADER not in lines:
     raise SystemExit("README.md has no config reference table to replace")
@@ -19,6 +24,6 @@ while end < len(lines) and (in_row or lines[end].startswith("|")):
     end += 1
 # Splice lines, not a regex substitution: re.sub would turn the "\n" escapes inside
 # table cells back into real newlines.
-lines[start:end] = config_reference_markdown().split("\n")
+lines[start:end] = config_reference_markdown(app_config(root)).split("\n")
 readme.write_text("\n".join(lines))
 print("README config reference regenerated")

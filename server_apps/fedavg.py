@@ -23,9 +23,22 @@ from flower_llm import wire
 from flower_llm.adapters import init_adapter, num_parameters
 from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, write_round_checkpoint
 from flower_llm.config import RunConfig, parse_run_config
-from flower_llm.logs import setup_logging
+from flower_llm.logs import setup_logging, start_progress
 from flower_llm.models import resolve_model_path
-from flower_llm.outputs import FINAL_ADAPTER, RunDirectory, round_name
+from flower_llm.outputs import (
+    FINAL_ADAPTER,
+    RunDirectory,
+    conclude,
+    end_run,
+    round_name,
+    setup_failure,
+    site_name,
+)
+from flower_llm.preflight import (
+    check_model_reachable,
+    check_simulation_size,
+    server_fails_loud,
+)
 from flower_llm.streams import RandomStreams
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
@@ -152,7 +165,8 @@ def log_round(result: RoundResult, row: dict[str, Any], num_rounds: int) -> None
         num_rounds,
         _fmt(row.get(columns.EVAL_LOSS)),
         _fmt(row.get(columns.EVAL_PERPLEXITY)),
-        _fmt(row.get(columns.TRAIN_LOSS)),
+        # Flower's examples report train_loss; this project's ClientApp train-loss.
+        _fmt(row.get(columns.TRAIN_LOSS, row.get("train_loss"))),
         len(report.accepted),
         len(report.sampled),
         len(report.dropped),
@@ -185,6 +199,8 @@ class RunRecorder:
         self.streams = streams
         self.lora_cfg = lora_cfg
         self.local_only: dict[int, ArrayRecord] = {}
+        self.site_names: dict[int, str] = {}
+        """node id -> the label its replies give it ("partition 2/4", a data file)."""
 
     def __call__(self, result: RoundResult) -> bool:
         """Record ``result``; True stops the run."""
@@ -198,6 +214,7 @@ class RunRecorder:
         for reply in mode.last_valid():
             if wire.LOCAL_ONLY_ARRAYS in reply.content.array_records:
                 self.local_only[reply.node_id] = reply.content.array_records[wire.LOCAL_ONLY_ARRAYS]
+                self.site_names[reply.node_id] = site_name(reply.content, reply.node_id)
         stop = mode.central is not None and mode.central.budget_exhausted()
         write_round_checkpoint(
             run_dir.path,
@@ -218,7 +235,11 @@ class RunRecorder:
                 mode.central.epsilon(),
                 mode.central.target_epsilon,
             )
-        return stop
+            return True
+        if not result.report.updated and (reason := setup_failure(result.report.dropped)):
+            log.error("Stopping: %s", reason)  # the next round would fail the same way
+            return True
+        return False
 
     def summary(
         self,
@@ -267,7 +288,9 @@ class RunRecorder:
         per_site = {}
         for node, local_arrays in sorted(self.local_only.items()):
             metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout)
-            per_site[str(node)] = metrics and metrics[wire.EVAL_LOSS]
+            per_site[self.site_names.get(node, f"node {node}")] = (
+                metrics and metrics[wire.EVAL_LOSS]
+            )
         out["union-eval-loss/local-only"] = per_site
         local_losses = [v for v in per_site.values() if v is not None]
         out["federated-beats-every-local-only"] = bool(
@@ -305,10 +328,16 @@ def evaluate_on_all_sites(
 
 
 @app.main()
+@server_fails_loud  # a user's mistake: one line, not a traceback
 def main(grid: Grid, context: Context) -> None:
     """Run federated QLoRA fine-tuning and write the run directory."""
     setup_logging()
-    run(PollingGrid(grid), context, parse_run_config(context.run_config))  # type: ignore[arg-type]
+    start_progress()  # a status line after 12 s of silence: round, elapsed, ETA
+    cfg = parse_run_config(context.run_config)
+    grid = PollingGrid(grid)  # type: ignore[assignment]  # replies within 0.25 s, not 3 s
+    check_simulation_size(grid, cfg.fed)  # a too-small simulation would wait forever
+    check_model_reachable(cfg.model)  # before transformers retries an unreachable hub
+    run(grid, context, cfg)
 
 
 def run(
@@ -323,7 +352,13 @@ def run(
     ``mode`` and the ``streams`` it draws from are for tests (seeded noise, a recording
     strategy); by default both follow the run-config.
     """
-    run_dir = RunDirectory(cfg.output.dir, cfg.output.run_name, resume=cfg.output.resume, lock=True)
+    run_dir = RunDirectory(
+        cfg.output.dir,
+        cfg.output.run_name,
+        resume=cfg.output.resume,
+        run_id=context.run_id,
+        lock=True,
+    )
     try:
         _run(grid, context, cfg, run_dir, mode, streams)
     finally:
@@ -384,9 +419,11 @@ def _run(
         )
     finally:
         mode.close()
-    run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
     summary = recorder.summary(
         grid, final, num_parameters(state), started, resumed_after, dp_warnings
     )
+    # A run that updated the model in no round is failed and leaves no final/ adapter.
+    if conclude(summary, run_dir.read_metrics(), num_rounds):
+        run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
     run_dir.write_summary(summary)
-    log.info("Run finished: %s", run_dir.path)
+    end_run(run_dir, summary)

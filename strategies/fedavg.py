@@ -602,8 +602,9 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
             continue
         metrics = reply.content.metric_records.get(wire.METRICS)
         needed = (wire.EVAL_LOSS, wire.EVAL_TOKENS, wire.EVAL_TOKEN_ACCURACY, wire.NUM_EXAMPLES)
-        if metrics is None or any(k not in metrics for k in needed):
-            log.warning("Evaluation reply of node %d lacks metrics %s; skipped", node, needed)
+        missing = [k for k in needed if metrics is None or k not in metrics]
+        if metrics is None or missing:
+            log.warning("Evaluation reply of node %d lacks metrics %s; skipped", node, missing)
             continue
         loss, n_tok = float(metrics[wire.EVAL_LOSS]), int(metrics[wire.EVAL_TOKENS])  # type: ignore[arg-type]
         if not math.isfinite(loss) or n_tok <= 0:

@@ -33,6 +33,13 @@ def flwr_env(flwr_home: Path, cache: Path | None = None) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
+    # Each FLWR_HOME (each test) gets its own local SuperLink ports, kept in the home: a
+    # `flwr run . local` elsewhere on the machine never reaches this test's SuperLink.
+    ports_file = flwr_home / "local-ports"
+    if not ports_file.exists():
+        ports_file.write_text(" ".join(map(str, free_ports(2))))
+    http, control = ports_file.read_text().split()
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=http, FLWR_LOCAL_CONTROL_API_PORT=control)
     if cache is not None:
         env["FLOWER_LLM_CACHE"] = str(cache)
     return env

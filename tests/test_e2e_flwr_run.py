@@ -23,7 +23,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         proc = flwr_run(
             home,
-            run_config=f'output.dir="{out}" output.run-name="e2e"',
+            run_config=f'output.dir="{out}" output.run-name="e2e" output.local-only-baseline=true',
             num_supernodes=4,
             timeout=600,
             cache=cache,
