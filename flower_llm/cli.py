@@ -562,6 +562,38 @@ def _add_source(parser: argparse.ArgumentParser, *, quantization: bool = True) -
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    """Serve this site's ClientApp jobs from a long-lived process (flower_llm.worker)."""
+    import os
+    import signal
+
+    from flower_llm.worker import SiteWorker
+
+    if args.base_cache:
+        from flower_llm.models import BASE_CACHE_ENV
+
+        os.environ[BASE_CACHE_ENV] = args.base_cache
+    try:
+        worker = SiteWorker(
+            args.socket,
+            max_job_bytes=args.max_job_mib * 2**20,
+            busy_timeout=args.busy_timeout,
+        )
+        worker.bind()
+    except (ValueError, PermissionError, RuntimeError) as error:
+        raise UsageError(str(error)) from error
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        worker.serve_forever()
+    except (SystemExit, KeyboardInterrupt):
+        log.info("Site worker %d stopped", os.getpid())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flower-llm`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -633,6 +665,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.set_defaults(handler=cmd_plan)
+
+    worker = command("site-worker", "keep this site's model warm for its SuperNode's ClientApps")
+    worker.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="Unix socket to listen on (its directory is made owner-only); the SuperNode's "
+        "node-config worker-socket names the same path",
+    )
+    worker.add_argument(
+        "--base-cache",
+        metavar="DIR",
+        help="pre-quantized base cache (or off); default as "
+        "$FLOWER_LLM_BASE_CACHE, else $FLOWER_LLM_CACHE/quantized-bases",
+    )
+    worker.add_argument(
+        "--max-job-mib", type=_positive, default=1024, help="largest job accepted (MiB)"
+    )
+    worker.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a job waits for the running one before it is refused as busy",
+    )
+    worker.set_defaults(handler=cmd_site_worker)
     return parser
 
 
