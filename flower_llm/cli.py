@@ -567,8 +567,15 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from flower_llm.worker import SiteWorker
+    from flower_llm.worker import SiteWorker, WorkerError, ping
 
+    if args.status:
+        try:
+            print(json.dumps(ping(args.socket, connect_timeout=5.0)))
+        except WorkerError as error:
+            print(f"{PROG} site-worker: {error}", file=sys.stderr)
+            return 1
+        return 0
     if args.base_cache:
         from flower_llm.models import BASE_CACHE_ENV
 
@@ -679,6 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="pre-quantized base cache (or off); default as "
         "$FLOWER_LLM_BASE_CACHE, else $FLOWER_LLM_CACHE/quantized-bases",
+    )
+    worker.add_argument(
+        "--status",
+        action="store_true",
+        help="do not serve: ask the worker at --socket for its status (JSON; exit 1 if none)",
     )
     worker.add_argument(
         "--max-job-mib", type=_positive, default=1024, help="largest job accepted (MiB)"

@@ -190,7 +190,7 @@ def call_worker(
 def ping(path: str, connect_timeout: float = 10.0) -> dict[str, Any]:
     """The worker's status (pid, jobs run, model loads); raises if it does not answer."""
     reply, _ = call_worker(path, {"job": "ping"}, [], connect_timeout=connect_timeout)
-    return reply
+    return {k: v for k, v in reply.items() if k not in ("protocol", "blobs", "status")}
 
 
 def relay(msg: Message, context: Context, path: str) -> Message:
@@ -462,6 +462,7 @@ class SiteWorker:
         # The worker must run the job itself, not relay it again.
         context.node_config = {k: v for k, v in context.node_config.items() if k != NODE_CONFIG_KEY}
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = header["task"]
+        log.info("Running %s for node %d", msg.metadata.message_type, context.node_id)
         started = time.perf_counter()
         reply = app(msg, context)
         if reply.has_error():
