@@ -567,7 +567,15 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from flower_llm.logs import setup_logging
     from flower_llm.worker import SiteWorker, WorkerError, ping
+
+    # The jobs log through the apps' handler (setup_logging); one handler, not two.
+    project_logger = logging.getLogger("flower_llm")
+    for handler in list(project_logger.handlers):
+        if isinstance(handler, _StderrHandler):
+            project_logger.removeHandler(handler)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
 
     if args.status:
         try:

@@ -85,7 +85,8 @@ def send_frame(sock: socket.socket, header: dict[str, Any], blobs: Sequence[byte
     encoded = json.dumps(header).encode()
     sock.sendall(_PREFIX.pack(MAGIC, len(encoded)) + encoded)
     for blob in blobs:
-        sock.sendall(blob)
+        if blob:  # the peer may have read everything and closed before an empty send
+            sock.sendall(blob)
 
 
 def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
