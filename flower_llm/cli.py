@@ -584,6 +584,10 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
             print(f"{PROG} site-worker: {error}", file=sys.stderr)
             return 1
         return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.base_cache:
         from flower_llm.models import BASE_CACHE_ENV
 
@@ -699,6 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--status",
         action="store_true",
         help="do not serve: ask the worker at --socket for its status (JSON; exit 1 if none)",
+    )
+    worker.add_argument(
+        "--threads",
+        type=_positive,
+        help="torch intra-op threads (default: torch's, one per core); give each of several "
+        "workers on one machine its share of the cores",
     )
     worker.add_argument(
         "--max-job-mib", type=_positive, default=1024, help="largest job accepted (MiB)"

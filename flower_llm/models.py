@@ -275,7 +275,7 @@ class QuantizedBaseCache:
             try:
                 self.verify(entry, fields)
                 log.info("Quantized base served from cache %s", entry)
-                return self._from_entry(entry, cfg, device)
+                return self._named_after_source(self._from_entry(entry, cfg, device), path)
             except CorruptCacheEntry as err:
                 log.warning("Rebuilding quantized base cache entry %s: %s", entry, err)
                 shutil.rmtree(entry, ignore_errors=True)
@@ -338,3 +338,10 @@ class QuantizedBaseCache:
         return AutoModelForCausalLM.from_pretrained(
             entry, dtype=DTYPES[cfg.compute_dtype], device_map={"": str(device)}
         )
+
+    def _named_after_source(self, model: Any, path: str) -> Any:
+        # Loaded from the entry, the model would call itself by the entry's directory, and
+        # peft would record that as the adapter's base: keep the user's model name.
+        model.name_or_path = path
+        model.config._name_or_path = path
+        return model

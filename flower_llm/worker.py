@@ -268,6 +268,7 @@ class WorkerStats:
 
     started: float = field(default_factory=time.time)
     jobs: int = 0
+    last_job_seconds: float = 0.0
     failed_jobs: int = 0
     refused: int = 0
 
@@ -468,11 +469,12 @@ class SiteWorker:
         reply = app(msg, context)
         if reply.has_error():
             raise RuntimeError(f"the ClientApp replied with an error: {reply.error.reason}")
+        self.stats.last_job_seconds = time.perf_counter() - started
         log.info(
             "Ran %s for node %d in %.2f s",
             msg.metadata.message_type,
             context.node_id,
-            time.perf_counter() - started,
+            self.stats.last_job_seconds,
         )
         return (
             recorddict_to_proto(reply.content).SerializeToString(),
@@ -491,6 +493,7 @@ class SiteWorker:
             "pid": os.getpid(),
             "uptime-s": round(time.time() - self.stats.started, 1),
             "jobs": self.stats.jobs,
+            "last-job-s": round(self.stats.last_job_seconds, 4),
             "failed-jobs": self.stats.failed_jobs,
             "refused": self.stats.refused,
             "model-loads": loads,

@@ -61,6 +61,7 @@ def test_second_load_is_served_from_cache_without_quantizing(
     entries = [d for d in (tmp_path / "bases").iterdir() if not d.name.startswith(".")]
     assert len(entries) == 1 and (entries[0] / MANIFEST).is_file()
     assert quantized_linear_layers(second.model) == quantized_linear_layers(reference.model)
+    assert second.model.name_or_path == str(tiny_model_dir)  # peft records it as the base
     assert torch.equal(logits(second.model), logits(reference.model))
     assert torch.equal(logits(first.model), logits(reference.model))
 

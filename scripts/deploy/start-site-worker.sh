@@ -21,7 +21,9 @@ awk -v n="worker-$i" '$1 != n' "$PID_FILE" >"$PID_FILE.tmp" && mv "$PID_FILE.tmp
 if [ -s "$LOGS/worker-$i.log" ]; then
   mv "$LOGS/worker-$i.log" "$LOGS/worker-$i.$(date +%Y%m%d-%H%M%S).log"
 fi
-start_logged "worker-$i" flower-llm site-worker --socket "$sock"
+# WORKER_THREADS: torch threads per worker (several workers on one machine share its cores).
+start_logged "worker-$i" flower-llm site-worker --socket "$sock" \
+  ${WORKER_THREADS:+--threads "$WORKER_THREADS"}
 pid=$!
 for _ in $(seq 1 120); do
   if flower-llm site-worker -q --socket "$sock" --status >/dev/null 2>&1; then
