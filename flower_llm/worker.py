@@ -197,7 +197,7 @@ def ping(path: str, connect_timeout: float = 10.0) -> dict[str, Any]:
 def relay(msg: Message, context: Context, path: str) -> Message:
     """Have the site worker at ``path`` handle ``msg``; return its reply as ours.
 
-    ``context.state`` is replaced by the state the worker's handler left, so what a mode
+    ``context.state`` takes the contents the worker's handler left in it, so what a mode
     keeps across rounds (a DP-SGD accountant, SecAgg+ protocol state) stays with the
     SuperNode exactly as without a worker.
     """
@@ -215,7 +215,12 @@ def relay(msg: Message, context: Context, path: str) -> Message:
     content, state = ProtoRecordDict(), ProtoRecordDict()
     content.ParseFromString(content_blob)
     state.ParseFromString(state_blob)
-    context.state = recorddict_from_proto(state)
+    # In place: the SuperNode (or the simulation engine) may hold this very RecordDict.
+    new_state = recorddict_from_proto(state)
+    for key in list(context.state.keys()):
+        del context.state[key]
+    for key, record in new_state.items():
+        context.state[key] = record
     return Message(content=recorddict_from_proto(content), reply_to=msg)
 
 

@@ -359,3 +359,113 @@ def test_the_relaying_clientapp_imports_nothing_heavy(
     assert result["state"], "the SecAgg+ protocol state came back into the context"
     assert result["imported"] == []
     assert ping(str(worker.socket_path))["jobs"] == 1
+
+
+# --------------------------------------------------------------------------------------
+# SecAgg+: all four stages through the worker
+# --------------------------------------------------------------------------------------
+
+
+def relaying_client_app(socket_path: str, run_config: dict[str, Any]) -> Any:
+    """The project's ClientApp as a SuperNode with ``worker-socket`` would run it.
+
+    The simulation engine gives apps an empty run-config and no ``worker-socket``: both are
+    set here, as a deployment's SuperNode and ``flwr run`` would. Ray pickles the app, so
+    everything it needs travels in the closure.
+    """
+    from flwr.clientapp import ClientApp
+
+    relaying = ClientApp()
+
+    def via_worker(msg: Message, ctx: Context) -> Message:
+        from client_apps.qlora import app as qlora_app
+
+        # Flower refuses a context whose run-config a ClientApp changed: use a copy.
+        node_config = {**ctx.node_config, NODE_CONFIG_KEY: socket_path}
+        inner = Context(ctx.run_id, ctx.node_id, node_config, ctx.state, dict(run_config))
+        return qlora_app(msg, inner)
+
+    relaying.train()(via_worker)
+    relaying.evaluate()(via_worker)
+    return relaying
+
+
+@pytest.fixture
+def worker_process(socket_dir: Path) -> Iterator[str]:
+    """``flower-llm site-worker`` in a process of its own, as a site runs it.
+
+    (A worker thread would share Flower's process-global TaskIdentity with the in-process
+    ServerApp of a simulation.)
+    """
+    import time
+
+    path = str(socket_dir / "worker.sock")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "flower-llm"), "site-worker", "--socket", path],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                ping(path)
+                break
+            except WorkerError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_secagg_rounds_run_through_a_site_worker(
+    worker_process: str, tiny_model_dir: Path, start_state: dict[str, np.ndarray]
+) -> None:
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from flower_llm.config import parse_run_config
+    from server_apps.secagg import federate_secagg
+
+    # Prepare: 3 sites, one SecAgg+ round, every site relaying to the one worker
+    settings = {
+        "model.name": str(tiny_model_dir),
+        "fed.aggregation": "secagg+",
+        "fed.num-rounds": 1,
+        "fed.min-available-clients": 3,
+        "fed.min-train-clients": 3,
+        "train.local-steps": 1,
+        "output.local-only-baseline": False,
+    }
+    cfg = parse_run_config(settings)
+    out: dict[str, Any] = {}
+
+    def main(grid: Grid, context: Context) -> None:
+        def on_round_end(result, report, params):  # type: ignore[no-untyped-def]
+            out["report"] = report
+
+        out["final"] = federate_secagg(
+            grid, context, cfg, start_state, on_round_end=on_round_end, evaluate=False
+        )
+
+    server = ServerApp()
+    server.main()(main)
+
+    # Execute
+    run_simulation(
+        server_app=server,
+        client_app=relaying_client_app(worker_process, settings),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+
+    # Assert: the round aggregated all three sites' masked updates, all run by the worker
+    status = ping(worker_process)
+    assert status["failed-jobs"] == 0, status
+    assert status["model-loads"] == 1
+    assert status["jobs"] == 3 * 4  # setup, share keys, collect masked vectors, unmask
+    assert "final" in out
+    assert any(not np.array_equal(out["final"][k], start_state[k]) for k in start_state)
