@@ -469,3 +469,28 @@ def test_secagg_rounds_run_through_a_site_worker(
     assert status["jobs"] == 3 * 4  # setup, share keys, collect masked vectors, unmask
     assert "final" in out
     assert any(not np.array_equal(out["final"][k], start_state[k]) for k in start_state)
+
+
+def test_cli_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flower_llm.cli import main
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    assert main(["site-worker", "--socket", str(open_dir / "w.sock")]) == 2
+    assert "chmod 700" in capsys.readouterr().err
+    assert main(["site-worker", "--socket", str(tmp_path / "none.sock"), "--status"]) == 1
+    assert "no site worker listening" in capsys.readouterr().err
+    too_long = tmp_path / ("x" * 120) / "w.sock"
+    assert main(["site-worker", "--socket", str(too_long)]) == 2
+    assert "limit of a Unix socket address" in capsys.readouterr().err
+
+
+def test_cli_status_of_a_running_worker(
+    worker: SiteWorker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flower_llm.cli import main
+
+    assert main(["site-worker", "-q", "--socket", str(worker.socket_path), "--status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["pid"] == os.getpid() and status["jobs"] == 0
