@@ -250,7 +250,9 @@ def restart_supernodes(env: dict[str, str], **overrides: str) -> None:
         script("start-supernode.sh", str(i), env={**env, **overrides})
 
 
-def deployment_rounds(model_dir: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
+def deployment_rounds(
+    model_dir: str, rounds: int, tmp: Path, modes: tuple[str, ...] = MODES
+) -> dict[str, list[float]]:
     from tests.flwr_procs import (
         add_connection,
         flwr_env,
@@ -276,41 +278,23 @@ def deployment_rounds(model_dir: str, rounds: int, tmp: Path) -> dict[str, list[
     )
     add_connection(home, PROFILE, f"127.0.0.1:{port}", deploy_dir / "certs" / "ca.crt")
     result: dict[str, list[float]] = {}
+
+    def run(mode: str) -> None:
+        run_config = job(model_dir, rounds, out, mode)
+        flwr(env, "run", ".", PROFILE, "--stream", "--run-config", run_config)
+        result[mode] = round_seconds(out / mode)
+
     try:
         # Workers and SuperNodes relaying to them; then SuperNodes without, twice.
         script("start-local-deployment.sh", str(NUM_SITES), env=env)
-        flwr(
-            env,
-            "run",
-            ".",
-            PROFILE,
-            "--stream",
-            "--run-config",
-            job(model_dir, rounds, out, "workers"),
-        )
-        result["workers"] = round_seconds(out / "workers")
-        restart_supernodes(env, SITE_WORKERS="0")
-        flwr(
-            env,
-            "run",
-            ".",
-            PROFILE,
-            "--stream",
-            "--run-config",
-            job(model_dir, rounds, out, "cache"),
-        )
-        result["cache"] = round_seconds(out / "cache")
-        restart_supernodes(env, SITE_WORKERS="0", FLOWER_LLM_BASE_CACHE="off")
-        flwr(
-            env,
-            "run",
-            ".",
-            PROFILE,
-            "--stream",
-            "--run-config",
-            job(model_dir, rounds, out, "per-message"),
-        )
-        result["per-message"] = round_seconds(out / "per-message")
+        if "workers" in modes:
+            run("workers")
+        if "cache" in modes:
+            restart_supernodes(env, SITE_WORKERS="0")
+            run("cache")
+        if "per-message" in modes:
+            restart_supernodes(env, SITE_WORKERS="0", FLOWER_LLM_BASE_CACHE="off")
+            run("per-message")
     finally:
         script("stop-local-deployment.sh", env=env)
     sim_home = tmp / "sim-home"
@@ -335,7 +319,7 @@ def deployment_rounds(model_dir: str, rounds: int, tmp: Path) -> dict[str, list[
 # --------------------------------------------------------------------------------------
 
 
-def run(model: str, rounds: int, quick: bool) -> dict[str, Any]:
+def run(model: str, rounds: int, quick: bool, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     from flower_llm.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir() if model == "tiny" else common.mid_model_dir())
@@ -343,13 +327,17 @@ def run(model: str, rounds: int, quick: bool) -> dict[str, Any]:
     try:
         loads = base_load_seconds(model_dir, tmp / "load-cache", 1 if quick else 3)
         split = clientapp_splits(model_dir, tmp, 1 if quick else 3)
-        rounds_s = {} if quick else deployment_rounds(model_dir, rounds, tmp)
+        rounds_s = {} if quick else deployment_rounds(model_dir, rounds, tmp, modes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # A round's time without the first one (model loads, compilation warm-up) where there
     # are several; the first round alone otherwise.
     steady = {m: common.median(s[1:] or s) for m, s in rounds_s.items()}
-    ratio = steady["workers"] / steady["simulation"] if rounds_s else None
+    ratio = (
+        steady["workers"] / steady["simulation"]
+        if "workers" in steady and "simulation" in steady
+        else None
+    )
     return {
         "model": model,
         "rounds": rounds,
@@ -390,10 +378,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{result['steady-round-s'][m]:.1f}",
             ]
             for m in MODES
+            if m in result["round-seconds"]
         ]
         text += common.table(["mode", "round seconds", "steady round (s)"], rows) + "\n"
         ratio = result["workers-vs-simulation"]
-        text += f"Workers vs simulation: {ratio:.2f}x (target <= {ROUND_RATIO_TARGET}x)\n\n"
+        if ratio is not None:
+            text += f"Workers vs simulation: {ratio:.2f}x (target <= {ROUND_RATIO_TARGET}x)\n\n"
     text += (
         f"Base load: {loads['cache']:.2f} s from the cache, "
         f"{loads['original']:.2f} s from the original weights.\n\n"
@@ -423,12 +413,15 @@ def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--model", choices=("tiny", "mid"), default="tiny")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="which ways to run the job"
+    )
     args = p.parse_args()
     common.setup(args.threads)
     common.run_and_finish(
         f"deployment-{args.model}",
         args,
-        lambda: run(args.model, args.rounds, args.quick),
+        lambda: run(args.model, args.rounds, args.quick, tuple(args.modes)),
         to_markdown,
     )
 
