@@ -22,12 +22,15 @@ from flower_llm import secagg, wire
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
 from flower_llm.preflight import client_fails_loud
+from flower_llm.worker import site_worker_mod
 
 if TYPE_CHECKING:
     from flower_llm.client import ClientSession, SessionCache, SiteIdentity
     from flower_llm.config import DataConfig
 
-app = ClientApp()
+# With node-config `worker-socket`, every message goes to the site's long-lived worker
+# (flower_llm.worker), which runs this same app on a model it keeps loaded.
+app = ClientApp(mods=[site_worker_mod])
 
 
 @functools.cache

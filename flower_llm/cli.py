@@ -679,6 +679,58 @@ def _add_source(parser: argparse.ArgumentParser, *, quantization: bool = True) -
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    """Serve this site's ClientApp jobs from a long-lived process (flower_llm.worker)."""
+    import os
+    import signal
+
+    from flower_llm.logs import setup_logging
+    from flower_llm.worker import SiteWorker, WorkerError, ping
+
+    # The jobs log through the apps' handler (setup_logging); one handler, not two.
+    project_logger = logging.getLogger("flower_llm")
+    for handler in list(project_logger.handlers):
+        if isinstance(handler, _StderrHandler):
+            project_logger.removeHandler(handler)
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+
+    if args.status:
+        try:
+            print(json.dumps(ping(args.socket, connect_timeout=5.0)))
+        except WorkerError as error:
+            print(f"{PROG} site-worker: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.base_cache:
+        from flower_llm.models import BASE_CACHE_ENV
+
+        os.environ[BASE_CACHE_ENV] = args.base_cache
+    try:
+        worker = SiteWorker(
+            args.socket,
+            max_job_bytes=args.max_job_mib * 2**20,
+            busy_timeout=args.busy_timeout,
+            app=args.app,
+        )
+        worker.bind()
+    except (ValueError, PermissionError, RuntimeError) as error:
+        raise UsageError(str(error)) from error
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        worker.serve_forever()
+    except (SystemExit, KeyboardInterrupt):
+        log.info("Site worker %d stopped", os.getpid())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flower-llm`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -772,6 +824,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="as given to `flwr run`; num-supernodes is checked against fed.min-*",
     )
     check.set_defaults(handler=cmd_check_config)
+    worker = command("site-worker", "keep this site's model warm for its SuperNode's ClientApps")
+    worker.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="Unix socket to listen on (its directory is made owner-only); the SuperNode's "
+        "node-config worker-socket names the same path",
+    )
+    worker.add_argument(
+        "--base-cache",
+        metavar="DIR",
+        help="pre-quantized base cache (or off); default as "
+        "$FLOWER_LLM_BASE_CACHE, else $FLOWER_LLM_CACHE/quantized-bases",
+    )
+    worker.add_argument(
+        "--status",
+        action="store_true",
+        help="do not serve: ask the worker at --socket for its status (JSON; exit 1 if none)",
+    )
+    worker.add_argument(
+        "--threads",
+        type=_positive,
+        help="torch intra-op threads (default: torch's, one per core); give each of several "
+        "workers on one machine its share of the cores",
+    )
+    worker.add_argument(
+        "--max-job-mib", type=_positive, default=1024, help="largest job accepted (MiB)"
+    )
+    worker.add_argument(
+        "--app",
+        default="client_apps.qlora:app",
+        metavar="MODULE:APP",
+        help="the ClientApp the worker runs (default: this project's, client_apps.qlora:app)",
+    )
+    worker.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a job waits for the running one before it is refused as busy",
+    )
+    worker.set_defaults(handler=cmd_site_worker)
     return parser
 
 

@@ -12,11 +12,16 @@ SUPERLINK_PORT="${SUPERLINK_PORT:-9093}"         # Fleet, Control and Runtime AP
 SUPERLINK_DATABASE="${SUPERLINK_DATABASE:-$DEPLOY_DIR/superlink.db}"
 SUPERNODE_BASE_PORT="${SUPERNODE_BASE_PORT:-9094}" # SuperNode i's local Runtime API: base + i
 PROFILE="${PROFILE:-deployment}"                 # connection in $FLWR_HOME/config.toml
+# SITE_WORKERS=1: each site gets a long-lived `flower-llm site-worker` that keeps its model
+# loaded, and its SuperNode's ClientApps relay every message to it (node-config
+# worker-socket). Default 0: every ClientApp process loads the model itself.
+SITE_WORKERS="${SITE_WORKERS:-0}"
 CERTS="$DEPLOY_DIR/certs"
 KEYS="$DEPLOY_DIR/keys"
 DATA="$DEPLOY_DIR/data"
 LOGS="$DEPLOY_DIR/logs"
 PID_FILE="$DEPLOY_DIR/pids"
+WORKERS="$DEPLOY_DIR/workers"                    # workers/site-<i>/worker.sock, owner-only
 
 # flwr-env.sh points FLWR_HOME at the checkout's .flwr-home/ (with this project's
 # profiles); a FLWR_HOME set by the caller is kept as it is.
@@ -40,6 +45,9 @@ start_logged() {
   setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   echo "$name $!" >>"$PID_FILE"
 }
+
+# The Unix socket of site $1's worker.
+worker_socket() { echo "$WORKERS/site-$1/worker.sock"; }
 
 # Whether process $1 is running (a zombie, which nobody may reap in a container, is not).
 alive() {

@@ -3,6 +3,7 @@
 # authentication, and N SuperNodes, each with its own key and its own data file.
 #
 #   bash scripts/deploy/start-local-deployment.sh [N]        (default 3)
+#   SITE_WORKERS=1 bash scripts/deploy/start-local-deployment.sh [N]   (with site workers)
 #   flwr run . deployment --stream                             (after `. scripts/flwr-env.sh`)
 #   bash scripts/deploy/stop-local-deployment.sh
 #
@@ -58,6 +59,13 @@ for i in $(seq 0 $((N - 1))); do
     false
   fi
 done
+
+# --- Site workers (SITE_WORKERS=1), before the SuperNodes that relay to them -------------
+if [ "$SITE_WORKERS" = 1 ]; then
+  for i in $(seq 0 $((N - 1))); do
+    bash "$(dirname "$0")/start-site-worker.sh" "$i"
+  done
+fi
 
 # --- SuperNodes ----------------------------------------------------------------------------
 for i in $(seq 0 $((N - 1))); do

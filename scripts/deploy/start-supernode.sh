@@ -7,7 +7,9 @@
 # It connects to the SuperLink over TLS (trusting certs/ca.crt), authenticates with
 # keys/supernode-I, reads only data/site-I.jsonl (node-config data-path) and serves its
 # local Runtime API on 127.0.0.1:$((SUPERNODE_BASE_PORT + I)). ClientApps run in
-# subprocesses of the SuperNode (the default isolation).
+# subprocesses of the SuperNode (the default isolation). With SITE_WORKERS=1 its node-config
+# also names the site worker's socket (start-site-worker.sh), and its ClientApps relay
+# every message to that worker instead of loading the model themselves.
 #
 # It waits until the SuperNode has joined (up to 60 s) and exits 1, saying why, if the
 # SuperLink refused it (an unregistered key). Used again after a SuperNode died, it starts
@@ -33,11 +35,15 @@ for attempt in 1 2 3 4 5 6 7 8; do
     mv "$LOGS/supernode-$i.log" "$LOGS/supernode-$i.$(date +%Y%m%d-%H%M%S).log"
   fi
   seen=$(wc -l <"$LOGS/superlink.log" 2>/dev/null || echo 0)
+  node_config="data-path=\"$DATA/site-$i.jsonl\""
+  if [ "$SITE_WORKERS" = 1 ]; then
+    node_config="$node_config worker-socket=\"$(worker_socket "$i")\""
+  fi
   start_logged "supernode-$i" flower-supernode \
     --superlink "127.0.0.1:$SUPERLINK_PORT" \
     --root-certificates "$CERTS/ca.crt" \
     --auth-supernode-private-key "$KEYS/supernode-$i" \
-    --node-config "data-path=\"$DATA/site-$i.jsonl\"" \
+    --node-config "$node_config" \
     --isolation subprocess \
     --host 127.0.0.1 --port "$((SUPERNODE_BASE_PORT + i))"
   pid=$!

@@ -6,7 +6,8 @@
 #   bash scripts/deploy/stop-local-deployment.sh              everything
 #   bash scripts/deploy/stop-local-deployment.sh supernode-2  only the named processes
 #
-# The names are those of the pid file ($DEPLOY_DIR/pids): superlink, supernode-<i>.
+# The names are those of the pid file ($DEPLOY_DIR/pids): superlink, supernode-<i>,
+# worker-<i> (site workers; restart-site-worker.sh stops and starts one).
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
 [ -s "$PID_FILE" ] || { echo "no local deployment running ($PID_FILE is empty)"; exit 0; }
