@@ -123,13 +123,9 @@ def test_relayed_train_and_evaluate_equal_in_process(
         np.testing.assert_array_equal(trained[key], local[key])
     assert any(not np.array_equal(trained[k], start_state[k]) for k in trained)
     assert metrics_but_seconds(relayed_train) == metrics_but_seconds(local_train)
-    # Evaluation is reproducible only to about 1e-4 within one process on this stack (the
-    # first bf16 forward after a train call differs in the 4th digit, worker or not).
     relayed_metrics = dict(relayed_eval.content.metric_records[wire.METRICS])
     local_metrics = dict(local_eval.content.metric_records[wire.METRICS])
-    assert relayed_metrics.keys() == local_metrics.keys()
-    assert relayed_metrics[wire.EVAL_LOSS] == pytest.approx(local_metrics[wire.EVAL_LOSS], rel=1e-3)
-    assert relayed_metrics[wire.NUM_EXAMPLES] == local_metrics[wire.NUM_EXAMPLES]
+    assert relayed_metrics == local_metrics
     assert relayed_train.metadata.reply_to_message_id == "train-1"
     assert relayed_eval.metadata.message_type == "evaluate"
     assert status["jobs"] == 2 and status["failed-jobs"] == 0
