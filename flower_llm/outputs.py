@@ -93,6 +93,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 def lock_directory(path: Path) -> int:
     """Take the exclusive lock of ``path/.lock``; return its descriptor (keep it open).
 
+    The file's content (the holder's pid) is written when the run claims the directory
+    (:meth:`RunDirectory.check_owner`), so a run refused before that changes nothing.
+
     Raises
     ------
     RunDirectoryBusy
@@ -108,8 +111,6 @@ def lock_directory(path: Path) -> int:
             f"run directory {path} is being written by another ServerApp (pid {holder}); "
             "wait for it to finish or choose another output.run-name"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
 
 
@@ -156,9 +157,9 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         if lock and self._lock_fd is None and self.path.is_dir():
             self._lock_fd = lock_directory(self.path)
-        if run_id is not None and self.path.is_dir():
-            # Claimed last: from here on, an older run still writing here stops.
-            write_text_atomic(self.path / RUN_ID_FILE, f"{run_id}\n")
+        self._claimed = False
+        """Whether this run has written its id (done by the first write, after the checks
+        a resume makes: a refused resume leaves the directory byte for byte as it was)."""
 
     def unlock(self) -> None:
         """Release the directory lock (process exit releases it too)."""
@@ -168,7 +169,17 @@ class RunDirectory:
             self._lock_fd = None
 
     def check_owner(self) -> None:
-        """Raise :class:`RunDirectoryTaken` if another run has claimed this directory."""
+        """Claim the directory on the first write; later, raise :class:`RunDirectoryTaken`
+        if another run has claimed it since."""
+        if not self._claimed:
+            self._claimed = True
+            if self._lock_fd is not None:
+                os.ftruncate(self._lock_fd, 0)
+                os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+            if self.run_id is not None:
+                # From here on, an older run still writing here stops.
+                write_text_atomic(self.path / RUN_ID_FILE, f"{self.run_id}\n")
+            return
         if self.run_id is None:
             return
         file = self.path / RUN_ID_FILE

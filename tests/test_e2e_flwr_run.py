@@ -68,9 +68,14 @@ def test_final_adapter_loads_with_peft(default_run: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from flower_llm.adapters import adapter_state
+    from flower_llm.config import ModelConfig
+    from flower_llm.models import resolve_model_path
 
+    # The adapter names its base portably ("embedded", which flower-llm builds anywhere)
     config = json.loads((default_run / "final" / "adapter_config.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    assert config["base_model_name_or_path"] == "embedded"
+    path = resolve_model_path(ModelConfig(name=config["base_model_name_or_path"]))
+    base = AutoModelForCausalLM.from_pretrained(path)
     model = PeftModel.from_pretrained(base, default_run / "final")
     state = adapter_state(model)
     assert state, "the adapter should hold LoRA weights"

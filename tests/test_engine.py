@@ -225,8 +225,10 @@ def test_a_resumed_run_ends_with_the_uninterrupted_adapter(resumed_runs: dict[st
 
 HOLD_THE_LOCK = """
 import sys, time
+from flower_llm.config import parse_run_config
 from flower_llm.outputs import RunDirectory
 run_dir = RunDirectory(sys.argv[1], "busy", lock=True)
+run_dir.save_config(parse_run_config({}))  # the first write claims the directory
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -251,6 +253,7 @@ def test_a_second_server_on_a_running_run_directory_is_refused(tmp_path: Path) -
         # ... and the running run's directory was neither renamed nor touched
         assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
         assert (tmp_path / "busy" / "metrics.jsonl").read_text() == "{}\n"
+        assert (tmp_path / "busy" / ".lock").read_text() == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()

@@ -79,7 +79,7 @@ def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     batches = cycle_batches(make_dataloader(train_examples, 8, shuffle=True, seed=0))
     torch.manual_seed(0)
     for server_round in range(1, ROUNDS + 1):
-        stats = train_adapter(model, batches, steps=8, learning_rate=1e-2)
+        stats = train_adapter(model, batches, steps=12, learning_rate=2e-2)
         quality = evaluate(model, make_dataloader(eval_examples, 16, shuffle=False, seed=0))
         run.save_adapter(adapter_state(model), lora_cfg, round_name(server_round))
         run.append_metrics(

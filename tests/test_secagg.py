@@ -803,7 +803,7 @@ def dp_run() -> dict[str, Any]:
 @pytest.mark.slow
 def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict[str, Any]) -> None:
     # Prepare: every client's update clipped to C = 0.5 (their norms are ~5), equal weights
-    from flower_llm.privacy.accounting import RdpAccountant
+    from flower_llm.privacy.accounting import PldAccountant, RdpAccountant
 
     cfg: RunConfig = dp_run["cfg"]
     keys = sorted(SYNTHETIC_SHAPES)
@@ -834,10 +834,14 @@ def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict
     assert std == pytest.approx(0.8 * 0.5 / 4, rel=1e-3)
     assert np.std(noise) == pytest.approx(std, rel=0.03)
     assert abs(np.mean(noise)) < 5 * std / math.sqrt(noise.size)
-    # ... and epsilon is the accountant's after one round with every client sampled
-    reference = RdpAccountant(0.8, 1.0, cfg.privacy.delta)
-    reference.step()
-    assert privacy["epsilon"] == pytest.approx(reference.epsilon())
+    # ... and epsilon is the accountants' after one round with every client sampled: PLD
+    # (privacy.accountant's default) the headline, the exact RDP one next to it
+    pld = PldAccountant(0.8, 1.0, cfg.privacy.delta)
+    pld.step()
+    rdp = RdpAccountant(0.8, 1.0, cfg.privacy.delta)
+    rdp.step()
+    assert privacy["epsilon"] == privacy["pld-epsilon"] == pytest.approx(pld.epsilon())
+    assert privacy["rdp-epsilon"] == pytest.approx(rdp.epsilon())
     assert privacy["dp-expected-clients"] == 4
     assert "train-loss" not in dp_run["result"].train_metrics  # would leak without noise
 
@@ -1032,15 +1036,18 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
 def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
     dp_resume_runs: dict[str, Any],
 ) -> None:
-    # Prepare: dp-accounting's RDP accountant composing the event that ran, each round
+    # Prepare: dp-accounting's PLD and RDP accountants composing the event that ran
     import dp_accounting
 
     event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(0.7))
-    expected = []
+    expected, expected_rdp = [], []
     for rounds in (1, 2, 3):
-        reference = dp_accounting.rdp.RdpAccountant()
-        reference.compose(event, rounds)
-        expected.append(reference.get_epsilon(1e-5))
+        pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+        pld.compose(event, rounds)
+        expected.append(pld.get_epsilon(1e-5))
+        rdp = dp_accounting.rdp.RdpAccountant()
+        rdp.compose(event, rounds)
+        expected_rdp.append(rdp.get_epsilon(1e-5))
 
     # Execute
     full = dp_resume_runs["full"]
@@ -1049,6 +1056,7 @@ def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
     # Assert: every round released and was accounted as Poisson(q = 0.5), whatever its
     # cohort size, with the fixed denominator m = round(q N) = 3
     assert [row["epsilon"] for row in rows] == pytest.approx(expected, rel=1e-3)
+    assert [row["rdp-epsilon"] for row in rows] == pytest.approx(expected_rdp, rel=1e-3)
     assert all(row["dp-expected-clients"] == 3 for row in rows)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["privacy"]["client-level"]["sampling-rate"] == 0.5
