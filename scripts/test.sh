@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Run the test suite: everything that can run on a CPU (unit, slow, e2e); gpu tests skip
-# themselves without CUDA. Pass extra pytest arguments, e.g. -m "not e2e" for a quick run.
+# Run the test suite: everything that can run on a CPU (unit, slow, e2e) except the tests
+# marked `long` (e2e tests of minutes each: a second TLS deployment with site workers, a
+# SecAgg+ resume through three `flwr run`s, Ctrl-C on run-default.sh); gpu tests skip
+# themselves without CUDA. Pass pytest arguments to choose otherwise, e.g. `-m long` for
+# the long ones (CI runs both), `-m "not e2e"` for a quick run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 . scripts/flwr-env.sh
 export FLOWER_LLM_CACHE="${FLOWER_LLM_CACHE:-$PWD/.flwr-home/cache}"
-python -m pytest "$@"
+marker=(-m "not long")
+for arg in "$@"; do
+  [[ "$arg" == "-m" || "$arg" == -m* ]] && marker=()
+done
+python -m pytest "${marker[@]}" "$@"

@@ -103,6 +103,7 @@ def test_a_simulation_smaller_than_the_minimum_fails_within_seconds(
     assert not (Path(str(failed_runs["out"])) / "one" / "metrics.jsonl").exists()
 
 
+@pytest.mark.long
 def test_ctrl_c_stops_everything_and_a_second_run_owns_its_directory(tmp_path: Path) -> None:
     # Prepare: run-default.sh with its own FLWR_HOME, ports and outputs
     home, outputs = tmp_path / "flwr-home", tmp_path / "outputs"

@@ -21,7 +21,7 @@ import pytest
 
 from tests.flwr_procs import flwr_run, local_superlink_pids, stop_pids
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.long]
 
 JOB = [
     'fed.aggregation="secagg+"',
