@@ -9,6 +9,7 @@ Layout::
         ...
         final/                   global adapter after the last round (only if a round
                                  updated the model)
+        eval-round-0.json        held-out metrics of the adapter before any training
         summary.json             written when the run ends; "status" is "ok" or "failed"
         run-id                   the Flower run this directory belongs to
         .lock                    held (flock) by the one ServerApp writing the directory
@@ -52,6 +53,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 FINAL_ADAPTER = "final"
+INITIAL_EVAL_FILE = "eval-round-0.json"
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run-id"
 STATUS_OK = "ok"
@@ -216,6 +218,16 @@ class RunDirectory:
         if not file.exists():
             return []
         return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+    def save_initial_eval(self, metrics: Mapping[str, Any] | None) -> None:
+        """Record the held-out metrics of the untrained adapter (round 0)."""
+        self.check_owner()
+        write_json_atomic(self.path / INITIAL_EVAL_FILE, dict(metrics or {}))
+
+    def read_initial_eval(self) -> dict[str, Any]:
+        """What :meth:`save_initial_eval` wrote (empty if nothing was)."""
+        file = self.path / INITIAL_EVAL_FILE
+        return dict(json.loads(file.read_text())) if file.is_file() else {}
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``."""

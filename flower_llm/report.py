@@ -542,6 +542,9 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         records = read_run(run_dir)
     except (FileNotFoundError, ValueError):
         records = None
+    initial = summary.get("eval-loss-initial")
+    if isinstance(initial, int | float):
+        lines.append(f"held-out loss before training (round 0): {initial:.4f}")
     if records is not None and records.rows:
         lines.append(format_table(records.rows))
     federated = summary.get("union-eval-loss/federated")

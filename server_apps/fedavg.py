@@ -254,6 +254,7 @@ class RunRecorder:
         cfg = self.cfg
         history = self.run_dir.read_metrics()
         summary = run_summary(self.run_dir, history, adapter_parameters, started)
+        summary["eval-loss-initial"] = self.run_dir.read_initial_eval().get(columns.EVAL_LOSS)
         summary["aggregation"] = self.mode.aggregation
         summary["rounds-failed"] = sum(1 for row in history if not row.get(columns.UPDATED))
         if resumed_after is not None:
@@ -407,6 +408,11 @@ def _run(
 
     recorder = RunRecorder(cfg, run_dir, mode, streams, lora_cfg)
     try:
+        if first_round == 1:
+            # Round 0: the held-out loss before any training, the reference every later
+            # round is read against (evaluation samples from its own stream).
+            initial = mode.evaluate_round(0, arrays, grid)
+            run_dir.save_initial_eval(dict(initial) if initial is not None else None)
         final = federate(
             mode,
             grid,

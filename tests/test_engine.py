@@ -204,8 +204,9 @@ def test_a_resume_with_other_evaluation_settings_trains_the_same_cohorts(
     assert len({tuple(c) for c in full.cohorts.values()}) > 1  # cohorts do change
     assert resumed.cohorts == full.cohorts
     # ... although evaluation differed after the resume
-    assert [len(full.evaluated[r]) for r in (1, 2, 3)] == [6, 6, 6]
-    assert sorted(resumed.evaluated) == [1, 2, 3] and len(resumed.evaluated[2]) == 3
+    assert [len(full.evaluated[r]) for r in (0, 1, 2, 3)] == [6, 6, 6, 6]
+    # (round 0, the untrained adapter, is evaluated once, by the run that starts)
+    assert sorted(resumed.evaluated) == [0, 1, 2, 3] and len(resumed.evaluated[2]) == 3
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_adapter(resumed_runs: dict[str, Any]) -> None:
@@ -268,3 +269,18 @@ def test_the_server_builds_one_dp_component_per_run() -> None:
     strategy = build_strategy(cfg)
     assert isinstance(strategy, DifferentialPrivacyFedAvg)
     assert strategy.central.sampler.rate == cfg.fed.fraction_train
+
+
+def test_the_untrained_adapter_is_evaluated_once_and_summarised(
+    resumed_runs: dict[str, Any],
+) -> None:
+    from flower_llm.report import format_outcome
+
+    out: Path = resumed_runs["out"]
+    for name in ("full", "resumed"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        # Round 0 of the resumed run was evaluated by its first part, kept across the resume
+        assert summary["eval-loss-initial"] == 1.0
+        assert "held-out loss before training (round 0): 1.0000" in format_outcome(
+            out / name, summary
+        )
