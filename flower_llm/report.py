@@ -542,7 +542,7 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         records = read_run(run_dir)
     except (FileNotFoundError, ValueError):
         records = None
-    initial = summary.get("eval-loss-initial")
+    initial = summary.get("initial-eval-loss")
     if isinstance(initial, int | float):
         lines.append(f"held-out loss before training (round 0): {initial:.4f}")
     if records is not None and records.rows:

@@ -254,7 +254,7 @@ class RunRecorder:
         cfg = self.cfg
         history = self.run_dir.read_metrics()
         summary = run_summary(self.run_dir, history, adapter_parameters, started)
-        summary["eval-loss-initial"] = self.run_dir.read_initial_eval().get(columns.EVAL_LOSS)
+        summary["initial-eval-loss"] = self.run_dir.read_initial_eval().get(columns.EVAL_LOSS)
         summary["aggregation"] = self.mode.aggregation
         summary["rounds-failed"] = sum(1 for row in history if not row.get(columns.UPDATED))
         if resumed_after is not None:

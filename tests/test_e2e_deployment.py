@@ -420,6 +420,10 @@ def test_run_survives_a_killed_supernode_and_reports_it(deployment: Deployment) 
     # One round is enough to lose a site in; the heartbeat timeout it waits for dominates.
     started = deployment.run("faults", "fed.round-timeout=120 fed.num-rounds=1", stream=False)
     assert started.returncode == 0, failure(started, deployment)
+    # Round 0 evaluates the untrained adapter first: wait until that is over, so the
+    # ClientApp killed is the one that trains round 1.
+    wait_for(lambda: (run_dir / "eval-round-0.json").exists(), 400, "round 0's evaluation")
+    time.sleep(2.0)  # the evaluating ClientApps have replied and are exiting
     wait_for(lambda: descendants_running(victim, "flwr-clientapp"), 400, "site 2's ClientApp")
     for pid in [victim, *descendants(victim)]:
         os.kill(pid, signal.SIGKILL)

@@ -280,7 +280,7 @@ def test_the_untrained_adapter_is_evaluated_once_and_summarised(
     for name in ("full", "resumed"):
         summary = json.loads((out / name / "summary.json").read_text())
         # Round 0 of the resumed run was evaluated by its first part, kept across the resume
-        assert summary["eval-loss-initial"] == 1.0
+        assert summary["initial-eval-loss"] == 1.0
         assert "held-out loss before training (round 0): 1.0000" in format_outcome(
             out / name, summary
         )
