@@ -146,6 +146,7 @@ def dp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "dp-resumed"
 
 
+@pytest.mark.long
 def test_a_resumed_dp_run_continues_the_epsilon_of_one_uninterrupted_run(
     dp_resumed: Path,
 ) -> None:
@@ -163,6 +164,7 @@ def test_a_resumed_dp_run_continues_the_epsilon_of_one_uninterrupted_run(
     assert client_level["delta"] == DELTA
 
 
+@pytest.mark.long
 def test_a_resumed_dpsgd_run_continues_every_sites_epsilon(dp_resumed: Path) -> None:
     # Prepare: each site's kept accountant (one local step per round, 2 rounds)
     from flower_llm.privacy import DualAccountant
