@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,12 +21,14 @@ from client_apps.secagg import AdapterTrainer, make_app
 from flower_llm import secagg, wire
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
+from flower_llm.personal import SITE_COMPARISON
 from flower_llm.preflight import client_fails_loud
 from flower_llm.worker import site_worker_mod
 
 if TYPE_CHECKING:
     from flower_llm.client import ClientSession, SessionCache, SiteIdentity
     from flower_llm.config import DataConfig
+    from flower_llm.personal import LocalB
 
 # With node-config `worker-socket`, every message goes to the site's long-lived worker
 # (flower_llm.worker), which runs this same app on a model it keeps loaded.
@@ -75,7 +77,23 @@ def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
     from flower_llm.adapters import adapter_state  # the torch stack: the training stage only
 
     session = session_for(context)
-    return session, secagg.ordered_keys(adapter_state(session.model))
+    keys = secagg.ordered_keys(adapter_state(session.model))
+    if session.cfg.fed.personalization == "local-b":
+        from flower_llm import personal
+
+        # Only A enters the secure sum; the trainer keeps each round's B at the site.
+        trainer = personal.local_b_trainer(session, personal.stash_for(context, session))
+        return trainer, personal.shared_keys(keys, "local-b")
+    return session, keys
+
+
+def local_b_site(context: Context, session: ClientSession) -> LocalB | None:
+    """This site's own-B keeper under ``fed.personalization = local-b``, else None."""
+    if session.cfg.fed.personalization != "local-b":
+        return None
+    from flower_llm import personal
+
+    return personal.LocalB(session, personal.stash_for(context, session))
 
 
 # SecAgg+ exists only on Flower's legacy API: its ClientApp runs the protocol's four stages
@@ -95,6 +113,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round, learning_rate = round_settings(config, session.cfg)
     global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
+    # local-b: the server sent A alone; the site trains it with its own B.
+    local_b = local_b_site(context, session)
+    start = local_b.start(global_state) if local_b is not None else global_state
 
     dpsgd_epsilons = None
     if session.cfg.privacy.dpsgd:
@@ -104,11 +125,13 @@ def train(msg: Message, context: Context) -> Message:
         # resumed run continues this site's epsilon.
         store = site_store(context.node_config, session.cfg, session.site, context.run_id)
         state, dp_result = session.train_dp(
-            global_state, learning_rate, server_round, store, context.run_id
+            start, learning_rate, server_round, store, context.run_id
         )
         stats, dpsgd_epsilons = dp_result.stats, dp_result.epsilons
     else:
-        state, stats = session.train(global_state, server_round, learning_rate)
+        state, stats = session.train(start, server_round, learning_rate)
+    if local_b is not None:
+        local_b.keep(state, server_round)  # B stays here; to_send below sends A alone
     if wire.CLIP_NORM in config:
         from flower_llm.client import clip_adapter_update
 
@@ -130,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
         # The same steps on the same batches, but never averaged with anyone: the
         # reference that tells whether federating helped this site.
         kept = context.state.array_records.get(LOCAL_ONLY_STATE)
-        local_start = wire.from_array_record(kept) if kept is not None else global_state
+        local_start = wire.from_array_record(kept) if kept is not None else start
         local_state, _ = session.train(local_start, server_round, learning_rate)
         context.state[LOCAL_ONLY_STATE] = wire.to_array_record(local_state)
         if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
@@ -144,7 +167,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split."""
     session = session_for(context)
-    stats = session.evaluate(wire.from_array_record(msg.content.array_records[wire.ARRAYS]))
+    received = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
+    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    if bool(config.get(SITE_COMPARISON, False)):
+        return compare_on_site(msg, context, session, received)
+    local_b = local_b_site(context, session)
+    stats = session.evaluate(local_b.start(received) if local_b is not None else received)
     metrics = MetricRecord(
         {
             wire.NUM_EXAMPLES: stats.examples,
@@ -155,3 +183,28 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+def compare_on_site(
+    msg: Message, context: Context, session: ClientSession, received: dict[str, Any]
+) -> Message:
+    """End of run: scores of the local-only, global and personal adapters on this site's
+    held-out split; the adapters themselves stay here."""
+    from flower_llm import personal
+
+    kept = context.state.array_records.get(LOCAL_ONLY_STATE)
+    config = msg.content.config_records[wire.CONFIG]
+    scores = personal.compare_on_site(
+        session,
+        personal.stash_for(context, session),
+        received,
+        wire.from_array_record(kept) if kept is not None else None,
+        int(config[wire.SERVER_ROUND]),  # type: ignore[arg-type]
+    )
+    content = RecordDict(
+        {
+            SITE_COMPARISON: MetricRecord(scores),  # type: ignore[arg-type]
+            wire.SITE: ConfigRecord({"label": site_label(session.site)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

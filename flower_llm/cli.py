@@ -296,6 +296,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
     print(format_table(records.rows))
+    summary_file = Path(args.run_dir) / "summary.json"
+    if summary_file.is_file():
+        from flower_llm.personal import format_table as per_site_lines
+
+        per_site = json.loads(summary_file.read_text()).get("per-site")
+        if isinstance(per_site, dict):
+            print("\n".join(per_site_lines(per_site)))
     try:
         write_report_files(records, wandb_project=args.wandb_project)
     except ImportError as error:  # matplotlib and tensorboard are the `report` extra
@@ -515,6 +522,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.rmdir()
     staging.rename(out)
     log.info("Exported %s with base %s: %s", source.adapter, source.base, out)
+    print(out)
+    return 0
+
+
+def cmd_export_personal(args: argparse.Namespace) -> int:
+    """Write this site's personal adapter (kept in its site-state store) in PEFT format."""
+    from flower_llm.personal import export_personal
+
+    try:
+        out = export_personal(args.site_state_dir, args.run, args.site, args.out)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
     print(out)
     return 0
 
@@ -807,6 +826,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(export, quantization=False)
     export.add_argument("--out", required=True, metavar="DIR", help="new directory")
     export.set_defaults(handler=cmd_export)
+
+    personal = command(
+        "export-personal",
+        "at a site: write its personal adapter (fed.personalization) in PEFT format",
+    )
+    personal.add_argument(
+        "--site-state-dir",
+        metavar="DIR",
+        help="the SuperNode's node-config site-state-dir (default: the project cache's "
+        "site-state)",
+    )
+    personal.add_argument(
+        "--run", required=True, metavar="NAME", help="the run's output.run-name (or run-<id>)"
+    )
+    personal.add_argument(
+        "--site",
+        metavar="KEY",
+        help="the site's directory under the run (needed when the machine holds several)",
+    )
+    personal.add_argument("--out", required=True, metavar="DIR", help="new directory")
+    personal.set_defaults(handler=cmd_export_personal)
 
     check = command("check-config", "validate `flwr run` overrides before submitting them")
     check.add_argument(

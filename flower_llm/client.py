@@ -267,8 +267,12 @@ class ClientSession:
         return to_rank(state, self.lora.r)
 
     def to_send(self, state: AdapterState) -> AdapterState:
-        """The part of a trained adapter that goes up: all of it, or B only with ``ffa``."""
-        return {k: state[k] for k in sent_keys(state, self.cfg.lora.aggregation)}
+        """The part of a trained adapter that goes up: all of it, B only with ``ffa``, A
+        only with ``fed.personalization = local-b`` (each site's B never leaves it)."""
+        from flower_llm.personal import shared_keys
+
+        keys = shared_keys(sent_keys(state, self.cfg.lora.aggregation), self.cfg.fed.personalization)
+        return {k: state[k] for k in keys}
 
     @property
     def pad_id(self) -> int:
@@ -288,15 +292,21 @@ class ClientSession:
         return cycle_batches(loader)
 
     def train(
-        self, global_state: AdapterState, server_round: int, learning_rate: float
+        self,
+        global_state: AdapterState,
+        server_round: int,
+        learning_rate: float,
+        *,
+        steps: int | None = None,
     ) -> tuple[AdapterState, TrainStats]:
-        """Start from ``global_state``, train the round's local steps, return the adapter."""
+        """Start from ``global_state``, train ``steps`` (default: the round's local steps),
+        return the adapter."""
         load_adapter_state(self.model, self.from_global(global_state))
         torch.manual_seed(derive_seed(self.cfg.seed, self.site.partition_id, server_round, 1))
         stats = train_adapter(
             self.model,
             self.batches_for_round(server_round),
-            steps=self.cfg.train.local_steps,
+            steps=self.cfg.train.local_steps if steps is None else steps,
             learning_rate=learning_rate,
             grad_accum=self.cfg.train.grad_accum,
             weight_decay=self.cfg.train.weight_decay,

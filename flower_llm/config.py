@@ -32,6 +32,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "tokens", "seen", "uniform")
 WIRE_DTYPES = ("float32", "float16")
 AGGREGATIONS = ("fedavg", "secagg+")
+PERSONALIZATIONS = ("none", "local-b", "finetune")
 BOUND_ACTIONS = ("drop", "clamp")
 UPDATE_BOUNDS = ("adamw", "off")
 ROBUST_RULES = ("none", "norm-bound", "trimmed-mean", "median")
@@ -393,6 +394,15 @@ class FederationConfig:
     aggregation: str = setting(
         "fedavg", "fed.aggregation", "fedavg, or secagg+ (the server only sees the sum)."
     )
+    personalization: str = setting(
+        "none",
+        "fed.personalization",
+        "Per-site adapters (docs/personalization.md): `none`, `local-b` (FedSA-LoRA: the A "
+        "matrices are federated, each site keeps its own B, which never leaves it) or "
+        "`finetune` (after the last round each site fine-tunes the global adapter for "
+        "`personal.local-steps` steps). Each site then reports the held-out loss of its "
+        "local-only, global and personal adapters (scores only).",
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -437,6 +447,7 @@ class FederationConfig:
             self.trim_fraction,
         )
         _one_of("fed.aggregation", self.aggregation, AGGREGATIONS)
+        _one_of("fed.personalization", self.personalization, PERSONALIZATIONS)
 
     def evaluates(self, server_round: int) -> bool:
         """Whether round ``server_round`` ends with a federated evaluation."""
@@ -475,6 +486,23 @@ class OutputConfig:
             "output.run-name",
             "must name the run to continue when output.resume = true",
             self.run_name,
+        )
+
+
+@dataclass(frozen=True)
+class PersonalConfig:
+    """The personal adapter each site keeps (``fed.personalization``)."""
+
+    local_steps: int = setting(
+        20,
+        "personal.local-steps",
+        "`fed.personalization = finetune`: optimizer steps each site fine-tunes the final "
+        "global adapter on its own training data (at `train.learning-rate`).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.local_steps >= 1, "personal.local-steps", "must be >= 1", self.local_steps
         )
 
 
@@ -691,6 +719,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
 
     def __post_init__(self) -> None:
@@ -698,6 +727,7 @@ class RunConfig:
         _check_secagg_combinations(self)
         _check_resume_combinations(self)
         _check_aggregation_combinations(self)
+        _check_personal_combinations(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -709,6 +739,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("output", OutputConfig),
     ("privacy", PrivacyConfig),
     ("secagg", SecAggConfig),
+    ("personal", PersonalConfig),
 )
 
 
@@ -809,6 +840,21 @@ def _check_aggregation_combinations(cfg: RunConfig) -> None:
             "client-level DP (exact re-factoring is not wired there)",
             lora.aggregation,
         )
+
+
+def _check_personal_combinations(cfg: RunConfig) -> None:
+    """Refuse personalization where the shared part would not train or not average."""
+    if cfg.fed.personalization != "local-b":
+        return
+    # FedSA-LoRA federates A: ffa freezes A (nothing shared would ever train), and exact
+    # re-factors products B A, which needs every site's B on the server.
+    _require(
+        cfg.lora.aggregation == "fedavg",
+        "lora.aggregation",
+        "must be 'fedavg' with fed.personalization = 'local-b' (ffa freezes A, the only "
+        "part local-b federates; exact needs every site's B, which local-b never sends)",
+        cfg.lora.aggregation,
+    )
 
 
 def _check_resume_combinations(cfg: RunConfig) -> None:

@@ -555,6 +555,10 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         for site, loss in local_only.items():
             shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
             lines.append(f"  {'local-only, ' + str(site):<32} {shown}")
+    if isinstance(summary.get("per-site"), Mapping):
+        from flower_llm.personal import format_table as per_site_lines
+
+        lines.extend(per_site_lines(summary["per-site"]))
     status = summary.get("status", "unknown")
     reason = summary.get("reason")
     lines.append(f"status: {status}" + (f" ({reason})" if reason else ""))

@@ -25,6 +25,7 @@ from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, writ
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging, start_progress
 from flower_llm.models import resolve_model_path
+from flower_llm.personal import kept_part, shared_part
 from flower_llm.outputs import (
     FINAL_ADAPTER,
     RunDirectory,
@@ -42,6 +43,7 @@ from flower_llm.preflight import (
 from flower_llm.streams import RandomStreams
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
+from strategies.personal import compare_sites
 from strategies.rounds import MessageRounds, PollingGrid, RoundMode, RoundResult, federate
 from strategies.secagg import SecAggRounds
 
@@ -201,12 +203,19 @@ class RunRecorder:
         self.local_only: dict[int, ArrayRecord] = {}
         self.site_names: dict[int, str] = {}
         """node id -> the label its replies give it ("partition 2/4", a data file)."""
+        self.unshared: dict[str, Any] = {}
+        """Arrays the server never sends nor receives (each site's B under local-b), at
+        their initial value, so that the saved adapters are whole PEFT adapters."""
+
+    def whole(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global adapter of ``arrays`` as saved: with the arrays kept at the sites."""
+        return {**self.unshared, **wire.from_array_record(arrays)}
 
     def __call__(self, result: RoundResult) -> bool:
         """Record ``result``; True stops the run."""
         cfg, run_dir, mode = self.cfg, self.run_dir, self.mode
         run_dir.save_adapter(
-            wire.from_array_record(result.arrays), self.lora_cfg, round_name(result.server_round)
+            self.whole(result.arrays), self.lora_cfg, round_name(result.server_round)
         )
         row = round_row(result, mode.aggregation)
         run_dir.append_metrics(row)
@@ -277,6 +286,12 @@ class RunRecorder:
             )
         if self.local_only:
             summary.update(self._local_only_comparison(grid, final))
+        if cfg.fed.personalization != "none":
+            # Each site scores its local-only, global and personal adapters on its own
+            # held-out split; only the scores come back.
+            last_round = history[-1][columns.ROUND] if history else 0
+            summary["personalization"] = cfg.fed.personalization
+            summary["per-site"] = compare_sites(grid, final, last_round, cfg.fed.round_timeout)
         return summary
 
     def _local_only_comparison(self, grid: Grid, final: ArrayRecord) -> dict[str, Any]:
@@ -379,10 +394,12 @@ def _run(
     name_or_path = resolve_model_path(cfg.model)
     state, lora_cfg = init_adapter(cfg.model, cfg.lora, name_or_path, cfg.seed)
     log.info("Global adapter: %d parameters, %s", num_parameters(state), run_dir.path)
-    arrays = wire.to_array_record(state, cfg.fed.wire_dtype)
+    # local-b: only the A matrices are global; the B the sites train never travel.
+    shared = shared_part(state, cfg.fed.personalization)
+    arrays = wire.to_array_record(shared, cfg.fed.wire_dtype)
 
     streams = streams or RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
-    mode = mode or build_mode(cfg, context, list(state), streams)
+    mode = mode or build_mode(cfg, context, list(shared), streams)
     first_round, resumed_after = 1, None
     if cfg.output.resume:
         checkpoint = resume_from_checkpoint(run_dir.path, cfg, mode, streams)
@@ -407,6 +424,7 @@ def _run(
         )
 
     recorder = RunRecorder(cfg, run_dir, mode, streams, lora_cfg)
+    recorder.unshared = kept_part(state, cfg.fed.personalization)
     try:
         if first_round == 1:
             # Round 0: the held-out loss before any training, the reference every later
@@ -430,6 +448,6 @@ def _run(
     )
     # A run that updated the model in no round is failed and leaves no final/ adapter.
     if conclude(summary, run_dir.read_metrics(), num_rounds):
-        run_dir.save_adapter(wire.from_array_record(final), lora_cfg, FINAL_ADAPTER)
+        run_dir.save_adapter(recorder.whole(final), lora_cfg, FINAL_ADAPTER)
     run_dir.write_summary(summary)
     end_run(run_dir, summary)
