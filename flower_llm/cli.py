@@ -834,8 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     personal.add_argument(
         "--site-state-dir",
         metavar="DIR",
-        help="the SuperNode's node-config site-state-dir (default: the project cache's "
-        "site-state)",
+        help="the SuperNode's node-config site-state-dir (default: the project cache's site-state)",
     )
     personal.add_argument(
         "--run", required=True, metavar="NAME", help="the run's output.run-name (or run-<id>)"

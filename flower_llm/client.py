@@ -271,7 +271,9 @@ class ClientSession:
         only with ``fed.personalization = local-b`` (each site's B never leaves it)."""
         from flower_llm.personal import shared_keys
 
-        keys = shared_keys(sent_keys(state, self.cfg.lora.aggregation), self.cfg.fed.personalization)
+        keys = shared_keys(
+            sent_keys(state, self.cfg.lora.aggregation), self.cfg.fed.personalization
+        )
         return {k: state[k] for k in keys}
 
     @property

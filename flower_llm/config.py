@@ -501,9 +501,7 @@ class PersonalConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(
-            self.local_steps >= 1, "personal.local-steps", "must be >= 1", self.local_steps
-        )
+        _require(self.local_steps >= 1, "personal.local-steps", "must be >= 1", self.local_steps)
 
 
 @dataclass(frozen=True)

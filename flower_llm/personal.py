@@ -343,7 +343,11 @@ def compare_on_site(
         log.info("Personal adapter kept at %s", path)
     scores: dict[str, float | int] = {}
     tokens = examples = 0
-    for name, state in (("local-only", local_only), ("global", global_state), ("personal", personal)):
+    for name, state in (
+        ("local-only", local_only),
+        ("global", global_state),
+        ("personal", personal),
+    ):
         if state is None:
             continue
         stats = session.evaluate(dict(state))

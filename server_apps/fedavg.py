@@ -25,7 +25,6 @@ from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, writ
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging, start_progress
 from flower_llm.models import resolve_model_path
-from flower_llm.personal import kept_part, shared_part
 from flower_llm.outputs import (
     FINAL_ADAPTER,
     RunDirectory,
@@ -35,6 +34,7 @@ from flower_llm.outputs import (
     setup_failure,
     site_name,
 )
+from flower_llm.personal import kept_part, shared_part
 from flower_llm.preflight import (
     check_model_reachable,
     check_simulation_size,

@@ -89,6 +89,8 @@ def job(model_dir: Path, out: Path, **extra: Any) -> dict[str, Any]:
         "model.name": str(model_dir),
         "train.local-steps": 3,
         "train.batch-size": 4,
+        "data.eval-fraction": 0.05,  # 30 and 15 held-out examples: evaluation stays cheap
+        "data.max-seq-length": 64,
         "train.lr-schedule": "constant",
         "train.learning-rate": 0.01,
         "fed.num-rounds": 2,
@@ -101,9 +103,7 @@ def job(model_dir: Path, out: Path, **extra: Any) -> dict[str, Any]:
 def run_server(grid: ClientAppGrid, run_config: dict[str, Any]) -> dict[str, Any]:
     from server_apps.fedavg import run
 
-    server = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cfg = parse_run_config(run_config)
     run(grid, server, cfg)  # type: ignore[arg-type]
     run_dir = Path(cfg.output.dir) / cfg.output.run_name
@@ -148,6 +148,7 @@ def local_b_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return {"grid": grid, "summary": summary, "tmp": tmp, "config": config}
 
 
+@pytest.mark.long
 def test_local_b_sends_and_receives_a_only(local_b_run: dict[str, Any]) -> None:
     grid: ClientAppGrid = local_b_run["grid"]
     train_replies = [r for r in grid.replies if r.metadata.message_type == "train"]
@@ -162,7 +163,9 @@ def test_local_b_sends_and_receives_a_only(local_b_run: dict[str, Any]) -> None:
         [r for r in grid.replies if wire.LOCAL_ONLY_ARRAYS not in r.content.array_records]
     )
     assert received and all(is_lora_a(k) for k in received)
-    sent = [m for m in grid.sent if SITE_COMPARISON in m.content.config_records.get(wire.CONFIG, {})]
+    sent = [
+        m for m in grid.sent if SITE_COMPARISON in m.content.config_records.get(wire.CONFIG, {})
+    ]
     assert len(sent) == SITES
     train_sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert all(is_lora_a(k) for k in array_keys(train_sent))
@@ -172,6 +175,7 @@ def test_local_b_sends_and_receives_a_only(local_b_run: dict[str, Any]) -> None:
     assert all(not r.content.array_records for r in comparison)
 
 
+@pytest.mark.long
 def test_local_b_sites_keep_distinct_trained_b(local_b_run: dict[str, Any]) -> None:
     state_dir = local_b_run["tmp"] / "state"
     kept = stored_b(state_dir)
@@ -183,11 +187,14 @@ def test_local_b_sites_keep_distinct_trained_b(local_b_run: dict[str, Any]) -> N
     # The saved global adapter is a whole PEFT adapter whose B is the initial zero
     from safetensors.numpy import load_file
 
-    final = load_file(str(local_b_run["tmp"] / "out" / "personal" / "final" / "adapter_model.safetensors"))
+    final = load_file(
+        str(local_b_run["tmp"] / "out" / "personal" / "final" / "adapter_model.safetensors")
+    )
     assert set(final) == set(first) | {k.replace(".lora_B.", ".lora_A.") for k in first}
     assert all(not final[k].any() for k in first)
 
 
+@pytest.mark.long
 def test_the_summary_holds_the_per_site_table(local_b_run: dict[str, Any]) -> None:
     summary = local_b_run["summary"]
     assert summary["personalization"] == "local-b"
@@ -205,6 +212,7 @@ def test_the_summary_holds_the_per_site_table(local_b_run: dict[str, Any]) -> No
     assert len(lines) == 2 + SITES + 1
 
 
+@pytest.mark.long
 def test_the_report_prints_the_per_site_table(local_b_run: dict[str, Any]) -> None:
     from flower_llm.report import format_outcome
 
@@ -214,6 +222,7 @@ def test_the_report_prints_the_per_site_table(local_b_run: dict[str, Any]) -> No
     assert "partition 0/2" in text and "partition 1/2" in text
 
 
+@pytest.mark.long
 def test_export_personal_writes_a_peft_adapter(
     local_b_run: dict[str, Any], tiny_model_dir: Path
 ) -> None:
@@ -260,6 +269,7 @@ def test_export_personal_writes_a_peft_adapter(
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_resumed_local_b_run_continues_every_sites_b(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -283,6 +293,208 @@ def test_a_resumed_local_b_run_continues_every_sites_b(
         for key in want[site]:
             np.testing.assert_array_equal(got[site][key], want[site][key])
     assert summary["per-site"]["sites"] and summary["per-site"]["personal-beats-global-everywhere"]
+
+
+# --------------------------------------------------------------------------------------
+# One site, in process: fast
+# --------------------------------------------------------------------------------------
+
+
+def site_context(run_id: int, run_config: dict[str, Any], state_dir: Path) -> Context:
+    return Context(
+        run_id=run_id,
+        node_id=1,
+        node_config={
+            "partition-id": 0,
+            "num-partitions": SITES,
+            SITE_STATE_DIR_KEY: str(state_dir),
+        },
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
+def train_message(shared: dict[str, np.ndarray], server_round: int) -> Message:
+    from flwr.app import ConfigRecord, MessageType
+
+    content = RecordDict(
+        {
+            wire.ARRAYS: wire.to_array_record(shared),
+            wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: server_round, wire.LEARNING_RATE: 1e-2}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_a_local_b_site_replies_with_a_and_a_restarted_site_continues_its_b(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the global A a server sends under local-b
+    from client_apps.qlora import app, local_b_site, session_for
+    from flower_llm.adapters import adapter_state
+
+    config = job(
+        tiny_model_dir, tmp_path, **{"fed.personalization": "local-b", "train.local-steps": 2}
+    )
+    first = site_context(5, config, tmp_path / "state")
+    session = session_for(first)
+    shared = {k: v for k, v in adapter_state(session.model).items() if is_lora_a(k)}
+
+    # Execute: round 1 at the site
+    reply = app(train_message(shared, 1), first)
+
+    # Assert: the reply holds A alone (trained), and nothing else in any record
+    assert not reply.has_error(), reply.error
+    assert set(array_keys([reply])) == set(shared)
+    sent = wire.from_array_record(reply.content.array_records[wire.ARRAYS])
+    assert any(not np.array_equal(sent[k], shared[k]) for k in shared)
+    # ... its own B moved from PEFT's zeros and is kept in node state and in the store
+    in_node_state = wire.from_array_record(first.state.array_records[PERSONAL_B])
+    entry = read_entry(
+        SiteStateStore(tmp_path / "state", "personal", "partition-0-of-2"), PERSONAL_B
+    )
+    assert entry is not None and entry[1] == {"run-id": 5, "last-round": 1}
+    assert in_node_state.keys() == entry[0].keys() and all(not is_lora_a(k) for k in entry[0])
+    assert any(np.abs(v).max() > 0 for v in entry[0].values())
+    # A restarted site (empty node state) of a resumed run continues that B ...
+    resumed = site_context(6, {**config, "output.resume": True}, tmp_path / "state")
+    site = local_b_site(resumed, session_for(resumed))
+    assert site is not None
+    for key, value in site.own_b().items():
+        np.testing.assert_array_equal(value, entry[0][key])
+    # ... a fresh run of the same name starts from zeros
+    fresh = site_context(7, config, tmp_path / "state")
+    site = local_b_site(fresh, session_for(fresh))
+    assert site is not None and all(not v.any() for v in site.own_b().values())
+
+
+def test_under_secagg_only_a_enters_the_secure_sum(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    from client_apps.qlora import session_and_keys
+    from client_apps.secagg import SecAggClient
+    from flower_llm import secagg
+
+    config = job(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "fed.personalization": "local-b",
+            "fed.aggregation": "secagg+",
+            "output.local-only-baseline": False,
+            "train.local-steps": 1,
+        },
+    )
+    context = site_context(3, config, tmp_path / "state")
+    trainer, keys = session_and_keys(context)
+    assert keys and all(is_lora_a(k) for k in keys) and keys == sorted(keys)
+    session = trainer.site.session  # type: ignore[attr-defined]
+    from flower_llm.adapters import adapter_state
+
+    shared = {k: adapter_state(session.model)[k] for k in keys}
+    fit_config = {
+        wire.SERVER_ROUND: 1,
+        wire.LEARNING_RATE: 1e-2,
+        secagg.CLIPPING_RANGE: 8.0,
+        secagg.MAX_WEIGHT: 1000.0,
+    }
+
+    # Execute: the client's third-stage fit
+    arrays, weight, _ = SecAggClient(trainer, keys).fit(secagg.state_to_arrays(shared), fit_config)
+
+    # Assert: one array per A (plus the one of masked metrics), B kept at the site
+    assert len(arrays) == len(keys) + 1
+    assert [a.shape for a in arrays[: len(keys)]] == [shared[k].shape for k in keys]
+    assert weight >= 1
+    kept = wire.from_array_record(context.state.array_records[PERSONAL_B])
+    assert kept and all(not is_lora_a(k) for k in kept)
+
+
+def test_the_per_site_table_compares_every_site() -> None:
+    from flower_llm.personal import per_site_table
+
+    scores = {
+        "b.jsonl": {
+            "eval-loss/local-only": 2.0,
+            "eval-loss/global": 1.5,
+            "eval-loss/personal": 1.2,
+        },
+        "a.jsonl": {"eval-loss/global": 1.0, "eval-loss/personal": 0.9, "eval-tokens": 7},
+    }
+    table = per_site_table(scores)
+    assert list(table["sites"]) == ["a.jsonl", "b.jsonl"]
+    assert table["sites"]["a.jsonl"]["local-only"] is None
+    assert table["sites"]["a.jsonl"]["eval-tokens"] == 7
+    assert table["personal-beats-global-everywhere"] is True
+    # a.jsonl has no local-only loss: "beats local-only everywhere" cannot be claimed
+    assert table["personal-beats-local-only-everywhere"] is False
+    lines = format_table(table)
+    assert lines[2].split() == ["a.jsonl", "n/a", "1.0000", "0.9000"]
+    scores["a.jsonl"]["eval-loss/personal"] = 1.1
+    assert per_site_table(scores)["personal-beats-global-everywhere"] is False
+
+
+# --------------------------------------------------------------------------------------
+# finetune, and local-b under central DP
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.long
+def test_finetune_personalizes_after_the_rounds_and_only_scores_travel(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = job(
+        tiny_model_dir,
+        tmp_path / "out",
+        **{
+            "fed.personalization": "finetune",
+            "personal.local-steps": 6,
+            "output.local-only-baseline": True,
+        },
+    )
+    grid = ClientAppGrid(1, config, tmp_path / "state")
+    summary = run_server(grid, config)
+
+    # The rounds are FedAvg of whole adapters
+    train = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert any(not is_lora_a(k) for k in array_keys(train))
+    # The comparison replies hold scores only; each site kept its fine-tuned adapter
+    comparison = [r for r in grid.replies if SITE_COMPARISON in r.content.metric_records]
+    assert len(comparison) == SITES and all(not r.content.array_records for r in comparison)
+    table = summary["per-site"]
+    assert len(table["sites"]) == SITES
+    for row in table["sites"].values():
+        assert row["personal"] < row["global"]
+    from safetensors.numpy import load_file
+
+    final = load_file(str(tmp_path / "out" / "personal" / "final" / "adapter_model.safetensors"))
+    for site in range(SITES):
+        store = SiteStateStore(tmp_path / "state", "personal", f"partition-{site}-of-{SITES}")
+        entry = read_entry(store, PERSONAL_ADAPTER)
+        assert entry is not None and entry[1]["last-round"] == 2
+        assert any(not np.allclose(entry[0][k], final[k]) for k in final)
+
+
+@pytest.mark.long
+def test_local_b_under_central_dp_noises_a_and_sends_a_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = job(
+        tiny_model_dir,
+        tmp_path / "out",
+        **{
+            "fed.personalization": "local-b",
+            "privacy.mode": "server-fixed",
+            "privacy.noise-multiplier": 0.5,
+            "privacy.clip-norm": 1.0,
+            "output.local-only-baseline": False,
+        },
+    )
+    grid = ClientAppGrid(1, config, tmp_path / "state")
+    summary = run_server(grid, config)
+    train = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert train and all(is_lora_a(k) for k in array_keys(train))
+    assert summary["privacy"]["client-level"]["epsilon"] > 0
+    assert summary["per-site"]["sites"] and summary["rounds-failed"] == 0
 
 
 # --------------------------------------------------------------------------------------
