@@ -33,7 +33,7 @@ from flower_llm import wire
 from flower_llm.adapters import AdapterState, adapter_state, apply_lora, load_adapter_state
 from flower_llm.config import LoraSettings, RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
-from flower_llm.lora_aggregation import is_lora_a, sent_keys
+from flower_llm.lora_aggregation import is_lora_a, sent_keys, shared_keys
 from flower_llm.models import BaseModel, describe, load_base_model
 from flower_llm.site_state import SiteStateEntry, SiteStateStore, run_key, site_state_dir
 from flower_llm.train import (
@@ -269,8 +269,6 @@ class ClientSession:
     def to_send(self, state: AdapterState) -> AdapterState:
         """The part of a trained adapter that goes up: all of it, B only with ``ffa``, A
         only with ``fed.personalization = local-b`` (each site's B never leaves it)."""
-        from flower_llm.personal import shared_keys
-
         keys = shared_keys(
             sent_keys(state, self.cfg.lora.aggregation), self.cfg.fed.personalization
         )

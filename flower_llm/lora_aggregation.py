@@ -84,6 +84,14 @@ def sent_keys(keys: Sequence[str] | Mapping[str, object], aggregation: str) -> l
     return list(keys)
 
 
+def shared_keys(keys: Sequence[str] | Mapping[str, object], personalization: str) -> list[str]:
+    """The keys among ``keys`` that travel under ``fed.personalization``: all of them, or
+    the A matrices alone under ``local-b`` (each site keeps its B)."""
+    if personalization == "local-b":
+        return [k for k in keys if is_lora_a(k)]
+    return list(keys)
+
+
 @dataclass(frozen=True)
 class Refactored:
     """A rank-r factorisation ``B A`` of a weighted sum of LoRA products."""

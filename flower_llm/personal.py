@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flower_llm.lora_aggregation import is_lora_a
+from flower_llm.lora_aggregation import is_lora_a, shared_keys
 from flower_llm.site_state import SiteStateError, SiteStateStore
 
 if TYPE_CHECKING:
@@ -59,13 +59,6 @@ _FORMAT = "flower-llm/personal-adapter"
 # --------------------------------------------------------------------------------------
 # What is shared
 # --------------------------------------------------------------------------------------
-
-
-def shared_keys(keys: Sequence[str] | Mapping[str, object], personalization: str) -> list[str]:
-    """The adapter keys that travel: all, or the A matrices alone under ``local-b``."""
-    if personalization == "local-b":
-        return [k for k in keys if is_lora_a(k)]
-    return list(keys)
 
 
 def shared_part(state: Mapping[str, np.ndarray], personalization: str) -> AdapterState:
@@ -160,9 +153,13 @@ class PersonalStash:
 
 def stash_for(context: Any, session: ClientSession) -> PersonalStash:
     """The stash of the site a ClientApp ``context`` serves (its node state and store)."""
-    from flower_llm.client import site_store
+    from flower_llm.site_state import run_key, site_state_dir
 
-    store = site_store(context.node_config, session.cfg, session.site, context.run_id)
+    store = SiteStateStore(
+        site_state_dir(context.node_config),
+        run_key(session.cfg.output.run_name, context.run_id),
+        session.site.key(),
+    )
     return PersonalStash(
         context.state.array_records, store, context.run_id, session.cfg.output.resume
     )

@@ -1,0 +1,192 @@
+"""Personalized adapters on the embedded non-IID federation (``fed.personalization``).
+
+Four sites, each holding mostly one domain (by-field partition of the embedded data:
+medical, finance, smart-home, ...). For the same local steps per round, each site's
+held-out loss ON ITS OWN evaluation split, for:
+
+- **local-only**: the site trains alone (the same steps on the same batches);
+- **global**: the FedAvg adapter (``fed.personalization = none``);
+- **personal, finetune**: the FedAvg adapter fine-tuned for ``personal.local-steps`` on
+  the site's own data after the last round;
+- **personal, local-b** (FedSA-LoRA): only A is averaged, each site trains ``global A +
+  its own B``; its personal adapter is the final global A with its B. Its own "global"
+  (the shared A with B = 0) is the base model's output and is listed for completeness.
+
+Target (issue 15): for every site and both modes, personal < global and personal <
+local-only.
+
+The sites run in one process through ``flower_llm.client.ClientSession`` with the
+functions the ClientApp uses (:mod:`flower_llm.personal`) and the server's
+``weighted_average``; Flower's transport is left out (``tests/test_personal.py`` runs the
+same modes through the real apps).
+
+    python -m benchmarks.personalization [--quick]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+SITES = 4
+ROUNDS = 3
+LOCAL_STEPS = 10
+PERSONAL_STEPS = 10
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Train every way and return each site's held-out losses."""
+    from flower_llm.adapters import adapter_state
+    from flower_llm.aggregation import weighted_average
+    from flower_llm.client import ClientSession, SiteIdentity
+    from flower_llm.config import parse_run_config
+    from flower_llm.personal import finetune, kept_part, shared_part, zero_b
+
+    rounds, steps, personal_steps = (1, 2, 2) if quick else (ROUNDS, LOCAL_STEPS, PERSONAL_STEPS)
+    cfg = parse_run_config(
+        {
+            "fed.num-rounds": rounds,
+            "train.local-steps": steps,
+            "personal.local-steps": personal_steps,
+            **({"data.max-seq-length": 64} if quick else {}),
+        }
+    )
+    sessions = [ClientSession(cfg, SiteIdentity(None, i, SITES)) for i in range(SITES)]
+    start = adapter_state(sessions[0].model)
+    started = time.perf_counter()
+
+    # --- FedAvg of whole adapters, with the local-only baseline ----------------------
+    global_state, local_states = start, [start for _ in sessions]
+    for server_round in range(1, rounds + 1):
+        lr = cfg.train.learning_rate_at(server_round, rounds)
+        updates = [s.train(global_state, server_round, lr) for s in sessions]
+        global_state = weighted_average([u[0] for u in updates], [u[1].examples for u in updates])
+        local_states = [
+            s.train(state, server_round, lr)[0]
+            for s, state in zip(sessions, local_states, strict=True)
+        ]
+    finetuned = [finetune(s, global_state, rounds) for s in sessions]
+
+    # --- local-b: A averaged, each site's B its own ----------------------------------
+    shared_a = shared_part(start, "local-b")
+    own_b = [zero_b(start) for _ in sessions]
+    for server_round in range(1, rounds + 1):
+        lr = cfg.train.learning_rate_at(server_round, rounds)
+        trained = [
+            s.train({**b, **shared_a}, server_round, lr)
+            for s, b in zip(sessions, own_b, strict=True)
+        ]
+        own_b = [kept_part(t[0], "local-b") for t in trained]
+        shared_a = weighted_average(
+            [shared_part(t[0], "local-b") for t in trained], [t[1].examples for t in trained]
+        )
+    train_seconds = time.perf_counter() - started
+
+    # --- each site's held-out loss on its own data ------------------------------------
+    sites: list[dict[str, Any]] = []
+    for i, session in enumerate(sessions):
+        row: dict[str, Any] = {
+            "site": f"partition {i}/{SITES}",
+            "local-only": session.evaluate(local_states[i]).loss,
+            "global": session.evaluate(global_state).loss,
+            "personal/finetune": session.evaluate(finetuned[i]).loss,
+            "local-b/shared-A-zero-B": session.evaluate({**zero_b(start), **shared_a}).loss,
+            "personal/local-b": session.evaluate({**own_b[i], **shared_a}).loss,
+        }
+        sites.append(row)
+
+    def met(mode: str) -> bool:
+        return all(r[mode] < r["global"] and r[mode] < r["local-only"] for r in sites)
+
+    finetune_met, local_b_met = met("personal/finetune"), met("personal/local-b")
+    return {
+        "sites": sites,
+        "rounds": rounds,
+        "local-steps-per-round": steps,
+        "personal-local-steps": personal_steps,
+        "train-seconds": round(train_seconds, 1),
+        "finetune-met": finetune_met,
+        "local-b-met": local_b_met,
+        "headlines": [
+            common.headline(
+                "finetune: personal < global and < local-only at every site",
+                _worst_margin(sites, "personal/finetune"),
+                "every site, both comparisons (issue 15)",
+                finetune_met,
+            ),
+            common.headline(
+                "local-b: personal < global and < local-only at every site",
+                _worst_margin(sites, "personal/local-b"),
+                "every site, both comparisons (issue 15)",
+                local_b_met,
+            ),
+        ],
+    }
+
+
+def _worst_margin(sites: Sequence[dict[str, Any]], mode: str) -> str:
+    """The smallest gap to the better of global and local-only, over sites (positive: met)."""
+    gaps = [min(r["global"], r["local-only"]) - r[mode] for r in sites]
+    return f"smallest margin {min(gaps):+.4f} nats (site {gaps.index(min(gaps))})"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Per-site table."""
+    head = (
+        f"{SITES} sites (embedded data, by-domain split), {result['rounds']} rounds x "
+        f"{result['local-steps-per-round']} local steps; finetune: "
+        f"{result['personal-local-steps']} more steps per site. Held-out loss on each "
+        "site's OWN evaluation split (lower is better).\n\n"
+    )
+    rows = [
+        [
+            r["site"],
+            f"{r['local-only']:.4f}",
+            f"{r['global']:.4f}",
+            f"{r['personal/finetune']:.4f}",
+            f"{r['local-b/shared-A-zero-B']:.4f}",
+            f"{r['personal/local-b']:.4f}",
+        ]
+        for r in result["sites"]
+    ]
+    table = common.table(
+        [
+            "site",
+            "local-only",
+            "global (FedAvg)",
+            "personal: finetune",
+            "local-b: shared A, B = 0",
+            "personal: local-b",
+        ],
+        rows,
+    )
+    verdict = (
+        f"\nTarget (personal < global and < local-only at every site): finetune "
+        f"{'met' if result['finetune-met'] else 'MISSED'}, local-b "
+        f"{'met' if result['local-b-met'] else 'MISSED'}.\n"
+    )
+    return head + table + verdict
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run, print and save."""
+    args = common.parser(__doc__).parse_args(argv)
+    common.setup(args.threads)
+    started = time.perf_counter()
+    result = run(args.quick)
+    return common.finish(
+        "personalization",
+        result,
+        to_markdown(result),
+        Path(args.out),
+        quick=args.quick,
+        started=started,
+    )
+
+
+if __name__ == "__main__":
+    main()
