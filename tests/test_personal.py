@@ -48,20 +48,22 @@ def server_task_identity() -> Iterator[None]:
 class ClientAppGrid:
     """Sites with stable node ids, each answered by the real ClientApp with its Context."""
 
-    def __init__(self, run_id: int, run_config: dict[str, Any], state_dir: Path) -> None:
+    def __init__(
+        self, run_id: int, run_config: dict[str, Any], state_dir: Path, sites: int = SITES
+    ) -> None:
         self.contexts = {
             node + 1: Context(
                 run_id=run_id,
                 node_id=node + 1,
                 node_config={
                     "partition-id": node,
-                    "num-partitions": SITES,
+                    "num-partitions": sites,
                     SITE_STATE_DIR_KEY: str(state_dir),
                 },
                 state=RecordDict(),  # a new Flower run: empty node state
                 run_config=run_config,
             )
-            for node in range(SITES)
+            for node in range(sites)
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
@@ -495,6 +497,34 @@ def test_local_b_under_central_dp_noises_a_and_sends_a_only(
     assert train and all(is_lora_a(k) for k in array_keys(train))
     assert summary["privacy"]["client-level"]["epsilon"] > 0
     assert summary["per-site"]["sites"] and summary["rounds-failed"] == 0
+
+
+@pytest.mark.long
+def test_local_b_under_secagg_runs_and_the_server_sees_a_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = job(
+        tiny_model_dir,
+        tmp_path / "out",
+        **{
+            "fed.personalization": "local-b",
+            "fed.aggregation": "secagg+",
+            "fed.min-available-clients": 3,
+            "output.local-only-baseline": False,
+        },
+    )
+    grid = ClientAppGrid(1, config, tmp_path / "state", sites=3)
+    summary = run_server(grid, config)
+    assert summary["rounds-failed"] == 0 and summary["aggregation"] == "secagg+"
+    # The global adapter that went down and was aggregated holds A only
+    down = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert down and all(is_lora_a(k) for k in array_keys(down))
+    assert len(summary["per-site"]["sites"]) == 3
+    assert summary["per-site"]["personal-beats-global-everywhere"] is True
+    for site in range(3):
+        store = SiteStateStore(tmp_path / "state", "personal", f"partition-{site}-of-3")
+        entry = read_entry(store, PERSONAL_B)
+        assert entry is not None and entry[1]["last-round"] == 2
 
 
 # --------------------------------------------------------------------------------------
