@@ -215,13 +215,22 @@ def test_the_summary_holds_the_per_site_table(local_b_run: dict[str, Any]) -> No
 
 
 @pytest.mark.long
-def test_the_report_prints_the_per_site_table(local_b_run: dict[str, Any]) -> None:
+def test_the_report_prints_the_per_site_table(
+    local_b_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     from flower_llm.report import format_outcome
 
     run_dir = local_b_run["tmp"] / "out" / "personal"
     text = format_outcome(run_dir, local_b_run["summary"])
     assert "held-out loss on each site's own data" in text
     assert "partition 0/2" in text and "partition 1/2" in text
+    # flower-llm report RUN_DIR prints it too
+    from flower_llm.cli import main
+
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss on each site's own data" in out
+    assert "personal beats global at every site: yes" in out
 
 
 @pytest.mark.long
