@@ -402,7 +402,7 @@ def test_under_secagg_only_a_enters_the_secure_sum(tiny_model_dir: Path, tmp_pat
     from flower_llm.adapters import adapter_state
 
     shared = {k: adapter_state(session.model)[k] for k in keys}
-    fit_config = {
+    fit_config: dict[str, bool | bytes | float | int | str] = {
         wire.SERVER_ROUND: 1,
         wire.LEARNING_RATE: 1e-2,
         secagg.CLIPPING_RANGE: 8.0,
