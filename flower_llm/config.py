@@ -497,11 +497,23 @@ class PersonalConfig:
         20,
         "personal.local-steps",
         "`fed.personalization = finetune`: optimizer steps each site fine-tunes the final "
-        "global adapter on its own training data (at `train.learning-rate`).",
+        "global adapter on its own training data.",
+    )
+    learning_rate: float = setting(
+        0.0,
+        "personal.learning-rate",
+        "`fed.personalization = finetune`: constant learning rate of the fine-tune "
+        "(0 = `train.learning-rate`).",
     )
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "personal.local-steps", "must be >= 1", self.local_steps)
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate >= 0,
+            "personal.learning-rate",
+            "must be finite and >= 0 (0 = train.learning-rate)",
+            self.learning_rate,
+        )
 
 
 @dataclass(frozen=True)

@@ -288,13 +288,14 @@ def finetune(
     """The final global adapter fine-tuned for ``personal.local-steps`` on this site's data.
 
     Batches are drawn as for round ``final_round + 1`` (a round the run never trains), at
-    ``train.learning-rate``; no DP-SGD here: the result never leaves the site.
+    ``personal.learning-rate`` (0: ``train.learning-rate``); no DP-SGD here: the result
+    never leaves the site.
     """
     cfg = session.cfg
     state, _ = session.train(
         dict(global_state),
         final_round + 1,
-        cfg.train.learning_rate,
+        cfg.personal.learning_rate or cfg.train.learning_rate,
         steps=cfg.personal.local_steps,
     )
     return state

@@ -459,7 +459,7 @@ def test_finetune_personalizes_after_the_rounds_and_only_scores_travel(
         **{
             "fed.personalization": "finetune",
             "personal.local-steps": 10,
-            "train.learning-rate": 0.003,  # the fine-tune's too: 0.01 overshoots here
+            "personal.learning-rate": 0.003,  # 0.01 overshoots on the tiny model
             "output.local-only-baseline": True,
         },
     )
@@ -549,6 +549,7 @@ def test_local_b_under_secagg_runs_and_the_server_sees_a_only(
         ({"fed.personalization": "local-b", "lora.aggregation": "exact"}, "lora.aggregation"),
         ({"fed.personalization": "local"}, "fed.personalization"),
         ({"personal.local-steps": 0}, "personal.local-steps"),
+        ({"personal.learning-rate": -1.0}, "personal.learning-rate"),
     ],
 )
 def test_bad_personalization_settings_are_refused(settings: dict[str, Any], match: str) -> None:
