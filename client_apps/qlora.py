@@ -115,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
-    start = local_b.start(global_state) if local_b is not None else global_state
+    start = local_b.start(global_state, server_round) if local_b is not None else global_state
 
     dpsgd_epsilons = None
     if session.cfg.privacy.dpsgd:

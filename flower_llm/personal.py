@@ -103,11 +103,14 @@ class PersonalStash:
     run_id: int
     resume: bool
 
-    def load(self, name: str) -> AdapterState | None:
+    def load(self, name: str, before_round: int | None = None) -> AdapterState | None:
         """Entry ``name`` from the node state, else from the store; None when neither has it.
 
         A stored entry written by another Flower run is used only when this run resumes
-        it; a fresh run that reuses the run name starts afresh, as its outputs do.
+        it; a fresh run that reuses the run name starts afresh, as its outputs do. With
+        ``before_round``, a stored entry that already holds that round (the site trained
+        it, then the run was interrupted before the server's checkpoint) gives way to the
+        entry it replaced, so the round is trained again from the same state.
         """
         from flower_llm import wire
 
@@ -118,6 +121,18 @@ class PersonalStash:
         if loaded is None:
             return None
         state, meta = loaded
+        if before_round is not None and meta["last-round"] >= before_round:
+            previous = read_entry(self.store, previous_name(name))
+            if previous is not None and previous[1]["last-round"] < before_round:
+                log.warning(
+                    "Personal state %s holds round %d already (trained before an "
+                    "interruption); round %d starts from the state of round %d",
+                    self.file(name),
+                    meta["last-round"],
+                    before_round,
+                    previous[1]["last-round"],
+                )
+                state, meta = previous
         if meta["run-id"] != self.run_id and not self.resume:
             log.warning(
                 "Personal state %s was written by run %d; this is a new run of the same name "
@@ -139,16 +154,37 @@ class PersonalStash:
         state: Mapping[str, np.ndarray],
         server_round: int,
         adapter_config: Mapping[str, Any] | None = None,
+        keep_previous: bool = False,
     ) -> Path:
-        """Keep ``state`` in the node state and (atomically) in the store."""
+        """Keep ``state`` in the node state and (atomically) in the store.
+
+        ``keep_previous`` first keeps the stored entry of an earlier round as
+        ``<name>-previous`` (see :meth:`load`).
+        """
         from flower_llm import wire
 
         self.node_state[name] = wire.to_array_record(dict(state))
+        if keep_previous:
+            stored = read_entry(self.store, name)
+            if stored is not None and stored[1]["last-round"] < server_round:
+                old_state, old_meta = stored
+                write_entry(
+                    self.store,
+                    previous_name(name),
+                    old_state,
+                    old_meta["run-id"],
+                    old_meta["last-round"],
+                )
         return write_entry(self.store, name, state, self.run_id, server_round, adapter_config)
 
     def file(self, name: str) -> Path:
         """The store's file of entry ``name``."""
         return self.store.directory / f"{name}.safetensors"
+
+
+def previous_name(name: str) -> str:
+    """The entry that keeps what entry ``name`` held before its last round."""
+    return f"{name}-previous"
 
 
 def stash_for(context: Any, session: ClientSession) -> PersonalStash:
@@ -236,14 +272,16 @@ class LocalB:
         self.session = session
         self.stash = stash
 
-    def own_b(self) -> AdapterState:
-        """The B this site trained last (kept), or PEFT's initial B (zeros)."""
+    def own_b(self, server_round: int | None = None) -> AdapterState:
+        """The B this site trained last (before ``server_round``), or PEFT's initial B."""
         from flower_llm.adapters import adapter_state
 
-        kept = self.stash.load(PERSONAL_B)
+        kept = self.stash.load(PERSONAL_B, before_round=server_round)
         return kept if kept is not None else zero_b(adapter_state(self.session.model))
 
-    def start(self, shared: Mapping[str, np.ndarray]) -> AdapterState:
+    def start(
+        self, shared: Mapping[str, np.ndarray], server_round: int | None = None
+    ) -> AdapterState:
         """The adapter this site trains or evaluates: the received A with its own B.
 
         A received state that already holds B (another site's local-only adapter sent for
@@ -251,11 +289,11 @@ class LocalB:
         """
         if any(not is_lora_a(k) for k in shared):
             return dict(shared)
-        return {**self.own_b(), **shared}
+        return {**self.own_b(server_round), **shared}
 
     def keep(self, trained: Mapping[str, np.ndarray], server_round: int) -> None:
         """Keep the B matrices of ``trained``, this site's alone."""
-        self.stash.save(PERSONAL_B, kept_part(trained, "local-b"), server_round)
+        self.stash.save(PERSONAL_B, kept_part(trained, "local-b"), server_round, keep_previous=True)
 
 
 def local_b_trainer(session: ClientSession, stash: PersonalStash) -> LocalBTrainer:
@@ -276,7 +314,7 @@ class LocalBTrainer:
     def train(self, global_state: AdapterState, server_round: int, learning_rate: float) -> Any:
         """Train ``global A + own B``; keep B; return the trained A and the stats."""
         state, stats = self.site.session.train(
-            self.site.start(global_state), server_round, learning_rate
+            self.site.start(global_state, server_round), server_round, learning_rate
         )
         self.site.keep(state, server_round)
         return shared_part(state, "local-b"), stats

@@ -373,6 +373,20 @@ def test_a_local_b_site_replies_with_a_and_a_restarted_site_continues_its_b(
     assert site is not None
     for key, value in site.own_b().items():
         np.testing.assert_array_equal(value, entry[0][key])
+    # A round the site trained before an interruption the server never checkpointed is
+    # trained again from the B it started from, not on top of itself
+    after_one = entry[0]
+    assert not app(train_message(shared, 2), first).has_error()
+    after_two = wire.from_array_record(first.state.array_records[PERSONAL_B])
+    resumed_b = {}
+    for server_round in (2, 3):
+        again = site_context(8, {**config, "output.resume": True}, tmp_path / "state")
+        site = local_b_site(again, session_for(again))
+        assert site is not None
+        resumed_b[server_round] = site.own_b(server_round)
+    for key in after_one:
+        np.testing.assert_array_equal(resumed_b[2][key], after_one[key])
+        np.testing.assert_array_equal(resumed_b[3][key], after_two[key])
     # ... a fresh run of the same name starts from zeros
     fresh = site_context(7, config, tmp_path / "state")
     site = local_b_site(fresh, session_for(fresh))
