@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ class ClientAppGrid:
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self.run = SimpleNamespace(run_id=run_id)  # what Flower's legacy SecAgg+ asks of a Grid
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
