@@ -7,6 +7,7 @@ to the site's app with that site's Context, and records every reply.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -81,7 +82,10 @@ class ClientAppGrid:
         out = []
         for msg in messages:
             self.sent.append(msg)
-            reply = app(msg, self.contexts[msg.metadata.dst_node_id])
+            # A copy, as the transport's serialisation gives each site its own: Flower's
+            # SecAgg+ mod edits the records it receives, which one server-side object
+            # sent to several sites would share in process.
+            reply = app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
             assert not reply.has_error(), reply.error
             out.append(reply)
         self.replies.extend(out)
