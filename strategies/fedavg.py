@@ -31,6 +31,8 @@ from flower_llm.aggregation import (
     bound_reply,
     derive_max_weight,
     derive_update_bound,
+    eval_metrics_problem,
+    metric_problem,
     non_finite_key,
     robust_aggregate,
     update_problem,
@@ -382,6 +384,9 @@ class WeightedFedAvg(FedAvg):
         problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
         if problem is not None:
             return problem
+        problem = metric_problem(metrics, counts=wire.COUNT_METRICS)
+        if problem is not None:
+            return problem
         bounded = bound_reply(
             state,
             expected,
@@ -606,16 +611,22 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
         if metrics is None or missing:
             log.warning("Evaluation reply of node %d lacks metrics %s; skipped", node, missing)
             continue
-        loss, n_tok = float(metrics[wire.EVAL_LOSS]), int(metrics[wire.EVAL_TOKENS])  # type: ignore[arg-type]
-        if not math.isfinite(loss) or n_tok <= 0:
-            log.warning(
-                "Evaluation reply of node %d has loss %s on %d tokens; skipped", node, loss, n_tok
+        try:
+            loss, n_tok, accuracy, n_examples = (
+                float(metrics[k])  # type: ignore[arg-type]
+                for k in needed
             )
+        except (TypeError, ValueError):
+            log.warning("Evaluation reply of node %d has non-scalar metrics; skipped", node)
+            continue
+        problem = eval_metrics_problem(loss, n_tok, accuracy, n_examples)
+        if problem is not None:
+            log.warning("Evaluation reply of node %d: %s; skipped", node, problem)
             continue
         loss_sum += loss * n_tok
-        acc_sum += float(metrics[wire.EVAL_TOKEN_ACCURACY]) * n_tok  # type: ignore[arg-type]
-        tokens += n_tok
-        examples += int(metrics[wire.NUM_EXAMPLES])  # type: ignore[arg-type]
+        acc_sum += accuracy * n_tok
+        tokens += int(n_tok)
+        examples += int(n_examples)
         clients += 1
     if tokens == 0:
         return None
