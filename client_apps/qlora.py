@@ -73,9 +73,11 @@ def session_for(context: Context) -> ClientSession:
 def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
     """This process's session for SecAgg+, and its adapter keys in wire order."""
     from flower_llm.adapters import adapter_state  # the torch stack: the training stage only
+    from flower_llm.client import SiteTrainer
 
     session = session_for(context)
-    return session, secagg.ordered_keys(adapter_state(session.model))
+    trainer = SiteTrainer(session, context.node_config, context.run_id)
+    return trainer, secagg.ordered_keys(adapter_state(session.model))
 
 
 # SecAgg+ exists only on Flower's legacy API: its ClientApp runs the protocol's four stages
@@ -96,19 +98,12 @@ def train(msg: Message, context: Context) -> Message:
     global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     wire_dtype = session.cfg.fed.wire_dtype
 
-    dpsgd_epsilons = None
-    if session.cfg.privacy.dpsgd:
-        from flower_llm.client import site_store
+    from flower_llm.client import train_site_round
 
-        # The site's accountant lives in its state store, which outlives the run: a
-        # resumed run continues this site's epsilon.
-        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
-        state, dp_result = session.train_dp(
-            global_state, learning_rate, server_round, store, context.run_id
-        )
-        stats, dpsgd_epsilons = dp_result.stats, dp_result.epsilons
-    else:
-        state, stats = session.train(global_state, server_round, learning_rate)
+    trained = train_site_round(
+        session, global_state, server_round, learning_rate, context.node_config, context.run_id
+    )
+    state, stats, dpsgd_epsilons = trained.state, trained.stats, trained.dpsgd_epsilons
     if wire.CLIP_NORM in config:
         from flower_llm.client import clip_adapter_update
 

@@ -770,13 +770,6 @@ def _check_secagg_combinations(cfg: RunConfig) -> None:
         "the server unmasked",
         cfg.output.local_only_baseline,
     )
-    _require(
-        not cfg.privacy.dpsgd,
-        "privacy.dpsgd",
-        "is not wired into the SecAgg+ client yet; use privacy.mode = 'client-fixed' "
-        "(client-level DP) with fed.aggregation = 'secagg+'",
-        cfg.privacy.dpsgd,
-    )
 
 
 def _check_aggregation_combinations(cfg: RunConfig) -> None:

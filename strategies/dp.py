@@ -768,4 +768,11 @@ def privacy_summary(
             "noise-multiplier": cfg.privacy.dpsgd_noise_multiplier,
             "max-grad-norm": cfg.privacy.dpsgd_max_grad_norm,
         }
+        if cfg.fed.aggregation == "secagg+":
+            # A site's epsilon depends on its data size (q = batch / n_k), which SecAgg+
+            # hides: it is not sent, so the server has no maximum to report.
+            out["sample-level"]["where"] = (
+                "at each site only (SecAgg+ hides per-site values): its log and "
+                "<site-state-dir>/<run>/<site>/dpsgd-accountant.json"
+            )
     return out
