@@ -6,8 +6,12 @@ rate so that ``fed.num-rounds`` may grow on resume): 2 rounds uninterrupted; 1 r
 same run resumed with ``output.resume`` for round 2, in a fresh ServerApp process that has
 only the checkpoint. Every site is sampled (``fed.fraction-train = 1``): a simulation gives
 its nodes new ids each run, so only full cohorts are the same cohorts across runs (the
-resume of Poisson cohorts at q < 1, and of DP's epsilon, is checked in-process in
-tests/test_secagg.py and tests/test_engine.py, where node ids stay put).
+resume of Poisson cohorts at q < 1 is checked in-process in tests/test_secagg.py and
+tests/test_engine.py, where node ids stay put).
+
+Two more runs add client-level DP (q = 1): one round, then resumed for round 2. Their noise
+comes from the operating system, so adapters cannot be compared with another run; the
+epsilon can: it must be the epsilon of two rounds, accounted once each.
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ JOB = [
     "output.local-only-baseline=false",
     "train.local-steps=2",
     'train.lr-schedule="constant"',
+]
+DP_SIGMA, DP_DELTA = 0.8, 1e-3
+DP_JOB = [
+    *JOB,
+    'privacy.mode="client-fixed"',
+    "privacy.clip-norm=0.05",
+    f"privacy.noise-multiplier={DP_SIGMA}",
+    f"privacy.delta={DP_DELTA}",
+    "privacy.min-sampled-clients=3",
 ]
 
 
@@ -56,6 +69,14 @@ def secagg_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "fed.num-rounds=2",
             "output.resume=true",
             "fed.evaluate-every=1",  # evaluation settings may change on resume
+        ],
+        "dp-first": [*DP_JOB, f'output.dir="{out}"', 'output.run-name="dp"', "fed.num-rounds=1"],
+        "dp-resumed": [
+            *DP_JOB,
+            f'output.dir="{out}"',
+            'output.run-name="dp"',
+            "fed.num-rounds=2",
+            "output.resume=true",
         ],
     }
     procs = {}
@@ -114,4 +135,24 @@ def test_a_resumed_secagg_run_writes_the_same_summary(secagg_runs: dict[str, Any
     # round 2 evaluated in both (every second round, then every round after the resume)
     assert rows(out / "resumed")[1]["eval-loss"] == pytest.approx(
         rows(out / "full")[1]["eval-loss"], rel=1e-3
+    )
+
+
+def test_a_resumed_secagg_dp_run_accounts_each_round_once(secagg_runs: dict[str, Any]) -> None:
+    from flower_llm.privacy import epsilon_after
+
+    run_dir = secagg_runs["out"] / "dp"
+    history = rows(run_dir)
+    assert [r["round"] for r in history] == [1, 2]
+    for row in history:
+        assert row["aggregation"] == "secagg+" and row["secagg-failed"] is None
+        assert row["clients-replied"] == 3
+    # every site is sampled (q = 1): the epsilon after round r is that of r rounds
+    for row in history:
+        expected = epsilon_after(row["round"], DP_SIGMA, 1.0, DP_DELTA)
+        assert row["epsilon"] == pytest.approx(expected, rel=1e-9), row
+    client_level = json.loads((run_dir / "summary.json").read_text())["privacy"]["client-level"]
+    assert client_level["rounds-accounted"] == 2
+    assert client_level["epsilon"] == pytest.approx(
+        epsilon_after(2, DP_SIGMA, 1.0, DP_DELTA), rel=1e-9
     )
