@@ -113,15 +113,18 @@ def test_a_resumed_secagg_run_ends_with_the_uninterrupted_adapter(
         assert row["aggregation"] == "secagg+" and row["secagg-failed"] is None
         assert row["clients-replied"] == 3
     # The sites train on the same batches from the same round-1 adapter up to SecAgg+'s
-    # stochastic rounding (at most the recorded bound per value); round 2 trains in
-    # bfloat16 from there, where a one-ulp difference can flip a rounding. So: equal to
-    # float tolerance, far below what one round of training moves (checked below).
+    # stochastic rounding (at most the recorded bound per value, ~1e-11). Round 2 trains in
+    # bfloat16 from there with AdamW, which normalises every step: a weight whose gradient
+    # is near zero can step up to the learning rate either way on a one-ulp difference. So
+    # a few values may differ by up to local-steps x lr; the adapter as a whole must not.
     a, b = final_adapter(out / "full"), final_adapter(out / "resumed")
     assert a.keys() == b.keys()
-    worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
-    moved = max(float(np.abs(a[k]).max()) for k in a if "lora_B" in k)  # lora_B starts at 0
-    assert worst <= 1e-6 + 1e-3 * moved, (worst, moved)
-    assert moved > 1e-4  # a trained adapter, not the initial one twice
+    diff = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in a])
+    moved = np.concatenate([a[k].astype(np.float64).ravel() for k in a if "lora_B" in k])
+    assert np.linalg.norm(moved) > 1e-2  # a trained adapter (lora_B starts at 0)
+    assert np.linalg.norm(diff) <= 1e-2 * np.linalg.norm(moved), np.linalg.norm(diff)
+    assert np.count_nonzero(np.abs(diff) > 1e-4) <= 0.005 * diff.size
+    assert np.abs(diff).max() <= 2 * 2 * 3e-3  # local-steps x lr (train.learning-rate), x2
 
 
 def test_a_resumed_secagg_run_writes_the_same_summary(secagg_runs: dict[str, Any]) -> None:
