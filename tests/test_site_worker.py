@@ -332,7 +332,7 @@ msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
                   run_config={"fed.aggregation": "secagg+", "model.name": sys.argv[2]})
 reply = app(msg, context)
-heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus")
+heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
     "reply": sorted(reply.content.config_records[RECORD_KEY_CONFIGS]),
     "state": sorted(context.state.config_records) + sorted(context.state.array_records),
