@@ -401,8 +401,13 @@ def worker_process(socket_dir: Path) -> Iterator[str]:
     import time
 
     path = str(socket_dir / "worker.sock")
+    # One worker serves all the simulated sites here, which queue for it (a real site has
+    # its own): on a loaded machine the first job (model load) outlasts the default 30 s.
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "flower-llm"), "site-worker", "--socket", path],
+        [
+            *(str(Path(sys.executable).parent / "flower-llm"), "site-worker"),
+            *("--socket", path, "--busy-timeout", "600"),
+        ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
