@@ -866,7 +866,7 @@ msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
                   run_config={"fed.aggregation": "secagg+"})
 reply = app(msg, context)
-heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus")
+heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
     "reply": sorted(reply.content.config_records[RECORD_KEY_CONFIGS]),
     "imported": [name for name in heavy if name in sys.modules],
