@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flower_llm import wire
 
@@ -51,6 +52,7 @@ UPDATED = "updated"
 REFUSED = "refused"
 CLAMPED = "clamped"
 LORA_TRUNCATION_ERROR = "lora-truncation-error"
+BYTES_BY_SITE = "bytes-by-site"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
@@ -123,6 +125,13 @@ COLUMNS: tuple[Column, ...] = (
         tensorboard="traffic/bytes-down",
     ),
     Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
+    Column(
+        BYTES_BY_SITE,
+        "bytes",
+        "node id -> [bytes sent to it, bytes received from it] in the train exchange "
+        "(summed per site in summary.json).",
+        "rounds of fed.aggregation = fedavg",
+    ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(
         REFUSED,
@@ -285,3 +294,26 @@ def markdown_table() -> str:
     lines = ["| column | unit | written | meaning |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in COLUMNS]
     return "\n".join(lines)
+
+
+def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's communication, as a budget counts it: bytes and MB (10^6 bytes) up and down
+    over every round's train exchanges, and per site (node id) where rounds recorded it."""
+    up = sum(int(row.get(BYTES_UP, 0)) for row in rows)
+    down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
+    by_site: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for node, (sent, received) in (row.get(BYTES_BY_SITE) or {}).items():
+            site = by_site.setdefault(str(node), {"bytes-down": 0, "bytes-up": 0})
+            site["bytes-down"] += int(sent)
+            site["bytes-up"] += int(received)
+    summary: dict[str, Any] = {
+        "bytes-up": up,
+        "bytes-down": down,
+        "mb-up": round(up / 1e6, 6),
+        "mb-down": round(down / 1e6, 6),
+        "mb-total": round((up + down) / 1e6, 6),
+    }
+    if by_site:
+        summary["bytes-by-site"] = dict(sorted(by_site.items(), key=lambda kv: int(kv[0])))
+    return summary
