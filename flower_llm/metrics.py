@@ -53,6 +53,7 @@ REFUSED = "refused"
 CLAMPED = "clamped"
 LORA_TRUNCATION_ERROR = "lora-truncation-error"
 BYTES_BY_SITE = "bytes-by-site"
+BYTES_DOWN_EVAL = "bytes-down-eval"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
@@ -126,10 +127,16 @@ COLUMNS: tuple[Column, ...] = (
     ),
     Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
     Column(
+        BYTES_DOWN_EVAL,
+        "bytes",
+        "Payload sent to the sites for evaluation (round 1 includes round 0's).",
+        "rounds of fed.aggregation = fedavg that evaluate",
+    ),
+    Column(
         BYTES_BY_SITE,
         "bytes",
-        "node id -> [bytes sent to it, bytes received from it] in the train exchange "
-        "(summed per site in summary.json).",
+        "node id -> [bytes sent to it, bytes received from it] in the round's train and "
+        "evaluation exchanges (summed per site in summary.json).",
         "rounds of fed.aggregation = fedavg",
     ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
@@ -297,10 +304,13 @@ def markdown_table() -> str:
 
 
 def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A run's communication, as a budget counts it: bytes and MB (10^6 bytes) up and down
-    over every round's train exchanges, and per site (node id) where rounds recorded it."""
+    """A run's communication, as a budget counts it: bytes up and down in the train
+    exchanges, bytes down for evaluation, MB (10^6 bytes) up, down (train + evaluation)
+    and in all, and per site (node id) where rounds recorded it."""
     up = sum(int(row.get(BYTES_UP, 0)) for row in rows)
-    down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
+    train_down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
+    eval_down = sum(int(row.get(BYTES_DOWN_EVAL, 0)) for row in rows)
+    down = train_down + eval_down
     by_site: dict[str, dict[str, int]] = {}
     for row in rows:
         for node, (sent, received) in (row.get(BYTES_BY_SITE) or {}).items():
@@ -309,7 +319,8 @@ def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             site["bytes-up"] += int(received)
     summary: dict[str, Any] = {
         "bytes-up": up,
-        "bytes-down": down,
+        "bytes-down": train_down,
+        "bytes-down-eval": eval_down,
         "mb-up": round(up / 1e6, 6),
         "mb-down": round(down / 1e6, 6),
         "mb-total": round((up + down) / 1e6, 6),

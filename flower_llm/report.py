@@ -558,7 +558,7 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
     if isinstance(summary.get("mb-total"), int | float):
         lines.append(
             f"communication: {summary['mb-up']:.3f} MB up, {summary['mb-down']:.3f} MB down, "
-            f"{summary['mb-total']:.3f} MB in all"
+            f"{summary['mb-total']:.3f} MB in all (down: train and evaluation)"
         )
         for site, traffic in (summary.get("bytes-by-site") or {}).items():
             lines.append(

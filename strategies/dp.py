@@ -539,7 +539,7 @@ class DifferentialPrivacyFedAvg(Strategy):
         if self.mode == "client-fixed":
             config[wire.CLIP_NORM] = self.central.clip_norm
         self.strategy.start_round(server_round, arrays)
-        self.strategy.report = RoundReport(sampled=sampled)
+        self.strategy.report = self.strategy.new_report(sampled)
         messages = self.strategy.messages_for(sampled, arrays, config, MessageType.TRAIN)
         self.strategy.instructions = messages
         return messages

@@ -80,8 +80,10 @@ class RoundReport:
     """node id -> what was clamped in its (accepted) reply."""
     lora_error: float | None = None
     """``lora.aggregation = exact``: relative Frobenius truncation error of the round."""
+    bytes_down_eval: int = 0
+    """Bytes of the adapters sent for evaluation (this round's, and round 0's in round 1)."""
     bytes_by_node: dict[int, list[int]] = field(default_factory=dict)
-    """node id -> [bytes sent to it, bytes received from it] in the train exchange."""
+    """node id -> [bytes sent to it, bytes received from it] in train and evaluation."""
 
     def aggregation_row(self) -> dict[str, Any]:
         """metrics.jsonl keys beyond the basic ones, present only when they say something."""
@@ -92,6 +94,8 @@ class RoundReport:
             row[columns.CLAMPED] = {str(k): v for k, v in self.clamped.items()}
         if self.lora_error is not None:
             row[columns.LORA_TRUNCATION_ERROR] = self.lora_error
+        if self.bytes_down_eval:
+            row[columns.BYTES_DOWN_EVAL] = self.bytes_down_eval
         if self.bytes_by_node:
             row[columns.BYTES_BY_SITE] = {str(k): v for k, v in sorted(self.bytes_by_node.items())}
         return row
@@ -305,17 +309,26 @@ class WeightedFedAvg(FedAvg):
         )
         config = ConfigRecord(dict(config))
         config[wire.SERVER_ROUND] = server_round
-        self.report = RoundReport(sampled=sampled)
+        self.report = self.new_report(sampled)
         messages = self.messages_for(sampled, arrays, config, MessageType.TRAIN)
         self.instructions = messages
         return messages
+
+    def new_report(self, sampled: list[int]) -> RoundReport:
+        """A round's report; it takes over the traffic of an evaluation no round recorded
+        (round 0's, of the untrained adapter)."""
+        report = RoundReport(sampled=sampled)
+        if not self.report.sampled:
+            report.bytes_down_eval = self.report.bytes_down_eval
+            report.bytes_by_node = self.report.bytes_by_node
+        return report
 
     def messages_for(
         self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str
     ) -> list[Message]:
         """One message per node: the same ``arrays`` for all, or with a compressed downlink
-        what each node needs (:meth:`flower_llm.updates.Downlink.payload`). Train messages
-        count their bytes in the round's report."""
+        what each node needs (:meth:`flower_llm.updates.Downlink.payload`); their bytes
+        are counted in the round's report."""
         shared = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
         messages = []
         for node in nodes:
@@ -325,10 +338,12 @@ class WeightedFedAvg(FedAvg):
                 content = RecordDict(
                     {wire.ARRAYS: payload, wire.CONFIG: config, WIRE_FORMAT: header}
                 )
+            sent = wire.num_bytes(content.array_records[wire.ARRAYS])
             if message_type == MessageType.TRAIN:
-                sent = wire.num_bytes(content.array_records[wire.ARRAYS])
                 self.report.bytes_down += sent
-                self.report.bytes_by_node.setdefault(node, [0, 0])[0] += sent
+            else:
+                self.report.bytes_down_eval += sent
+            self.report.bytes_by_node.setdefault(node, [0, 0])[0] += sent
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 

@@ -411,3 +411,144 @@ def test_bad_settings_are_refused() -> None:
         ).fed.wire_dtype
         == "nf4"
     )
+
+
+# --------------------------------------------------------------------------------------
+# A resumed run with error feedback equals an uninterrupted one
+# --------------------------------------------------------------------------------------
+
+
+class CompressedSites:
+    """Six sites that follow the compressed protocol with real records: each holds its
+    global adapter in its node state, 'trains' ``global + delta(node, round)`` and sends
+    ``Q(u + e)``, its residual in its node state and its site-state store."""
+
+    def __init__(self, store_root: Path, run_id: int, resume: bool, codec: str) -> None:
+        self.nodes = [11, 22, 33, 44, 55, 66]
+        self.node_states = {n: RecordDict() for n in self.nodes}  # a new Flower run: empty
+        self.store_root = store_root
+        self.settings = updates.UplinkSettings(codec, 64, True, run_id, resume)
+        self.cohorts: dict[int, list[int]] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def store(self, node: int) -> SiteStateStore:
+        return SiteStateStore(self.store_root, "run", f"node-{node}")
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            config = msg.content.config_records[wire.CONFIG]
+            server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
+            global_state, received = updates.receive(self.node_states[node], msg.content)
+            assert received is not None
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.cohorts.setdefault(server_round, []).append(node)
+                rng = np.random.default_rng([node, server_round])
+                local = {
+                    k: v + rng.normal(1e-4, 1e-4, v.shape).astype(np.float32)
+                    for k, v in global_state.items()
+                }
+                arrays, head = updates.send_update(
+                    self.node_states[node],
+                    self.store(node),
+                    self.settings,
+                    local,
+                    global_state,
+                    received,
+                    server_round,
+                )
+                metrics = {wire.NUM_EXAMPLES: node, wire.TRAIN_LOSS: 1.0}
+                content = RecordDict(
+                    {wire.ARRAYS: arrays, WIRE_FORMAT: head, wire.METRICS: MetricRecord(metrics)}
+                )
+            else:
+                metrics = {
+                    wire.NUM_EXAMPLES: 2,
+                    wire.EVAL_LOSS: 1.0,
+                    wire.EVAL_PERPLEXITY: 2.7,
+                    wire.EVAL_TOKEN_ACCURACY: 0.5,
+                    wire.EVAL_TOKENS: 10,
+                }
+                content = RecordDict(
+                    {
+                        wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+                        WIRE_FORMAT: updates.holds_record(self.node_states[node], received),
+                    }
+                )
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def engine_context() -> object:
+    from flwr.app import Context
+
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
+    tmp_path: Path, codec: str
+) -> None:
+    import json
+
+    from safetensors.numpy import load_file
+
+    from flower_llm.config import parse_run_config
+    from server_apps.fedavg import run
+
+    # Prepare: half the sites train each round, so some miss rounds and get whole adapters
+    job = {
+        "fed.fraction-train": 0.5,
+        "fed.min-available-clients": 6,
+        "fed.wire-dtype": codec,
+        "train.lr-schedule": "constant",
+        "output.local-only-baseline": False,
+        "output.dir": str(tmp_path / "out"),
+    }
+    full = CompressedSites(tmp_path / "full-sites", run_id=1, resume=False, codec=codec)
+    run(
+        full,
+        engine_context(),
+        parse_run_config({**job, "fed.num-rounds": 4, "output.run-name": "full"}),
+    )  # type: ignore[arg-type]
+
+    # Execute: 2 rounds, then a new run (empty node state) that resumes for rounds 3-4;
+    # the sites of round 3 had trained it before the interruption: their residual of the
+    # lost round 3 must not be used.
+    sites = tmp_path / "resumed-sites"
+    first = {**job, "fed.num-rounds": 2, "output.run-name": "resumed"}
+    run(CompressedSites(sites, 1, False, codec), engine_context(), parse_run_config(first))  # type: ignore[arg-type]
+    garbage = {"x": np.full(3, 7.0, np.float32)}
+    for node in full.cohorts[3]:
+        store = SiteStateStore(sites, "run", f"node-{node}")
+        updates.save_residual(
+            RecordDict(), store, updates.UplinkSettings(codec, 64, True, 1, False), 3, garbage
+        )
+    again = {**first, "fed.num-rounds": 4, "output.resume": True}
+    resumed = CompressedSites(sites, 2, True, codec)
+    run(resumed, engine_context(), parse_run_config(again))  # type: ignore[arg-type]
+
+    # Assert: the same final adapter, bit for bit
+    out = tmp_path / "out"
+    a = load_file(str(out / "full" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(out / "resumed" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    # ... and the runs moved the adapter (residuals mattered: the server kept one)
+    summary = json.loads((out / "full" / "summary.json").read_text())
+    assert summary["rounds-failed"] == 0 and summary["rounds"] == 4
+    assert summary["mb-up"] > 0 and set(summary["bytes-by-site"]) == {
+        "11",
+        "22",
+        "33",
+        "44",
+        "55",
+        "66",
+    }
+    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not row["dropped"] for row in rows)
+    assert sum(v["bytes-up"] for v in summary["bytes-by-site"].values()) == summary["bytes-up"]
