@@ -552,3 +552,14 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     assert all(not row["dropped"] for row in rows)
     assert sum(v["bytes-up"] for v in summary["bytes-by-site"].values()) == summary["bytes-up"]
+
+
+@pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4"])
+def test_the_wire_table_counts_the_bytes_an_encoded_update_has(codec: str) -> None:
+    from benchmarks.wire_bytes import compressed_record_bytes
+
+    shapes = {"a.lora_A.weight": (16, 1000), "a.lora_B.weight": (3000, 16), "b": (7,)}
+    state = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+    assert compressed_record_bytes(shapes, codec) == wire.num_bytes(
+        encode(state, header(codec, tuple(shapes)))
+    )
