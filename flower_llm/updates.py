@@ -98,6 +98,8 @@ class Downlink:
         """The last global update (from ``version - 1`` to ``version``)."""
         self.holds: dict[int, Held] = {}
         """node id -> what its last reply said it holds."""
+        self._whole: tuple[Held, ArrayRecord, ConfigRecord] | None = None
+        """The whole current adapter, encoded once per version."""
 
     @property
     def version(self) -> int:
@@ -122,15 +124,17 @@ class Downlink:
             record, header = self.update
             if held == Held(header.base_version, header.base_digest):
                 return record, header.to_record()
-        header = Header(
-            "float32",
-            self.block_size,
-            "adapter",
-            tuple(self.global_state),
-            self.version,
-            self.held.digest,
-        )
-        return encode(self.global_state, header), header.to_record()
+        if self._whole is None or self._whole[0] != self.held:
+            header = Header(
+                "float32",
+                self.block_size,
+                "adapter",
+                tuple(self.global_state),
+                self.version,
+                self.held.digest,
+            )
+            self._whole = (self.held, encode(self.global_state, header), header.to_record())
+        return self._whole[1], self._whole[2]
 
     def commit(self, new_state: Mapping[str, np.ndarray], keys: Sequence[str]) -> AdapterState:
         """Send ``new_state`` as an update of ``keys``; return the global adapter the sites
