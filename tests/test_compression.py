@@ -391,7 +391,7 @@ def test_bad_settings_are_refused() -> None:
                 "output.local-only-baseline": False,
             }
         )
-    with pytest.raises(ConfigError, match="fed.wire-block-size"):
+    with pytest.raises(ConfigError, match=r"fed\.wire-block-size"):
         parse_run_config({"fed.wire-block-size": 1})
     with pytest.raises(ConfigError, match="float16"):
         parse_run_config(
