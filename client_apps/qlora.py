@@ -122,13 +122,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.DPSGD_EPSILON] = dpsgd_epsilons["epsilon"]
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
-    content = RecordDict(
-        {
-            wire.ARRAYS: wire.to_array_record(session.to_send(state), wire_dtype),
-            wire.METRICS: metrics,
-        }
-    )
-    if received is not None:
+    content = RecordDict({wire.METRICS: metrics})
+    if received is None:
+        content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
+    else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
         from flower_llm.client import site_store
 
         store = site_store(context.node_config, session.cfg, session.site, context.run_id)
