@@ -384,7 +384,8 @@ def save_residual(
     if store is None:
         return
     buffer = io.BytesIO()
-    arrays: dict[str, Any] = {"__run_id__": np.int64(settings.run_id), **residual}
+    # Flower run ids are unsigned 64-bit integers.
+    arrays: dict[str, Any] = {"__run_id__": np.uint64(settings.run_id), **residual}
     np.savez(buffer, **arrays)
     store.write_bytes(_residual_name(server_round), buffer.getvalue())
     for old in sorted(_residual_rounds(store))[:-KEEP_RESIDUAL_FILES]:

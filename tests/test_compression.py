@@ -364,7 +364,8 @@ def test_a_site_refuses_an_update_of_a_version_it_does_not_hold() -> None:
 def test_the_site_residual_survives_in_its_store_and_a_fresh_run_ignores_it(tmp_path: Path) -> None:
     store = SiteStateStore(tmp_path, "run", "site")
     residual = {"x": np.arange(4, dtype=np.float32)}
-    same_run = updates.UplinkSettings("int8", 64, True, run_id=5, resume=False)
+    run_id = 12643087393756660020  # Flower run ids use all 64 bits
+    same_run = updates.UplinkSettings("int8", 64, True, run_id=run_id, resume=False)
     for server_round in (1, 2, 3):
         updates.save_residual(RecordDict(), store, same_run, server_round, residual)
     # Only the last two rounds are kept; round 3 resumes from round 2's residual
@@ -372,11 +373,12 @@ def test_the_site_residual_survives_in_its_store_and_a_fresh_run_ignores_it(tmp_
         "uplink-residual-000002.npz",
         "uplink-residual-000003.npz",
     ]
-    resumed = updates.UplinkSettings("int8", 64, True, run_id=6, resume=True)
+    resumed = updates.UplinkSettings("int8", 64, True, run_id=run_id + 1, resume=True)
     loaded = updates.load_residual(RecordDict(), store, resumed, 3)
     assert loaded is not None
     np.testing.assert_array_equal(loaded["x"], residual["x"])
-    fresh = updates.UplinkSettings("int8", 64, True, run_id=6, resume=False)
+    fresh = updates.UplinkSettings("int8", 64, True, run_id=run_id + 1, resume=False)
+    assert updates.load_residual(RecordDict(), store, same_run, 3) is not None
     assert updates.load_residual(RecordDict(), store, fresh, 3) is None
 
 
