@@ -29,6 +29,7 @@ CPU_BENCHMARKS = (
     "reload_overhead",
     "client_memory",
     "simulation_scale",
+    "compression",
 )
 GPU_BENCHMARKS = ("gpu_qlora",)
 TOTAL_TARGET_S = 15 * 60

@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.secagg import AdapterTrainer, make_app
-from flower_llm import secagg, wire
+from flower_llm import secagg, updates, wire
+from flower_llm.compression import WIRE_FORMAT
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
 from flower_llm.preflight import client_fails_loud
@@ -95,7 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
-    global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
+    # A plain adapter, or a compressed one applied to the global adapter this site holds.
+    global_state, received = updates.receive(context.state, msg.content)
     wire_dtype = session.cfg.fed.wire_dtype
 
     from flower_llm.client import train_site_round
@@ -104,22 +106,34 @@ def train(msg: Message, context: Context) -> Message:
         session, global_state, server_round, learning_rate, context.node_config, context.run_id
     )
     state, stats, dpsgd_epsilons = trained.state, trained.stats, trained.dpsgd_epsilons
-    if wire.CLIP_NORM in config:
+    clip_norm = float(config[wire.CLIP_NORM]) if wire.CLIP_NORM in config else None  # type: ignore[arg-type]
+    if clip_norm is not None and received is None:
         from flower_llm.client import clip_adapter_update
 
         # privacy.mode = client-fixed: bound the update before it leaves the site.
-        state = clip_adapter_update(state, global_state, float(config[wire.CLIP_NORM]))  # type: ignore[arg-type]
+        state = clip_adapter_update(state, global_state, clip_norm)
     metrics = MetricRecord(session.train_reply_metrics(stats))
     if dpsgd_epsilons is not None:
         metrics[wire.DPSGD_EPSILON] = dpsgd_epsilons["epsilon"]
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
-    content = RecordDict(
-        {
-            wire.ARRAYS: wire.to_array_record(session.to_send(state), wire_dtype),
-            wire.METRICS: metrics,
-        }
-    )
+    content = RecordDict({wire.METRICS: metrics})
+    if received is None:
+        content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
+    else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
+        from flower_llm.client import site_store
+
+        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
+        content[wire.ARRAYS], content[WIRE_FORMAT] = session.compressed_reply(
+            context.state,
+            store,
+            received,
+            state,
+            global_state,
+            server_round,
+            context.run_id,
+            clip_norm,
+        )
 
     if session.cfg.output.local_only_baseline:
         # The same steps on the same batches, but never averaged with anyone: the
@@ -139,7 +153,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split."""
     session = session_for(context)
-    stats = session.evaluate(wire.from_array_record(msg.content.array_records[wire.ARRAYS]))
+    global_state, received = updates.receive(context.state, msg.content)
+    stats = session.evaluate(global_state)
     metrics = MetricRecord(
         {
             wire.NUM_EXAMPLES: stats.examples,
@@ -149,4 +164,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             wire.EVAL_TOKENS: stats.tokens,
         }
     )
-    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({wire.METRICS: metrics})
+    if received is not None:  # tell the server which global version this site now holds
+        content[WIRE_FORMAT] = updates.holds_record(context.state, received)
+    return Message(content=content, reply_to=msg)

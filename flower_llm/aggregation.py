@@ -35,8 +35,18 @@ MAX_HELD_EXAMPLES = 2.0**24
 above any instruction-tuning site and exactly representable in float32. Set the key to your
 largest site's size for a tighter bound."""
 
-WIRE_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11}
-"""Relative rounding of one value stored in the wire dtype."""
+WIRE_UNIT_ROUNDOFF = {
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    # Compressed formats send the update; the server adds it to the float32 reference.
+    "bfloat16": 2.0**-24,
+    "int8": 2.0**-24,
+    "nf4": 2.0**-24,
+}
+"""Relative rounding of one value of a whole adapter stored in the wire dtype."""
+
+COMPRESSED_FORMATS = ("bfloat16", "int8", "nf4")
+"""``fed.wire-dtype`` values that send updates (:mod:`flower_llm.compression`)."""
 
 
 MAX_SITE_METRIC = float(2**53)
@@ -347,16 +357,35 @@ def derive_update_bound(cfg: RunConfig, server_round: int, global_max_abs: float
     from flower_llm.secagg import SAFETY_MARGIN, local_update_bound
 
     train = cfg.train
-    # Client-side DP clipping (client-fixed) only makes an update smaller: the AdamW
-    # bound holds in every mode.
-    bound = SAFETY_MARGIN * local_update_bound(
-        learning_rate=train.learning_rate_at(server_round, cfg.fed.num_rounds),
-        steps=train.local_steps,
-        weight_decay=train.weight_decay,
-        start_max_abs=global_max_abs,
-        dtype=cfg.model.compute_dtype,
-    )
-    roundoff = WIRE_UNIT_ROUNDOFF[cfg.fed.wire_dtype] * (global_max_abs + bound)
+
+    def adamw_bound(learning_rate: float) -> float:
+        # Client-side DP clipping (client-fixed) only makes an update smaller: the AdamW
+        # bound holds in every mode.
+        return SAFETY_MARGIN * local_update_bound(
+            learning_rate=learning_rate,
+            steps=train.local_steps,
+            weight_decay=train.weight_decay,
+            start_max_abs=global_max_abs,
+            dtype=cfg.model.compute_dtype,
+        )
+
+    num_rounds = cfg.fed.num_rounds
+    bound = adamw_bound(train.learning_rate_at(server_round, num_rounds))
+    wire_dtype = cfg.fed.wire_dtype
+    if wire_dtype in COMPRESSED_FORMATS and cfg.fed.error_feedback:
+        # A decoded value is at most its block's absmax, so quantization alone never
+        # exceeds the bound. With error feedback a site sends Q(u + e): |e| <= h (b' + |e'|)
+        # round after round (h: the format's largest error relative to a block's absmax),
+        # so |e| <= h b_max / (1 - h), b_max the bound of the round with the largest
+        # learning rate (it may decay), computed at today's global (larger or equal).
+        from flower_llm.compression import RELATIVE_ERROR
+
+        h = RELATIVE_ERROR[wire_dtype]
+        largest = max(
+            adamw_bound(train.learning_rate_at(r, num_rounds)) for r in range(1, num_rounds + 1)
+        )
+        bound += h / (1 - h) * largest
+    roundoff = WIRE_UNIT_ROUNDOFF[wire_dtype] * (global_max_abs + bound)
     return bound + 2 * roundoff
 
 

@@ -266,6 +266,39 @@ class ClientSession:
 
         return to_rank(state, self.lora.r)
 
+    def compressed_reply(
+        self,
+        node_state: Any,
+        store: SiteStateStore | None,
+        received: Any,
+        local: AdapterState,
+        global_state: AdapterState,
+        server_round: int,
+        run_id: int,
+        clip_norm: float | None = None,
+    ) -> tuple[Any, Any]:
+        """The arrays and header of a compressed train reply (``fed.wire-dtype`` bfloat16,
+        int8 or nf4): ``Q(u + e)`` with ``u`` the trained adapter minus the global one this
+        site started from (at its rank, the keys it sends), ``e`` its residual, clipped to
+        ``clip_norm`` under client-fixed DP (see :func:`flower_llm.updates.send_update`)."""
+        from flower_llm.updates import UplinkSettings, send_update
+
+        fed = self.cfg.fed
+        settings = UplinkSettings(
+            fed.wire_dtype, fed.wire_block_size, fed.error_feedback, run_id, self.cfg.output.resume
+        )
+        base = self.to_send(self.from_global(global_state))
+        return send_update(
+            node_state,
+            store,
+            settings,
+            self.to_send(local),
+            base,
+            received,
+            server_round,
+            clip_norm,
+        )
+
     def to_send(self, state: AdapterState) -> AdapterState:
         """The part of a trained adapter that goes up: all of it, or B only with ``ffa``."""
         return {k: state[k] for k in sent_keys(state, self.cfg.lora.aggregation)}

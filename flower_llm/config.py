@@ -30,7 +30,9 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 PARTITIONERS = ("iid", "dirichlet", "by-field", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "tokens", "seen", "uniform")
-WIRE_DTYPES = ("float32", "float16")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "nf4")
+# flower_llm.compression.COMPRESSED_CODECS: formats that send updates, with error feedback.
+COMPRESSED_WIRE_DTYPES = ("bfloat16", "int8", "nf4")
 AGGREGATIONS = ("fedavg", "secagg+")
 BOUND_ACTIONS = ("drop", "clamp")
 UPDATE_BOUNDS = ("adamw", "off")
@@ -350,7 +352,21 @@ class FederationConfig:
     wire_dtype: str = setting(
         "float32",
         "fed.wire-dtype",
-        "dtype of adapter weights on the wire, both directions, every round: float32 | float16.",
+        "Format of adapters on the wire, both directions, every round: float32 | float16 "
+        "(whole adapters) | bfloat16 | int8 | nf4 (updates: int8 and nf4 blockwise with one "
+        "float32 absmax scale per `fed.wire-block-size` values; see docs/aggregation.md).",
+    )
+    wire_block_size: int = setting(
+        64,
+        "fed.wire-block-size",
+        "Values per absmax scale of int8 and nf4 (64 as QLoRA's NF4; bytes per value "
+        "1 + 4/B for int8, 1/2 + 4/B for nf4).",
+    )
+    error_feedback: bool = setting(
+        True,
+        "fed.error-feedback",
+        "With bfloat16, int8 or nf4: add what quantization lost to the next update (sites "
+        "and server each keep a residual).",
     )
     max_weight: float = setting(
         0.0,
@@ -415,6 +431,12 @@ class FederationConfig:
         )
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _require(
+            2 <= self.wire_block_size <= 2**20,
+            "fed.wire-block-size",
+            "must be in [2, 2^20]",
+            self.wire_block_size,
+        )
         _require(
             math.isfinite(self.max_weight) and self.max_weight >= 0,
             "fed.max-weight",
@@ -736,11 +758,13 @@ def _check_privacy_combinations(cfg: RunConfig) -> None:
         )
     if privacy.mode == "client-fixed":
         # float16 rounding of the whole adapter (not just the update) can push a clipped
-        # update above the clip norm, and the server refuses such replies.
+        # update above the clip norm, and the server refuses such replies. The compressed
+        # formats send the update itself, fitted to the clip norm after decoding.
         _require(
-            cfg.fed.wire_dtype == "float32",
+            cfg.fed.wire_dtype != "float16",
             "fed.wire-dtype",
-            "must be float32 with privacy.mode = 'client-fixed'",
+            "must not be float16 with privacy.mode = 'client-fixed' (float32, or bfloat16, "
+            "int8, nf4, which send the clipped update itself)",
             cfg.fed.wire_dtype,
         )
     if privacy.dpsgd:
@@ -769,6 +793,14 @@ def _check_secagg_combinations(cfg: RunConfig) -> None:
         "must be false with fed.aggregation = 'secagg+': the local-only adapter would reach "
         "the server unmasked",
         cfg.output.local_only_baseline,
+    )
+    _require(
+        cfg.fed.wire_dtype not in COMPRESSED_WIRE_DTYPES,
+        "fed.wire-dtype",
+        "must be float32 or float16 with fed.aggregation = 'secagg+': SecAgg+ sends its own "
+        "fixed-point encoding of the update (its masks need integers modulo 2^32), so "
+        "bfloat16, int8 or nf4 codes would be decoded before masking and save nothing",
+        cfg.fed.wire_dtype,
     )
 
 

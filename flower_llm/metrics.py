@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flower_llm import wire
 
@@ -51,6 +52,8 @@ UPDATED = "updated"
 REFUSED = "refused"
 CLAMPED = "clamped"
 LORA_TRUNCATION_ERROR = "lora-truncation-error"
+BYTES_BY_SITE = "bytes-by-site"
+BYTES_DOWN_EVAL = "bytes-down-eval"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
@@ -123,6 +126,19 @@ COLUMNS: tuple[Column, ...] = (
         tensorboard="traffic/bytes-down",
     ),
     Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
+    Column(
+        BYTES_DOWN_EVAL,
+        "bytes",
+        "Payload sent to the sites for evaluation (round 1 includes round 0's).",
+        "rounds of fed.aggregation = fedavg that evaluate",
+    ),
+    Column(
+        BYTES_BY_SITE,
+        "bytes",
+        "node id -> [bytes sent to it, bytes received from it] in the round's train and "
+        "evaluation exchanges (summed per site in summary.json).",
+        "rounds of fed.aggregation = fedavg",
+    ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(
         REFUSED,
@@ -285,3 +301,30 @@ def markdown_table() -> str:
     lines = ["| column | unit | written | meaning |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in COLUMNS]
     return "\n".join(lines)
+
+
+def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's communication, as a budget counts it: bytes up and down in the train
+    exchanges, bytes down for evaluation, MB (10^6 bytes) up, down (train + evaluation)
+    and in all, and per site (node id) where rounds recorded it."""
+    up = sum(int(row.get(BYTES_UP, 0)) for row in rows)
+    train_down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
+    eval_down = sum(int(row.get(BYTES_DOWN_EVAL, 0)) for row in rows)
+    down = train_down + eval_down
+    by_site: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for node, (sent, received) in (row.get(BYTES_BY_SITE) or {}).items():
+            site = by_site.setdefault(str(node), {"bytes-down": 0, "bytes-up": 0})
+            site["bytes-down"] += int(sent)
+            site["bytes-up"] += int(received)
+    summary: dict[str, Any] = {
+        "bytes-up": up,
+        "bytes-down": train_down,
+        "bytes-down-eval": eval_down,
+        "mb-up": round(up / 1e6, 6),
+        "mb-down": round(down / 1e6, 6),
+        "mb-total": round((up + down) / 1e6, 6),
+    }
+    if by_site:
+        summary["bytes-by-site"] = dict(sorted(by_site.items(), key=lambda kv: int(kv[0])))
+    return summary

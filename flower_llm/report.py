@@ -555,6 +555,16 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         for site, loss in local_only.items():
             shown = f"{loss:.4f}" if isinstance(loss, int | float) else "n/a"
             lines.append(f"  {'local-only, ' + str(site):<32} {shown}")
+    if isinstance(summary.get("mb-total"), int | float):
+        lines.append(
+            f"communication: {summary['mb-up']:.3f} MB up, {summary['mb-down']:.3f} MB down, "
+            f"{summary['mb-total']:.3f} MB in all (down: train and evaluation)"
+        )
+        for site, traffic in (summary.get("bytes-by-site") or {}).items():
+            lines.append(
+                f"  node {site:<24} {traffic['bytes-down'] / 1e6:.3f} MB down, "
+                f"{traffic['bytes-up'] / 1e6:.3f} MB up"
+            )
     status = summary.get("status", "unknown")
     reason = summary.get("reason")
     lines.append(f"status: {status}" + (f" ({reason})" if reason else ""))

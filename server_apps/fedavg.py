@@ -145,8 +145,7 @@ def run_summary(
         "adapter-parameters": adapter_parameters,
         "final-adapter": str(run_dir.path / FINAL_ADAPTER),
         "eval-loss-by-round": [row.get(columns.EVAL_LOSS) for row in history],
-        "bytes-up": sum(row[columns.BYTES_UP] for row in history),
-        "bytes-down": sum(row[columns.BYTES_DOWN] for row in history),
+        **columns.traffic_summary(history),
     }
 
 
