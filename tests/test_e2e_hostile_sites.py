@@ -19,6 +19,7 @@ from tests.flwr_procs import BIN, app_with_clientapp, flwr_env, local_superlink_
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+
 def test_hostile_sites_are_dropped_and_sites_of_ranks_4_8_16_lower_the_loss(
     tmp_path: Path,
 ) -> None:
