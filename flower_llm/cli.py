@@ -289,13 +289,13 @@ def exact_match(generated: str, reference: str, tokenizer: Any) -> bool:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the per-round table and rewrite report.md, the plot and TensorBoard files."""
-    from flower_llm.report import format_table, read_run, write_report_files
+    from flower_llm.report import format_table, read_run, task_lines, write_report_files
 
     try:
         records = read_run(args.run_dir)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    print(format_table(records.rows))
+    print("\n".join([format_table(records.rows), *task_lines(records)]))
     try:
         write_report_files(records, wandb_project=args.wandb_project)
     except ImportError as error:  # matplotlib and tensorboard are the `report` extra

@@ -49,6 +49,7 @@ the server pools with it and never loads a model.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -684,3 +685,102 @@ def format_task_lines(summary: Mapping[str, Any]) -> list[str]:
         chance_text = f"{chance:.3f}" if isinstance(chance, int | float) else "?"
         lines.append(f"  {name:<12} {shown}  (chance {chance_text})")
     return lines
+
+
+# --------------------------------------------------------------------------------------
+# A site's tasks
+# --------------------------------------------------------------------------------------
+
+TASK_FILE_NODE_KEY = "task-file"
+"""node-config key naming a site's own task file(s), comma-separated."""
+
+
+def site_task_files(cfg: Any, site: Any, node_config: Mapping[str, Any]) -> list[Path]:
+    """The task files a site evaluates: node-config ``task-file``, else ``eval.task-file``,
+    else, on the embedded data, the bundled task of the domain its partition holds most.
+
+    ``cfg`` is a :class:`~flower_llm.config.RunConfig`, ``site`` a
+    :class:`~flower_llm.client.SiteIdentity`. Empty when the site has no task.
+    """
+    from flower_llm.config import EMBEDDED, ConfigError
+
+    own = node_config.get(TASK_FILE_NODE_KEY)
+    if own is not None:
+        if not isinstance(own, str):
+            raise ConfigError(f"node-config '{TASK_FILE_NODE_KEY}' must be a string, got {own!r}")
+        return [Path(f.strip()).expanduser() for f in own.split(",") if f.strip()]
+    if cfg.eval.task_files:
+        return [Path(f).expanduser() for f in cfg.eval.task_files]
+    if site.data_path is None and cfg.data.source == EMBEDDED:
+        domain = _partition_domain(cfg.data, site.partition_id, site.num_partitions, cfg.seed)
+        return [bundled_task_file(domain)]
+    return []
+
+
+@functools.cache
+def _partition_domain(data_cfg: Any, partition_id: int, num_partitions: int, seed: int) -> str:
+    """The most frequent ``domain`` of a simulated site's share of the embedded data."""
+    from collections import Counter
+
+    from flower_llm.data import load_records, partition
+
+    records = partition(load_records(data_cfg), data_cfg, partition_id, num_partitions, seed)
+    # Ties go to the first domain in sorted order: every process picks the same.
+    counts = Counter(records["domain"])
+    return min(counts, key=lambda domain: (-counts[domain], domain))
+
+
+@functools.cache
+def _cached_task(path: Path, mtime_ns: int) -> Task:
+    return load_task(path)
+
+
+def cached_task(path: str | Path) -> Task:
+    """:func:`load_task`, parsed once per process while the file is unchanged."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TaskFileError(f"task file {file} not found")
+    return _cached_task(file.resolve(), file.stat().st_mtime_ns)
+
+
+def site_tasks(
+    cfg: Any, site: Any, node_config: Mapping[str, Any], instruction: Mapping[str, Any]
+) -> list[Task]:
+    """The tasks an evaluate instruction asks this site to answer, read and checked.
+
+    None unless ``eval.tasks`` is on and the instruction does not say ``eval-tasks =
+    false``; then :func:`site_task_files`, parsed once per process. Two files of the same
+    name are refused: their counts would pool as one task.
+    """
+    if not wants_tasks(cfg, instruction):
+        return []
+    loaded = [cached_task(f) for f in site_task_files(cfg, site, node_config)]
+    names = [t.name for t in loaded]
+    if len(set(names)) != len(names):
+        raise TaskFileError(f"two task files share a name (the file name): {names}")
+    return loaded
+
+
+def site_task_scores(
+    model: Any, tokenizer: Any, cfg: Any, site_tasks: Sequence[Task], batch_size: int = 64
+) -> list[TaskScore]:
+    """Score ``model`` (its adapter loaded) on a site's tasks: multiple choice by option
+    log-likelihood, sequences cut to ``data.max-seq-length``."""
+    return [
+        score_task(
+            model,
+            tokenizer,
+            task,
+            cfg.data,
+            batch_size=batch_size,
+            max_len=cfg.data.max_seq_length,
+        )
+        for task in site_tasks
+    ]
+
+
+def wants_tasks(cfg: Any, instruction: Mapping[str, Any]) -> bool:
+    """Whether an evaluate instruction asks for task questions (eval.tasks, the config)."""
+    from flower_llm import wire
+
+    return bool(cfg.eval.tasks) and bool(instruction.get(wire.EVAL_TASKS, True))
