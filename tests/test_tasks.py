@@ -475,3 +475,37 @@ def test_pooled_metrics_of_sites_answering_different_tasks_keep_them_apart() -> 
     assert pooled["task-accuracy/finance"] == pytest.approx(24 / 60)
     assert pooled["task-accuracy/medical"] == pytest.approx(3 / 30)
     assert tasks.task_names(dict(pooled)) == ["finance", "medical"]
+
+
+def test_the_report_shows_task_accuracy_while_running_and_after(tmp_path: Path) -> None:
+    from flower_llm.outputs import INITIAL_EVAL_FILE, METRICS_FILE, SUMMARY_FILE
+    from flower_llm.report import format_report, read_run, task_lines
+
+    # Prepare: round 0 and two evaluated rounds, no summary yet
+    (tmp_path / INITIAL_EVAL_FILE).write_text(
+        json.dumps({"task-accuracy/finance": 0.1, "task-chance/finance": 0.25})
+    )
+    rows = [
+        {"round": r, "eval/task-accuracy/finance": a, "eval/task-chance/finance": 0.25}
+        for r, a in ((1, 0.2), (2, 0.6))
+    ]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # Execute
+    running = task_lines(read_run(tmp_path))
+    (tmp_path / SUMMARY_FILE).write_text(
+        json.dumps(
+            {
+                "task-accuracy": tasks.task_summary(
+                    json.loads((tmp_path / INITIAL_EVAL_FILE).read_text()), rows
+                )
+            }
+        )
+    )
+    finished = task_lines(read_run(tmp_path))
+
+    # Assert
+    assert running == finished
+    expected = "finance 0.100 -> 0.200 -> 0.600 (chance 0.250)"
+    assert running[1].split() == expected.split()
+    assert running[1] in format_report(read_run(tmp_path))
