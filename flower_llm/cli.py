@@ -520,7 +520,7 @@ def evaluate_lm_eval(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for task, values in results.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
             print(f"{task}: {shown}")
     return 0
 
