@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 import string
@@ -58,6 +59,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
 SCORINGS = ("loglik", "generate")
@@ -604,9 +607,15 @@ def pool_task_metrics(replies: Iterable[Mapping[str, Any]]) -> dict[str, int | f
             counts = {k: _count(metrics.get(f"{k}/{name}")) for k in COUNT_KEYS}
             questions, correct = counts[QUESTIONS_KEY], counts[CORRECT_KEY]
             chance = counts[CHANCE_SUM_KEY]
-            if questions is None or correct is None or chance is None or questions == 0:
-                continue
-            if correct > questions or chance > questions:
+            if (
+                questions is None
+                or correct is None
+                or chance is None
+                or questions == 0
+                or correct > questions
+                or chance > questions
+            ):
+                log.warning("Task %r: a site's counts are not counts; left out: %s", name, counts)
                 continue
             pooled = sums.setdefault(name, dict.fromkeys(COUNT_KEYS, 0.0))
             exact, short = counts[EXACT_KEY], counts[SHORT_ANSWERS_KEY]
