@@ -48,6 +48,7 @@ from flower_llm.config import (
     parse_overrides,
 )
 from flower_llm.plan import MemoryPlan, PlanSettings, format_bytes, parse_memory
+from flower_llm.tasks import exact_match, greedy_completion, prompt_ids
 
 log = logging.getLogger("flower_llm.cli")
 
@@ -236,64 +237,8 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def prompt_ids(instruction: str, tokenizer: Any, cfg: Any) -> list[int]:
-    """Token ids of the prompt for ``instruction``, exactly as training encodes prompts.
-
-    The template (or chat template) of :func:`flower_llm.data.format_prompt`, and the
-    prompt part of :func:`flower_llm.data.encode_example` (BOS handling included), so
-    generation starts where training's responses started.
-    """
-    from flower_llm.data import IGNORE_INDEX, encode_example, format_prompt
-
-    prompt, _ = format_prompt(
-        {cfg.instruction_column: instruction, cfg.response_column: ""}, cfg, tokenizer
-    )
-    # encode_example tokenizes prompt and response separately, so the masked prefix of a
-    # placeholder response's encoding is the prompt's ids, whatever the response is.
-    encoded = encode_example(prompt, "x", tokenizer, max_len=2**31)
-    if encoded is None:
-        raise ValueError("the tokenizer gives no token for a response")
-    return [
-        t
-        for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True)
-        if label == IGNORE_INDEX
-    ]
-
-
-def greedy_completion(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of ``ids``, decoded without special tokens and stripped.
-
-    One prompt at a time: no padding, so the answer cannot depend on what else is in a
-    batch (exact match compares these strings).
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,  # the training loader turns the cache off
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    return str(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)).strip()
-
-
-def exact_match(generated: str, reference: str, tokenizer: Any) -> bool:
-    """Whether ``generated`` (decoded) equals ``reference`` after stripping.
-
-    The reference goes through the tokenizer and back first, as the generation did: a
-    tokenizer whose decoding is lossy (a word-level one may write ``400`` as ``4 0 0``,
-    an unknown word as nothing) would otherwise make every answer wrong. Where decoding
-    is lossless this changes nothing.
-    """
-    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
-    round_trip = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
-    return generated.strip() == round_trip
+# prompt_ids, greedy_completion and exact_match live in flower_llm.tasks (imported above),
+# shared with task evaluation: one prompt encoding for training, generation and scoring.
 
 
 # --------------------------------------------------------------------------------------
