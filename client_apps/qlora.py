@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.secagg import AdapterTrainer, make_app
-from flower_llm import secagg, updates, wire
+from flower_llm import secagg, tasks, updates, wire
 from flower_llm.compression import WIRE_FORMAT
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
@@ -151,8 +151,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @client_fails_loud  # a data or config mistake: an error reply naming it
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this site's held-out split."""
+    """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
+    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    # Read before any work, so a malformed task file fails at once, naming file:line.
+    site_tasks = tasks.site_tasks(session.cfg, session.site, context.node_config, config)
     global_state, received = updates.receive(context.state, msg.content)
     stats = session.evaluate(global_state)
     metrics = MetricRecord(
@@ -164,6 +167,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             wire.EVAL_TOKENS: stats.tokens,
         }
     )
+    if site_tasks:
+        # The adapter just evaluated is still loaded; only counts leave the site.
+        scores = tasks.site_task_scores(
+            session.model, session.base.tokenizer, session.cfg, site_tasks
+        )
+        metrics.update(tasks.reply_metrics(scores))
     content = RecordDict({wire.METRICS: metrics})
     if received is not None:  # tell the server which global version this site now holds
         content[WIRE_FORMAT] = updates.holds_record(context.state, received)

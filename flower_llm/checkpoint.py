@@ -64,7 +64,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "secagg.timeout",
     }
 )
-MAY_CHANGE_PREFIXES = ("output.",)
+MAY_CHANGE_PREFIXES = ("output.", "eval.")  # what is written and asked, not trained
 
 
 class CheckpointError(RuntimeError):

@@ -501,6 +501,41 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Task evaluation at the sites (flower_llm.tasks): accuracy on questions, not only loss."""
+
+    tasks: bool = setting(
+        True,
+        "eval.tasks",
+        "Each evaluating site also answers its task file's questions with the global "
+        "adapter and sends only the counts (questions, correct, chance): multiple-choice "
+        "accuracy per task, pooled, next to its chance level. A site's task file is its "
+        "node-config `task-file`, else `eval.task-file`, else (embedded data) the bundled "
+        "task of the domain its partition holds; a site without one sends no task metrics.",
+    )
+    task_file: str = setting(
+        "",
+        "eval.task-file",
+        "Comma-separated JSONL task files every site evaluates when its node-config names "
+        "no `task-file` (empty = none; the embedded data uses its bundled tasks).",
+    )
+
+    def __post_init__(self) -> None:
+        files = [f.strip() for f in self.task_file.split(",")]
+        _require(
+            self.task_file.strip() == "" or all(files),
+            "eval.task-file",
+            "has an empty entry between commas",
+            self.task_file,
+        )
+
+    @property
+    def task_files(self) -> list[str]:
+        """``eval.task-file`` as a list of paths (empty when unset)."""
+        return [f.strip() for f in self.task_file.split(",") if f.strip()]
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy: client-level DP-FedAvg on the server, DP-SGD on the clients.
 
@@ -713,6 +748,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
 
     def __post_init__(self) -> None:
@@ -731,6 +767,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("output", OutputConfig),
     ("privacy", PrivacyConfig),
     ("secagg", SecAggConfig),
+    ("eval", EvalConfig),
 )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flower_llm import wire
+from flower_llm import tasks, wire
 
 
 @dataclass(frozen=True)
@@ -276,6 +276,61 @@ COLUMNS: tuple[Column, ...] = (
 
 BY_NAME = {c.name: c for c in COLUMNS}
 
+# Task questions (flower_llm.tasks): one column of each family per task, the task being
+# the task file's name (``eval/task-accuracy/medical``).
+TASK = "<task>"
+EVAL_TASK_QUESTIONS = prefixed("eval", f"{tasks.QUESTIONS_KEY}/{TASK}")
+EVAL_TASK_CORRECT = prefixed("eval", f"{tasks.CORRECT_KEY}/{TASK}")
+EVAL_TASK_ACCURACY = prefixed("eval", f"{tasks.ACCURACY_KEY}/{TASK}")
+EVAL_TASK_CHANCE = prefixed("eval", f"{tasks.CHANCE_KEY}/{TASK}")
+EVAL_TASK_EXACT_MATCH = prefixed("eval", f"{tasks.EXACT_MATCH_KEY}/{TASK}")
+_TASKS = "evaluated rounds with eval.tasks = true, per task a site evaluates"
+
+TASK_COLUMNS: tuple[Column, ...] = (
+    Column(
+        EVAL_TASK_QUESTIONS,
+        "questions",
+        "Task questions answered, summed over the evaluating sites.",
+        _TASKS,
+    ),
+    Column(EVAL_TASK_CORRECT, "questions", "Of those, answered right, summed.", _TASKS),
+    Column(
+        EVAL_TASK_ACCURACY,
+        "fraction",
+        "Pooled accuracy: correct / questions (multiple choice: the option of highest "
+        "log-likelihood; short answers: normalized match of the greedy answer).",
+        _TASKS,
+    ),
+    Column(
+        EVAL_TASK_CHANCE,
+        "fraction",
+        "Accuracy of uniform guessing on the same questions: mean of 1/(options).",
+        _TASKS,
+    ),
+    Column(
+        EVAL_TASK_EXACT_MATCH,
+        "fraction",
+        "Short answers only: exact matches / short-answer questions.",
+        "as above, tasks with short answers",
+    ),
+)
+"""Column families: ``<task>`` stands for each task's name."""
+
+
+def task_column(family: str, task: str) -> str:
+    """The column of ``task`` in a family of :data:`TASK_COLUMNS` (``eval/task-accuracy/x``)."""
+    return family.replace(TASK, task)
+
+
+def task_family(name: str) -> Column | None:
+    """The family of :data:`TASK_COLUMNS` that column ``name`` belongs to, if any."""
+    for column in TASK_COLUMNS:
+        head = column.name[: -len(TASK)]
+        rest = name[len(head) :]
+        if name.startswith(head) and rest and "/" not in rest:
+            return column
+    return None
+
 
 def check_row(row: dict[str, object], site_columns: Iterable[str] = ()) -> None:
     """Refuse a row with a column this module does not declare (a name that drifted).
@@ -283,7 +338,9 @@ def check_row(row: dict[str, object], site_columns: Iterable[str] = ()) -> None:
     ``site_columns`` are columns made of metrics the sites chose to send (a client written
     outside this project may send its own): kept in the row, not refused.
     """
-    unknown = sorted(set(row) - set(BY_NAME) - set(site_columns))
+    unknown = sorted(
+        name for name in set(row) - set(BY_NAME) - set(site_columns) if task_family(name) is None
+    )
     if unknown:
         raise ValueError(
             f"metrics row has undeclared columns {unknown}; declare them in flower_llm.metrics"
@@ -300,6 +357,7 @@ def markdown_table() -> str:
     """The metrics.jsonl table the docs show (docs/deployment.md)."""
     lines = ["| column | unit | written | meaning |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in COLUMNS]
+    lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in TASK_COLUMNS]
     return "\n".join(lines)
 
 

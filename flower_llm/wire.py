@@ -53,6 +53,9 @@ LEARNING_RATE = "learning-rate"
 SEND_LOCAL_ONLY = "send-local-only"
 # client-fixed DP-FedAvg: the L2 bound a client must clip its update to before replying.
 CLIP_NORM = "clip-norm"
+# Evaluate instruction: False asks the site for held-out loss only, no task questions
+# (absent: the run-config's eval.tasks decides).
+EVAL_TASKS = "eval-tasks"
 
 WIRE_DTYPES = {
     "float32": np.float32,

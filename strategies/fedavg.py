@@ -47,6 +47,7 @@ from flower_llm.lora_aggregation import (
     sent_keys,
     to_rank,
 )
+from flower_llm.tasks import pool_task_metrics
 from flower_llm.updates import Downlink
 from strategies.sampling import FixedSizeSampler, wait_for_nodes
 
@@ -716,12 +717,14 @@ class WeightedFedAvg(FedAvg):
 def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
     """Pool evaluation replies as if all held-out tokens were one set.
 
+    Task-question counts pool the same way (:func:`flower_llm.tasks.pool_task_metrics`).
     Replies with errors or without the expected metrics are skipped with a log line.
     """
     import math
 
     loss_sum = acc_sum = 0.0
     tokens = examples = clients = 0
+    used: list[MetricRecord] = []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -750,6 +753,7 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
         tokens += int(n_tok)
         examples += int(n_examples)
         clients += 1
+        used.append(metrics)
     if tokens == 0:
         return None
     loss = loss_sum / tokens
@@ -761,5 +765,7 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
             wire.EVAL_TOKENS: tokens,
             wire.NUM_EXAMPLES: examples,
             "clients": clients,
+            # Task questions: counts summed over the sites, accuracy = correct / questions.
+            **pool_task_metrics(used),
         }
     )
