@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -304,7 +304,7 @@ def setup_failure(dropped: Mapping[Any, str]) -> str | None:
     return None
 
 
-def conclude(summary: dict[str, Any], history: list[Mapping[str, Any]], planned: int) -> bool:
+def conclude(summary: dict[str, Any], history: Sequence[Mapping[str, Any]], planned: int) -> bool:
     """Add the run's outcome to ``summary``; True if it updated the model at all.
 
     A failed run has no ``final/`` adapter (``final-adapter`` is null): nothing that
