@@ -245,7 +245,7 @@ def round_name(server_round: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def run_outcome(history: list[Mapping[str, Any]], planned_rounds: int) -> dict[str, Any]:
+def run_outcome(history: Sequence[Mapping[str, Any]], planned_rounds: int) -> dict[str, Any]:
     """``status``, ``reason`` and per-round failures of a run, for summary.json.
 
     A run whose rounds never updated the global adapter learned nothing: it is
