@@ -46,6 +46,9 @@ NUM_SITES = 3
 ROUND_RATIO_TARGET = 1.25
 OVERHEAD_TARGET_S = 1.0
 MODES = ("per-message", "cache", "workers", "simulation")
+SPLIT = ("start-s", "import-flwr-s", "import-app-s", "work-s", "exit-s", "total-s")
+"""One ClientApp process: interpreter up, Flower's ClientApp runtime imported, the app
+imported, the message answered, the process gone."""
 
 
 def job(model: str, rounds: int, out: Path, name: str) -> str:
@@ -92,6 +95,12 @@ def base_load_seconds(model_dir: str, cache_root: Path, repeats: int) -> dict[st
 CLIENTAPP_PROCESS = """
 import json, sys, time
 t_start = time.time()
+# What a SuperNode's flwr-clientapp process imports before it loads the app: Flower's
+# ClientApp runtime (through the deploy scripts' faster start, flower_llm.clientapp_process).
+from flower_llm.clientapp_process import load_flwr_clientapp
+load_flwr_clientapp()
+import flwr.supernode.runtime.run_clientapp
+t_flwr = time.time()
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from client_apps.qlora import app
@@ -113,7 +122,8 @@ msg.content[wire.ARRAYS] = wire.to_array_record(
 reply = app(msg, context)
 t_work = time.time()
 heavy = [m for m in ("torch", "transformers", "peft") if m in sys.modules]
-print(json.dumps({"start": t_start, "import": t_import, "work": t_work, "heavy": heavy}))
+print(json.dumps({"start": t_start, "flwr": t_flwr, "import": t_import, "work": t_work,
+                  "heavy": heavy}))
 """
 
 
@@ -141,6 +151,8 @@ def clientapp_split(model_dir: str, worker_socket: str, state_files: dict[str, s
     t = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
         "start-s": t["start"] - spawned,
+        "import-flwr-s": t["flwr"] - t["start"],
+        "import-app-s": t["import"] - t["flwr"],
         "import-s": t["import"] - t["start"],
         "work-s": t["work"] - t["import"],
         "exit-s": done - t["work"],
@@ -197,7 +209,7 @@ def clientapp_splits(model_dir: str, tmp: Path, repeats: int) -> dict[str, Any]:
         return common.median([r[key] for r in rows])
 
     split = {
-        name: {k: med(rows, k) for k in ("start-s", "import-s", "work-s", "exit-s", "total-s")}
+        name: {k: med(rows, k) for k in (*SPLIT, "import-s")}
         for name, rows in (("relayed", relayed), ("in-process", in_process))
     }
     split["relayed"]["heavy-imports"] = relayed[0]["heavy-imports"]
@@ -389,17 +401,13 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{loads['original']:.2f} s from the original weights.\n\n"
     )
     rows = [
-        [
-            name,
-            *(
-                f"{split[name][k]:.2f}"
-                for k in ("start-s", "import-s", "work-s", "exit-s", "total-s")
-            ),
-        ]
+        [name, *(f"{split[name][k]:.2f}" if k in split[name] else "-" for k in SPLIT)]
         for name in ("in-process", "relayed")
     ]
     text += "One ClientApp process answering an evaluate message (median seconds):\n\n"
-    text += common.table(["ClientApp", "start", "import", "work", "exit", "total"], rows)
+    text += common.table(
+        ["ClientApp", "start", "import flwr", "import app", "work", "exit", "total"], rows
+    )
     text += (
         f"\nRelayed: the worker's own job took {split['relayed']['worker-job-s']:.2f} s, so the "
         f"per-message overhead is {split['relayed']['overhead-s']:.2f} s "
@@ -416,10 +424,11 @@ def main() -> None:
     p.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(MODES), help="which ways to run the job"
     )
+    p.add_argument("--name", help="result file name (default deployment-<model>)")
     args = p.parse_args()
     common.setup(args.threads)
     common.run_and_finish(
-        f"deployment-{args.model}",
+        args.name or f"deployment-{args.model}",
         args,
         lambda: run(args.model, args.rounds, args.quick, tuple(args.modes)),
         to_markdown,

@@ -4,7 +4,8 @@ Each simulated site holds mostly one domain (by-field partition). For the same n
 local optimizer steps, compare on the union of every site's held-out split:
 
 - the FedAvg adapter (each round: every site trains from the global adapter, the
-  server takes the example-weighted average), and
+  server averages weighted by the examples each site holds, as ``fed.weighting``'s
+  default does), and
 - each site's local-only adapter (the same steps on the same batches, never averaged).
 
 The sites run in one process through ``flower_llm.client.ClientSession`` and the
@@ -50,7 +51,9 @@ def run(num_sites: int, num_rounds: int) -> dict[str, object]:
     for server_round in range(1, num_rounds + 1):
         lr = cfg.train.learning_rate_at(server_round, num_rounds)
         updates = [s.train(global_state, server_round, lr) for s in sessions]
-        global_state = weighted_average([u[0] for u in updates], [u[1].examples for u in updates])
+        # fed.weighting = "examples" (the default): n_k is what each site holds
+        held = [s.data.num_train_examples for s in sessions]
+        global_state = weighted_average([u[0] for u in updates], held)
         local_states = [
             s.train(state, server_round, lr)[0]
             for s, state in zip(sessions, local_states, strict=True)

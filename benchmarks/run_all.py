@@ -30,6 +30,7 @@ CPU_BENCHMARKS = (
     "client_memory",
     "simulation_scale",
     "personalization",
+    "compression",
 )
 GPU_BENCHMARKS = ("gpu_qlora",)
 TOTAL_TARGET_S = 15 * 60

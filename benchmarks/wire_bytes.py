@@ -91,6 +91,8 @@ RANKS = (8,)
 """Ranks reported besides the project default (``LoraSettings().r``); the issue asks for 8."""
 
 WIRE_DTYPES = ("float32", "float16")
+COMPRESSED = ("bfloat16", "int8", "nf4")
+"""``fed.wire-dtype`` values that send updates (flower_llm.compression), block size 64."""
 
 
 # --------------------------------------------------------------------------------------
@@ -158,6 +160,23 @@ def record_bytes(shapes: Mapping[str, tuple[int, ...]], wire_dtype: str) -> int:
     return wire.num_bytes(wire.to_array_record(state, wire_dtype))
 
 
+def compressed_record_bytes(
+    shapes: Mapping[str, tuple[int, ...]], codec: str, block_size: int = 64
+) -> int:
+    """Bytes of a compressed update message of these shapes (docs/aggregation.md, "Wire
+    format"): the four ``.npy`` arrays, headers included, without encoding anything."""
+    from flower_llm.compression import BLOCK_CODECS, block_count, expected_codes
+
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes.values()]
+    dtype, length = expected_codes(codec, sum(sizes))
+    total = npy_bytes((length,), dtype)
+    total += npy_bytes((len(sizes),), np.int64)
+    total += npy_bytes((sum(len(s) for s in shapes.values()),), np.int64)
+    if codec in BLOCK_CODECS:
+        total += npy_bytes((block_count(sizes, block_size),), np.float32)
+    return total
+
+
 def real_architectures(names: Sequence[str]) -> list[dict[str, Any]]:
     """One row per architecture: parameters, adapter and full-model bytes per direction."""
     from flower_llm.config import LoraSettings
@@ -180,6 +199,11 @@ def real_architectures(names: Sequence[str]) -> list[dict[str, Any]]:
                 "params": sum(int(np.prod(s)) for s in shapes.values()),
                 "arrays": len(shapes),
                 "bytes": {d: record_bytes(shapes, d) for d in WIRE_DTYPES},
+                "update-bytes": {c: compressed_record_bytes(shapes, c) for c in COMPRESSED},
+                # lora.aggregation = ffa: only the B matrices travel.
+                "update-bytes-ffa-nf4": compressed_record_bytes(
+                    {k: v for k, v in shapes.items() if "lora_B" in k}, "nf4"
+                ),
             }
         row["default-r"] = default_r
         rows.append(row)
@@ -334,6 +358,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                     f"{lora['params']:,}",
                     common.human_bytes(lora["bytes"]["float32"]),
                     common.human_bytes(lora["bytes"]["float16"]),
+                    *(common.human_bytes(lora["update-bytes"][c]) for c in COMPRESSED),
+                    common.human_bytes(lora["update-bytes-ffa-nf4"]),
                     common.human_bytes(a["full-bytes"]["float32"]),
                     common.human_bytes(a["full-bytes"]["float16"]),
                     f"{a['full-bytes']['float32'] / lora['bytes']['float32']:,.0f}x",
@@ -341,8 +367,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             )
     text = (
         "Bytes per client per round, **each direction** (down = up), all-linear LoRA; "
-        "full-model rows are what FedAvg of every weight would send. Parameter counts "
-        "equal the published totals unless marked (!).\n\n"
+        "full-model rows are what FedAvg of every weight would send. Update columns are the "
+        "compressed formats of `fed.wire-dtype` (block size 64; an update message as "
+        "docs/aggregation.md specifies it, headers included); a site that missed rounds "
+        "gets the fp32 adapter once. Parameter counts equal the published totals unless "
+        "marked (!).\n\n"
     )
     text += common.table(
         [
@@ -352,6 +381,10 @@ def to_markdown(result: dict[str, Any]) -> str:
             "LoRA params",
             "adapter fp32",
             "adapter fp16",
+            "update bf16",
+            "update int8",
+            "update nf4",
+            "nf4 + ffa (B)",
             "full fp32",
             "full fp16/bf16",
             "full / adapter",

@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.secagg import AdapterTrainer, make_app
-from flower_llm import secagg, wire
+from flower_llm import secagg, tasks, updates, wire
+from flower_llm.compression import WIRE_FORMAT
 from flower_llm.config import parse_run_config, round_settings
 from flower_llm.logs import setup_logging
 from flower_llm.personal import SITE_COMPARISON
@@ -75,16 +76,18 @@ def session_for(context: Context) -> ClientSession:
 def session_and_keys(context: Context) -> tuple[AdapterTrainer, list[str]]:
     """This process's session for SecAgg+, and its adapter keys in wire order."""
     from flower_llm.adapters import adapter_state  # the torch stack: the training stage only
+    from flower_llm.client import SiteTrainer
 
     session = session_for(context)
+    trainer = SiteTrainer(session, context.node_config, context.run_id)
     keys = secagg.ordered_keys(adapter_state(session.model))
     if session.cfg.fed.personalization == "local-b":
         from flower_llm import personal
 
         # Only A enters the secure sum; the trainer keeps each round's B at the site.
-        trainer = personal.local_b_trainer(session, personal.stash_for(context, session))
-        return trainer, personal.shared_keys(keys, "local-b")
-    return session, keys
+        local_b = personal.local_b_trainer(trainer, personal.stash_for(context, session))
+        return local_b, personal.shared_keys(keys, "local-b")
+    return trainer, keys
 
 
 def local_b_site(context: Context, session: ClientSession) -> LocalB | None:
@@ -111,43 +114,49 @@ def train(msg: Message, context: Context) -> Message:
     # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
-    global_state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
+    # A plain adapter, or a compressed one applied to the global adapter this site holds.
+    global_state, received = updates.receive(context.state, msg.content)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
     start = local_b.start(global_state, server_round) if local_b is not None else global_state
 
-    dpsgd_epsilons = None
-    if session.cfg.privacy.dpsgd:
-        from flower_llm.client import site_store
+    from flower_llm.client import train_site_round
 
-        # The site's accountant lives in its state store, which outlives the run: a
-        # resumed run continues this site's epsilon.
-        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
-        state, dp_result = session.train_dp(
-            start, learning_rate, server_round, store, context.run_id
-        )
-        stats, dpsgd_epsilons = dp_result.stats, dp_result.epsilons
-    else:
-        state, stats = session.train(start, server_round, learning_rate)
+    trained = train_site_round(
+        session, start, server_round, learning_rate, context.node_config, context.run_id
+    )
+    state, stats, dpsgd_epsilons = trained.state, trained.stats, trained.dpsgd_epsilons
     if local_b is not None:
         local_b.keep(state, server_round)  # B stays here; to_send below sends A alone
-    if wire.CLIP_NORM in config:
+    clip_norm = float(config[wire.CLIP_NORM]) if wire.CLIP_NORM in config else None  # type: ignore[arg-type]
+    if clip_norm is not None and received is None:
         from flower_llm.client import clip_adapter_update
 
         # privacy.mode = client-fixed: bound the update before it leaves the site.
-        state = clip_adapter_update(state, global_state, float(config[wire.CLIP_NORM]))  # type: ignore[arg-type]
+        state = clip_adapter_update(state, global_state, clip_norm)
     metrics = MetricRecord(session.train_reply_metrics(stats))
     if dpsgd_epsilons is not None:
         metrics[wire.DPSGD_EPSILON] = dpsgd_epsilons["epsilon"]
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
-    content = RecordDict(
-        {
-            wire.ARRAYS: wire.to_array_record(session.to_send(state), wire_dtype),
-            wire.METRICS: metrics,
-        }
-    )
+    content = RecordDict({wire.METRICS: metrics})
+    if received is None:
+        content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
+    else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
+        from flower_llm.client import site_store
+
+        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
+        content[wire.ARRAYS], content[WIRE_FORMAT] = session.compressed_reply(
+            context.state,
+            store,
+            received,
+            state,
+            global_state,
+            server_round,
+            context.run_id,
+            clip_norm,
+        )
 
     if session.cfg.output.local_only_baseline:
         # The same steps on the same batches, but never averaged with anyone: the
@@ -165,14 +174,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @client_fails_loud  # a data or config mistake: an error reply naming it
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this site's held-out split."""
+    """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
-    received = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    global_state, received = updates.receive(context.state, msg.content)
     if bool(config.get(SITE_COMPARISON, False)):
-        return compare_on_site(msg, context, session, received)
+        return compare_on_site(msg, context, session, global_state)
+    # Read before any work, so a malformed task file fails at once, naming file:line.
+    site_tasks = tasks.site_tasks(session.cfg, session.site, context.node_config, config)
     local_b = local_b_site(context, session)
-    stats = session.evaluate(local_b.start(received) if local_b is not None else received)
+    stats = session.evaluate(local_b.start(global_state) if local_b is not None else global_state)
     metrics = MetricRecord(
         {
             wire.NUM_EXAMPLES: stats.examples,
@@ -182,7 +193,16 @@ def evaluate(msg: Message, context: Context) -> Message:
             wire.EVAL_TOKENS: stats.tokens,
         }
     )
-    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    if site_tasks:
+        # The adapter just evaluated is still loaded; only counts leave the site.
+        scores = tasks.site_task_scores(
+            session.model, session.base.tokenizer, session.cfg, site_tasks
+        )
+        metrics.update(tasks.reply_metrics(scores))
+    content = RecordDict({wire.METRICS: metrics})
+    if received is not None:  # tell the server which global version this site now holds
+        content[WIRE_FORMAT] = updates.holds_record(context.state, received)
+    return Message(content=content, reply_to=msg)
 
 
 def compare_on_site(

@@ -41,9 +41,12 @@ FITRES_WEIGHT = "fitres.num_examples"
 
 
 class AdapterTrainer(Protocol):
-    """What the client needs of a session: :class:`flower_llm.client.ClientSession` is one."""
+    """What the client needs of a session: :class:`flower_llm.client.SiteTrainer` is one."""
 
-    cfg: RunConfig
+    @property
+    def cfg(self) -> RunConfig:
+        """The run-config the session trains with."""
+        ...
 
     def train(
         self, global_state: AdapterState, server_round: int, learning_rate: float

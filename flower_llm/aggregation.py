@@ -18,7 +18,7 @@ A reply passes three kinds of check before it is averaged:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,8 +35,70 @@ MAX_HELD_EXAMPLES = 2.0**24
 above any instruction-tuning site and exactly representable in float32. Set the key to your
 largest site's size for a tighter bound."""
 
-WIRE_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11}
-"""Relative rounding of one value stored in the wire dtype."""
+WIRE_UNIT_ROUNDOFF = {
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    # Compressed formats send the update; the server adds it to the float32 reference.
+    "bfloat16": 2.0**-24,
+    "int8": 2.0**-24,
+    "nf4": 2.0**-24,
+}
+"""Relative rounding of one value of a whole adapter stored in the wire dtype."""
+
+COMPRESSED_FORMATS = ("bfloat16", "int8", "nf4")
+"""``fed.wire-dtype`` values that send updates (:mod:`flower_llm.compression`)."""
+
+
+MAX_SITE_METRIC = float(2**53)
+"""Largest magnitude of any metric a site sends: counts up to 2^53 are exact in float64,
+and a mean of values this size cannot overflow."""
+
+
+def metric_problem(metrics: Mapping[str, object], counts: Collection[str] = ()) -> str | None:
+    """Why a reply's metrics cannot be used, or None.
+
+    Every value (a list's every element) must be a finite number within
+    ``+-MAX_SITE_METRIC``; a metric ending in ``epsilon`` may also be ``+inf`` (a site
+    training without noise) but never negative or NaN. This holds for the metrics a site
+    chose to send too: the server averages them into metrics.jsonl. Counts (``counts``,
+    the weights among them) need only be finite and >= 0: their size is
+    ``fed.max-weight``'s to bound, and a sum of counts leaves out any beyond 2^53.
+    """
+    for key, value in metrics.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                return f"metric '{key}' = {item!r} is not a number"
+            if key in counts:
+                if not (math.isfinite(item) and item >= 0):
+                    return f"metric '{key}' = {item!r} is not a count (finite, >= 0)"
+                continue
+            if key.endswith("epsilon"):
+                if not item >= 0:  # NaN fails too
+                    return f"metric '{key}' = {item!r} is not an epsilon (>= 0)"
+                if item == math.inf:
+                    continue
+            if not math.isfinite(item) or abs(item) > MAX_SITE_METRIC:
+                return f"metric '{key}' = {item!r} is not a finite number within +-2^53"
+    return None
+
+
+def eval_metrics_problem(
+    loss: float, tokens: float, accuracy: float, examples: float
+) -> str | None:
+    """Why an evaluation reply's pooled metrics are impossible, or None.
+
+    A mean token loss is finite and >= 0, a token accuracy lies in [0, 1], and the token
+    and example counts are whole numbers in [1, 2^53] and [0, 2^53].
+    """
+    if not (math.isfinite(loss) and loss >= 0):
+        return f"loss {loss!r} is not a finite number >= 0"
+    if not 0.0 <= accuracy <= 1.0:
+        return f"token accuracy {accuracy!r} is outside [0, 1]"
+    if not (1 <= tokens <= MAX_SITE_METRIC and float(tokens).is_integer()):
+        return f"{tokens!r} tokens is not a whole number in [1, 2^53]"
+    if not (0 <= examples <= MAX_SITE_METRIC and float(examples).is_integer()):
+        return f"{examples!r} examples is not a whole number in [0, 2^53]"
+    return None
 
 
 def weighted_average(
@@ -295,16 +357,35 @@ def derive_update_bound(cfg: RunConfig, server_round: int, global_max_abs: float
     from flower_llm.secagg import SAFETY_MARGIN, local_update_bound
 
     train = cfg.train
-    # Client-side DP clipping (client-fixed) only makes an update smaller: the AdamW
-    # bound holds in every mode.
-    bound = SAFETY_MARGIN * local_update_bound(
-        learning_rate=train.learning_rate_at(server_round, cfg.fed.num_rounds),
-        steps=train.local_steps,
-        weight_decay=train.weight_decay,
-        start_max_abs=global_max_abs,
-        dtype=cfg.model.compute_dtype,
-    )
-    roundoff = WIRE_UNIT_ROUNDOFF[cfg.fed.wire_dtype] * (global_max_abs + bound)
+
+    def adamw_bound(learning_rate: float) -> float:
+        # Client-side DP clipping (client-fixed) only makes an update smaller: the AdamW
+        # bound holds in every mode.
+        return SAFETY_MARGIN * local_update_bound(
+            learning_rate=learning_rate,
+            steps=train.local_steps,
+            weight_decay=train.weight_decay,
+            start_max_abs=global_max_abs,
+            dtype=cfg.model.compute_dtype,
+        )
+
+    num_rounds = cfg.fed.num_rounds
+    bound = adamw_bound(train.learning_rate_at(server_round, num_rounds))
+    wire_dtype = cfg.fed.wire_dtype
+    if wire_dtype in COMPRESSED_FORMATS and cfg.fed.error_feedback:
+        # A decoded value is at most its block's absmax, so quantization alone never
+        # exceeds the bound. With error feedback a site sends Q(u + e): |e| <= h (b' + |e'|)
+        # round after round (h: the format's largest error relative to a block's absmax),
+        # so |e| <= h b_max / (1 - h), b_max the bound of the round with the largest
+        # learning rate (it may decay), computed at today's global (larger or equal).
+        from flower_llm.compression import RELATIVE_ERROR
+
+        h = RELATIVE_ERROR[wire_dtype]
+        largest = max(
+            adamw_bound(train.learning_rate_at(r, num_rounds)) for r in range(1, num_rounds + 1)
+        )
+        bound += h / (1 - h) * largest
+    roundoff = WIRE_UNIT_ROUNDOFF[wire_dtype] * (global_max_abs + bound)
     return bound + 2 * roundoff
 
 

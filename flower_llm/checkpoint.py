@@ -44,6 +44,8 @@ from flower_llm.outputs import METRICS_FILE, write_text_atomic
 from flower_llm.streams import RandomStreams
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+STRATEGY_PREFIX = "strategy/"
+"""Tensor-name prefix of the strategy's arrays (:meth:`state_arrays`)."""
 FORMAT = "flower-llm/checkpoint"
 VERSION = 1
 
@@ -62,7 +64,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "secagg.timeout",
     }
 )
-MAY_CHANGE_PREFIXES = ("output.",)
+MAY_CHANGE_PREFIXES = ("output.", "eval.")  # what is written and asked, not trained
 
 
 class CheckpointError(RuntimeError):
@@ -102,6 +104,9 @@ class Checkpoint:
     """The metrics.jsonl rows of rounds ``1 .. server_round``."""
     stopped: bool = False
     """Whether the run had decided to stop after ``server_round`` (e.g. privacy budget)."""
+    strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Arrays of the strategy's state (a compressed downlink's error-feedback residual),
+    stored as tensors ``strategy/<key>`` next to the adapter's."""
 
 
 # --------------------------------------------------------------------------------------
@@ -127,10 +132,14 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     keys = list(checkpoint.adapter)
     # safetensors wants C-contiguous arrays; it stores them sorted, so keep the order.
     tensors = {k: np.ascontiguousarray(checkpoint.adapter[k]) for k in keys}
+    strategy_keys = [STRATEGY_PREFIX + k for k in checkpoint.strategy_arrays]
+    for key in checkpoint.strategy_arrays:
+        tensors[STRATEGY_PREFIX + key] = np.ascontiguousarray(checkpoint.strategy_arrays[key])
     state = {
         "round": int(checkpoint.server_round),
         "stopped": bool(checkpoint.stopped),
         "adapter-keys": keys,
+        "strategy-array-keys": strategy_keys,
         "config": checkpoint.config,
         "strategy": checkpoint.strategy,
         "extra": checkpoint.extra,
@@ -142,7 +151,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         "format": FORMAT,
         "version": str(VERSION),
         "state": state_json,
-        "sha256": _digest(state_json, tensors, keys),
+        "sha256": _digest(state_json, tensors, keys + strategy_keys),
     }
     data = safetensors_bytes(tensors, metadata=metadata)
 
@@ -190,10 +199,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state_json = metadata["state"]
         state = json.loads(state_json)
         keys = list(state["adapter-keys"])
+        strategy_keys = list(state.get("strategy-array-keys", []))
         loaded = safetensors_load(data)
-        if set(loaded) != set(keys):
+        if set(loaded) != set(keys) | set(strategy_keys):
             raise ValueError("the adapter arrays do not match the recorded keys")
-        if _digest(state_json, loaded, keys) != metadata.get("sha256"):
+        if _digest(state_json, loaded, keys + strategy_keys) != metadata.get("sha256"):
             raise ValueError("checksum mismatch: the file was damaged after it was written")
         return Checkpoint(
             server_round=int(state["round"]),
@@ -204,6 +214,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             rng=dict(state["rng"]),
             metrics=list(state["metrics"]),
             stopped=bool(state["stopped"]),
+            strategy_arrays={k[len(STRATEGY_PREFIX) :]: loaded[k] for k in strategy_keys},
         )
     except CheckpointError:
         raise
@@ -352,6 +363,7 @@ def write_round_checkpoint(
             adapter=record_to_arrays(arrays),
             config=flat_config(cfg),
             strategy=strategy.state_dict() if isinstance(strategy, Stateful) else {},
+            strategy_arrays=dict(getattr(strategy, "state_arrays", dict)()),
             extra=dict(extra or {}),
             rng=rng,
             metrics=list(metrics),
@@ -396,6 +408,8 @@ def resume_from_checkpoint(
     if isinstance(strategy, Stateful):
         try:
             strategy.load_state_dict(checkpoint.strategy)
+            if hasattr(strategy, "load_state_arrays"):
+                strategy.load_state_arrays(checkpoint.strategy_arrays)
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path}: strategy state refused: {err}") from err
     elif checkpoint.strategy:

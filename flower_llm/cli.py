@@ -6,6 +6,8 @@ Sub-commands (``flower-llm COMMAND --help`` for every option)::
     flower-llm generate --run RUN_DIR [--adapter final|round-003] --prompt TEXT
     flower-llm merge --run RUN_DIR --out DIR
     flower-llm evaluate --data FILE_OR_embedded (--run RUN_DIR | --model NAME_OR_PATH)
+    flower-llm evaluate --task FILE (--adapter RUN_DIR/final | --run RUN_DIR | --model NAME)
+    flower-llm evaluate --lm-eval TASKS (--adapter RUN_DIR/final | --run RUN_DIR | ...)
     flower-llm plan --model NAME_OR_CONFIG --gpu-mem 8GiB
     flower-llm check-config [--app DIR] [--run-config 'k=v ...'] [--federation-config ...]
     flower-llm export --run RUN_DIR [--adapter final] --out DIR
@@ -46,6 +48,7 @@ from flower_llm.config import (
     parse_overrides,
 )
 from flower_llm.plan import MemoryPlan, PlanSettings, format_bytes, parse_memory
+from flower_llm.tasks import exact_match, greedy_completion, prompt_ids
 
 log = logging.getLogger("flower_llm.cli")
 
@@ -145,14 +148,26 @@ def _base_from_adapter(adapter: Path, cfg: RunConfig) -> str:
 
 def resolve_source(args: argparse.Namespace) -> ModelSource:
     """Turn ``--run/--model/--adapter/--base/--quantization`` into a :class:`ModelSource`."""
-    if args.run is not None:
+    adapter: Path | None
+    if args.run is None and args.model is None:
+        # `evaluate --adapter RUN_DIR/final`: the run's settings when the adapter sits in
+        # a run directory, and the base model its adapter_config.json names.
+        if args.adapter is None:
+            raise UsageError("name a model: --run RUN_DIR, --model NAME_OR_PATH or --adapter DIR")
+        adapter = Path(args.adapter)
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise UsageError(f"{adapter} is not an adapter directory (no {ADAPTER_CONFIG})")
+        in_run = (adapter.parent / "config.json").is_file()
+        cfg = load_run_config(adapter.parent) if in_run else RunConfig()
+        base = args.base or _base_from_adapter(adapter, cfg)
+    elif args.run is not None:
         run_dir = Path(args.run)
         if not run_dir.is_dir():
             raise UsageError(f"run directory {run_dir} does not exist")
         cfg = load_run_config(run_dir)
         run_adapter = find_adapter(run_dir, args.adapter)
         base = args.base or _base_from_adapter(run_adapter, cfg)
-        adapter: Path | None = run_adapter
+        adapter = run_adapter
     else:
         cfg = RunConfig(model=ModelConfig(name=args.model))
         adapter = None
@@ -222,64 +237,8 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def prompt_ids(instruction: str, tokenizer: Any, cfg: Any) -> list[int]:
-    """Token ids of the prompt for ``instruction``, exactly as training encodes prompts.
-
-    The template (or chat template) of :func:`flower_llm.data.format_prompt`, and the
-    prompt part of :func:`flower_llm.data.encode_example` (BOS handling included), so
-    generation starts where training's responses started.
-    """
-    from flower_llm.data import IGNORE_INDEX, encode_example, format_prompt
-
-    prompt, _ = format_prompt(
-        {cfg.instruction_column: instruction, cfg.response_column: ""}, cfg, tokenizer
-    )
-    # encode_example tokenizes prompt and response separately, so the masked prefix of a
-    # placeholder response's encoding is the prompt's ids, whatever the response is.
-    encoded = encode_example(prompt, "x", tokenizer, max_len=2**31)
-    if encoded is None:
-        raise ValueError("the tokenizer gives no token for a response")
-    return [
-        t
-        for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True)
-        if label == IGNORE_INDEX
-    ]
-
-
-def greedy_completion(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of ``ids``, decoded without special tokens and stripped.
-
-    One prompt at a time: no padding, so the answer cannot depend on what else is in a
-    batch (exact match compares these strings).
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,  # the training loader turns the cache off
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    return str(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)).strip()
-
-
-def exact_match(generated: str, reference: str, tokenizer: Any) -> bool:
-    """Whether ``generated`` (decoded) equals ``reference`` after stripping.
-
-    The reference goes through the tokenizer and back first, as the generation did: a
-    tokenizer whose decoding is lossy (a word-level one may write ``400`` as ``4 0 0``,
-    an unknown word as nothing) would otherwise make every answer wrong. Where decoding
-    is lossless this changes nothing.
-    """
-    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
-    round_trip = str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
-    return generated.strip() == round_trip
+# prompt_ids, greedy_completion and exact_match live in flower_llm.tasks (imported above),
+# shared with task evaluation: one prompt encoding for training, generation and scoring.
 
 
 # --------------------------------------------------------------------------------------
@@ -289,13 +248,13 @@ def exact_match(generated: str, reference: str, tokenizer: Any) -> bool:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the per-round table and rewrite report.md, the plot and TensorBoard files."""
-    from flower_llm.report import format_table, read_run, write_report_files
+    from flower_llm.report import format_table, read_run, task_lines, write_report_files
 
     try:
         records = read_run(args.run_dir)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    print(format_table(records.rows))
+    print("\n".join([format_table(records.rows), *task_lines(records)]))
     summary_file = Path(args.run_dir) / "summary.json"
     if summary_file.is_file():
         from flower_llm.personal import format_table as per_site_lines
@@ -359,6 +318,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Held-out loss, perplexity, token accuracy and exact match on a dataset."""
+    if args.task:
+        return evaluate_tasks(args)
+    if args.lm_eval:
+        return evaluate_lm_eval(args)
     from flower_llm.data import load_records, make_dataloader, tokenize_dataset
     from flower_llm.train import evaluate
 
@@ -425,6 +388,108 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(_format_evaluation(result))
     return 0
+
+
+def _task_path(name: str) -> Path:
+    """A task file, or the bundled task of an embedded domain (``medical``...)."""
+    from flower_llm.embedded import DOMAINS
+    from flower_llm.tasks import bundled_task_file
+
+    if name in DOMAINS and not Path(name).exists():
+        return bundled_task_file(name)
+    return Path(name)
+
+
+def evaluate_tasks(args: argparse.Namespace) -> int:
+    """Accuracy of a model (and adapter) on task files, each next to its chance level."""
+    from flower_llm.tasks import TaskFileError, load_task, score_task
+
+    source = resolve_source(args)
+    try:  # every file is checked before the model loads
+        loaded = [load_task(_task_path(name)) for name in args.task]
+    except TaskFileError as error:
+        raise UsageError(str(error)) from None
+    model, tokenizer = load_for_inference(source, _device(args.device))
+    results = []
+    for task in loaded:
+        log.info("Task %s: %d questions (%s)", task.name, len(task.items), task.path)
+        score = score_task(
+            model,
+            tokenizer,
+            task,
+            source.cfg.data,
+            scoring=args.scoring,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        results.append({**score.as_dict(), "file": str(task.path), "scoring": args.scoring})
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    else:
+        print("\n".join(_format_task_result(r) for r in results))
+    return 0
+
+
+def evaluate_lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness on the model (and adapter), loaded as every command loads it."""
+    import tempfile
+
+    from flower_llm.lm_eval_tasks import run_lm_eval, write_lm_eval_task
+    from flower_llm.tasks import TaskFileError, load_task
+
+    source = resolve_source(args)
+    names = [n.strip() for n in args.lm_eval.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--lm-eval names no task")
+    with tempfile.TemporaryDirectory(prefix="flower-llm-lm-eval-") as generated:
+        tasks, chance = [], {}
+        try:  # a task file (or bundled domain) becomes a local lm-eval task
+            for name in names:
+                path = _task_path(name)
+                if path.suffix == ".jsonl" or path.is_file():
+                    tasks.append(write_lm_eval_task(path, generated, source.cfg.data))
+                    chance[tasks[-1]] = load_task(path).chance
+                else:
+                    tasks.append(name)
+        except TaskFileError as error:
+            raise UsageError(str(error)) from None
+        model, tokenizer = load_for_inference(source, _device(args.device))
+        try:
+            results = run_lm_eval(
+                model,
+                tokenizer,
+                tasks,
+                include_dirs=[generated, *(args.lm_eval_include or [])],
+                batch_size=args.batch_size,
+                limit=args.limit,
+            )
+        except ImportError as error:
+            raise UsageError(str(error)) from None
+    for task, values in results.items():
+        if task in chance:
+            values["chance"] = chance[task]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for task, values in results.items():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(f"{task}: {shown}")
+    return 0
+
+
+def _format_task_result(result: dict[str, Any]) -> str:
+    lines = [
+        f"task          {result['task']} ({result['questions']} questions, {result['file']})",
+        f"accuracy      {result['accuracy']:.3f} ({result['correct']}/{result['questions']}; "
+        f"chance {result['chance']:.3f}; scoring {result['scoring']})",
+    ]
+    if "accuracy-norm" in result:
+        lines.append(f"accuracy-norm {result['accuracy-norm']:.3f} (log-likelihood per character)")
+    if "exact-match" in result:
+        lines.append(
+            f"exact match   {result['exact-match']:.3f} of {result['short-answers']} short answers"
+        )
+    return "\n".join(lines)
 
 
 def _format_evaluation(result: dict[str, Any]) -> str:
@@ -674,8 +739,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_source(parser: argparse.ArgumentParser, *, quantization: bool = True) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
+def _add_source(
+    parser: argparse.ArgumentParser, *, quantization: bool = True, adapter_alone: bool = False
+) -> None:
+    # adapter_alone: --adapter DIR may stand alone (its base from adapter_config.json).
+    group = parser.add_mutually_exclusive_group(required=not adapter_alone)
     group.add_argument("--run", metavar="RUN_DIR", help="a run directory written by the server")
     group.add_argument(
         "--model", metavar="NAME_OR_PATH", help="a base model (hub id, directory or embedded)"
@@ -684,7 +752,8 @@ def _add_source(parser: argparse.ArgumentParser, *, quantization: bool = True) -
         "--adapter",
         metavar="NAME_OR_DIR",
         help="with --run: final (default; else the last round) or round-003; "
-        "with --model: an adapter directory (default: none)",
+        "with --model: an adapter directory (default: none)"
+        + ("; alone: a PEFT adapter directory such as RUN_DIR/final" if adapter_alone else ""),
     )
     parser.add_argument(
         "--base", metavar="NAME_OR_PATH", help="override the base model the adapter names"
@@ -783,11 +852,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(handler=cmd_merge)
 
-    evaluate = command("evaluate", "loss, perplexity, token accuracy and exact match")
-    evaluate.add_argument(
-        "--data", required=True, metavar="FILE", help=".json/.jsonl/.csv/.parquet, or embedded"
+    evaluate = command(
+        "evaluate", "loss, perplexity, token accuracy and exact match; or task accuracy"
     )
-    _add_source(evaluate)
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--data", metavar="FILE", help=".json/.jsonl/.csv/.parquet, or embedded: loss and more"
+    )
+    what.add_argument(
+        "--task",
+        action="append",
+        metavar="FILE",
+        help="a JSONL task file (flower_llm.tasks), or medical|finance|smart-home for a bundled "
+        "one: accuracy against chance; repeat for several",
+    )
+    what.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks (pip install 'flower-llm[eval]'): "
+        "lm-eval's own names (they download their data), or task files / bundled domains, "
+        "run as local lm-eval tasks",
+    )
+    _add_source(evaluate, adapter_alone=True)
+    evaluate.add_argument(
+        "--lm-eval-include",
+        action="append",
+        metavar="DIR",
+        help="--lm-eval: a directory of your own lm-eval YAML tasks",
+    )
+    evaluate.add_argument(
+        "--scoring",
+        choices=("loglik", "generate"),
+        default="loglik",
+        help="--task: multiple choice by option log-likelihood (default) or greedy generation",
+    )
     evaluate.add_argument("--limit", type=_positive, help="evaluate a seeded sample of N rows")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     evaluate.add_argument("--batch-size", type=_positive, default=8)

@@ -266,6 +266,39 @@ class ClientSession:
 
         return to_rank(state, self.lora.r)
 
+    def compressed_reply(
+        self,
+        node_state: Any,
+        store: SiteStateStore | None,
+        received: Any,
+        local: AdapterState,
+        global_state: AdapterState,
+        server_round: int,
+        run_id: int,
+        clip_norm: float | None = None,
+    ) -> tuple[Any, Any]:
+        """The arrays and header of a compressed train reply (``fed.wire-dtype`` bfloat16,
+        int8 or nf4): ``Q(u + e)`` with ``u`` the trained adapter minus the global one this
+        site started from (at its rank, the keys it sends), ``e`` its residual, clipped to
+        ``clip_norm`` under client-fixed DP (see :func:`flower_llm.updates.send_update`)."""
+        from flower_llm.updates import UplinkSettings, send_update
+
+        fed = self.cfg.fed
+        settings = UplinkSettings(
+            fed.wire_dtype, fed.wire_block_size, fed.error_feedback, run_id, self.cfg.output.resume
+        )
+        base = self.to_send(self.from_global(global_state))
+        return send_update(
+            node_state,
+            store,
+            settings,
+            self.to_send(local),
+            base,
+            received,
+            server_round,
+            clip_norm,
+        )
+
     def to_send(self, state: AdapterState) -> AdapterState:
         """The part of a trained adapter that goes up: all of it, B only with ``ffa``, A
         only with ``fed.personalization = local-b`` (each site's B never leaves it)."""
@@ -371,6 +404,73 @@ class ClientSession:
             self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0, pad_id=self.pad_id
         )
         return evaluate(self.model, loader)
+
+
+@dataclass
+class SiteRound:
+    """One site's training of one round, whatever the aggregation mode."""
+
+    state: AdapterState
+    stats: TrainStats
+    dpsgd_epsilons: dict[str, float] | None
+    """``epsilon``, ``pld-epsilon``, ``rdp-epsilon`` of this site under DP-SGD, else None."""
+
+
+def train_site_round(
+    session: ClientSession,
+    global_state: AdapterState,
+    server_round: int,
+    learning_rate: float,
+    node_config: Mapping[str, Any],
+    run_id: int,
+) -> SiteRound:
+    """Train one round at this site: plain QLoRA, or DP-SGD with ``privacy.dpsgd``.
+
+    The one place both ClientApp paths (the Message API and SecAgg+) train, so DP-SGD and
+    its site-side accountant (kept in the site's state store, which outlives the run: a
+    resumed run continues this site's epsilon) apply to every aggregation mode.
+    """
+    if not session.cfg.privacy.dpsgd:
+        state, stats = session.train(global_state, server_round, learning_rate)
+        return SiteRound(state, stats, None)
+    store = site_store(node_config, session.cfg, session.site, run_id)
+    state, result = session.train_dp(global_state, learning_rate, server_round, store, run_id)
+    log.info(
+        "Site %s round %d: DP-SGD epsilon %.4g at delta %g (%s accountant)",
+        session.site.key(),
+        server_round,
+        result.epsilon,
+        result.delta,
+        session.cfg.privacy.accountant,
+    )
+    return SiteRound(state, result.stats, result.epsilons)
+
+
+@dataclass
+class SiteTrainer:
+    """A session bound to its node and run: trains rounds as :func:`train_site_round`.
+
+    What the SecAgg+ client trains with (``client_apps.secagg.AdapterTrainer``), so a
+    SecAgg+ round runs DP-SGD exactly as a plain one does.
+    """
+
+    session: ClientSession
+    node_config: Mapping[str, Any]
+    run_id: int
+
+    @property
+    def cfg(self) -> RunConfig:
+        """The session's run-config."""
+        return self.session.cfg
+
+    def train(
+        self, global_state: AdapterState, server_round: int, learning_rate: float
+    ) -> tuple[AdapterState, TrainStats]:
+        """Train one round; a DP-SGD epsilon stays at the site (its log and state store)."""
+        trained = train_site_round(
+            self.session, global_state, server_round, learning_rate, self.node_config, self.run_id
+        )
+        return trained.state, trained.stats
 
 
 def clip_adapter_update(

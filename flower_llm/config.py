@@ -30,7 +30,9 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 PARTITIONERS = ("iid", "dirichlet", "by-field", "none")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WEIGHTINGS = ("examples", "tokens", "seen", "uniform")
-WIRE_DTYPES = ("float32", "float16")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "nf4")
+# flower_llm.compression.COMPRESSED_CODECS: formats that send updates, with error feedback.
+COMPRESSED_WIRE_DTYPES = ("bfloat16", "int8", "nf4")
 AGGREGATIONS = ("fedavg", "secagg+")
 PERSONALIZATIONS = ("none", "local-b", "finetune")
 BOUND_ACTIONS = ("drop", "clamp")
@@ -351,7 +353,21 @@ class FederationConfig:
     wire_dtype: str = setting(
         "float32",
         "fed.wire-dtype",
-        "dtype of adapter weights on the wire, both directions, every round: float32 | float16.",
+        "Format of adapters on the wire, both directions, every round: float32 | float16 "
+        "(whole adapters) | bfloat16 | int8 | nf4 (updates: int8 and nf4 blockwise with one "
+        "float32 absmax scale per `fed.wire-block-size` values; see docs/aggregation.md).",
+    )
+    wire_block_size: int = setting(
+        64,
+        "fed.wire-block-size",
+        "Values per absmax scale of int8 and nf4 (64 as QLoRA's NF4; bytes per value "
+        "1 + 4/B for int8, 1/2 + 4/B for nf4).",
+    )
+    error_feedback: bool = setting(
+        True,
+        "fed.error-feedback",
+        "With bfloat16, int8 or nf4: add what quantization lost to the next update (sites "
+        "and server each keep a residual).",
     )
     max_weight: float = setting(
         0.0,
@@ -425,6 +441,12 @@ class FederationConfig:
         )
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _require(
+            2 <= self.wire_block_size <= 2**20,
+            "fed.wire-block-size",
+            "must be in [2, 2^20]",
+            self.wire_block_size,
+        )
         _require(
             math.isfinite(self.max_weight) and self.max_weight >= 0,
             "fed.max-weight",
@@ -514,6 +536,41 @@ class PersonalConfig:
             "must be finite and >= 0 (0 = train.learning-rate)",
             self.learning_rate,
         )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Task evaluation at the sites (flower_llm.tasks): accuracy on questions, not only loss."""
+
+    tasks: bool = setting(
+        True,
+        "eval.tasks",
+        "Each evaluating site also answers its task file's questions with the global "
+        "adapter and sends only the counts (questions, correct, chance): multiple-choice "
+        "accuracy per task, pooled, next to its chance level. A site's task file is its "
+        "node-config `task-file`, else `eval.task-file`, else (embedded data) the bundled "
+        "task of the domain its partition holds; a site without one sends no task metrics.",
+    )
+    task_file: str = setting(
+        "",
+        "eval.task-file",
+        "Comma-separated JSONL task files every site evaluates when its node-config names "
+        "no `task-file` (empty = none; the embedded data uses its bundled tasks).",
+    )
+
+    def __post_init__(self) -> None:
+        files = [f.strip() for f in self.task_file.split(",")]
+        _require(
+            self.task_file.strip() == "" or all(files),
+            "eval.task-file",
+            "has an empty entry between commas",
+            self.task_file,
+        )
+
+    @property
+    def task_files(self) -> list[str]:
+        """``eval.task-file`` as a list of paths (empty when unset)."""
+        return [f.strip() for f in self.task_file.split(",") if f.strip()]
 
 
 @dataclass(frozen=True)
@@ -730,6 +787,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = setting(42, "seed", "Seed for data splits, sampling and initialisation.")
 
     def __post_init__(self) -> None:
@@ -750,6 +808,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("privacy", PrivacyConfig),
     ("secagg", SecAggConfig),
     ("personal", PersonalConfig),
+    ("eval", EvalConfig),
 )
 
 
@@ -777,11 +836,13 @@ def _check_privacy_combinations(cfg: RunConfig) -> None:
         )
     if privacy.mode == "client-fixed":
         # float16 rounding of the whole adapter (not just the update) can push a clipped
-        # update above the clip norm, and the server refuses such replies.
+        # update above the clip norm, and the server refuses such replies. The compressed
+        # formats send the update itself, fitted to the clip norm after decoding.
         _require(
-            cfg.fed.wire_dtype == "float32",
+            cfg.fed.wire_dtype != "float16",
             "fed.wire-dtype",
-            "must be float32 with privacy.mode = 'client-fixed'",
+            "must not be float16 with privacy.mode = 'client-fixed' (float32, or bfloat16, "
+            "int8, nf4, which send the clipped update itself)",
             cfg.fed.wire_dtype,
         )
     if privacy.dpsgd:
@@ -812,11 +873,12 @@ def _check_secagg_combinations(cfg: RunConfig) -> None:
         cfg.output.local_only_baseline,
     )
     _require(
-        not cfg.privacy.dpsgd,
-        "privacy.dpsgd",
-        "is not wired into the SecAgg+ client yet; use privacy.mode = 'client-fixed' "
-        "(client-level DP) with fed.aggregation = 'secagg+'",
-        cfg.privacy.dpsgd,
+        cfg.fed.wire_dtype not in COMPRESSED_WIRE_DTYPES,
+        "fed.wire-dtype",
+        "must be float32 or float16 with fed.aggregation = 'secagg+': SecAgg+ sends its own "
+        "fixed-point encoding of the update (its masks need integers modulo 2^32), so "
+        "bfloat16, int8 or nf4 codes would be decoded before masking and save nothing",
+        cfg.fed.wire_dtype,
     )
 
 
@@ -854,6 +916,15 @@ def _check_aggregation_combinations(cfg: RunConfig) -> None:
 
 def _check_personal_combinations(cfg: RunConfig) -> None:
     """Refuse personalization where the shared part would not train or not average."""
+    if cfg.fed.personalization == "none":
+        return
+    _require(
+        cfg.fed.wire_dtype not in COMPRESSED_WIRE_DTYPES,
+        "fed.wire-dtype",
+        "must be float32 or float16 with fed.personalization (the end-of-run comparison and "
+        "local-b's A-only messages are not wired into compressed updates yet)",
+        cfg.fed.wire_dtype,
+    )
     if cfg.fed.personalization != "local-b":
         return
     # FedSA-LoRA federates A: ffa freezes A (nothing shared would ever train), and exact

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,160 @@ def generate_instruction_dataset(num_per_domain: int = 300, seed: int = 0) -> li
             question, answer = _GENERATORS[domain](rng)
             rows.append({"instruction": question, "response": answer, "domain": domain})
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Multiple-choice tasks: the same facts, asked as questions with four options
+# --------------------------------------------------------------------------------------
+
+
+def _other(rng: random.Random, pool: Sequence[Any], right: Any) -> Any:
+    return rng.choice([v for v in pool if v != right])
+
+
+def _mc(
+    question: str, right: str, wrong_fact: str, other_answers: list[str], rng: random.Random
+) -> dict[str, Any]:
+    """Four options: the answer, the answer with a wrong fact, the answers of the
+    domain's two other templates (right facts, but to another question)."""
+    options = [right, wrong_fact, *other_answers]
+    rng.shuffle(options)
+    return {"question": question, "options": options, "answer": "ABCD"[options.index(right)]}
+
+
+def _medical_mc(rng: random.Random, template: int) -> dict[str, Any]:
+    symptom = rng.choice(sorted(_MEDICINES))
+    drug, dose, hours = _MEDICINES[symptom]
+    days, age, relative = rng.randint(2, 9), rng.randint(18, 80), rng.choice(_RELATIVES)
+    wrong = _MEDICINES[_other(rng, sorted(_MEDICINES), symptom)]
+    questions = (
+        f"I have had {symptom} for {days} days. What medicine should I take?",
+        f"I am {age} years old. What is the usual dose of {drug} for {symptom}?",
+        f"How often can my {relative} take {drug} for {symptom}?",
+    )
+
+    def answers(medicine: str, mg: int, every: int) -> list[str]:
+        return [
+            f"For {symptom} the usual medicine is {medicine} {mg} mg. "
+            f"After {days} days you should see your doctor.",
+            f"At {age} the usual dose of {drug} for {symptom} is {mg} mg, taken with water.",
+            f"Your {relative} can take {drug} every {every} hours for {symptom}.",
+        ]
+
+    right = answers(drug, dose, hours)
+    wrong_every = _other(rng, sorted({v[2] for v in _MEDICINES.values()}), hours)
+    wrong_dose = _other(rng, sorted({v[1] for v in _MEDICINES.values()}), dose)
+    wrong_facts = (
+        answers(wrong[0], wrong[1], hours)[0],
+        answers(drug, wrong_dose, hours)[1],
+        answers(drug, dose, wrong_every)[2],
+    )
+    others = [a for i, a in enumerate(right) if i != template]
+    return _mc(questions[template], right[template], wrong_facts[template], others, rng)
+
+
+def _finance_mc(rng: random.Random, template: int) -> dict[str, Any]:
+    account = rng.choice(sorted(_ACCOUNTS))
+    rate, fee = _ACCOUNTS[account]
+    amount, weekday, month = rng.choice(_AMOUNTS), rng.choice(_WEEKDAYS), rng.choice(_MONTHS)
+    questions = (
+        f"How much interest does my {account} account pay on {amount} dollars?",
+        f"Can I transfer {amount} dollars from my {account} account on {weekday}?",
+        f"What has my {account} account cost per month since {month}?",
+    )
+
+    def answers(percent: int, sent: int, monthly: int) -> list[str]:
+        return [
+            f"Your {account} account pays {percent} percent per year, "
+            f"so {amount} dollars earn {amount * percent // 100} dollars.",
+            f"Yes, a transfer of {sent} dollars from your {account} account "
+            f"is processed on {weekday} with no fee.",
+            f"Since {month} your {account} account costs {monthly} dollars per month.",
+        ]
+
+    right = answers(rate, amount, fee)
+    wrong = answers(
+        _other(rng, sorted({v[0] for v in _ACCOUNTS.values()}), rate),
+        _other(rng, _AMOUNTS, amount),
+        _other(rng, sorted({v[1] for v in _ACCOUNTS.values()}), fee),
+    )
+    others = [a for i, a in enumerate(right) if i != template]
+    return _mc(questions[template], right[template], wrong[template], others, rng)
+
+
+def _smart_home_mc(rng: random.Random, template: int) -> dict[str, Any]:
+    device, room, state = rng.choice(_DEVICES), rng.choice(_ROOMS), rng.choice(_STATES)
+    hour, degrees = rng.randint(1, 12), rng.randint(16, 26)
+    questions = (
+        f"Turn {state} the {device} in the {room} at {hour} o'clock.",
+        f"Is the {device} in the {room} {state}?",
+        f"Set the thermostat in the {room} to {degrees} degrees.",
+    )
+
+    def answers(at: int, where: str, set_to: int) -> list[str]:
+        return [
+            f"Okay, the {device} in the {room} will switch {state} at {at} o'clock.",
+            f"Right now the {device} in the {where} is {state}, as you asked.",
+            f"Done, the {room} thermostat is now set to {set_to} degrees.",
+        ]
+
+    right = answers(hour, room, degrees)
+    wrong = answers(
+        _other(rng, range(1, 13), hour),
+        _other(rng, _ROOMS, room),
+        _other(rng, range(16, 27), degrees),
+    )
+    others = [a for i, a in enumerate(right) if i != template]
+    return _mc(questions[template], right[template], wrong[template], others, rng)
+
+
+_MC_GENERATORS: dict[str, Callable[[random.Random, int], dict[str, Any]]] = {
+    "medical": _medical_mc,
+    "finance": _finance_mc,
+    "smart-home": _smart_home_mc,
+}
+
+
+def generate_domain_task(
+    domain: str, num_questions: int = 30, seed: int = 7
+) -> list[dict[str, Any]]:
+    """Multiple-choice questions on the facts of one domain's training data.
+
+    Each question is one of the domain's three instruction templates with fresh slot
+    values, never an instruction of the embedded training data
+    (:func:`generate_instruction_dataset`, ``seed=0``); the four options are that
+    template's response; the same response with one wrong fact (another symptom's
+    medicine, another dose, interval, rate, fee, amount, hour, room or temperature); and
+    the responses of the domain's two other templates on the same subject, which answer
+    another question. Shuffled. A model that learnt which response answers which question
+    rules out two options; one that learnt the fact tables (or to copy a slot from the
+    question) rules out the third, which is what the sites train on. Templates take turns,
+    so each is a third of the questions; chance is 1/4.
+
+    Returns
+    -------
+    list[dict]
+        Task-file records: ``question``, ``options`` (4 strings), ``answer`` (a letter).
+    """
+    if domain not in _MC_GENERATORS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    trained = {row["instruction"] for row in generate_instruction_dataset()}
+    rng = random.Random(seed * 1000 + DOMAINS.index(domain))
+    records: list[dict[str, Any]] = []
+    asked: set[str] = set()
+    for _attempt in range(100 * num_questions):
+        if len(records) == num_questions:
+            break
+        record = _MC_GENERATORS[domain](rng, len(records) % 3)
+        if record["question"] in trained or record["question"] in asked:
+            continue
+        asked.add(record["question"])
+        records.append(record)
+    else:
+        raise ValueError(
+            f"found only {len(records)} fresh {domain} questions after {100 * num_questions} tries"
+        )
+    return records
 
 
 # --------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from flower_llm import wire
+from flower_llm import tasks, wire
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ UPDATED = "updated"
 REFUSED = "refused"
 CLAMPED = "clamped"
 LORA_TRUNCATION_ERROR = "lora-truncation-error"
+BYTES_BY_SITE = "bytes-by-site"
+BYTES_DOWN_EVAL = "bytes-down-eval"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
@@ -123,6 +126,19 @@ COLUMNS: tuple[Column, ...] = (
         tensorboard="traffic/bytes-down",
     ),
     Column(BYTES_UP, "bytes", "Payload received from them.", tensorboard="traffic/bytes-up"),
+    Column(
+        BYTES_DOWN_EVAL,
+        "bytes",
+        "Payload sent to the sites for evaluation (round 1 includes round 0's).",
+        "rounds of fed.aggregation = fedavg that evaluate",
+    ),
+    Column(
+        BYTES_BY_SITE,
+        "bytes",
+        "node id -> [bytes sent to it, bytes received from it] in the round's train and "
+        "evaluation exchanges (summed per site in summary.json).",
+        "rounds of fed.aggregation = fedavg",
+    ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(
         REFUSED,
@@ -260,6 +276,61 @@ COLUMNS: tuple[Column, ...] = (
 
 BY_NAME = {c.name: c for c in COLUMNS}
 
+# Task questions (flower_llm.tasks): one column of each family per task, the task being
+# the task file's name (``eval/task-accuracy/medical``).
+TASK = "<task>"
+EVAL_TASK_QUESTIONS = prefixed("eval", f"{tasks.QUESTIONS_KEY}/{TASK}")
+EVAL_TASK_CORRECT = prefixed("eval", f"{tasks.CORRECT_KEY}/{TASK}")
+EVAL_TASK_ACCURACY = prefixed("eval", f"{tasks.ACCURACY_KEY}/{TASK}")
+EVAL_TASK_CHANCE = prefixed("eval", f"{tasks.CHANCE_KEY}/{TASK}")
+EVAL_TASK_EXACT_MATCH = prefixed("eval", f"{tasks.EXACT_MATCH_KEY}/{TASK}")
+_TASKS = "evaluated rounds with eval.tasks = true, per task a site evaluates"
+
+TASK_COLUMNS: tuple[Column, ...] = (
+    Column(
+        EVAL_TASK_QUESTIONS,
+        "questions",
+        "Task questions answered, summed over the evaluating sites.",
+        _TASKS,
+    ),
+    Column(EVAL_TASK_CORRECT, "questions", "Of those, answered right, summed.", _TASKS),
+    Column(
+        EVAL_TASK_ACCURACY,
+        "fraction",
+        "Pooled accuracy: correct / questions (multiple choice: the option of highest "
+        "log-likelihood; short answers: normalized match of the greedy answer).",
+        _TASKS,
+    ),
+    Column(
+        EVAL_TASK_CHANCE,
+        "fraction",
+        "Accuracy of uniform guessing on the same questions: mean of 1/(options).",
+        _TASKS,
+    ),
+    Column(
+        EVAL_TASK_EXACT_MATCH,
+        "fraction",
+        "Short answers only: exact matches / short-answer questions.",
+        "as above, tasks with short answers",
+    ),
+)
+"""Column families: ``<task>`` stands for each task's name."""
+
+
+def task_column(family: str, task: str) -> str:
+    """The column of ``task`` in a family of :data:`TASK_COLUMNS` (``eval/task-accuracy/x``)."""
+    return family.replace(TASK, task)
+
+
+def task_family(name: str) -> Column | None:
+    """The family of :data:`TASK_COLUMNS` that column ``name`` belongs to, if any."""
+    for column in TASK_COLUMNS:
+        head = column.name[: -len(TASK)]
+        rest = name[len(head) :]
+        if name.startswith(head) and rest and "/" not in rest:
+            return column
+    return None
+
 
 def check_row(row: dict[str, object], site_columns: Iterable[str] = ()) -> None:
     """Refuse a row with a column this module does not declare (a name that drifted).
@@ -267,7 +338,9 @@ def check_row(row: dict[str, object], site_columns: Iterable[str] = ()) -> None:
     ``site_columns`` are columns made of metrics the sites chose to send (a client written
     outside this project may send its own): kept in the row, not refused.
     """
-    unknown = sorted(set(row) - set(BY_NAME) - set(site_columns))
+    unknown = sorted(
+        name for name in set(row) - set(BY_NAME) - set(site_columns) if task_family(name) is None
+    )
     if unknown:
         raise ValueError(
             f"metrics row has undeclared columns {unknown}; declare them in flower_llm.metrics"
@@ -284,4 +357,32 @@ def markdown_table() -> str:
     """The metrics.jsonl table the docs show (docs/deployment.md)."""
     lines = ["| column | unit | written | meaning |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in COLUMNS]
+    lines += [f"| `{c.name}` | {c.unit} | {c.when} | {c.meaning} |" for c in TASK_COLUMNS]
     return "\n".join(lines)
+
+
+def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's communication, as a budget counts it: bytes up and down in the train
+    exchanges, bytes down for evaluation, MB (10^6 bytes) up, down (train + evaluation)
+    and in all, and per site (node id) where rounds recorded it."""
+    up = sum(int(row.get(BYTES_UP, 0)) for row in rows)
+    train_down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
+    eval_down = sum(int(row.get(BYTES_DOWN_EVAL, 0)) for row in rows)
+    down = train_down + eval_down
+    by_site: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for node, (sent, received) in (row.get(BYTES_BY_SITE) or {}).items():
+            site = by_site.setdefault(str(node), {"bytes-down": 0, "bytes-up": 0})
+            site["bytes-down"] += int(sent)
+            site["bytes-up"] += int(received)
+    summary: dict[str, Any] = {
+        "bytes-up": up,
+        "bytes-down": train_down,
+        "bytes-down-eval": eval_down,
+        "mb-up": round(up / 1e6, 6),
+        "mb-down": round(down / 1e6, 6),
+        "mb-total": round((up + down) / 1e6, 6),
+    }
+    if by_site:
+        summary["bytes-by-site"] = dict(sorted(by_site.items(), key=lambda kv: int(kv[0])))
+    return summary

@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,7 +245,7 @@ def round_name(server_round: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def run_outcome(history: list[Mapping[str, Any]], planned_rounds: int) -> dict[str, Any]:
+def run_outcome(history: Sequence[Mapping[str, Any]], planned_rounds: int) -> dict[str, Any]:
     """``status``, ``reason`` and per-round failures of a run, for summary.json.
 
     A run whose rounds never updated the global adapter learned nothing: it is
@@ -304,7 +304,7 @@ def setup_failure(dropped: Mapping[Any, str]) -> str | None:
     return None
 
 
-def conclude(summary: dict[str, Any], history: list[Mapping[str, Any]], planned: int) -> bool:
+def conclude(summary: dict[str, Any], history: Sequence[Mapping[str, Any]], planned: int) -> bool:
     """Add the run's outcome to ``summary``; True if it updated the model at all.
 
     A failed run has no ``final/`` adapter (``final-adapter`` is null): nothing that

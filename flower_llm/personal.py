@@ -37,7 +37,7 @@ from flower_llm.lora_aggregation import is_lora_a, shared_keys
 from flower_llm.site_state import SiteStateError, SiteStateStore
 
 if TYPE_CHECKING:
-    from flower_llm.client import ClientSession
+    from flower_llm.client import ClientSession, SiteTrainer
 
 log = logging.getLogger(__name__)
 
@@ -296,24 +296,26 @@ class LocalB:
         self.stash.save(PERSONAL_B, kept_part(trained, "local-b"), server_round, keep_previous=True)
 
 
-def local_b_trainer(session: ClientSession, stash: PersonalStash) -> LocalBTrainer:
+def local_b_trainer(trainer: SiteTrainer, stash: PersonalStash) -> LocalBTrainer:
     """The SecAgg+ client's trainer under ``local-b`` (see :class:`LocalBTrainer`)."""
-    return LocalBTrainer(LocalB(session, stash))
+    return LocalBTrainer(LocalB(trainer.session, stash), trainer)
 
 
 class LocalBTrainer:
     """``train`` as the SecAgg+ client needs it: from the global A, back the trained A.
 
-    Only A enters the secure sum; the trained B is kept at the site.
+    Only A enters the secure sum; the trained B is kept at the site. Training is the
+    site's own (:class:`~flower_llm.client.SiteTrainer`: DP-SGD when the run has it).
     """
 
-    def __init__(self, site: LocalB) -> None:
+    def __init__(self, site: LocalB, trainer: SiteTrainer) -> None:
         self.site = site
+        self.trainer = trainer
         self.cfg = site.session.cfg
 
     def train(self, global_state: AdapterState, server_round: int, learning_rate: float) -> Any:
         """Train ``global A + own B``; keep B; return the trained A and the stats."""
-        state, stats = self.site.session.train(
+        state, stats = self.trainer.train(
             self.site.start(global_state, server_round), server_round, learning_rate
         )
         self.site.keep(state, server_round)

@@ -34,8 +34,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from flower_llm.config import ConfigError
     from flower_llm.data import DataError
     from flower_llm.outputs import RunDirectoryTaken
+    from flower_llm.tasks import TaskFileError
 
-    return (ConfigError, DataError, FileNotFoundError, RunDirectoryTaken)
+    return (ConfigError, DataError, FileNotFoundError, RunDirectoryTaken, TaskFileError)
 
 
 def is_simulation(grid: Any) -> bool:

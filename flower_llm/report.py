@@ -439,6 +439,8 @@ def format_report(records: RunRecords) -> str:
         "",
         format_markdown_table(records.rows),
         "",
+        *(f"    {line}" for line in task_lines(records)),
+        "",
         f"![loss, perplexity and epsilon over rounds]({PLOT_FILE})",
         "",
         f"TensorBoard: `tensorboard --logdir {records.path.resolve() / TENSORBOARD_DIR}`",
@@ -535,6 +537,21 @@ def flower_run_status(run_id: str) -> str | None:
     return None
 
 
+def task_lines(records: RunRecords) -> list[str]:
+    """Task accuracy by round against chance (flower_llm.tasks), from round 0 on.
+
+    From summary.json once the run has finished, else from the rounds so far.
+    """
+    from flower_llm.outputs import INITIAL_EVAL_FILE
+    from flower_llm.tasks import format_task_lines, task_summary
+
+    summary = records.summary or {}
+    if "task-accuracy" not in summary:
+        initial = _read_optional_json(records.path / INITIAL_EVAL_FILE) or {}
+        summary = {"task-accuracy": task_summary(initial, records.rows)}
+    return format_task_lines(summary)
+
+
 def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
     """The end-of-run text: per-round table, local-only comparison, status, where files are."""
     lines = [f"--- {run_dir}"]
@@ -547,6 +564,7 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         lines.append(f"held-out loss before training (round 0): {initial:.4f}")
     if records is not None and records.rows:
         lines.append(format_table(records.rows))
+        lines += task_lines(records)
     federated = summary.get("union-eval-loss/federated")
     local_only = summary.get("union-eval-loss/local-only") or {}
     if isinstance(federated, int | float) and local_only:
@@ -559,6 +577,16 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
         from flower_llm.personal import format_table as per_site_lines
 
         lines.extend(per_site_lines(summary["per-site"]))
+    if isinstance(summary.get("mb-total"), int | float):
+        lines.append(
+            f"communication: {summary['mb-up']:.3f} MB up, {summary['mb-down']:.3f} MB down, "
+            f"{summary['mb-total']:.3f} MB in all (down: train and evaluation)"
+        )
+        for site, traffic in (summary.get("bytes-by-site") or {}).items():
+            lines.append(
+                f"  node {site:<24} {traffic['bytes-down'] / 1e6:.3f} MB down, "
+                f"{traffic['bytes-up'] / 1e6:.3f} MB up"
+            )
     status = summary.get("status", "unknown")
     reason = summary.get("reason")
     lines.append(f"status: {status}" + (f" ({reason})" if reason else ""))

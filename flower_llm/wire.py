@@ -53,12 +53,23 @@ LEARNING_RATE = "learning-rate"
 SEND_LOCAL_ONLY = "send-local-only"
 # client-fixed DP-FedAvg: the L2 bound a client must clip its update to before replying.
 CLIP_NORM = "clip-norm"
+# Evaluate instruction: False asks the site for held-out loss only, no task questions
+# (absent: the run-config's eval.tasks decides).
+EVAL_TASKS = "eval-tasks"
 
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+WIRE_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    # The compressed formats (flower_llm.compression) send updates; a whole adapter (the
+    # first round, a site that missed rounds, a local-only baseline) goes as float32.
+    "bfloat16": np.float32,
+    "int8": np.float32,
+    "nf4": np.float32,
+}
 
 
 def to_array_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
-    """Pack an adapter state for sending; float16 halves the bytes on the wire."""
+    """Pack a whole adapter state for sending; float16 halves the bytes on the wire."""
     dtype = WIRE_DTYPES[wire_dtype]
     return ArrayRecord(
         {key: Array(np.ascontiguousarray(value, dtype=dtype)) for key, value in state.items()}

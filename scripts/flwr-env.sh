@@ -23,3 +23,25 @@ export FLWR_TELEMETRY_ENABLED=0
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false
 unset _root
+
+# flwr_config_args ARGS...: the run and federation overrides among `flwr run` arguments,
+# for `flower-llm check-config`. Sets the bash array FLWR_CONFIG_ARGS to option/value
+# pairs, in order: `--run-config V`, `-c V` (as --run-config), `--federation-config V` and
+# their `--opt=V` forms; every other argument is left out.
+flwr_config_args() {
+  FLWR_CONFIG_ARGS=()
+  local args=("$@") i opt
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+      --run-config | -c | --federation-config)
+        opt="${args[i]}"
+        if [ "$opt" = -c ]; then opt=--run-config; fi
+        FLWR_CONFIG_ARGS+=("$opt" "${args[i + 1]:-}")
+        i=$((i + 1))
+        ;;
+      --run-config=* | --federation-config=*)
+        FLWR_CONFIG_ARGS+=("${args[i]%%=*}" "${args[i]#*=}")
+        ;;
+    esac
+  done
+}

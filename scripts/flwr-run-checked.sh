@@ -9,16 +9,6 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/.venv/bin/activate"
 . "$root/scripts/flwr-env.sh"
-check_args=()
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[i]}" in
-    --run-config | -c | --federation-config)
-      opt="${args[i]}"; [ "$opt" = -c ] && opt=--run-config
-      check_args+=("$opt" "${args[i + 1]:-}"); i=$((i + 1)) ;;
-    --run-config=* | --federation-config=*)
-      check_args+=("${args[i]%%=*}" "${args[i]#*=}") ;;
-  esac
-done
-flower-llm check-config --app "$root" "${check_args[@]}" || exit 2
+flwr_config_args "$@"
+flower-llm check-config --app "$root" ${FLWR_CONFIG_ARGS[@]+"${FLWR_CONFIG_ARGS[@]}"} || exit 2
 exec flwr run "$root" "$@"

@@ -19,18 +19,9 @@ FED_CONFIG="num-supernodes=$NUM_CLIENTS client-resources-num-cpus=1"
 
 # Check what the user asked for before Flower sees it: Flower only says "Invalid run
 # configuration" and logs the key in the SuperLink's log file.
-check_args=(--run-config "$RUN_CONFIG" --federation-config "$FED_CONFIG")
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[i]}" in
-    --run-config | -c | --federation-config)
-      opt="${args[i]}"; [ "$opt" = -c ] && opt=--run-config
-      check_args+=("$opt" "${args[i + 1]:-}"); i=$((i + 1)) ;;
-    --run-config=* | --federation-config=*)
-      check_args+=("${args[i]%%=*}" "${args[i]#*=}") ;;
-  esac
-done
-flower-llm check-config "${check_args[@]}" || exit 2
+flwr_config_args "$@"
+flower-llm check-config --run-config "$RUN_CONFIG" --federation-config "$FED_CONFIG" \
+  ${FLWR_CONFIG_ARGS[@]+"${FLWR_CONFIG_ARGS[@]}"} || exit 2
 python scripts/local-ports.py --check "$FLWR_HOME" "$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" || exit 2
 
 RUN_ID=""

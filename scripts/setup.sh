@@ -9,5 +9,5 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,report]"
+python -m pip install -q -e ".[dev,report,eval]"
 python -c "import torch, flwr, transformers, peft, bitsandbytes, opacus; print('flower-llm env ready: torch', torch.__version__, '| flwr', flwr.__version__)"

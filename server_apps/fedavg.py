@@ -41,6 +41,7 @@ from flower_llm.preflight import (
     server_fails_loud,
 )
 from flower_llm.streams import RandomStreams
+from flower_llm.tasks import task_summary
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.personal import compare_sites
@@ -147,8 +148,7 @@ def run_summary(
         "adapter-parameters": adapter_parameters,
         "final-adapter": str(run_dir.path / FINAL_ADAPTER),
         "eval-loss-by-round": [row.get(columns.EVAL_LOSS) for row in history],
-        "bytes-up": sum(row[columns.BYTES_UP] for row in history),
-        "bytes-down": sum(row[columns.BYTES_DOWN] for row in history),
+        **columns.traffic_summary(history),
     }
 
 
@@ -263,7 +263,10 @@ class RunRecorder:
         cfg = self.cfg
         history = self.run_dir.read_metrics()
         summary = run_summary(self.run_dir, history, adapter_parameters, started)
-        summary["initial-eval-loss"] = self.run_dir.read_initial_eval().get(columns.EVAL_LOSS)
+        initial = self.run_dir.read_initial_eval()
+        summary["initial-eval-loss"] = initial.get(columns.EVAL_LOSS)
+        if task_accuracy := task_summary(initial, history):
+            summary["task-accuracy"] = task_accuracy
         summary["aggregation"] = self.mode.aggregation
         summary["rounds-failed"] = sum(1 for row in history if not row.get(columns.UPDATED))
         if resumed_after is not None:
@@ -328,7 +331,11 @@ def evaluate_on_all_sites(
     """Pooled held-out metrics of ``arrays`` over every site's evaluation split."""
     messages = [
         Message(
-            content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord()}),
+            # Held-out loss only: the comparison is on loss, and tasks would cost each
+            # site a scoring pass per adapter.
+            content=RecordDict(
+                {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord({wire.EVAL_TASKS: False})}
+            ),
             message_type=MessageType.EVALUATE,
             dst_node_id=node,
         )

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -539,14 +539,8 @@ class DifferentialPrivacyFedAvg(Strategy):
         if self.mode == "client-fixed":
             config[wire.CLIP_NORM] = self.central.clip_norm
         self.strategy.start_round(server_round, arrays)
-        self.strategy.report = RoundReport(
-            sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(sampled)
-        )
-        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        messages = [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-            for node in sampled
-        ]
+        self.strategy.report = self.strategy.new_report(sampled)
+        messages = self.strategy.messages_for(sampled, arrays, config, MessageType.TRAIN)
         self.strategy.instructions = messages
         return messages
 
@@ -599,7 +593,8 @@ class DifferentialPrivacyFedAvg(Strategy):
             self.central.last_round.epsilon,
             self.central.accountant.delta,
         )
-        return wire.to_array_record(new_state, self.strategy.wire_dtype), metrics
+        # After the noise: compressing what goes down is post-processing.
+        return self.strategy.publish(new_state), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -768,4 +763,11 @@ def privacy_summary(
             "noise-multiplier": cfg.privacy.dpsgd_noise_multiplier,
             "max-grad-norm": cfg.privacy.dpsgd_max_grad_norm,
         }
+        if cfg.fed.aggregation == "secagg+":
+            # A site's epsilon depends on its data size (q = batch / n_k), which SecAgg+
+            # hides: it is not sent, so the server has no maximum to report.
+            out["sample-level"]["where"] = (
+                "at each site only (SecAgg+ hides per-site values): its log and "
+                "<site-state-dir>/<run>/<site>/dpsgd-accountant.json"
+            )
     return out

@@ -27,14 +27,18 @@ from flower_llm import metrics as columns
 from flower_llm import wire
 from flower_llm.adapters import AdapterState
 from flower_llm.aggregation import (
+    COMPRESSED_FORMATS,
     ReplyBounds,
     bound_reply,
     derive_max_weight,
     derive_update_bound,
+    eval_metrics_problem,
+    metric_problem,
     non_finite_key,
     robust_aggregate,
     update_problem,
 )
+from flower_llm.compression import WIRE_FORMAT, Header, WireFormatError, decode
 from flower_llm.config import ROBUST_RULES, RunConfig
 from flower_llm.lora_aggregation import (
     LORA_AGGREGATIONS,
@@ -43,6 +47,8 @@ from flower_llm.lora_aggregation import (
     sent_keys,
     to_rank,
 )
+from flower_llm.tasks import pool_task_metrics
+from flower_llm.updates import Downlink
 from strategies.sampling import FixedSizeSampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,10 @@ class RoundReport:
     """node id -> what was clamped in its (accepted) reply."""
     lora_error: float | None = None
     """``lora.aggregation = exact``: relative Frobenius truncation error of the round."""
+    bytes_down_eval: int = 0
+    """Bytes of the adapters sent for evaluation (this round's, and round 0's in round 1)."""
+    bytes_by_node: dict[int, list[int]] = field(default_factory=dict)
+    """node id -> [bytes sent to it, bytes received from it] in train and evaluation."""
 
     def aggregation_row(self) -> dict[str, Any]:
         """metrics.jsonl keys beyond the basic ones, present only when they say something."""
@@ -87,6 +97,10 @@ class RoundReport:
             row[columns.CLAMPED] = {str(k): v for k, v in self.clamped.items()}
         if self.lora_error is not None:
             row[columns.LORA_TRUNCATION_ERROR] = self.lora_error
+        if self.bytes_down_eval:
+            row[columns.BYTES_DOWN_EVAL] = self.bytes_down_eval
+        if self.bytes_by_node:
+            row[columns.BYTES_BY_SITE] = {str(k): v for k, v in sorted(self.bytes_by_node.items())}
         return row
 
 
@@ -127,7 +141,12 @@ class WeightedFedAvg(FedAvg):
     wait_timeout : float
         Seconds to wait for ``min_available_clients`` before a round fails.
     wire_dtype : str
-        dtype of the aggregate sent down (``fed.wire-dtype``), every round.
+        ``fed.wire-dtype``, both directions, every round: float32 and float16 send whole
+        adapters; bfloat16, int8 and nf4 send updates (:mod:`flower_llm.updates`).
+    wire_block_size : int
+        Values per scale of int8 and nf4.
+    error_feedback : bool
+        Error feedback of the compressed formats (the server's residual lives here).
     max_weight : float
         Largest weight a reply may claim.
     update_bound : callable, optional
@@ -159,6 +178,8 @@ class WeightedFedAvg(FedAvg):
         eval_rng: np.random.Generator | None = None,
         wait_timeout: float = 600.0,
         wire_dtype: str = "float32",
+        wire_block_size: int = 64,
+        error_feedback: bool = True,
         max_weight: float = math.inf,
         update_bound: UpdateBound | None = None,
         max_update_norm: float | None = None,
@@ -191,6 +212,12 @@ class WeightedFedAvg(FedAvg):
         self.weighting = weighting
         self.min_train_clients = min_train_clients
         self.wire_dtype = wire_dtype
+        self.downlink = (
+            Downlink(wire_dtype, wire_block_size, error_feedback)
+            if wire_dtype in COMPRESSED_FORMATS
+            else None
+        )
+        """The compressed downlink (None: whole adapters in ``wire_dtype``)."""
         self.max_weight = max_weight
         self.update_bound = update_bound
         self.max_update_norm = max_update_norm
@@ -237,6 +264,8 @@ class WeightedFedAvg(FedAvg):
             min_evaluate_clients=fed.min_evaluate_clients,
             min_available_clients=fed.min_available_clients,
             wire_dtype=fed.wire_dtype,
+            wire_block_size=fed.wire_block_size,
+            error_feedback=fed.error_feedback,
             max_weight=derive_max_weight(cfg),
             update_bound=(
                 (lambda server_round, peak: derive_update_bound(cfg, server_round, peak))
@@ -283,15 +312,42 @@ class WeightedFedAvg(FedAvg):
         )
         config = ConfigRecord(dict(config))
         config[wire.SERVER_ROUND] = server_round
-        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        messages = [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-            for node in sampled
-        ]
+        self.report = self.new_report(sampled)
+        messages = self.messages_for(sampled, arrays, config, MessageType.TRAIN)
         self.instructions = messages
-        self.report = RoundReport(
-            sampled=sampled, bytes_down=wire.num_bytes(arrays) * len(messages)
-        )
+        return messages
+
+    def new_report(self, sampled: list[int]) -> RoundReport:
+        """A round's report; it takes over the traffic of an evaluation no round recorded
+        (round 0's, of the untrained adapter)."""
+        report = RoundReport(sampled=sampled)
+        if not self.report.sampled:
+            report.bytes_down_eval = self.report.bytes_down_eval
+            report.bytes_by_node = self.report.bytes_by_node
+        return report
+
+    def messages_for(
+        self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        """One message per node: the same ``arrays`` for all, or with a compressed downlink
+        what each node needs (:meth:`flower_llm.updates.Downlink.payload`); their bytes
+        are counted in the round's report."""
+        shared = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        messages = []
+        for node in nodes:
+            content = shared
+            if self.downlink is not None:
+                payload, header = self.downlink.payload(node)
+                content = RecordDict(
+                    {wire.ARRAYS: payload, wire.CONFIG: config, WIRE_FORMAT: header}
+                )
+            sent = wire.num_bytes(content.array_records[wire.ARRAYS])
+            if message_type == MessageType.TRAIN:
+                self.report.bytes_down += sent
+            else:
+                self.report.bytes_down_eval += sent
+            self.report.bytes_by_node.setdefault(node, [0, 0])[0] += sent
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 
     def configure_evaluate(
@@ -302,15 +358,16 @@ class WeightedFedAvg(FedAvg):
         sampled = self.eval_sampler.sample(nodes, self.eval_rng)
         config = ConfigRecord(dict(config))
         config[wire.SERVER_ROUND] = server_round
-        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
-        return [
-            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
-            for node in sampled
-        ]
+        if self.downlink is not None:
+            # Round 0 evaluates before any round trained: the initial adapter, version 0.
+            self.downlink.start(wire.from_array_record(arrays), server_round)
+        return self.messages_for(sampled, arrays, config, MessageType.EVALUATE)
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Set the reference adapter and this round's bounds (also for wrappers)."""
         self.reference = wire.from_array_record(arrays)
+        if self.downlink is not None:
+            self.downlink.start(self.reference, server_round - 1)
         self._reference_by_rank = {}
         peak = max(
             (float(np.max(np.abs(v))) for v in self.reference.values() if v.size), default=0.0
@@ -364,10 +421,16 @@ class WeightedFedAvg(FedAvg):
         if key is not None and key not in metrics:
             return f"metric '{key}' missing"
         weight = self.reply_weight(metrics)
-        try:
-            state = wire.array_views(content.array_records[wire.ARRAYS])
-        except (ValueError, TypeError) as err:
-            return f"unreadable adapter: {err}"
+        if self.downlink is not None:
+            decoded = self.decode_update(content)
+            if isinstance(decoded, str):
+                return decoded
+            state = decoded
+        else:
+            try:
+                state = wire.array_views(content.array_records[wire.ARRAYS])
+            except (ValueError, TypeError) as err:
+                return f"unreadable adapter: {err}"
         expected = self.expected
         if self.lora_aggregation == "exact":
             # A site may train at its own rank (at most lora.r): check it against the
@@ -379,7 +442,19 @@ class WeightedFedAvg(FedAvg):
             if not 0 < rank <= self.lora_rank:
                 return f"LoRA rank {rank} outside [1, lora.r = {self.lora_rank}]"
             expected = self.reference_at_rank(rank)
+        if self.downlink is not None:
+            # The reply is an update: the adapter it stands for is the reference plus it.
+            if set(state) != set(expected):
+                return update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type,return-value]
+            misfit = next((k for k in expected if state[k].shape != expected[k].shape), None)
+            if misfit is not None:
+                got, want = state[misfit].shape, expected[misfit].shape
+                return f"'{misfit}' has shape {got}, expected {want}"
+            state = {k: expected[k] + state[k] for k in expected}
         problem = update_problem(state, expected, weight, check_finite=False)  # type: ignore[arg-type]
+        if problem is not None:
+            return problem
+        problem = metric_problem(metrics, counts=wire.COUNT_METRICS)
         if problem is not None:
             return problem
         bounded = bound_reply(
@@ -402,6 +477,33 @@ class WeightedFedAvg(FedAvg):
         return ValidReply(
             node, bounded.state, bounded.weight, metrics, content, bounded.update_norm
         )
+
+    def decode_update(self, content: RecordDict) -> AdapterState | str:
+        """The decoded update of a compressed reply, or why it cannot be used."""
+        assert self.downlink is not None
+        record = content.config_records.get(WIRE_FORMAT)
+        if record is None:
+            return f"no ConfigRecord '{WIRE_FORMAT}' (fed.wire-dtype = {self.wire_dtype})"
+        try:
+            header = Header.from_record(record)
+            if header.content != "update" or header.codec != self.wire_dtype:
+                raise WireFormatError(
+                    f"a {header.codec} '{header.content}' message, expected a "
+                    f"{self.wire_dtype} update"
+                )
+            if header.block_size != self.downlink.block_size:
+                raise WireFormatError(
+                    f"block size {header.block_size}, expected {self.downlink.block_size}"
+                )
+            held = self.downlink.held
+            if (header.global_version, header.global_digest) != (held.version, held.digest):
+                raise WireFormatError(
+                    f"trained from global version {header.global_version}, not this "
+                    f"round's {held.version}"
+                )
+            return decode(content.array_records[wire.ARRAYS], header)
+        except (WireFormatError, KeyError) as err:
+            return f"bad compressed update: {err}"
 
     def sender_problem(
         self, reply: Message, addressed: dict[str, int], seen: set[int]
@@ -439,11 +541,12 @@ class WeightedFedAvg(FedAvg):
         }
         seen: set[int] = set()
         for reply in replies:
-            self.report.bytes_up += (
+            received = (
                 sum(wire.num_bytes(r) for r in reply.content.array_records.values())
                 if not reply.has_error()
                 else 0
             )
+            self.report.bytes_up += received
             refused = self.sender_problem(reply, addressed, seen)
             if refused is not None:
                 log.warning("Refusing a reply: %s", refused)
@@ -451,6 +554,8 @@ class WeightedFedAvg(FedAvg):
                 continue
             node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             seen.add(node)
+            self.report.bytes_by_node.setdefault(node, [0, 0])[1] += received
+            self.note_holds(node, reply)
             checked = self.check_reply(reply, check_finite)
             if isinstance(checked, str):
                 log.warning("Dropping reply of node %d: %s", node, checked)
@@ -498,7 +603,27 @@ class WeightedFedAvg(FedAvg):
             )
             return None, None
         self.report.updated = True
-        return wire.to_array_record(state, self.wire_dtype), self.aggregate_train_metrics(valid)
+        return self.publish(state), self.aggregate_train_metrics(valid)
+
+    def publish(self, state: AdapterState) -> ArrayRecord:
+        """The new global adapter as the sites will hold it.
+
+        Whole adapters: ``state`` in ``fed.wire-dtype``. Compressed: the previous global
+        plus the decoded update ``D(Q(state - previous + e))`` (float32), which is what
+        every site reconstructs; wrappers call this after their noise, so compression of
+        what goes down is post-processing of the released aggregate.
+        """
+        if self.downlink is None:
+            return wire.to_array_record(state, self.wire_dtype)
+        keys = sent_keys(state, self.lora_aggregation)
+        return wire.to_array_record(self.downlink.commit(state, keys))
+
+    def note_holds(self, node: int, reply: Message) -> None:
+        """Remember which global version a reply says its site holds (compressed only)."""
+        if self.downlink is None:
+            return
+        header = None if reply.has_error() else reply.content.config_records.get(WIRE_FORMAT)
+        self.downlink.note(node, header)
 
     def average(self, valid: list[ValidReply]) -> AdapterState | None:
         """The ``lora.aggregation`` / ``fed.robust`` aggregate of ``valid``, or None when
@@ -583,18 +708,23 @@ class WeightedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Token-weighted held-out loss and accuracy; perplexity from the pooled loss."""
+        replies = list(replies)
+        for reply in replies:
+            self.note_holds(reply.metadata.src_node_id, reply)
         return aggregate_eval_replies(replies)
 
 
 def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
     """Pool evaluation replies as if all held-out tokens were one set.
 
+    Task-question counts pool the same way (:func:`flower_llm.tasks.pool_task_metrics`).
     Replies with errors or without the expected metrics are skipped with a log line.
     """
     import math
 
     loss_sum = acc_sum = 0.0
     tokens = examples = clients = 0
+    used: list[MetricRecord] = []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -606,17 +736,24 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
         if metrics is None or missing:
             log.warning("Evaluation reply of node %d lacks metrics %s; skipped", node, missing)
             continue
-        loss, n_tok = float(metrics[wire.EVAL_LOSS]), int(metrics[wire.EVAL_TOKENS])  # type: ignore[arg-type]
-        if not math.isfinite(loss) or n_tok <= 0:
-            log.warning(
-                "Evaluation reply of node %d has loss %s on %d tokens; skipped", node, loss, n_tok
+        try:
+            loss, n_tok, accuracy, n_examples = (
+                float(metrics[k])  # type: ignore[arg-type]
+                for k in needed
             )
+        except (TypeError, ValueError):
+            log.warning("Evaluation reply of node %d has non-scalar metrics; skipped", node)
+            continue
+        problem = eval_metrics_problem(loss, n_tok, accuracy, n_examples)
+        if problem is not None:
+            log.warning("Evaluation reply of node %d: %s; skipped", node, problem)
             continue
         loss_sum += loss * n_tok
-        acc_sum += float(metrics[wire.EVAL_TOKEN_ACCURACY]) * n_tok  # type: ignore[arg-type]
-        tokens += n_tok
-        examples += int(metrics[wire.NUM_EXAMPLES])  # type: ignore[arg-type]
+        acc_sum += accuracy * n_tok
+        tokens += int(n_tok)
+        examples += int(n_examples)
         clients += 1
+        used.append(metrics)
     if tokens == 0:
         return None
     loss = loss_sum / tokens
@@ -628,5 +765,7 @@ def aggregate_eval_replies(replies: Iterable[Message]) -> MetricRecord | None:
             wire.EVAL_TOKENS: tokens,
             wire.NUM_EXAMPLES: examples,
             "clients": clients,
+            # Task questions: counts summed over the sites, accuracy = correct / questions.
+            **pool_task_metrics(used),
         }
     )

@@ -153,6 +153,7 @@ class MessageRounds:
         self._inner = (
             strategy.strategy if isinstance(strategy, DifferentialPrivacyFedAvg) else strategy
         )
+        self._pending_downlink: dict[str, Any] | None = None
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -177,19 +178,37 @@ class MessageRounds:
         return self._inner.last_valid
 
     def state_dict(self) -> dict[str, Any]:
-        """The DP wrapper's state (nothing without DP)."""
+        """The DP wrapper's state and the compressed downlink's (nothing without either)."""
+        state: dict[str, Any] = {}
         if isinstance(self.strategy, DifferentialPrivacyFedAvg):
-            return {"dp": self.strategy.state_dict()}
-        return {}
+            state["dp"] = self.strategy.state_dict()
+        if self._inner.downlink is not None:
+            state["downlink"] = self._inner.downlink.state_dict()
+        return state
+
+    def state_arrays(self) -> dict[str, Any]:
+        """The downlink's error-feedback residual (checkpoint tensors)."""
+        downlink = self._inner.downlink
+        return downlink.state_arrays() if downlink is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
+        state = dict(state)
+        downlink = state.pop("downlink", None)
+        if (downlink is None) != (self._inner.downlink is None):
+            raise ValueError("the checkpoint and this run differ in fed.wire-dtype compression")
+        self._pending_downlink = downlink
         if isinstance(self.strategy, DifferentialPrivacyFedAvg):
             if "dp" not in state:
                 raise ValueError("the checkpoint holds no DP state but this run has DP")
             self.strategy.load_state_dict(state["dp"])
         elif state:
             raise ValueError("the checkpoint holds DP state but this run has no DP")
+
+    def load_state_arrays(self, arrays: dict[str, Any]) -> None:
+        """The downlink's residual, after :meth:`load_state_dict`."""
+        if self._inner.downlink is not None and self._pending_downlink is not None:
+            self._inner.downlink.load_state(self._pending_downlink, arrays)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -175,6 +175,8 @@ class SecAggRoundReport:
     threshold: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+    bytes_by_node: dict[int, list[int]] = field(default_factory=dict)
+    """node id -> [bytes sent to it, bytes received from it] over the protocol's stages."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each protocol stage (client work included)."""
     privacy: dict[str, float] = field(default_factory=dict)
@@ -338,6 +340,10 @@ def secagg_round(
     workflow(cast(Grid, grid), context)
     report = workflow.report
     report.bytes_down, report.bytes_up = sum(grid.bytes_down.values()), sum(grid.bytes_up.values())
+    report.bytes_by_node = {
+        node: [grid.bytes_down.get(node, 0), grid.bytes_up.get(node, 0)]
+        for node in sorted(set(grid.bytes_down) | set(grid.bytes_up))
+    }
     aggregate = strategy.aggregate
     if report.failed is None and aggregate is None:
         report.failed = "secure aggregation produced no aggregate"
@@ -567,6 +573,7 @@ class SecAggRounds:
             bytes_down=report.bytes_down,
             bytes_up=report.bytes_up,
             updated=updated,
+            bytes_by_node=dict(report.bytes_by_node),
         )
 
     def evaluate_round(

@@ -90,8 +90,9 @@ def flwr_run(
     cache: Path | None = None,
     profile: str = "local",
     extra: list[str] | None = None,
+    app: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run . <profile> --stream`` from the project root; output captured."""
+    """``flwr run . <profile> --stream`` from ``app`` (the project root); output captured."""
     cmd = [
         str(BIN / "flwr"),
         "run",
@@ -106,7 +107,7 @@ def flwr_run(
     ]
     return subprocess.run(
         cmd,
-        cwd=ROOT,
+        cwd=app,
         env=flwr_env(flwr_home, cache),
         capture_output=True,
         text=True,
@@ -199,3 +200,26 @@ def read_pid_file(path: Path) -> dict[str, int]:
             name, pid = line.split()
             pids[name] = int(pid)
     return pids
+
+
+APP_PARTS = ("flower_llm", "strategies", "client_apps", "server_apps", "tests")
+
+
+def app_with_clientapp(dest: Path, clientapp: str) -> Path:
+    """A copy of this project under ``dest/app`` whose ClientApp is ``clientapp``.
+
+    For e2e tests with sites that misbehave: the ServerApp and everything else are the
+    project's own, and ``flwr run`` builds the copy like any Flower App.
+    """
+    app = dest / "app"
+    app.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
+    for part in APP_PARTS:
+        shutil.copytree(ROOT / part, app / part, ignore=ignore)
+    for name in ("LICENSE", "README.md"):
+        shutil.copy(ROOT / name, app / name)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    ours = 'clientapp = "client_apps.qlora:app"'
+    assert ours in pyproject
+    (app / "pyproject.toml").write_text(pyproject.replace(ours, f'clientapp = "{clientapp}"'))
+    return app

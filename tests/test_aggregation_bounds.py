@@ -601,3 +601,94 @@ def test_nan_is_dropped_under_every_rule_with_the_bounds_off(robust: str) -> Non
     expected = robust_aggregate(list(honest.values()), [100.0] * 4, global_state(), robust)
     for key in SHAPES:
         np.testing.assert_allclose(decoded(arrays)[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "named"),
+    [
+        ({wire.TRAIN_LOSS: math.nan}, "metric 'train-loss' = nan"),
+        ({"site-chosen-score": 1e300}, "metric 'site-chosen-score' = 1e+300"),
+        ({wire.TRAIN_SECONDS: -math.inf}, "metric 'train-seconds' = -inf"),
+        ({wire.DPSGD_EPSILON: -1.0}, "metric 'dpsgd-epsilon' = -1.0 is not an epsilon"),
+        ({wire.DPSGD_EPSILON: math.nan}, "metric 'dpsgd-epsilon' = nan is not an epsilon"),
+    ],
+)
+def test_a_reply_with_an_impossible_metric_is_refused_and_the_row_stays_finite(
+    metrics: dict[str, float], named: str
+) -> None:
+    # Prepare: three honest sites that send the same metrics with sane values
+    sane = {k: 1.0 for k in metrics}
+    replies = [reply(n, honest_state(n), **sane) for n in (1, 2, 3)]
+    replies.append(reply(4, honest_state(4), **metrics))
+    strategy = strategy_for_round([1, 2, 3, 4])
+
+    # Execute
+    _, train_metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: the hostile reply is dropped with its reason; every averaged metric is finite
+    assert strategy.report.accepted == [1, 2, 3]
+    assert strategy.report.dropped[4].startswith(named), strategy.report.dropped
+    assert all(math.isfinite(float(v)) for v in train_metrics.values())  # type: ignore[arg-type]
+    for key in metrics:
+        assert train_metrics[key] == 1.0
+
+
+def test_a_site_without_noise_may_report_an_infinite_epsilon() -> None:
+    replies = [reply(n, honest_state(n), **{wire.DPSGD_EPSILON: 2.0}) for n in (1, 2)]
+    replies.append(reply(3, honest_state(3), **{wire.DPSGD_EPSILON: math.inf}))
+    strategy = strategy_for_round([1, 2, 3])
+
+    _, train_metrics = strategy.aggregate_train(1, replies)
+
+    assert strategy.report.accepted == [1, 2, 3]
+    assert train_metrics[wire.DPSGD_EPSILON] == math.inf  # the weakest site is the guarantee
+
+
+def eval_reply(node_id: int, loss: float, tokens: float, accuracy: float = 0.5) -> Message:
+    metrics = MetricRecord(
+        {
+            wire.EVAL_LOSS: loss,
+            wire.EVAL_TOKENS: tokens,
+            wire.EVAL_TOKEN_ACCURACY: accuracy,
+            wire.NUM_EXAMPLES: 10,
+            wire.EVAL_PERPLEXITY: math.exp(min(loss, 50.0)),
+        }
+    )
+    message = Message(RecordDict({wire.METRICS: metrics}), dst_node_id=0, message_type="evaluate")
+    message.metadata.__dict__["_src_node_id"] = node_id
+    return message
+
+
+@pytest.mark.parametrize(
+    ("loss", "tokens", "accuracy"),
+    [
+        (1e300, 2**62, 0.5),  # loss x tokens overflows float64
+        (2.0, 2**62, 0.5),  # more tokens than any count
+        (2.0, 100, 1e6),  # an accuracy above 1
+        (-5.0, 100, 0.5),  # a negative mean cross-entropy
+    ],
+)
+def test_an_impossible_evaluation_reply_is_left_out_of_the_pooled_loss(
+    loss: float, tokens: int, accuracy: float
+) -> None:
+    from strategies.fedavg import aggregate_eval_replies
+
+    honest = [eval_reply(1, 2.0, 100), eval_reply(2, 4.0, 300)]
+
+    pooled = aggregate_eval_replies([*honest, eval_reply(3, loss, tokens, accuracy)])
+
+    assert pooled is not None
+    assert pooled["clients"] == 2 and pooled[wire.EVAL_TOKENS] == 400
+    assert pooled[wire.EVAL_LOSS] == pytest.approx((2.0 * 100 + 4.0 * 300) / 400)
+    assert pooled[wire.EVAL_TOKEN_ACCURACY] == pytest.approx(0.5)
+
+
+def test_a_negative_or_nan_count_is_refused_whatever_the_weight_bound() -> None:
+    replies = [reply(n, honest_state(n)) for n in (1, 2)]
+    replies.append(reply(3, honest_state(3), **{wire.NUM_TOKENS: -5.0}))
+    strategy = strategy_for_round([1, 2, 3], max_weight=math.inf)
+
+    strategy.aggregate_train(1, replies)
+
+    assert strategy.report.accepted == [1, 2]
+    assert strategy.report.dropped[3] == "metric 'num-tokens' = -5.0 is not a count (finite, >= 0)"

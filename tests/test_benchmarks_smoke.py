@@ -7,6 +7,7 @@ promises.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,27 @@ def test_aggregation_throughput_quick_measures_every_rule(tmp_path: Path) -> Non
         assert row["reply-bytes-per-second"] > 0
         assert row["fraction-of-stream"] > 0
     assert result["stream-bytes-per-second"] > 0
+
+
+@pytest.mark.long
+def test_compression_quick_writes_sane_results(tmp_path: Path) -> None:
+    from benchmarks import compression
+
+    # Execute: every format through the real engine, 2 rounds x 2 steps
+    compression.common.run_and_finish(
+        "compression",
+        argparse.Namespace(out=tmp_path, quick=True),
+        lambda: compression.run_all(quick=True),
+        compression.to_markdown,
+    )
+
+    # Assert: every run trained, compressed runs sent fewer bytes, codec time was measured
+    result = json.loads((tmp_path / "compression.json").read_text())
+    runs = result["runs"]
+    assert set(runs) == set(compression.RUNS)
+    for name, run in runs.items():
+        assert run["final-loss"] < run["initial-loss"], name
+    assert runs["int8"]["bytes-up"] < runs["float32"]["bytes-up"] / 3.5
+    assert runs["nf4"]["bytes-up"] < runs["int8"]["bytes-up"] / 1.8
+    assert runs["nf4"]["codec-seconds"] > 0 and runs["float32"]["codec-seconds"] == 0
+    assert len(result["headlines"]) == 6

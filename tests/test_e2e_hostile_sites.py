@@ -10,43 +10,21 @@ every round of metrics.jsonl, and lower the held-out loss with the three honest 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.flwr_procs import BIN, ROOT, flwr_env, local_superlink_pids, stop_pids
+from tests.flwr_procs import BIN, app_with_clientapp, flwr_env, local_superlink_pids, stop_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-APP_PARTS = ("flower_llm", "strategies", "client_apps", "server_apps", "tests")
-
-
-def hostile_app(dest: Path) -> Path:
-    """This project, with its ClientApp swapped for the hostile one."""
-    app = dest / "app"
-    app.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results")
-    for part in APP_PARTS:
-        shutil.copytree(ROOT / part, app / part, ignore=ignore)
-    for name in ("LICENSE", "README.md"):
-        shutil.copy(ROOT / name, app / name)
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'clientapp = "client_apps.qlora:app"' in pyproject
-    (app / "pyproject.toml").write_text(
-        pyproject.replace(
-            'clientapp = "client_apps.qlora:app"', 'clientapp = "tests.hostile_clientapp:app"'
-        )
-    )
-    return app
 
 
 def test_hostile_sites_are_dropped_and_sites_of_ranks_4_8_16_lower_the_loss(
     tmp_path: Path,
 ) -> None:
     # Prepare
-    app = hostile_app(tmp_path)
+    app = app_with_clientapp(tmp_path, "tests.hostile_clientapp:app")
     home, out = tmp_path / "flwr-home", tmp_path / "outputs"
     home.mkdir()
     run_config = (

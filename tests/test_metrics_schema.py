@@ -102,6 +102,7 @@ def bounded_row() -> dict[str, object]:
         refused=["node 9: not sampled this round"], clamped={1: ["m.lora_A.weight"]}
     )
     report.lora_error = 0.01
+    report.bytes_down_eval = 4096  # the adapters sent for evaluation
     return round_row(RoundResult(1, ArrayRecord(), None, None, report, 1.0))
 
 

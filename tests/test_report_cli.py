@@ -428,6 +428,74 @@ def test_evaluate_adapter_beats_base_on_embedded(
     assert "exact-match" not in run
 
 
+def test_evaluate_task_scores_the_adapter_against_chance(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the same adapter and 4-bit load, scored in-process
+    from argparse import Namespace
+
+    from flower_llm.cli import load_for_inference, resolve_source
+    from flower_llm.tasks import bundled_task_file, load_task, score_task
+
+    adapter = trained_run / FINAL_ADAPTER
+    source = resolve_source(
+        Namespace(run=None, model=None, adapter=str(adapter), base=None, quantization=None)
+    )
+    model, tokenizer = load_for_inference(source, CPU)
+    expected = score_task(
+        model, tokenizer, load_task(bundled_task_file("medical")), source.cfg.data
+    )
+
+    # Execute: a PEFT directory alone (its run's settings), and the run with its adapter
+    code, out, _ = run_cli(
+        ["evaluate", "--adapter", str(adapter), "--task", "medical", "--json"], capsys
+    )
+    code_run, out_run, _ = run_cli(
+        ["evaluate", "--run", str(trained_run), "--task", "medical", "--json"], capsys
+    )
+
+    # Assert
+    result = json.loads(out)
+    assert code == code_run == 0
+    assert source.cfg.lora.r == 8 and source.cfg.model.quantization == "nf4"  # the run's
+    assert result == json.loads(out_run)
+    assert result["correct"] == expected.correct and result["questions"] == 30
+    assert result["accuracy"] == pytest.approx(expected.accuracy)
+    assert result["chance"] == 0.25 and result["scoring"] == "loglik"
+
+
+@pytest.mark.long  # lm-eval imports and sets up for ~15 s
+def test_lm_eval_on_a_bundled_task_file_equals_the_built_in_evaluator(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: nothing may be downloaded
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = str(trained_run / FINAL_ADAPTER)
+
+    # Execute: lm-eval on a local YAML task over the bundled file; the built-in evaluator
+    code, out, _ = run_cli(
+        ["evaluate", "--adapter", adapter, "--lm-eval", "medical,finance", "--json"], capsys
+    )
+    built_in = {}
+    for domain in ("medical", "finance"):
+        code_task, out_task, _ = run_cli(
+            ["evaluate", "--adapter", adapter, "--task", domain, "--json"], capsys
+        )
+        assert code_task == 0
+        built_in[domain] = json.loads(out_task)
+
+    # Assert: the same accuracy, question for question
+    results = json.loads(out)
+    assert code == 0
+    for domain in ("medical", "finance"):
+        lm_eval = results[f"flower_llm_{domain}"]
+        assert lm_eval["sample_len"] == built_in[domain]["questions"] == 30
+        assert lm_eval["acc,none"] == pytest.approx(built_in[domain]["accuracy"], abs=1e-12)
+        assert lm_eval["chance"] == 0.25
+
+
 class LossyTokenizer:
     """Character-level, but decodes digits apart ("400" -> "4 0 0"), as some word-level
     tokenizers do."""
@@ -647,6 +715,12 @@ def run_without_adapter(trained_run: Path, tmp_path: Path) -> Path:
         ),
         (["merge", "--run", "{run}", "--out", "{run}"], "exists and is not empty"),
         (["evaluate", "--data", "{tmp}/missing.jsonl", "--run", "{run}"], "no such data file"),
+        (
+            ["evaluate", "--task", "{tmp}/gone.jsonl", "--run", "{run}"],
+            "task file {tmp}/gone.jsonl",
+        ),
+        (["evaluate", "--task", "medical", "--adapter", "{tmp}"], "is not an adapter directory"),
+        (["evaluate", "--task", "medical"], "--run RUN_DIR, --model NAME_OR_PATH or --adapter"),
         (["plan", "--model", "{tmp}/no-model"], "no such file or directory"),
         (["plan", "--model", "{tmp}", "--gpu-mem", "8GiB"], "has no config.json"),
         (["plan", "--model", "x", "--gpu-mem", "lots"], "cannot read memory size 'lots'"),

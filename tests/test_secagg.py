@@ -132,19 +132,19 @@ def test_round_settings_that_cannot_work_name_the_key(
             },
             "fed.aggregation",
         ),
-        (
-            {
-                "fed.aggregation": "secagg+",
-                "output.local-only-baseline": False,
-                "privacy.dpsgd": True,
-            },
-            "privacy.dpsgd",
-        ),
     ],
 )
 def test_bad_secagg_config_names_the_key(run_config: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=f"'{named}'"):
         parse_run_config(run_config)
+
+
+def test_secagg_with_dpsgd_is_accepted_and_keeps_weighing_by_what_was_seen() -> None:
+    cfg = parse_run_config(
+        {"fed.aggregation": "secagg+", "output.local-only-baseline": False, "privacy.dpsgd": True}
+    )
+    # sample-level DP alone does not need the equal weights of client-level DP
+    assert secagg.derive_params(cfg, num_sampled=4).max_weight > 1.0
 
 
 def test_secagg_with_client_side_dp_is_accepted() -> None:
@@ -866,7 +866,7 @@ msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
                   run_config={"fed.aggregation": "secagg+"})
 reply = app(msg, context)
-heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus")
+heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
     "reply": sorted(reply.content.config_records[RECORD_KEY_CONFIGS]),
     "imported": [name for name in heavy if name in sys.modules],

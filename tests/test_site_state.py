@@ -287,6 +287,52 @@ def test_a_resumed_dpsgd_run_reports_the_epsilon_of_an_uninterrupted_one(
     assert parse_run_config(resumed_cfg).output.resume
 
 
+@pytest.mark.usefixtures("server_task_identity")
+def test_the_secagg_client_trains_with_dpsgd_like_the_plain_client(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: the SecAgg+ client of site 0, as its masked-vectors stage builds it
+    from client_apps.qlora import session_and_keys
+    from client_apps.secagg import SecAggClient
+    from flower_llm import secagg
+
+    secagg_cfg = run_config(
+        tiny_model_dir, **{"fed.aggregation": "secagg+", "output.local-only-baseline": False}
+    )
+    context = site_contexts(41, secagg_cfg, tmp_path / "secagg")[0]
+    trainer, keys = session_and_keys(context)
+    start = adapter_state(trainer.session.model)  # type: ignore[attr-defined]
+    fit_config = {
+        wire.SERVER_ROUND: 1,
+        wire.LEARNING_RATE: 1e-3,
+        secagg.CLIPPING_RANGE: 1.0,
+        secagg.MAX_WEIGHT: 1000.0,
+    }
+
+    # Execute: one SecAgg+ fit, and the plain ClientApp's round 1 at the same site
+    masked_input, weight, _ = SecAggClient(trainer, keys).fit(
+        secagg.state_to_arrays({k: start[k] for k in keys}), fit_config
+    )
+    plain = train_round(
+        site_contexts(42, run_config(tiny_model_dir), tmp_path / "plain"),
+        1,
+        wire.to_array_record(start),
+    )
+
+    # Assert: the site kept an accountant of the round's two DP-SGD steps, with the epsilon
+    # the plain client reports for the same site and round; the update left encoded
+    kept = tmp_path / "secagg" / "dpsgd-resume" / "partition-0-of-2" / "dpsgd-accountant.json"
+    document = json.loads(kept.read_text())
+    assert (document["run-id"], document["data"]["last-round"]) == (41, 1)
+    from flower_llm.privacy import DualAccountant
+
+    accountant = DualAccountant.from_checkpoint(document["data"]["accountant"], "pld")
+    assert accountant.rounds == 2
+    assert accountant.epsilon() == pytest.approx(plain[0][wire.DPSGD_EPSILON], rel=1e-12)
+    assert len(masked_input) == len(keys) + 1  # the update's arrays and the masked metrics
+    assert 1 <= weight <= 1000
+
+
 # --------------------------------------------------------------------------------------
 # Which kept state a round continues
 # --------------------------------------------------------------------------------------

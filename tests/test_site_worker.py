@@ -332,7 +332,7 @@ msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
                   run_config={"fed.aggregation": "secagg+", "model.name": sys.argv[2]})
 reply = app(msg, context)
-heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus")
+heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
     "reply": sorted(reply.content.config_records[RECORD_KEY_CONFIGS]),
     "state": sorted(context.state.config_records) + sorted(context.state.array_records),
@@ -401,8 +401,13 @@ def worker_process(socket_dir: Path) -> Iterator[str]:
     import time
 
     path = str(socket_dir / "worker.sock")
+    # One worker serves all the simulated sites here, which queue for it (a real site has
+    # its own): on a loaded machine the first job (model load) outlasts the default 30 s.
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "flower-llm"), "site-worker", "--socket", path],
+        [
+            *(str(Path(sys.executable).parent / "flower-llm"), "site-worker"),
+            *("--socket", path, "--busy-timeout", "600"),
+        ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,

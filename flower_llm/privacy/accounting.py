@@ -47,7 +47,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-from scipy import special
 
 if TYPE_CHECKING:
     from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
@@ -188,6 +187,8 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     relative precision when ``A - 1`` is far below float64 resolution (tiny ``q``), where
     summing ``A`` directly would round the RDP to zero, i.e. report no privacy loss at all.
     """
+    from scipy import special  # lazily: 0.6 s to import, and a relaying ClientApp needs none
+
     if alpha < 2:
         return 0.0
     k = np.arange(2, alpha + 1, dtype=np.float64)
@@ -220,6 +221,8 @@ def _log_a_fractional_series(q: float, sigma: float, alpha: float) -> float | No
 
     Returns None if the series needs more than ``_SERIES_MAX_TERMS`` terms.
     """
+    from scipy import special  # lazily, as in _log_a_integer
+
     log_q, log_1mq = math.log(q), math.log1p(-q)
     z0 = sigma**2 * (log_1mq - log_q) + 0.5
     first_alternating = math.ceil(alpha)
@@ -389,7 +392,103 @@ def rdp_to_epsilon(
 # ---------------------------------------------------------------------------------------------
 
 
-class RdpAccountant:
+class _GaussianRoundsAccountant:
+    """What both accountants share: the default round, ``delta``, checks and projection.
+
+    A subclass says how ``steps`` rounds of ``(sigma, q)`` compose (:meth:`_compose`), what
+    ``epsilon`` would be after more of them (:meth:`_epsilon_with`) and how many rounds it
+    holds (:attr:`rounds`).
+    """
+
+    kind: str
+
+    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float) -> None:
+        self._noise_multiplier = _check_noise_multiplier(noise_multiplier)
+        self._sampling_rate = _check_sampling_rate(sampling_rate)
+        self._delta = _check_delta(delta)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Default ``sigma`` of a round."""
+        return self._noise_multiplier
+
+    @property
+    def sampling_rate(self) -> float:
+        """Default ``q`` of a round."""
+        return self._sampling_rate
+
+    @property
+    def delta(self) -> float:
+        """The ``delta`` at which :meth:`epsilon` is reported."""
+        return self._delta
+
+    @property
+    def rounds(self) -> int:
+        """Rounds composed so far."""
+        raise NotImplementedError
+
+    def epsilon(self) -> float:
+        """``epsilon`` after the rounds so far at :attr:`delta` (0 before any, inf if sigma 0)."""
+        raise NotImplementedError
+
+    def _compose(self, sigma: float, q: float, steps: int) -> None:
+        raise NotImplementedError
+
+    def _epsilon_with(self, sigma: float, q: float, steps: int) -> float:
+        raise NotImplementedError
+
+    def _round(
+        self, noise_multiplier: float | None, sampling_rate: float | None
+    ) -> tuple[float, float]:
+        """A round's ``(sigma, q)``: the overrides, checked, else the defaults."""
+        sigma = (
+            self._noise_multiplier
+            if noise_multiplier is None
+            else _check_noise_multiplier(noise_multiplier)
+        )
+        q = self._sampling_rate if sampling_rate is None else _check_sampling_rate(sampling_rate)
+        return sigma, q
+
+    def step(
+        self,
+        num_steps: int = 1,
+        *,
+        noise_multiplier: float | None = None,
+        sampling_rate: float | None = None,
+    ) -> None:
+        """Compose ``num_steps`` rounds, optionally with their own ``sigma`` and ``q``.
+
+        Parameters
+        ----------
+        num_steps : int
+            Rounds to add, ``>= 1``.
+        noise_multiplier, sampling_rate : float, optional
+            Overrides for these rounds only; the defaults stay unchanged.
+        """
+        steps = _check_count("num_steps", num_steps, 1)
+        self._compose(*self._round(noise_multiplier, sampling_rate), steps)
+
+    def projected_epsilon(
+        self,
+        num_steps: int = 1,
+        *,
+        noise_multiplier: float | None = None,
+        sampling_rate: float | None = None,
+    ) -> float:
+        """``epsilon`` if ``num_steps`` more rounds were composed; the accountant is unchanged."""
+        steps = _check_count("num_steps", num_steps, 0)
+        if steps == 0:
+            return self.epsilon()
+        return self._epsilon_with(*self._round(noise_multiplier, sampling_rate), steps)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(noise_multiplier={self._noise_multiplier}, "
+            f"sampling_rate={self._sampling_rate}, delta={self._delta}, rounds={self.rounds})"
+        )
+
+
+class RdpAccountant(_GaussianRoundsAccountant):
     """Composes rounds of user-level DP-FedAvg and reports ``epsilon`` at a fixed ``delta``.
 
     Parameters
@@ -419,29 +518,12 @@ class RdpAccountant:
         delta: float,
         orders: Sequence[float] | None = None,
     ) -> None:
-        self._noise_multiplier = _check_noise_multiplier(noise_multiplier)
-        self._sampling_rate = _check_sampling_rate(sampling_rate)
-        self._delta = _check_delta(delta)
+        super().__init__(noise_multiplier, sampling_rate, delta)
         self._orders = _check_orders(orders)
         self._rdp = np.zeros(len(self._orders), dtype=np.float64)
         self._rounds = 0
 
     # --- read-only views ---------------------------------------------------------------------
-
-    @property
-    def noise_multiplier(self) -> float:
-        """Default ``sigma`` of a round."""
-        return self._noise_multiplier
-
-    @property
-    def sampling_rate(self) -> float:
-        """Default ``q`` of a round."""
-        return self._sampling_rate
-
-    @property
-    def delta(self) -> float:
-        """The ``delta`` at which :meth:`epsilon` is reported."""
-        return self._delta
 
     @property
     def orders(self) -> tuple[float, ...]:
@@ -460,33 +542,8 @@ class RdpAccountant:
 
     # --- composition -------------------------------------------------------------------------
 
-    def _round_rdp(self, noise_multiplier: float | None, sampling_rate: float | None) -> np.ndarray:
-        sigma = (
-            self._noise_multiplier
-            if noise_multiplier is None
-            else _check_noise_multiplier(noise_multiplier)
-        )
-        q = self._sampling_rate if sampling_rate is None else _check_sampling_rate(sampling_rate)
-        return compute_rdp(sigma, q, self._orders)
-
-    def step(
-        self,
-        num_steps: int = 1,
-        *,
-        noise_multiplier: float | None = None,
-        sampling_rate: float | None = None,
-    ) -> None:
-        """Compose ``num_steps`` rounds, optionally with their own ``sigma`` and ``q``.
-
-        Parameters
-        ----------
-        num_steps : int
-            Rounds to add, ``>= 1``.
-        noise_multiplier, sampling_rate : float, optional
-            Overrides for these rounds only; the defaults stay unchanged.
-        """
-        steps = _check_count("num_steps", num_steps, 1)
-        self._rdp = self._rdp + steps * self._round_rdp(noise_multiplier, sampling_rate)
+    def _compose(self, sigma: float, q: float, steps: int) -> None:
+        self._rdp = self._rdp + steps * compute_rdp(sigma, q, self._orders)
         self._rounds += steps
 
     def epsilon(self) -> float:
@@ -497,16 +554,8 @@ class RdpAccountant:
         """The RDP order that attains :meth:`epsilon` (NaN when epsilon is infinite)."""
         return rdp_to_epsilon(self._orders, self._rdp, self._delta)[1]
 
-    def projected_epsilon(
-        self,
-        num_steps: int = 1,
-        *,
-        noise_multiplier: float | None = None,
-        sampling_rate: float | None = None,
-    ) -> float:
-        """``epsilon`` if ``num_steps`` more rounds were composed; the accountant is unchanged."""
-        steps = _check_count("num_steps", num_steps, 0)
-        rdp = self._rdp + steps * self._round_rdp(noise_multiplier, sampling_rate)
+    def _epsilon_with(self, sigma: float, q: float, steps: int) -> float:
+        rdp = self._rdp + steps * compute_rdp(sigma, q, self._orders)
         return rdp_to_epsilon(self._orders, rdp, self._delta)[0]
 
     # --- persistence -------------------------------------------------------------------------
@@ -531,23 +580,7 @@ class RdpAccountant:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RdpAccountant:
         """Rebuild an accountant from :meth:`state_dict`; ``ValueError`` names what is wrong."""
-        if not isinstance(state, Mapping):
-            raise ValueError(f"accountant state must be a mapping, got {type(state).__name__}")
-        missing = sorted(_STATE_KEYS - set(state))
-        if missing:
-            raise ValueError(f"accountant state is missing {missing}")
-        unknown = sorted(str(k) for k in set(state) - _STATE_KEYS)
-        if unknown:
-            raise ValueError(f"accountant state has unknown keys {unknown}")
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(
-                f"accountant state 'format' is {state['format']!r}, not {_STATE_FORMAT!r}"
-            )
-        if type(state["version"]) is not int or state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"accountant state 'version' {state['version']!r} is not supported "
-                f"(expected {_STATE_VERSION})"
-            )
+        _check_state_header(state, _STATE_KEYS, _STATE_FORMAT, _STATE_VERSION)
         try:
             accountant = cls(
                 noise_multiplier=state["noise_multiplier"],
@@ -576,12 +609,6 @@ class RdpAccountant:
         accountant._rdp = np.array(values, dtype=np.float64)
         accountant._rounds = rounds
         return accountant
-
-    def __repr__(self) -> str:
-        return (
-            f"RdpAccountant(noise_multiplier={self._noise_multiplier}, "
-            f"sampling_rate={self._sampling_rate}, delta={self._delta}, rounds={self._rounds})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +707,7 @@ def _merged(
     return out
 
 
-class PldAccountant:
+class PldAccountant(_GaussianRoundsAccountant):
     """Composes rounds by privacy loss distributions (dp-accounting) and reports ``epsilon``.
 
     Same mechanism, parameters and interface as :class:`RdpAccountant`; the epsilon is the
@@ -709,30 +736,13 @@ class PldAccountant:
         delta: float,
         value_discretization_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
     ) -> None:
-        self._noise_multiplier = _check_noise_multiplier(noise_multiplier)
-        self._sampling_rate = _check_sampling_rate(sampling_rate)
-        self._delta = _check_delta(delta)
+        super().__init__(noise_multiplier, sampling_rate, delta)
         interval = _check_real("value_discretization_interval", value_discretization_interval)
         if not 0.0 < interval <= 0.1:
             raise ValueError(f"value_discretization_interval must be in (0, 0.1], got {interval!r}")
         self._interval = interval
         self._events: list[tuple[float, float, int]] = []
         self._epsilon: float | None = 0.0  # cached epsilon of _events (None: stale)
-
-    @property
-    def noise_multiplier(self) -> float:
-        """Default ``sigma`` of a round."""
-        return self._noise_multiplier
-
-    @property
-    def sampling_rate(self) -> float:
-        """Default ``q`` of a round."""
-        return self._sampling_rate
-
-    @property
-    def delta(self) -> float:
-        """The ``delta`` at which :meth:`epsilon` is reported."""
-        return self._delta
 
     @property
     def value_discretization_interval(self) -> float:
@@ -749,27 +759,7 @@ class PldAccountant:
         """The ``(sigma, q, count)`` history (a copy)."""
         return list(self._events)
 
-    def _round(
-        self, noise_multiplier: float | None, sampling_rate: float | None
-    ) -> tuple[float, float]:
-        sigma = (
-            self._noise_multiplier
-            if noise_multiplier is None
-            else _check_noise_multiplier(noise_multiplier)
-        )
-        q = self._sampling_rate if sampling_rate is None else _check_sampling_rate(sampling_rate)
-        return sigma, q
-
-    def step(
-        self,
-        num_steps: int = 1,
-        *,
-        noise_multiplier: float | None = None,
-        sampling_rate: float | None = None,
-    ) -> None:
-        """Compose ``num_steps`` rounds, optionally with their own ``sigma`` and ``q``."""
-        steps = _check_count("num_steps", num_steps, 1)
-        sigma, q = self._round(noise_multiplier, sampling_rate)
+    def _compose(self, sigma: float, q: float, steps: int) -> None:
         self._events = _merged(self._events, sigma, q, steps)
         self._epsilon = None
 
@@ -779,18 +769,7 @@ class PldAccountant:
             self._epsilon = _pld_epsilon(self._events, self._delta, self._interval)
         return self._epsilon
 
-    def projected_epsilon(
-        self,
-        num_steps: int = 1,
-        *,
-        noise_multiplier: float | None = None,
-        sampling_rate: float | None = None,
-    ) -> float:
-        """``epsilon`` if ``num_steps`` more rounds were composed; the accountant is unchanged."""
-        steps = _check_count("num_steps", num_steps, 0)
-        if steps == 0:
-            return self.epsilon()
-        sigma, q = self._round(noise_multiplier, sampling_rate)
+    def _epsilon_with(self, sigma: float, q: float, steps: int) -> float:
         return _pld_epsilon(_merged(self._events, sigma, q, steps), self._delta, self._interval)
 
     def state_dict(self) -> dict[str, Any]:
@@ -837,12 +816,6 @@ class PldAccountant:
                 f"{accountant.rounds}"
             )
         return accountant
-
-    def __repr__(self) -> str:
-        return (
-            f"PldAccountant(noise_multiplier={self._noise_multiplier}, "
-            f"sampling_rate={self._sampling_rate}, delta={self._delta}, rounds={self.rounds})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------

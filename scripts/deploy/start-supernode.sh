@@ -11,6 +11,10 @@
 # also names the site worker's socket (start-site-worker.sh), and its ClientApps relay
 # every message to that worker instead of loading the model themselves.
 #
+# FAST_CLIENTAPP (default 1) puts scripts/deploy/bin first on the SuperNode's PATH: its
+# flwr-clientapp runs Flower's own ClientApp process without importing the SuperNode
+# server first (flower_llm/clientapp_process.py), about 0.4 s of CPU less per message.
+#
 # It waits until the SuperNode has joined (up to 60 s) and exits 1, saying why, if the
 # SuperLink refused it (an unregistered key). Used again after a SuperNode died, it starts
 # that site again.
@@ -39,7 +43,9 @@ for attempt in 1 2 3 4 5 6 7 8; do
   if [ "$SITE_WORKERS" = 1 ]; then
     node_config="$node_config worker-socket=\"$(worker_socket "$i")\""
   fi
-  start_logged "supernode-$i" flower-supernode \
+  path="$PATH"
+  if [ "${FAST_CLIENTAPP:-1}" = 1 ]; then path="$(cd "$(dirname "$0")" && pwd)/bin:$PATH"; fi
+  start_logged "supernode-$i" env PATH="$path" flower-supernode \
     --superlink "127.0.0.1:$SUPERLINK_PORT" \
     --root-certificates "$CERTS/ca.crt" \
     --auth-supernode-private-key "$KEYS/supernode-$i" \

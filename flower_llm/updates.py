@@ -1,0 +1,403 @@
+"""Updates on the wire, both directions, with error feedback (``fed.wire-dtype`` bfloat16,
+int8 or nf4).
+
+Down (:class:`Downlink`, the server): the global adapter has a version (the round that
+made it, 0 for the initial one) and a :func:`~flower_llm.compression.digest`. Each site is
+sent, according to what its last reply said it holds:
+
+- ``same`` (no arrays) when it holds the current version (it evaluated it);
+- the compressed global update ``Q(G_v - G_{v-1} + e)`` when it holds ``v - 1``;
+- the whole adapter in float32 otherwise (first contact, a site that missed rounds, a
+  restarted site, every site after a server resume).
+
+The server's global adapter IS what the sites reconstruct, ``G_v = G_{v-1} + D(Q(...))``
+in float32, so both sides hold the same bits; the server's residual ``e`` keeps what
+quantization lost and is added to the next round's update (and kept in the checkpoint).
+
+Up (:func:`receive`, :func:`send_update`, the site): the site holds the global adapter in
+its session (``context.state``), applies what comes down (checking the digest of the
+result), trains, and sends ``Q(u + e)`` with ``u = local - global``; its residual lives in
+``context.state`` and in the site-state store (:mod:`flower_llm.site_state`), one file per
+round, so a resumed run continues with the residual of the round it resumes from.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from flower_llm import wire
+from flower_llm.compression import (
+    WIRE_FORMAT,
+    Header,
+    WireFormatError,
+    compress_with_feedback,
+    decode,
+    digest,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from flower_llm.site_state import SiteStateStore
+
+log = logging.getLogger(__name__)
+
+AdapterState = dict[str, np.ndarray]
+
+#: context.state records of a site.
+HELD_GLOBAL = "held-global"
+HELD_GLOBAL_META = "held-global-meta"
+RESIDUAL = "uplink-residual"
+RESIDUAL_META = "uplink-residual-meta"
+_RESIDUAL_FILE = re.compile(r"^uplink-residual-(\d{6})\.npz$")
+KEEP_RESIDUAL_FILES = 2
+"""Residual files a site keeps: the server resumes at most one round back."""
+
+
+# --------------------------------------------------------------------------------------
+# The server's side: what goes down
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """A global adapter version and its digest."""
+
+    version: int
+    digest: str
+
+
+class Downlink:
+    """The global adapter as sites reconstruct it, the last update, who holds what.
+
+    Parameters
+    ----------
+    codec : str
+        ``bfloat16``, ``int8`` or ``nf4``.
+    block_size : int
+        Values per scale (``fed.wire-block-size``).
+    feedback : bool
+        Keep an error-feedback residual (``fed.error-feedback``).
+    """
+
+    def __init__(self, codec: str, block_size: int, feedback: bool) -> None:
+        self.codec = codec
+        self.block_size = block_size
+        self.feedback = feedback
+        self.global_state: AdapterState | None = None
+        self.held: Held = Held(-1, "")
+        self.residual: AdapterState | None = None
+        self.update: tuple[ArrayRecord, Header] | None = None
+        """The last global update (from ``version - 1`` to ``version``)."""
+        self.holds: dict[int, Held] = {}
+        """node id -> what its last reply said it holds."""
+        self._whole: tuple[Held, ArrayRecord, ConfigRecord] | None = None
+        """The whole current adapter, encoded once per version."""
+
+    @property
+    def version(self) -> int:
+        """Version of the current global adapter."""
+        return self.held.version
+
+    def start(self, state: Mapping[str, np.ndarray], version: int) -> None:
+        """Adopt ``state`` as global version ``version`` (first round, or a resume)."""
+        if self.global_state is not None:
+            return
+        self.global_state = {k: np.array(v, np.float32) for k, v in state.items()}
+        self.held = Held(version, digest(self.global_state))
+
+    def payload(self, node: int) -> tuple[ArrayRecord, ConfigRecord]:
+        """What node ``node`` is sent: nothing new, the last update, or the whole adapter."""
+        assert self.global_state is not None, "start() first"
+        held = self.holds.get(node)
+        if held == self.held:
+            header = Header(self.codec, self.block_size, "same", (), self.version, self.held.digest)
+            return ArrayRecord(), header.to_record()
+        if self.update is not None:
+            record, header = self.update
+            if held == Held(header.base_version, header.base_digest):
+                return record, header.to_record()
+        if self._whole is None or self._whole[0] != self.held:
+            header = Header(
+                "float32",
+                self.block_size,
+                "adapter",
+                tuple(self.global_state),
+                self.version,
+                self.held.digest,
+            )
+            self._whole = (self.held, encode(self.global_state, header), header.to_record())
+        return self._whole[1], self._whole[2]
+
+    def commit(self, new_state: Mapping[str, np.ndarray], keys: Sequence[str]) -> AdapterState:
+        """Send ``new_state`` as an update of ``keys``; return the global adapter the sites
+        will reconstruct (which becomes this one's).
+
+        Keys not in ``keys`` (the frozen A under ``ffa``) keep their values.
+        """
+        assert self.global_state is not None, "start() first"
+        previous = self.global_state
+        true_update = {
+            k: np.asarray(new_state[k], np.float64) - previous[k].astype(np.float64) for k in keys
+        }
+        header = Header(
+            self.codec,
+            self.block_size,
+            "update",
+            tuple(keys),
+            self.version + 1,
+            "",
+            base_version=self.version,
+            base_digest=self.held.digest,
+        )
+        sent = compress_with_feedback(true_update, self.residual, header, feedback=self.feedback)
+        self.residual = sent.residual
+        reconstructed = dict(previous)
+        for key in keys:
+            reconstructed[key] = previous[key] + sent.decoded[key]
+        new_digest = digest(reconstructed)
+        header = Header(
+            header.codec,
+            header.block_size,
+            "update",
+            header.keys,
+            header.global_version,
+            new_digest,
+            header.base_version,
+            header.base_digest,
+        )
+        self.update = (sent.record, header)
+        self.global_state = reconstructed
+        self.held = Held(header.global_version, new_digest)
+        return reconstructed
+
+    def note(self, node: int, record: ConfigRecord | None) -> None:
+        """Remember what a reply's header says ``node`` holds (forget it without one)."""
+        if record is None:
+            self.holds.pop(node, None)
+            return
+        try:
+            header = Header.from_record(record)
+        except WireFormatError:
+            self.holds.pop(node, None)
+            return
+        self.holds[node] = Held(header.global_version, header.global_digest)
+
+    # --- checkpoint ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: the version (the residual goes in :meth:`state_arrays`)."""
+        return {
+            "codec": self.codec,
+            "version": self.version,
+            "digest": self.held.digest,
+            "residual": self.residual is not None,
+        }
+
+    def state_arrays(self) -> AdapterState:
+        """The server's residual, for the checkpoint's tensors."""
+        return dict(self.residual or {})
+
+    def load_state(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Continue from a checkpoint: the residual; every site is sent the whole adapter."""
+        if state.get("codec") != self.codec:
+            raise ValueError(
+                f"checkpoint downlink codec {state.get('codec')!r}, not {self.codec!r}"
+            )
+        self.residual = (
+            {k: np.array(v, np.float32) for k, v in arrays.items()} if state["residual"] else None
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The site's side
+# --------------------------------------------------------------------------------------
+
+
+def is_compressed(content: RecordDict) -> bool:
+    """Whether a message uses the compressed layout (it carries a header)."""
+    return WIRE_FORMAT in content.config_records
+
+
+def receive(node_state: RecordDict, content: RecordDict) -> tuple[AdapterState, Header | None]:
+    """The global adapter a message carries, and its header (None: a plain adapter).
+
+    A compressed message updates the global adapter the site holds in ``node_state``.
+
+    Raises
+    ------
+    WireFormatError
+        The message cannot be decoded, or is an update (or ``same``) of a version this
+        site does not hold; the error reply tells the server, which then sends the whole
+        adapter.
+    """
+    if not is_compressed(content):
+        return wire.from_array_record(content.array_records[wire.ARRAYS]), None
+    header = Header.from_record(content.config_records[WIRE_FORMAT])
+    arrays = content.array_records.get(wire.ARRAYS, ArrayRecord())
+    held_meta = node_state.config_records.get(HELD_GLOBAL_META)
+    held = (
+        Held(int(held_meta["version"]), str(held_meta["digest"]))  # type: ignore[arg-type]
+        if held_meta is not None
+        else None
+    )
+    if header.content == "adapter":
+        state = decode(arrays, header)
+    else:
+        wanted = (
+            Held(header.global_version, header.global_digest)
+            if header.content == "same"
+            else Held(header.base_version, header.base_digest)
+        )
+        if held != wanted or HELD_GLOBAL not in node_state.array_records:
+            raise WireFormatError(
+                f"a '{header.content}' message for global version {wanted.version}, but this "
+                f"site holds {'none' if held is None else held.version}"
+            )
+        state = wire.from_array_record(node_state.array_records[HELD_GLOBAL])
+        if header.content == "update":
+            decoded = decode(arrays, header)
+            for key, value in decoded.items():
+                if key not in state or state[key].shape != value.shape:
+                    raise WireFormatError(f"update of '{key}' does not fit the held adapter")
+                state[key] = state[key] + value
+    if digest(state) != header.global_digest:
+        raise WireFormatError(
+            f"the reconstructed global version {header.global_version} does not match its "
+            "digest (a lost or reordered message)"
+        )
+    node_state[HELD_GLOBAL] = wire.to_array_record(state)
+    node_state[HELD_GLOBAL_META] = ConfigRecord(
+        {"version": header.global_version, "digest": header.global_digest}
+    )
+    return state, header
+
+
+def holds_record(node_state: RecordDict, received: Header) -> ConfigRecord:
+    """A reply's header: this site now holds the global version ``received`` made."""
+    meta = node_state.config_records[HELD_GLOBAL_META]
+    version, held_digest = meta["version"], meta["digest"]
+    assert isinstance(version, int) and isinstance(held_digest, str)
+    header = Header(received.codec, received.block_size, "same", (), version, held_digest)
+    return header.to_record()
+
+
+@dataclass(frozen=True)
+class UplinkSettings:
+    """How a site sends its update."""
+
+    codec: str
+    block_size: int
+    feedback: bool
+    run_id: int
+    resume: bool
+    """``output.resume``: a residual kept by an earlier Flower run continues."""
+
+
+def send_update(
+    node_state: RecordDict,
+    store: SiteStateStore | None,
+    settings: UplinkSettings,
+    local: Mapping[str, np.ndarray],
+    base: Mapping[str, np.ndarray],
+    received: Header,
+    server_round: int,
+    clip_norm: float | None = None,
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """The reply's arrays and header: ``Q(local - base + e)`` over ``local``'s keys.
+
+    ``base`` is the global adapter the site trained from (at its own rank); the residual
+    of the latest earlier round is taken from ``node_state`` or else ``store``, and the
+    new one is written to both.
+    """
+    keys = tuple(local)
+    update = {k: np.asarray(local[k], np.float64) - np.asarray(base[k], np.float64) for k in keys}
+    residual = (
+        load_residual(node_state, store, settings, server_round) if settings.feedback else None
+    )
+    header = Header(
+        settings.codec,
+        settings.block_size,
+        "update",
+        keys,
+        received.global_version,
+        received.global_digest,
+    )
+    sent = compress_with_feedback(
+        update, residual, header, feedback=settings.feedback, clip_norm=clip_norm
+    )
+    if sent.residual is not None:
+        save_residual(node_state, store, settings, server_round, sent.residual)
+    return sent.record, header.to_record()
+
+
+def load_residual(
+    node_state: RecordDict,
+    store: SiteStateStore | None,
+    settings: UplinkSettings,
+    server_round: int,
+) -> AdapterState | None:
+    """The residual of the latest round before ``server_round`` (None: none kept)."""
+    meta = node_state.config_records.get(RESIDUAL_META)
+    if meta is not None and int(meta["round"]) < server_round:  # type: ignore[arg-type]
+        return wire.from_array_record(node_state.array_records[RESIDUAL])
+    if store is None:
+        return None
+    rounds = sorted(r for r in _residual_rounds(store) if r < server_round)
+    if not rounds:
+        return None
+    payload = store.read_bytes(_residual_name(rounds[-1]))
+    if payload is None:
+        return None
+    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+        run_id = int(data["__run_id__"])
+        if run_id != settings.run_id and not settings.resume:
+            log.warning(
+                "Uplink residual in %s was written by run %d; this is a new run of the same "
+                "name, so it starts without one",
+                store.directory,
+                run_id,
+            )
+            return None
+        return {k: np.array(data[k], np.float32) for k in data.files if k != "__run_id__"}
+
+
+def save_residual(
+    node_state: RecordDict,
+    store: SiteStateStore | None,
+    settings: UplinkSettings,
+    server_round: int,
+    residual: Mapping[str, np.ndarray],
+) -> None:
+    """Keep ``residual`` (of ``server_round``) in the session and in the store."""
+    node_state[RESIDUAL] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v, np.float32)) for k, v in residual.items()}
+    )
+    node_state[RESIDUAL_META] = ConfigRecord({"round": server_round})
+    if store is None:
+        return
+    buffer = io.BytesIO()
+    # Flower run ids are unsigned 64-bit integers.
+    arrays: dict[str, Any] = {"__run_id__": np.uint64(settings.run_id), **residual}
+    np.savez(buffer, **arrays)
+    store.write_bytes(_residual_name(server_round), buffer.getvalue())
+    for old in sorted(_residual_rounds(store))[:-KEEP_RESIDUAL_FILES]:
+        (store.directory / _residual_name(old)).unlink(missing_ok=True)
+
+
+def _residual_name(server_round: int) -> str:
+    return f"uplink-residual-{server_round:06d}.npz"
+
+
+def _residual_rounds(store: SiteStateStore) -> list[int]:
+    if not store.directory.is_dir():
+        return []
+    found = (_RESIDUAL_FILE.match(p.name) for p in store.directory.iterdir())
+    return [int(m.group(1)) for m in found if m]

@@ -1,0 +1,567 @@
+"""Compressed adapter messages: codecs, validation, error feedback, both directions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from flower_llm import compression, updates, wire
+from flower_llm.compression import (
+    NF4_LEVELS,
+    RELATIVE_ERROR,
+    WIRE_FORMAT,
+    Header,
+    WireFormatError,
+    compress_with_feedback,
+    decode,
+    encode,
+    encoded_bytes,
+)
+from flower_llm.site_state import SiteStateStore
+from strategies.fedavg import WeightedFedAvg
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+SHAPES = {"m.lora_A.weight": (4, 100), "m.lora_B.weight": (50, 4), "odd": (3, 7)}
+
+
+def make_state(rng: np.random.Generator, scale: float = 1e-3) -> dict[str, np.ndarray]:
+    return {k: (rng.standard_t(3, size=s) * scale).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def header(codec: str, keys: tuple[str, ...] = tuple(SHAPES), block: int = 64) -> Header:
+    return Header(codec, block, "update", keys, 3, "abc")
+
+
+def block_absmax(values: np.ndarray, block: int) -> np.ndarray:
+    """Per value, the absmax of its block (blocks within one tensor, C order)."""
+    flat = np.abs(values.ravel())
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, block):
+        out[start : start + block] = flat[start : start + block].max()
+    return out.reshape(values.shape)
+
+
+# --------------------------------------------------------------------------------------
+# Codecs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["float32", "bfloat16", "int8", "nf4"])
+@pytest.mark.parametrize("block", [2, 17, 64, 256])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_format_round_trips_within_its_stated_error(codec: str, block: int, seed: int) -> None:
+    # Prepare: heavy-tailed values, a zero block, shapes that are not multiples of the block
+    state = make_state(np.random.default_rng(seed))
+    state["m.lora_B.weight"][:10] = 0.0
+
+    # Execute
+    decoded = decode(encode(state, header(codec, block=block)), header(codec, block=block))
+
+    # Assert: every value within the format's bound; zeros stay exactly zero
+    for key, value in state.items():
+        assert decoded[key].shape == value.shape and decoded[key].dtype == np.float32
+        error = np.abs(decoded[key] - value)
+        if codec == "bfloat16":
+            bound = RELATIVE_ERROR[codec] * np.abs(value)
+        else:
+            bound = RELATIVE_ERROR[codec] * block_absmax(value, block)
+        assert (error <= bound * (1 + 1e-6) + 1e-12).all(), key
+    assert (decoded["m.lora_B.weight"][:10] == 0).all()
+
+
+def test_bfloat16_rounds_to_nearest_even_as_torch_does() -> None:
+    import torch
+
+    values = np.random.default_rng(3).normal(size=4096).astype(np.float32)
+    values[:4] = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 0.0]  # exact ties
+    decoded = decode(encode({"x": values}, header("bfloat16", ("x",))), header("bfloat16", ("x",)))
+    expected = torch.from_numpy(values).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(decoded["x"], expected)
+
+
+def test_nf4_codes_are_the_nearest_normalfloat_level() -> None:
+    # Prepare: one block whose absmax is 1, so the values are the normalised values
+    values = np.linspace(-1, 1, 64, dtype=np.float32)
+    h = header("nf4", ("x",))
+
+    # Execute
+    decoded = decode(encode({"x": values}, h), h)["x"]
+
+    # Assert: each decoded value is the level closest to its input
+    nearest = NF4_LEVELS[np.argmin(np.abs(values[:, None] - NF4_LEVELS[None, :]), axis=1)]
+    np.testing.assert_allclose(decoded, nearest, atol=1e-7)
+
+
+@pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4", "float32"])
+def test_bytes_on_the_wire_match_the_formula(codec: str) -> None:
+    # Prepare
+    state = make_state(np.random.default_rng(4))
+    sizes = [v.size for v in state.values()]
+    record = encode(state, header(codec))
+
+    # Execute
+    measured = wire.num_bytes(record)
+
+    # Assert: codes + scales as the formula says, plus the shapes (3 ranks, 6 dims, int64)
+    # and one 128-byte .npy header per array
+    arrays = 4 if codec in ("int8", "nf4") else 3
+    assert measured == encoded_bytes(sizes, codec, 64) + 8 * (3 + 6) + 128 * arrays
+    total = sum(sizes)  # 400 + 200 + 21 values; blocks 7 + 4 + 1
+    expected_payload = {
+        "float32": 4 * total,
+        "bfloat16": 2 * total,
+        "int8": total + 4 * 12,
+        "nf4": math.ceil(total / 2) + 4 * 12,
+    }[codec]
+    assert encoded_bytes(sizes, codec, 64) == expected_payload
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def corrupt(record: ArrayRecord, name: str, value: np.ndarray) -> ArrayRecord:
+    arrays = dict(record.items())
+    arrays[name] = Array(value)
+    return ArrayRecord(arrays)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncated-codes", "truncated"),
+        ("nan-scale", "scale"),
+        ("negative-scale", "scale"),
+        ("short-scales", "scales are"),
+        ("minus-128", "-128"),
+        ("missing-scales", "arrays"),
+        ("shape-mismatch", "shapes"),
+    ],
+)
+def test_a_damaged_message_is_refused_with_a_reason(damage: str, reason: str) -> None:
+    state = make_state(np.random.default_rng(5))
+    h = header("int8")
+    record = encode(state, h)
+    codes = record["codes"].numpy()
+    scales = record["scales"].numpy()
+    if damage == "truncated-codes":
+        record = corrupt(record, "codes", codes[:-5])
+    elif damage == "nan-scale":
+        record = corrupt(record, "scales", np.where(np.arange(scales.size) == 2, np.nan, scales))
+    elif damage == "negative-scale":
+        record = corrupt(record, "scales", -scales)
+    elif damage == "short-scales":
+        record = corrupt(record, "scales", scales[:-1])
+    elif damage == "minus-128":
+        record = corrupt(
+            record, "codes", np.where(np.arange(codes.size) == 0, -128, codes).astype(np.int8)
+        )
+    elif damage == "missing-scales":
+        record = ArrayRecord({k: v for k, v in record.items() if k != "scales"})
+    elif damage == "shape-mismatch":
+        record = corrupt(record, "shape-ranks", np.array([2, 2], np.int64))
+    with pytest.raises(WireFormatError, match=reason):
+        decode(record, h)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("format-version", 2, "version"),
+        ("format", "other", "format"),
+        ("codec", "int4", "codec"),
+        ("block-size", 0, "block size"),
+        ("keys", ["a", "a"], "twice"),
+    ],
+)
+def test_a_bad_header_is_refused(field: str, value: object, reason: str) -> None:
+    record = header("nf4").to_record()
+    record[field] = value  # type: ignore[assignment]
+    with pytest.raises(WireFormatError, match=reason):
+        Header.from_record(record)
+
+
+def test_nf4_and_bfloat16_codes_are_checked() -> None:
+    state = {"x": np.ones(5, np.float32)}
+    h = header("nf4", ("x",))
+    record = encode(state, h)
+    codes = record["codes"].numpy().copy()
+    codes[-1] |= 0x01  # the padding nibble of 5 values
+    with pytest.raises(WireFormatError, match="padding"):
+        decode(corrupt(record, "codes", codes), h)
+    hb = header("bfloat16", ("x",))
+    record = encode(state, hb)
+    with pytest.raises(WireFormatError, match="NaN or Inf"):
+        decode(corrupt(record, "codes", np.full(5, 0x7F80, np.uint16)), hb)
+
+
+# --------------------------------------------------------------------------------------
+# Error feedback
+# --------------------------------------------------------------------------------------
+
+
+def drift(codec: str, feedback: bool, rounds: int = 200) -> tuple[float, float]:
+    """max |sum of decoded - sum of true updates| over ``rounds``, and one update's absmax.
+
+    Each update has one large value per block and small ones with a steady drift: nf4 and
+    int8 round the small ones to (almost) nothing, round after round.
+    """
+    rng = np.random.default_rng(6)
+    keys = ("x",)
+    h = header(codec, keys)
+    residual = None
+    true_sum = np.zeros(256, np.float64)
+    sent_sum = np.zeros(256, np.float64)
+    for _ in range(rounds):
+        update = rng.normal(0.002, 0.001, 256)
+        update[::64] = 1.0
+        sent = compress_with_feedback({"x": update}, residual, h, feedback=feedback)
+        residual = sent.residual
+        true_sum += update
+        sent_sum += sent.decoded["x"]
+    return float(np.max(np.abs(sent_sum - true_sum))), 1.0
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_error_feedback_keeps_the_sum_of_sent_updates_on_the_true_sum(codec: str) -> None:
+    with_feedback, absmax = drift(codec, feedback=True)
+    without, _ = drift(codec, feedback=False)
+    # The gap is the last residual: at most one quantisation error of a block (+ rounding).
+    assert with_feedback <= RELATIVE_ERROR[codec] * absmax * 1.01 + 1e-4
+    # Without feedback the small drift is rounded away every round and the gap grows.
+    assert without > 10 * with_feedback and without > 0.2
+
+
+def test_a_client_fixed_update_stays_within_the_clip_norm_after_decoding() -> None:
+    rng = np.random.default_rng(7)
+    residual = None
+    h = header("nf4", ("x",))
+    for _ in range(20):
+        update = {"x": rng.normal(0, 1, 1000)}
+        sent = compress_with_feedback(update, residual, h, feedback=True, clip_norm=0.5)
+        residual = sent.residual
+        norm = math.sqrt(float(np.sum(np.square(sent.decoded["x"], dtype=np.float64))))
+        assert norm <= 0.5
+        assert norm > 0.4  # clipped to the bound, not far below it
+
+
+# --------------------------------------------------------------------------------------
+# Both directions, through the strategy and a site
+# --------------------------------------------------------------------------------------
+
+
+def train_reply(
+    instruction: Message, node_state: RecordDict, shift: float, codec: str = "int8"
+) -> Message:
+    """A site: reconstruct the global adapter, 'train' (add ``shift``), send the update."""
+    global_state, received = updates.receive(node_state, instruction.content)
+    assert received is not None
+    local = {k: v + np.float32(shift) for k, v in global_state.items()}
+    settings = updates.UplinkSettings(codec, 64, True, run_id=1, resume=False)
+    arrays, head = updates.send_update(node_state, None, settings, local, global_state, received, 1)
+    content = RecordDict(
+        {
+            wire.ARRAYS: arrays,
+            WIRE_FORMAT: head,
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+class Grid:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def test_a_corrupted_compressed_reply_is_dropped_with_a_reason() -> None:
+    # Prepare: three sites answer a round's int8 instruction; node 3's codes are cut short
+    strategy = WeightedFedAvg(wire_dtype="int8", min_available_clients=3, update_bound=None)
+    initial = wire.to_array_record(make_state(np.random.default_rng(8), scale=0.1))
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    states = {m.metadata.dst_node_id: RecordDict() for m in messages}
+    replies = [train_reply(m, states[m.metadata.dst_node_id], 0.01) for m in messages]
+    bad = replies[2]
+    codes = bad.content.array_records[wire.ARRAYS]["codes"].numpy()
+    bad.content.array_records[wire.ARRAYS]["codes"] = Array(codes[:-3])
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: dropped with the decoder's reason; the other two are averaged
+    assert "truncated" in strategy.report.dropped[3]
+    assert strategy.report.accepted == [1, 2]
+    assert arrays is not None
+    start = wire.from_array_record(initial)
+    new = wire.from_array_record(arrays)
+    for key in start:
+        np.testing.assert_allclose(new[key] - start[key], 0.01, atol=1e-3)
+    # Bytes per site: each got the whole adapter (first contact) and sent int8 codes
+    sent, received = strategy.report.bytes_by_node[1]
+    assert sent == wire.num_bytes(messages[0].content.array_records[wire.ARRAYS])
+    assert received == wire.num_bytes(replies[0].content.array_records[wire.ARRAYS])
+    assert received < sent / 2  # 621 values: .npy headers are a large part here
+
+
+def test_the_downlink_sends_each_site_what_it_needs_and_sites_follow_it() -> None:
+    # Prepare: round 1 to every site, then round 2 to sites 1 and 2 only, round 3 to all
+    strategy = WeightedFedAvg(wire_dtype="nf4", min_available_clients=3, min_train_clients=1)
+    strategy.update_bound = None
+    arrays = wire.to_array_record(make_state(np.random.default_rng(9), scale=0.1))
+    states = {n: RecordDict() for n in (1, 2, 3)}
+    kinds: dict[int, dict[int, str]] = {}
+    for server_round, cohort in ((1, [1, 2, 3]), (2, [1, 2]), (3, [1, 2, 3])):
+        strategy.train_sampler.sample = lambda nodes, rng, c=cohort: list(c)  # type: ignore[method-assign]
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), Grid()))  # type: ignore[arg-type]
+        kinds[server_round] = {
+            m.metadata.dst_node_id: str(m.content.config_records[WIRE_FORMAT]["content"])
+            for m in messages
+        }
+        replies = [train_reply(m, states[m.metadata.dst_node_id], 0.02, "nf4") for m in messages]
+        new, _ = strategy.aggregate_train(server_round, replies)
+        assert new is not None and not strategy.report.dropped
+        arrays = new
+
+    # Assert: whole adapter on first contact and after a missed round, updates otherwise
+    assert kinds[1] == {1: "adapter", 2: "adapter", 3: "adapter"}
+    assert kinds[2] == {1: "update", 2: "update"}
+    assert kinds[3] == {1: "update", 2: "update", 3: "adapter"}
+    # Every site reconstructs exactly the server's global adapter (same digest)
+    assert strategy.downlink is not None
+    assert compression.digest(wire.from_array_record(arrays)) == strategy.downlink.held.digest
+
+
+def test_a_site_refuses_an_update_of_a_version_it_does_not_hold() -> None:
+    downlink = updates.Downlink("int8", 64, True)
+    downlink.start(make_state(np.random.default_rng(10)), 0)
+    downlink.commit(make_state(np.random.default_rng(11)), list(SHAPES))
+    record, head = downlink.update  # type: ignore[misc]
+    content = RecordDict({wire.ARRAYS: record, WIRE_FORMAT: head.to_record()})
+    with pytest.raises(WireFormatError, match="holds none"):
+        updates.receive(RecordDict(), content)
+
+
+def test_the_site_residual_survives_in_its_store_and_a_fresh_run_ignores_it(tmp_path: Path) -> None:
+    store = SiteStateStore(tmp_path, "run", "site")
+    residual = {"x": np.arange(4, dtype=np.float32)}
+    run_id = 12643087393756660020  # Flower run ids use all 64 bits
+    same_run = updates.UplinkSettings("int8", 64, True, run_id=run_id, resume=False)
+    for server_round in (1, 2, 3):
+        updates.save_residual(RecordDict(), store, same_run, server_round, residual)
+    # Only the last two rounds are kept; round 3 resumes from round 2's residual
+    assert sorted(p.name for p in store.directory.iterdir()) == [
+        "uplink-residual-000002.npz",
+        "uplink-residual-000003.npz",
+    ]
+    resumed = updates.UplinkSettings("int8", 64, True, run_id=run_id + 1, resume=True)
+    loaded = updates.load_residual(RecordDict(), store, resumed, 3)
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded["x"], residual["x"])
+    fresh = updates.UplinkSettings("int8", 64, True, run_id=run_id + 1, resume=False)
+    assert updates.load_residual(RecordDict(), store, same_run, 3) is not None
+    assert updates.load_residual(RecordDict(), store, fresh, 3) is None
+
+
+def test_bad_settings_are_refused() -> None:
+    from flower_llm.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match="secagg"):
+        parse_run_config(
+            {
+                "fed.wire-dtype": "nf4",
+                "fed.aggregation": "secagg+",
+                "output.local-only-baseline": False,
+            }
+        )
+    with pytest.raises(ConfigError, match=r"fed\.wire-block-size"):
+        parse_run_config({"fed.wire-block-size": 1})
+    with pytest.raises(ConfigError, match="float16"):
+        parse_run_config(
+            {
+                "fed.wire-dtype": "float16",
+                "privacy.mode": "client-fixed",
+                "output.local-only-baseline": False,
+            }
+        )
+    assert (
+        parse_run_config(
+            {
+                "fed.wire-dtype": "nf4",
+                "privacy.mode": "client-fixed",
+                "output.local-only-baseline": False,
+            }
+        ).fed.wire_dtype
+        == "nf4"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# A resumed run with error feedback equals an uninterrupted one
+# --------------------------------------------------------------------------------------
+
+
+class CompressedSites:
+    """Six sites that follow the compressed protocol with real records: each holds its
+    global adapter in its node state, 'trains' ``global + delta(node, round)`` and sends
+    ``Q(u + e)``, its residual in its node state and its site-state store."""
+
+    def __init__(self, store_root: Path, run_id: int, resume: bool, codec: str) -> None:
+        self.nodes = [11, 22, 33, 44, 55, 66]
+        self.node_states = {n: RecordDict() for n in self.nodes}  # a new Flower run: empty
+        self.store_root = store_root
+        self.settings = updates.UplinkSettings(codec, 64, True, run_id, resume)
+        self.cohorts: dict[int, list[int]] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def store(self, node: int) -> SiteStateStore:
+        return SiteStateStore(self.store_root, "run", f"node-{node}")
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            config = msg.content.config_records[wire.CONFIG]
+            server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
+            global_state, received = updates.receive(self.node_states[node], msg.content)
+            assert received is not None
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.cohorts.setdefault(server_round, []).append(node)
+                rng = np.random.default_rng([node, server_round])
+                local = {
+                    k: v + rng.normal(1e-4, 1e-4, v.shape).astype(np.float32)
+                    for k, v in global_state.items()
+                }
+                arrays, head = updates.send_update(
+                    self.node_states[node],
+                    self.store(node),
+                    self.settings,
+                    local,
+                    global_state,
+                    received,
+                    server_round,
+                )
+                metrics = {wire.NUM_EXAMPLES: node, wire.TRAIN_LOSS: 1.0}
+                content = RecordDict(
+                    {wire.ARRAYS: arrays, WIRE_FORMAT: head, wire.METRICS: MetricRecord(metrics)}
+                )
+            else:
+                metrics = {
+                    wire.NUM_EXAMPLES: 2,
+                    wire.EVAL_LOSS: 1.0,
+                    wire.EVAL_PERPLEXITY: 2.7,
+                    wire.EVAL_TOKEN_ACCURACY: 0.5,
+                    wire.EVAL_TOKENS: 10,
+                }
+                content = RecordDict(
+                    {
+                        wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
+                        WIRE_FORMAT: updates.holds_record(self.node_states[node], received),
+                    }
+                )
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def engine_context() -> object:
+    from flwr.app import Context
+
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
+    tmp_path: Path, codec: str
+) -> None:
+    import json
+
+    from safetensors.numpy import load_file
+
+    from flower_llm.config import parse_run_config
+    from server_apps.fedavg import run
+
+    # Prepare: half the sites train each round, so some miss rounds and get whole adapters
+    job = {
+        "fed.fraction-train": 0.5,
+        "fed.min-available-clients": 6,
+        "fed.wire-dtype": codec,
+        "train.lr-schedule": "constant",
+        "output.local-only-baseline": False,
+        "output.dir": str(tmp_path / "out"),
+    }
+    full = CompressedSites(tmp_path / "full-sites", run_id=1, resume=False, codec=codec)
+    run(
+        full,
+        engine_context(),
+        parse_run_config({**job, "fed.num-rounds": 4, "output.run-name": "full"}),
+    )  # type: ignore[arg-type]
+
+    # Execute: 2 rounds, then a new run (empty node state) that resumes for rounds 3-4;
+    # the sites of round 3 had trained it before the interruption: their residual of the
+    # lost round 3 must not be used.
+    sites = tmp_path / "resumed-sites"
+    first = {**job, "fed.num-rounds": 2, "output.run-name": "resumed"}
+    run(CompressedSites(sites, 1, False, codec), engine_context(), parse_run_config(first))  # type: ignore[arg-type]
+    garbage = {"x": np.full(3, 7.0, np.float32)}
+    for node in full.cohorts[3]:
+        store = SiteStateStore(sites, "run", f"node-{node}")
+        updates.save_residual(
+            RecordDict(), store, updates.UplinkSettings(codec, 64, True, 1, False), 3, garbage
+        )
+    again = {**first, "fed.num-rounds": 4, "output.resume": True}
+    resumed = CompressedSites(sites, 2, True, codec)
+    run(resumed, engine_context(), parse_run_config(again))  # type: ignore[arg-type]
+
+    # Assert: the same final adapter, bit for bit
+    out = tmp_path / "out"
+    a = load_file(str(out / "full" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(out / "resumed" / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    # ... and the runs moved the adapter (residuals mattered: the server kept one)
+    summary = json.loads((out / "full" / "summary.json").read_text())
+    assert summary["rounds-failed"] == 0 and summary["rounds"] == 4
+    assert summary["mb-up"] > 0 and set(summary["bytes-by-site"]) == {
+        "11",
+        "22",
+        "33",
+        "44",
+        "55",
+        "66",
+    }
+    rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not row["dropped"] for row in rows)
+    assert sum(v["bytes-up"] for v in summary["bytes-by-site"].values()) == summary["bytes-up"]
+
+
+@pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4"])
+def test_the_wire_table_counts_the_bytes_an_encoded_update_has(codec: str) -> None:
+    from benchmarks.wire_bytes import compressed_record_bytes
+
+    shapes = {"a.lora_A.weight": (16, 1000), "a.lora_B.weight": (3000, 16), "b": (7,)}
+    state = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+    assert compressed_record_bytes(shapes, codec) == wire.num_bytes(
+        encode(state, header(codec, tuple(shapes)))
+    )
