@@ -2,6 +2,11 @@
 # from installing dependencies per run (they are in the venv already), and gives this
 # checkout its own local SuperLink (its own FLWR_HOME and ports, see local-ports.py).
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# A shell that used another checkout (its venv's activate, or its flwr-env.sh) switches to
+# this one: its home and ports belong to the other checkout's SuperLink.
+if [ -n "${FLOWER_LLM_CHECKOUT:-}" ] && [ "$FLOWER_LLM_CHECKOUT" != "$_root" ]; then
+  unset FLWR_HOME FLWR_LOCAL_SUPERLINK_HTTP_API_PORT FLWR_LOCAL_CONTROL_API_PORT
+fi
 export FLWR_HOME="${FLWR_HOME:-$_root/.flwr-home}"
 mkdir -p "$FLWR_HOME"
 # Flower reads a relative `root-certificates` path from the current directory: anchor
@@ -20,7 +25,6 @@ export FLOWER_LLM_CHECKOUT="$_root"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false
 unset _root
 

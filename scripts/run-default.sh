@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 . scripts/flwr-env.sh
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # the embedded model never needs the hub
 NUM_CLIENTS="${NUM_CLIENTS:-4}"
 OUTPUTS="${FLOWER_LLM_OUTPUTS:-$PWD/outputs}"
 RUN_DIR="$OUTPUTS/default"
