@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from flower_llm import wire
+from flower_llm.aggregation import metric_problem
 from flower_llm.outputs import site_name
 from flower_llm.personal import SITE_COMPARISON, per_site_table
 
@@ -52,6 +53,10 @@ def compare_sites(
         record = reply.content.metric_records.get(SITE_COMPARISON)
         if record is None:
             missing[f"node {node}"] = f"no MetricRecord '{SITE_COMPARISON}'"
+            continue
+        problem = metric_problem(record)  # a site's scores are bounded like any metric
+        if problem is not None:
+            missing[f"node {node}"] = problem
             continue
         scores[site_name(reply.content, node)] = dict(record)
     for node in nodes:
