@@ -757,8 +757,10 @@ def site_tasks(
 ) -> list[Task]:
     """The tasks an evaluate instruction asks this site to answer, read and checked.
 
-    None unless ``eval.tasks`` is on and the instruction does not say ``eval-tasks =
-    false``; then :func:`site_task_files`, parsed once per process. Two files of the same
+    None unless ``eval.tasks`` is on and the instruction asks (``eval-tasks = true``, which
+    this project's server sends; a stock Flower strategy, whose evaluation needs the same
+    metric keys from every site, asks nothing); then :func:`site_task_files`, parsed once
+    per process. Two files of the same
     name are refused: their counts would pool as one task.
     """
     if not wants_tasks(cfg, instruction):
@@ -792,4 +794,4 @@ def wants_tasks(cfg: Any, instruction: Mapping[str, Any]) -> bool:
     """Whether an evaluate instruction asks for task questions (eval.tasks, the config)."""
     from flower_llm import wire
 
-    return bool(cfg.eval.tasks) and bool(instruction.get(wire.EVAL_TASKS, True))
+    return bool(cfg.eval.tasks) and bool(instruction.get(wire.EVAL_TASKS, False))

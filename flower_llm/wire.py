@@ -53,8 +53,8 @@ LEARNING_RATE = "learning-rate"
 SEND_LOCAL_ONLY = "send-local-only"
 # client-fixed DP-FedAvg: the L2 bound a client must clip its update to before replying.
 CLIP_NORM = "clip-norm"
-# Evaluate instruction: False asks the site for held-out loss only, no task questions
-# (absent: the run-config's eval.tasks decides).
+# Evaluate instruction: True asks the site to answer its task files too (when its
+# eval.tasks is on); absent or False: held-out loss only, as a stock Flower strategy gets.
 EVAL_TASKS = "eval-tasks"
 
 WIRE_DTYPES = {

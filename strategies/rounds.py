@@ -124,7 +124,8 @@ def evaluate_with(
     strategy: WeightedFedAvg, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
 ) -> MetricRecord | None:
     """One evaluation exchange: sample from the eval stream, send, pool the replies."""
-    config = ConfigRecord({wire.SERVER_ROUND: server_round})
+    # Sites answer their task files too (eval.tasks decides at the site).
+    config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.EVAL_TASKS: True})
     messages = strategy.configure_evaluate(server_round, arrays, config, grid)
     replies = grid.send_and_receive(messages, timeout=timeout)
     return strategy.aggregate_evaluate(server_round, replies)

@@ -438,13 +438,15 @@ def test_a_site_answers_its_task_and_sends_only_counts(
     bad = write_lines(tmp_path / "bad.jsonl", ['{"question": "q", "answer": "x"}', "{oops"])
 
     # Execute
-    medical = app(evaluate_message(record, 2, {wire.SERVER_ROUND: 1}), context({}))
-    ward = app(evaluate_message(record, 2, {}), context({"task-file": str(own)}))
+    asks = {wire.SERVER_ROUND: 1, wire.EVAL_TASKS: True}  # what this project's server sends
+    medical = app(evaluate_message(record, 2, asks), context({}))
+    ward = app(evaluate_message(record, 2, asks), context({"task-file": str(own)}))
     loss_only = app(evaluate_message(record, 2, {wire.EVAL_TASKS: False}), context({}))
+    stock_server = app(evaluate_message(record, 2, {}), context({}))  # asks for nothing
     switched_off = app(
-        evaluate_message(record, 2, {}), context({}, {**run_config, "eval.tasks": False})
+        evaluate_message(record, 2, asks), context({}, {**run_config, "eval.tasks": False})
     )
-    broken = app(evaluate_message(record, 2, {}), context({"task-file": str(bad)}))
+    broken = app(evaluate_message(record, 2, asks), context({"task-file": str(bad)}))
 
     # Assert: counts only, per task name; no question, option or answer text leaves
     metrics = dict(medical.content[wire.METRICS])
@@ -458,7 +460,9 @@ def test_a_site_answers_its_task_and_sends_only_counts(
     assert metrics["task-chance-sum/medical"] == pytest.approx(7.5)
     assert 0 <= metrics["task-correct/medical"] <= 30  # type: ignore[operator]
     assert dict(ward.content[wire.METRICS])["task-questions/ward-7"] == 3
-    for reply in (loss_only, switched_off):
+    # a server that does not ask (a stock Flower strategy, which needs the same metric keys
+    # from every site) gets the loss metrics alone
+    for reply in (loss_only, stock_server, switched_off):
         assert not any(k.startswith("task-") for k in reply.content[wire.METRICS])
         assert wire.EVAL_LOSS in reply.content[wire.METRICS]
     assert broken.has_error() and f"{bad}:2: not JSON" in broken.error.reason
