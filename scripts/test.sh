@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite: everything that can run on a CPU (unit, slow, e2e) except the tests
-# marked `long` (e2e tests of minutes each: a second TLS deployment with site workers, a
-# SecAgg+ resume through three `flwr run`s, a DP run resumed through two, Ctrl-C on
-# run-default.sh); gpu tests skip themselves without CUDA. Pass pytest arguments to
+# marked `long` (e2e tests of minutes each, listed in README.md); gpu tests skip themselves
+# without CUDA. Pass pytest arguments to
 # choose otherwise, e.g. `-m long` for the long ones (CI runs both), `-m "not e2e"` for a
 # quick run.
 set -euo pipefail
