@@ -42,6 +42,7 @@ LORA_AGGREGATIONS = ("fedavg", "ffa", "exact")
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
 # flower_llm.privacy.accounting.ACCOUNTANTS, repeated so parsing a config loads no maths.
 ACCOUNTANTS = ("pld", "rdp")
+SMALL_COHORT_POLICIES = ("refuse", "account")
 
 
 class ConfigError(ValueError):
@@ -618,6 +619,14 @@ class PrivacyConfig:
         "Refuse to start when the expected clients per round (fed.fraction-train x "
         "connected clients) is below this: DP noise swamps small cohorts.",
     )
+    small_cohorts: str = setting(
+        "refuse",
+        "privacy.small-cohorts",
+        "SecAgg+ with client-level DP: a Poisson cohort below SecAgg+'s minimum of 3 releases "
+        "noise alone, which the subsampled Gaussian does not cover; its chance is added to "
+        "delta (dp-delta-total). refuse: do not start when that would exceed privacy.delta | "
+        "account: run and report the larger delta.",
+    )
     target_quantile: float = setting(
         0.5,
         "privacy.target-quantile",
@@ -652,6 +661,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _one_of("privacy.mode", self.mode, DP_MODES)
         _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
+        _one_of("privacy.small-cohorts", self.small_cohorts, SMALL_COHORT_POLICIES)
         for key, value in (
             ("privacy.noise-multiplier", self.noise_multiplier),
             ("privacy.target-epsilon", self.target_epsilon),

@@ -80,6 +80,7 @@ DELTA = "delta"
 DP_CLIP_NORM = "dp-clip-norm"
 DP_NOISE_STDDEV = "dp-noise-stddev"
 DP_EXPECTED_CLIENTS = "dp-expected-clients"
+DP_DELTA_TOTAL = "dp-delta-total"
 DP_NOISY_UNCLIPPED_FRACTION = "dp-noisy-unclipped-fraction"
 # SecAgg+
 SECAGG_FAILED = "secagg-failed"
@@ -252,6 +253,13 @@ COLUMNS: tuple[Column, ...] = (
         tensorboard="privacy/noise-stddev",
     ),
     Column(DP_EXPECTED_CLIENTS, "sites", "m = round(q N), the fixed denominator.", _DP),
+    Column(
+        DP_DELTA_TOTAL,
+        "-",
+        "delta of the run's guarantee so far: delta plus, under SecAgg+, the chance of a "
+        "cohort too small to sum (privacy.small-cohorts).",
+        _DP,
+    ),
     Column(
         DP_NOISY_UNCLIPPED_FRACTION,
         "fraction",

@@ -169,6 +169,8 @@ COLUMNS = (
     Column("perplexity", (schema.EVAL_PERPLEXITY,), lambda v: f"{v:.4g}"),
     Column("token acc", (schema.EVAL_TOKEN_ACCURACY,), _fixed(3)),
     Column("epsilon", EPSILON_KEYS, _fixed(3), optional=True),
+    # The delta that epsilon holds at, small-cohort term included (SecAgg+ with DP).
+    Column("delta", (schema.DP_DELTA_TOTAL,), lambda v: f"{v:.3g}", optional=True),
     Column("sampled", (schema.CLIENTS_SAMPLED,), lambda v: str(int(v))),
     Column("replied", (schema.CLIENTS_REPLIED,), lambda v: str(int(v))),
     Column("dropped", (schema.CLIENTS_DROPPED,), lambda v: str(int(v))),

@@ -56,6 +56,7 @@ from flower_llm.config import DP_MODES, RunConfig
 from flower_llm.metrics import (
     DELTA,
     DP_CLIP_NORM,
+    DP_DELTA_TOTAL,
     DP_EXPECTED_CLIENTS,
     DP_NOISE_STDDEV,
     DP_NOISY_UNCLIPPED_FRACTION,
@@ -72,6 +73,7 @@ from flower_llm.privacy import (
     epsilons,
     global_l2_norm,
     noisy_unclipped_fraction,
+    small_cohort_probability,
     would_exceed,
 )
 from flower_llm.streams import jsonable
@@ -125,6 +127,8 @@ class PrivacyRound:
     """server-adaptive only: the noised fraction that drove the clip-norm update."""
     epsilons: Mapping[str, float] = field(default_factory=dict)
     """Both accountants' epsilons (``pld-epsilon``, ``rdp-epsilon``) next to the headline."""
+    delta_total: float | None = None
+    """delta of the run's guarantee: ``delta`` plus what small cohorts add (SecAgg+)."""
 
     def as_row(self) -> dict[str, Any]:
         """Keys as metrics.jsonl writes them."""
@@ -134,6 +138,7 @@ class PrivacyRound:
             DP_CLIP_NORM: self.clip_norm,
             DP_NOISE_STDDEV: self.noise_stddev,
             DP_EXPECTED_CLIENTS: self.expected_clients,
+            DP_DELTA_TOTAL: self.delta if self.delta_total is None else self.delta_total,
         }
         if self.noisy_unclipped_fraction is not None:
             row[DP_NOISY_UNCLIPPED_FRACTION] = self.noisy_unclipped_fraction
@@ -164,6 +169,11 @@ class CentralDP:
         Budget; 0 disables the stop. A round that would take epsilon above it never starts.
     min_sampled_clients : int
         Smallest acceptable ``q N``; fewer refuses to start.
+    planned_rounds : int
+        Rounds the run plans (``fed.num-rounds``), for the small-cohort check.
+    small_cohorts : str
+        ``refuse`` or ``account``: what to do when a mode that releases only cohorts of a
+        minimum size (:meth:`release_only_cohorts_of`) would add more than ``delta``.
     rng : numpy.random.Generator
         Draws the noise; from OS entropy unless a test seeds it (known noise protects
         nothing).
@@ -180,16 +190,28 @@ class CentralDP:
         min_sampled_clients: int = 1,
         rng: np.random.Generator | None = None,
         accountant: str = "pld",
+        planned_rounds: int = 0,
+        small_cohorts: str = "refuse",
     ) -> None:
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
         if target_epsilon < 0:
             raise ValueError(f"target_epsilon must be >= 0, got {target_epsilon!r}")
+        if small_cohorts not in ("refuse", "account"):
+            raise ValueError(f"small_cohorts must be refuse or account, got {small_cohorts!r}")
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.sampling_rate = float(sampling_rate)
         self.target_epsilon = float(target_epsilon)
         self.min_sampled_clients = int(min_sampled_clients)
+        self.planned_rounds = int(planned_rounds)
+        self.small_cohorts = small_cohorts
+        self.min_release_cohort = 0
+        """Cohorts below this many sites release noise alone (0: every cohort's sum)."""
+        self.small_cohort_delta = 0.0
+        """What released rounds' small-cohort chances have added to delta so far."""
+        self._round_small_cohort = 0.0
+        self._plan_checked = False
         self.rng = rng if rng is not None else np.random.default_rng()
         self.accountant = make_accountant(
             accountant, self.noise_multiplier, self.sampling_rate, delta
@@ -228,6 +250,8 @@ class CentralDP:
             min_sampled_clients=p.min_sampled_clients,
             rng=rng,
             accountant=p.accountant,
+            planned_rounds=cfg.fed.num_rounds,
+            small_cohorts=p.small_cohorts,
         )
 
     def warn(self, message: str) -> None:
@@ -248,6 +272,47 @@ class CentralDP:
                 f"{self.sampling_rate}, the event the accountant composes"
             )
 
+    def release_only_cohorts_of(self, min_cohort: int) -> None:
+        """The caller releases noise alone for cohorts under ``min_cohort`` sites.
+
+        SecAgg+ cannot sum fewer than 3 updates. Such a round departs from the accounted
+        subsampled Gaussian; :func:`small_cohort_probability` bounds what that adds to
+        delta, which :attr:`small_cohort_delta` accumulates and ``dp-delta-total`` reports.
+        """
+        self.min_release_cohort = int(min_cohort)
+
+    @property
+    def delta_total(self) -> float:
+        """delta of the guarantee the run has: ``delta`` plus the small-cohort term."""
+        return self.accountant.delta + self.small_cohort_delta
+
+    def _check_small_cohorts(self, server_round: int, connected: int) -> None:
+        """This round's small-cohort chance; refuse (or warn) once when the plan exceeds delta."""
+        chance = small_cohort_probability(connected, self.sampling_rate, self.min_release_cohort)
+        self._round_small_cohort = chance
+        if self._plan_checked or chance == 0.0:
+            return
+        self._plan_checked = True
+        remaining = max(self.planned_rounds - server_round + 1, 1)
+        planned = self.small_cohort_delta + remaining * chance
+        delta = self.accountant.delta
+        if planned <= delta:
+            return
+        message = (
+            f"a Poisson cohort of fewer than {self.min_release_cohort} sites releases noise "
+            f"alone, which the accounted subsampled Gaussian does not cover: with N = "
+            f"{connected} connected and q = {self.sampling_rate}, a site decides that with "
+            f"chance {chance:.3g} a round, more than privacy.delta = {delta:g} over the run"
+        )
+        if self.small_cohorts == "refuse":
+            raise PrivacyError(
+                f"{message} (up to {planned:.3g} in {remaining} round(s)). Raise "
+                "fed.fraction-train (q = 1 with 4 or more sites never has a small cohort), "
+                'connect more sites, or set privacy.small-cohorts = "account" to run with '
+                "the guarantee (epsilon, dp-delta-total)"
+            )
+        self.warn(f"{message}: the guarantee is (epsilon, dp-delta-total), not (epsilon, delta)")
+
     def start_round(self, server_round: int, connected: list[int]) -> list[int]:
         """Check the budget, fix ``N`` and ``m`` on the first call, Poisson-sample."""
         if self.budget_exhausted():
@@ -265,6 +330,7 @@ class CentralDP:
                 self.population,
                 self.expected_clients,
             )
+        self._check_small_cohorts(server_round, len(connected))
         return self.sampler.sample(connected, self.rng_for_sampling)
 
     def fix_population(self, population: int) -> None:
@@ -314,6 +380,8 @@ class CentralDP:
             for key in reference
         }
         self.accountant.step()
+        self.small_cohort_delta += self._round_small_cohort
+        self._round_small_cohort = 0.0
         self.last_round = PrivacyRound(
             epsilon=self.epsilon(),
             epsilons=epsilons(self.accountant),
@@ -322,6 +390,7 @@ class CentralDP:
             noise_stddev=stddev,
             expected_clients=m,
             noisy_unclipped_fraction=noisy_unclipped_fraction,
+            delta_total=self.delta_total,
         )
         return new_state
 
@@ -343,6 +412,8 @@ class CentralDP:
             "accountant": self.accountant.kind,
             **epsilons(self.accountant),
             "delta": self.accountant.delta,
+            "small-cohort-delta": self.small_cohort_delta,
+            "delta-total": self.delta_total,
             "rounds-accounted": self.accountant.rounds,
             "noise-multiplier": self.noise_multiplier,
             "update-noise-multiplier": self.update_noise_multiplier,
@@ -374,6 +445,7 @@ class CentralDP:
             "population": self.population,
             "expected-clients": self.expected_clients,
             "update-noise-multiplier": self.update_noise_multiplier,
+            "small-cohort-delta": self.small_cohort_delta,
             "rng": jsonable(self.rng.bit_generator.state),
             "warnings": list(self.warnings),
         }
@@ -400,6 +472,12 @@ class CentralDP:
         self.population = state["population"]
         self.expected_clients = state["expected-clients"]
         self.update_noise_multiplier = float(state["update-noise-multiplier"])
+        if "small-cohort-delta" in state:
+            self.small_cohort_delta = float(state["small-cohort-delta"])
+        elif self.population is not None:  # a checkpoint from before the term: N as fixed
+            self.small_cohort_delta = accountant.rounds * small_cohort_probability(
+                self.population, self.sampling_rate, self.min_release_cohort
+            )
         self.rng.bit_generator.state = state["rng"]
         self.warnings = list(dict.fromkeys([*state.get("warnings", []), *self.warnings]))
 

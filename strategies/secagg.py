@@ -431,6 +431,7 @@ class SecAggRounds:
             central.rng_for_sampling = train_rng
             self.sampler = central.sampler
             central.check_sampler(self.sampler)
+            central.release_only_cohorts_of(secagg.MIN_SAMPLED_CLIENTS)
         else:
             self.sampler = FixedSizeSampler(
                 fed.fraction_train, max(fed.min_train_clients, secagg.MIN_SAMPLED_CLIENTS)

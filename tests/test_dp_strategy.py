@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -517,6 +518,73 @@ def test_zero_noise_is_a_loud_warning_recorded_in_the_summary(
     reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     one_round(strategy, InProcessGrid(2), reference, lambda _n, _m: reference)
     assert strategy.epsilon() == float("inf")
+
+
+def small_cohort_dp(**kwargs: Any) -> CentralDP:
+    """The central-DP component as SecAgg+ uses it: cohorts under 3 release noise alone."""
+    central = CentralDP(
+        noise_multiplier=1.0,
+        clip_norm=0.1,
+        sampling_rate=0.5,
+        delta=1e-5,
+        rng=np.random.default_rng(0),
+        **kwargs,
+    )
+    central.rng_for_sampling = np.random.default_rng(1)
+    central.release_only_cohorts_of(3)
+    return central
+
+
+def test_a_plan_whose_small_cohorts_exceed_delta_is_refused_by_default() -> None:
+    # Prepare: 6 sites at q = 0.5: a site decides whether a round sums with chance 0.3125
+    central = small_cohort_dp(planned_rounds=3)
+
+    # Execute / Assert: refused before anything is sampled or released
+    with pytest.raises(PrivacyError, match=r"privacy\.small-cohorts") as info:
+        central.start_round(1, list(range(6)))
+    assert "0.312" in str(info.value) and "0.938" in str(info.value)
+    assert central.accountant.rounds == 0 and central.small_cohort_delta == 0.0
+
+
+def test_accounted_small_cohorts_add_their_chance_to_delta_every_released_round() -> None:
+    # Prepare
+    central = small_cohort_dp(planned_rounds=3, small_cohorts="account")
+    zeros = {"a": np.zeros(4, np.float32)}
+    chance = math.comb(5, 2) * 0.5**5
+
+    # Execute: three rounds released, as SecAgg+ releases them (a small cohort included)
+    rows = []
+    for server_round in (1, 2, 3):
+        central.start_round(server_round, list(range(6)))
+        central.release(zeros, zeros)
+        assert central.last_round is not None
+        rows.append(central.last_round.as_row())
+
+    # Assert: delta-total grows by the chance per round; epsilon stays the accountant's
+    assert [r["dp-delta-total"] for r in rows] == pytest.approx(
+        [1e-5 + chance * r for r in (1, 2, 3)], rel=1e-12
+    )
+    assert all(r["delta"] == 1e-5 for r in rows)
+    summary = central.summary()
+    assert summary["delta-total"] == pytest.approx(1e-5 + 3 * chance)
+    assert any("dp-delta-total" in w for w in summary["warnings"])
+    # ... and a resumed component continues the same term (state in the checkpoint)
+    again = small_cohort_dp(planned_rounds=3, small_cohorts="account")
+    again.load_state_dict(json.loads(json.dumps(central.state_dict())))
+    assert again.delta_total == central.delta_total
+
+
+def test_without_a_minimum_cohort_delta_total_is_delta() -> None:
+    # Prepare: DP-FedAvg releases every cohort's sum, even an empty one
+    strategy = dp_strategy(sampling_rate=0.5)
+    reference = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+
+    # Execute
+    one_round(strategy, InProcessGrid(6), reference, lambda _n, _m: reference)
+
+    # Assert
+    assert strategy.last_round is not None
+    assert strategy.last_round.as_row()["dp-delta-total"] == strategy.last_round.delta
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ DP_JOB = [
     f"privacy.noise-multiplier={DP_SIGMA}",
     f"privacy.delta={DP_DELTA}",
     "privacy.min-sampled-clients=3",
+    # 3 sites: without any one of them SecAgg+ cannot sum, so each site decides whether a
+    # round's sum is released (chance 1): refused by default, accounted here
+    'privacy.small-cohorts="account"',
 ]
 
 
@@ -154,8 +157,11 @@ def test_a_resumed_secagg_dp_run_accounts_each_round_once(secagg_runs: dict[str,
     for row in history:
         expected = epsilon_after(row["round"], DP_SIGMA, 1.0, DP_DELTA)
         assert row["epsilon"] == pytest.approx(expected, rel=1e-9), row
+    # ... and the delta of the guarantee says what 3 sites cost: 1 per round
+    assert [r["dp-delta-total"] for r in history] == pytest.approx([DP_DELTA + 1, DP_DELTA + 2])
     client_level = json.loads((run_dir / "summary.json").read_text())["privacy"]["client-level"]
     assert client_level["rounds-accounted"] == 2
+    assert client_level["delta-total"] == pytest.approx(DP_DELTA + 2)
     assert client_level["epsilon"] == pytest.approx(
         epsilon_after(2, DP_SIGMA, 1.0, DP_DELTA), rel=1e-9
     )

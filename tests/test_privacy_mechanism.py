@@ -24,6 +24,7 @@ from flower_llm.privacy import (
     dp_fedavg_noise_stddev,
     global_l2_norm,
     noisy_unclipped_fraction,
+    small_cohort_probability,
 )
 
 SEED = 20240611
@@ -390,3 +391,48 @@ def test_adaptive_update_noise_multiplier_refuses_a_too_noisy_budget() -> None:
     assert adaptive_update_noise_multiplier(0.0, 0.0) == 0.0
     with pytest.raises(ValueError, match="clipped_count_stddev"):
         adaptive_update_noise_multiplier(1.0, 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Cohorts too small to sum (SecAgg+ under client-level DP)
+# --------------------------------------------------------------------------------------
+
+
+def regime_change_by_enumeration(others: int, q: float, k: int) -> float:
+    """P(one site decides whether the sum is used), over every draw of ``others`` sites."""
+    total = 0.0
+    for drawn in range(others + 1):
+        ways = math.comb(others, drawn)
+        chance = ways * q**drawn * (1 - q) ** (others - drawn)
+        used_with = drawn + 1 >= k  # the site sampled too
+        used_without = drawn >= k
+        total += chance * (used_with != used_without)
+    return total
+
+
+@pytest.mark.parametrize("population", [1, 2, 3, 4, 6, 20])
+@pytest.mark.parametrize("q", [0.1, 0.25, 0.5, 0.9, 1.0])
+def test_small_cohort_chance_is_the_chance_that_one_site_flips_the_release(
+    population: int, q: float
+) -> None:
+    # Execute
+    chance = small_cohort_probability(population, q, 3)
+
+    # Assert: the worse of the site being among the N connected or joining them
+    expected = max(
+        regime_change_by_enumeration(max(population - 1, 0), q, 3),
+        regime_change_by_enumeration(population, q, 3),
+    )
+    assert chance == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+def test_small_cohort_chance_edge_cases() -> None:
+    assert small_cohort_probability(10, 0.5, 0) == 0.0  # every cohort's sum is released
+    assert small_cohort_probability(10, 0.5, 1) == 0.0  # an empty sum is noise alone too
+    assert small_cohort_probability(4, 1.0, 3) == 0.0  # q = 1 and 4+ sites: always 3+
+    assert small_cohort_probability(3, 1.0, 3) == 1.0  # 3 sites: removing one stops the sum
+    assert small_cohort_probability(20, 0.25, 3) == pytest.approx(
+        math.comb(19, 2) * 0.25**2 * 0.75**17
+    )
+    with pytest.raises(ValueError, match="sampling_rate"):
+        small_cohort_probability(5, 1.5, 3)

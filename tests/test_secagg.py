@@ -962,6 +962,8 @@ def dp_resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "privacy.clip-norm": 0.05,
         "privacy.noise-multiplier": 0.7,
         "privacy.min-sampled-clients": 3,
+        # 6 sites at q = 0.5: a site decides whether a round sums with chance 0.3125
+        "privacy.small-cohorts": "account",
         "train.lr-schedule": "constant",  # so that fed.num-rounds may grow on resume
         "output.local-only-baseline": False,
         "output.dir": str(out),
@@ -1027,7 +1029,11 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     assert set(s_resumed) - {"resumed-after-round"} == set(s_full)
     client_level = s_resumed["privacy"]["client-level"]
     assert client_level["rounds-accounted"] == 3 and client_level["sampling"] == "poisson"
-    assert s_resumed["privacy"]["warnings"] == s_full["privacy"]["warnings"] == []
+    assert s_resumed["privacy"]["warnings"] == s_full["privacy"]["warnings"]
+    assert [w for w in s_full["privacy"]["warnings"] if "dp-delta-total" in w]
+    # ... the small-cohort term continues across the resume: delta + 3 x P(Bin(5, .5) = 2)
+    assert [r["dp-delta-total"] for r in rows_resumed] == [r["dp-delta-total"] for r in rows_full]
+    assert rows_full[-1]["dp-delta-total"] == pytest.approx(1e-5 + 3 * 10 / 32, rel=1e-9)
     assert "clients clip under SecAgg+" in client_level["caveat"]
     assert client_level["epsilon"] == rows_full[-1]["epsilon"]
 

@@ -32,6 +32,7 @@ from flower_llm.privacy.mechanism import (
     dp_fedavg_noise_stddev,
     global_l2_norm,
     noisy_unclipped_fraction,
+    small_cohort_probability,
 )
 
 __all__ = [
@@ -56,5 +57,6 @@ __all__ = [
     "max_rounds_within",
     "noisy_unclipped_fraction",
     "rdp_to_epsilon",
+    "small_cohort_probability",
     "would_exceed",
 ]

@@ -348,3 +348,33 @@ def adaptive_update_noise_multiplier(noise_multiplier: float, clipped_count_stdd
             f"({sigma / 2}); raise it (Andrew et al. suggest num_sampled_clients / 20)"
         )
     return (sigma**-2 - (2.0 * count_stddev) ** -2) ** -0.5
+
+
+def small_cohort_probability(population: int, sampling_rate: float, min_cohort: int) -> float:
+    """Chance, per round, that one site's presence decides whether the round's sum is used.
+
+    A mode that releases the noised sum of a Poisson cohort only when the cohort has at
+    least ``k = min_cohort`` sites (SecAgg+, ``k = 3``), and noise alone otherwise, departs
+    from the subsampled Gaussian exactly when the site is sampled with ``k - 1`` others:
+    with it the sum of ``k`` updates is released, without it none (sensitivity ``k C``,
+    not ``C``). Every other draw of the others behaves as the accounted mechanism (fewer
+    than ``k - 1``: noise alone either way; more: the site moves the sum by at most ``C``).
+    The others' draw does not depend on the site's data, so over a run the bad event costs
+    at most the sum of its per-round chances in delta. The number of other sites is ``N - 1``
+    if the site is among the ``N`` connected and ``N`` if it is not; the larger is returned:
+    ``max_n P(Binomial(n, q) = k - 1)`` over ``n`` in ``{N - 1, N}``.
+    """
+    n_sites = _check_int("population", population, 0)
+    q = _check_real("sampling_rate", sampling_rate)
+    k = _check_int("min_cohort", min_cohort, 0)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"sampling_rate must be in [0, 1], got {q!r}")
+    if k <= 1:
+        return 0.0  # a cohort of 0 others is always released with the site: no regime change
+
+    def pmf(n: int, j: int) -> float:
+        if j > n:
+            return 0.0
+        return math.comb(n, j) * q**j * (1.0 - q) ** (n - j)
+
+    return max(pmf(n, k - 1) for n in (max(n_sites - 1, 0), n_sites))
