@@ -111,6 +111,44 @@ def test_nf4_codes_are_the_nearest_normalfloat_level() -> None:
     np.testing.assert_allclose(decoded, nearest, atol=1e-7)
 
 
+def nearest_level_reference(normalised: np.ndarray) -> np.ndarray:
+    """Brute force in float64: the index of the nearest NF4 level, ties to the lower one."""
+    distance = np.abs(normalised.astype(np.float64)[:, None] - NF4_LEVELS.astype(np.float64))
+    return np.argmin(distance, axis=1)  # argmin takes the first (lower) of equal distances
+
+
+def test_nf4_codes_equal_a_brute_force_nearest_level_search_at_every_midpoint() -> None:
+    # Prepare: around every midpoint of adjacent levels (float64, exact), the float32
+    # values just below, at and just above it; then random values and the levels; one
+    # block whose absmax is exactly 1 so the encoder sees these values unscaled
+    levels = NF4_LEVELS.astype(np.float64)
+    mids = (levels[1:] + levels[:-1]) / 2
+    near = []
+    for m in mids:
+        x = np.float32(m)
+        for _ in range(3):
+            x = np.nextafter(x, np.float32(-2))
+        for _ in range(7):
+            near.append(x)
+            x = np.nextafter(x, np.float32(2))
+    rng = np.random.default_rng(5)
+    values = np.concatenate([near, NF4_LEVELS, rng.uniform(-1, 1, 5000), [1.0, -1.0, 0.0]]).astype(
+        np.float32
+    )
+    if values.size % 2:
+        values = np.append(values, np.float32(0.5))
+    h = header("nf4", ("x",), block=values.size)
+
+    # Execute
+    record = encode({"x": values}, h)
+    packed = record["codes"].numpy()
+    codes = np.empty(packed.size * 2, np.int64)
+    codes[0::2], codes[1::2] = packed >> 4, packed & 0x0F
+
+    # Assert: the codes are the brute-force nearest levels, value by value
+    np.testing.assert_array_equal(codes[: values.size], nearest_level_reference(values))
+
+
 @pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4", "float32"])
 def test_bytes_on_the_wire_match_the_formula(codec: str) -> None:
     # Prepare
