@@ -115,7 +115,14 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
     # A plain adapter, or a compressed one applied to the global adapter this site holds.
-    global_state, received = updates.receive(context.state, msg.content)
+    from flower_llm.client import site_store
+
+    store = (
+        site_store(context.node_config, session.cfg, session.site, context.run_id)
+        if updates.is_compressed(msg.content)
+        else None
+    )
+    global_state, received = updates.receive(context.state, msg.content, store)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -144,9 +151,6 @@ def train(msg: Message, context: Context) -> Message:
     if received is None:
         content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
     else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
-        from flower_llm.client import site_store
-
-        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
         content[wire.ARRAYS], content[WIRE_FORMAT] = session.compressed_reply(
             context.state,
             store,
@@ -177,7 +181,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-    global_state, received = updates.receive(context.state, msg.content)
+    from flower_llm.client import site_store
+
+    store = (
+        site_store(context.node_config, session.cfg, session.site, context.run_id)
+        if updates.is_compressed(msg.content)
+        else None
+    )
+    global_state, received = updates.receive(context.state, msg.content, store)
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.

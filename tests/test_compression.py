@@ -22,6 +22,7 @@ from flower_llm.compression import (
     NF4_LEVELS,
     RELATIVE_ERROR,
     WIRE_FORMAT,
+    AdapterState,
     Header,
     WireFormatError,
     compress_with_feedback,
@@ -399,6 +400,57 @@ def test_a_site_refuses_an_update_of_a_version_it_does_not_hold() -> None:
         updates.receive(RecordDict(), content)
 
 
+def test_a_resumed_downlink_sends_updates_and_a_site_that_lost_its_version_gets_the_adapter(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    # Prepare: the server sends version 0 to sites 1 and 2 and commits version 1; site 1
+    # applies it, site 2 never receives it (it holds 0); both keep what they hold in a store
+    rng = np.random.default_rng(12)
+    server = updates.Downlink("int8", 64, True)
+    server.start(make_state(rng), 0)
+    stores = {n: SiteStateStore(tmp_path, "run", f"node-{n}") for n in (1, 2)}
+    sessions = {n: RecordDict() for n in (1, 2)}
+
+    def deliver(node: int, downlink: updates.Downlink, session: RecordDict) -> AdapterState:
+        payload, head = downlink.payload(node)
+        content = RecordDict({wire.ARRAYS: payload, WIRE_FORMAT: head})
+        state, received = updates.receive(session, content, stores[node])
+        assert received is not None
+        downlink.note(node, updates.holds_record(session, received))  # its reply
+        return state
+
+    for node in (1, 2):
+        deliver(node, server, sessions[node])
+    server.commit(make_state(rng), list(SHAPES))
+    deliver(1, server, sessions[1])
+
+    # Execute: a checkpoint (through JSON, as written) continued by a new server
+    state = json.loads(json.dumps(server.state_dict()))
+    resumed = updates.Downlink("int8", 64, True)
+    resumed.load_state(state, server.state_arrays())
+    resumed.start(server.global_state, 5)  # type: ignore[arg-type]
+    kinds = {n: str(resumed.payload(n)[1]["content"]) for n in (1, 2)}
+    # Site 1 lost its store (a new machine); site 2 holds version 0 in its store only
+    (stores[1].directory / updates.HELD_GLOBAL_FILE).unlink()
+    payload, head = resumed.payload(1)
+    with pytest.raises(WireFormatError, match="holds none"):
+        updates.receive(RecordDict(), RecordDict({wire.ARRAYS: payload, WIRE_FORMAT: head}))
+    resumed.note(1, None)  # its error reply
+    site2 = deliver(2, resumed, RecordDict())
+
+    # Assert: the checkpoint's versions, updates for the sites that hold them, and the
+    # whole adapter for the site that refused
+    assert resumed.held == server.held and resumed.version == 1
+    assert kinds == {1: "same", 2: "update"}
+    assert compression.digest(site2) == server.held.digest
+    assert resumed.payload(1)[1]["content"] == "adapter"
+    assert resumed.residual is not None
+    for key, value in server.residual.items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(resumed.residual[key], value)
+
+
 def test_the_site_residual_survives_in_its_store_and_a_fresh_run_ignores_it(tmp_path: Path) -> None:
     store = SiteStateStore(tmp_path, "run", "site")
     residual = {"x": np.arange(4, dtype=np.float32)}
@@ -469,6 +521,8 @@ class CompressedSites:
         self.store_root = store_root
         self.settings = updates.UplinkSettings(codec, 64, True, run_id, resume)
         self.cohorts: dict[int, list[int]] = {}
+        self.kinds: dict[int, dict[int, list[str]]] = {}
+        """round -> node -> what each message to it carried (adapter, update, same)."""
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -482,8 +536,13 @@ class CompressedSites:
             node = msg.metadata.dst_node_id
             config = msg.content.config_records[wire.CONFIG]
             server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
-            global_state, received = updates.receive(self.node_states[node], msg.content)
+            global_state, received = updates.receive(
+                self.node_states[node], msg.content, self.store(node)
+            )
             assert received is not None
+            self.kinds.setdefault(server_round, {}).setdefault(node, []).append(
+                str(msg.content.config_records[WIRE_FORMAT]["content"])
+            )
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.cohorts.setdefault(server_round, []).append(node)
                 rng = np.random.default_rng([node, server_round])
@@ -539,9 +598,11 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     from flower_llm.config import parse_run_config
     from server_apps.fedavg import run
 
-    # Prepare: half the sites train each round, so some miss rounds and get whole adapters
+    # Prepare: half the sites train and half evaluate each round, so some hold the last
+    # version, some the one before (they get the update), some older ones (whole adapters)
     job = {
         "fed.fraction-train": 0.5,
+        "fed.fraction-evaluate": 0.5,
         "fed.min-available-clients": 6,
         "fed.wire-dtype": codec,
         "train.lr-schedule": "constant",
@@ -555,9 +616,10 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
         parse_run_config({**job, "fed.num-rounds": 4, "output.run-name": "full"}),
     )  # type: ignore[arg-type]
 
-    # Execute: 2 rounds, then a new run (empty node state) that resumes for rounds 3-4;
-    # the sites of round 3 had trained it before the interruption: their residual of the
-    # lost round 3 must not be used.
+    # Execute: 2 rounds, then a new run (empty node state; each site's store keeps the
+    # global adapter it holds) that resumes for rounds 3-4; the sites of round 3 had
+    # trained it before the interruption: their residual of the lost round 3 must not be
+    # used.
     sites = tmp_path / "resumed-sites"
     first = {**job, "fed.num-rounds": 2, "output.run-name": "resumed"}
     run(CompressedSites(sites, 1, False, codec), engine_context(), parse_run_config(first))  # type: ignore[arg-type]
@@ -578,8 +640,16 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    # ... and the runs moved the adapter (residuals mattered: the server kept one)
+    # ... after the same messages: updates again after the resume, not whole adapters,
+    # so the same bytes both ways, per site too
+    assert resumed.kinds == {r: full.kinds[r] for r in (3, 4)}
+    sent_kinds = {k for per_node in resumed.kinds.values() for v in per_node.values() for k in v}
+    assert {"update", "same", "adapter"} <= sent_kinds
     summary = json.loads((out / "full" / "summary.json").read_text())
+    again_summary = json.loads((out / "resumed" / "summary.json").read_text())
+    for key in ("bytes-down", "bytes-down-eval", "bytes-up", "bytes-by-site"):
+        assert again_summary[key] == summary[key], key
+    # ... and the runs moved the adapter (residuals mattered: the server kept one)
     assert summary["rounds-failed"] == 0 and summary["rounds"] == 4
     assert summary["mb-up"] > 0 and set(summary["bytes-by-site"]) == {
         "11",
