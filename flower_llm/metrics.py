@@ -130,14 +130,13 @@ COLUMNS: tuple[Column, ...] = (
         BYTES_DOWN_EVAL,
         "bytes",
         "Payload sent to the sites for evaluation (round 1 includes round 0's).",
-        "rounds of fed.aggregation = fedavg that evaluate",
+        "rounds that evaluate",
     ),
     Column(
         BYTES_BY_SITE,
         "bytes",
         "node id -> [bytes sent to it, bytes received from it] in the round's train and "
         "evaluation exchanges (summed per site in summary.json).",
-        "rounds of fed.aggregation = fedavg",
     ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(

@@ -664,6 +664,85 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     assert sum(v["bytes-up"] for v in summary["bytes-by-site"].values()) == summary["bytes-up"]
 
 
+class EvaluatingSites:
+    """Three sites that answer evaluation messages; records the adapter bytes sent."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, int] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return [7, 8, 9]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.EVALUATE
+            node = msg.metadata.dst_node_id
+            sent = wire.num_bytes(msg.content.array_records[wire.ARRAYS])
+            self.sent[node] = self.sent.get(node, 0) + sent
+            metrics = {
+                wire.NUM_EXAMPLES: 2,
+                wire.EVAL_LOSS: 1.0,
+                wire.EVAL_PERPLEXITY: 2.7,
+                wire.EVAL_TOKEN_ACCURACY: 0.5,
+                wire.EVAL_TOKENS: 10,
+            }
+            replies.append(Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg))  # type: ignore[arg-type]
+        return replies
+
+
+def test_secagg_runs_count_the_bytes_sent_for_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from flower_llm.config import parse_run_config
+    from server_apps.fedavg import run
+    from strategies.fedavg import RoundReport
+    from strategies.rounds import TrainRound
+    from strategies.secagg import SecAggRounds
+
+    # Prepare: the SecAgg+ protocol itself replaced by a round that sends 100 bytes to and
+    # receives 40 from each site (its own traffic is measured by its CountingGrid)
+    def protocol(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        nodes = grid.get_node_ids()
+        report = RoundReport(
+            sampled=nodes,
+            accepted=nodes,
+            updated=True,
+            bytes_down=100 * len(nodes),
+            bytes_up=40 * len(nodes),
+            bytes_by_node={n: [100, 40] for n in nodes},
+        )
+        return TrainRound(arrays, MetricRecord({wire.TRAIN_LOSS: 1.0}), report, {})
+
+    monkeypatch.setattr(SecAggRounds, "_train_round", protocol)
+    sites = EvaluatingSites()
+    cfg = {
+        "fed.aggregation": "secagg+",
+        "fed.num-rounds": 2,
+        "fed.min-available-clients": 3,
+        "output.local-only-baseline": False,
+        "output.dir": str(tmp_path),
+        "output.run-name": "secagg",
+    }
+
+    # Execute
+    run(sites, engine_context(), parse_run_config(cfg))  # type: ignore[arg-type]
+
+    # Assert: rounds 0, 1 and 2 were evaluated on every site; every adapter byte sent for
+    # it is counted, in the totals and per site, beside the protocol's own
+    summary = json.loads((tmp_path / "secagg" / "summary.json").read_text())
+    adapter = sites.sent[7] // 3
+    assert adapter > 1000 and sites.sent == {7: 3 * adapter, 8: 3 * adapter, 9: 3 * adapter}
+    assert summary["bytes-down-eval"] == 9 * adapter
+    assert summary["bytes-down"] == 2 * 300 and summary["bytes-up"] == 2 * 120
+    assert summary["bytes-by-site"] == {
+        str(n): {"bytes-down": 3 * adapter + 200, "bytes-up": 80} for n in (7, 8, 9)
+    }
+    assert summary["mb-down"] == pytest.approx((9 * adapter + 600) / 1e6, abs=0.01)
+
+
 @pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4"])
 def test_the_wire_table_counts_the_bytes_an_encoded_update_has(codec: str) -> None:
     from benchmarks.wire_bytes import compressed_record_bytes
