@@ -148,6 +148,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
     content = RecordDict({wire.METRICS: metrics})
+    if bool(config.get(wire.SITE_LABEL, False)):
+        content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     if received is None:
         content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
     else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
@@ -211,6 +213,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         metrics.update(tasks.reply_metrics(scores))
     content = RecordDict({wire.METRICS: metrics})
+    if bool(config.get(wire.SITE_LABEL, False)):
+        content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     if received is not None:  # tell the server which global version this site now holds
         content[WIRE_FORMAT] = updates.holds_record(context.state, received)
     return Message(content=content, reply_to=msg)

@@ -56,6 +56,9 @@ CLIP_NORM = "clip-norm"
 # Evaluate instruction: True asks the site to answer its task files too (when its
 # eval.tasks is on); absent or False: held-out loss only, as a stock Flower strategy gets.
 EVAL_TASKS = "eval-tasks"
+# Train and evaluate instructions: True asks the site to name itself in its reply (the
+# ``site`` ConfigRecord), so the server can label its per-site figures; absent: no record.
+SITE_LABEL = "site-label"
 
 WIRE_DTYPES = {
     "float32": np.float32,

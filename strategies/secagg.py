@@ -381,8 +381,10 @@ def secagg_columns(report: SecAggRoundReport, params: SecAggParams) -> dict[str,
 
 
 def add_traffic(report: RoundReport, evaluation: RoundReport) -> None:
-    """Add an evaluation exchange's bytes (down, and per node) to a round's report."""
+    """Add an evaluation exchange's bytes (down, and per node) and the site labels its
+    replies gave to a round's report."""
     report.bytes_down_eval += evaluation.bytes_down_eval
+    report.site_labels.update(evaluation.site_labels)
     for node, (sent, received) in evaluation.bytes_by_node.items():
         both = report.bytes_by_node.setdefault(node, [0, 0])
         both[0] += sent

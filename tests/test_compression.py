@@ -687,7 +687,10 @@ class EvaluatingSites:
                 wire.EVAL_TOKEN_ACCURACY: 0.5,
                 wire.EVAL_TOKENS: 10,
             }
-            replies.append(Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg))  # type: ignore[arg-type]
+            content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+            if msg.content.config_records[wire.CONFIG].get(wire.SITE_LABEL):
+                content[wire.SITE] = ConfigRecord({"label": f"site {node - 6}"})
+            replies.append(Message(content, reply_to=msg))
         return replies
 
 
@@ -741,6 +744,8 @@ def test_secagg_runs_count_the_bytes_sent_for_evaluation(
         str(n): {"bytes-down": 3 * adapter + 200, "bytes-up": 80} for n in (7, 8, 9)
     }
     assert summary["mb-down"] == pytest.approx((9 * adapter + 600) / 1e6, abs=0.01)
+    # ... and the sites are named by the labels their evaluation replies gave
+    assert summary["site-labels"] == {"7": "site 1", "8": "site 2", "9": "site 3"}
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4"])

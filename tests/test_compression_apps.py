@@ -133,3 +133,5 @@ def test_compressed_runs_train_and_send_fewer_bytes_in_every_combination(
         )
         assert 0 < norm <= clip
     assert set(int8["bytes-by-site"]) == {"1", "2"}
+    # The sites' own labels name them (the per-site table's names)
+    assert int8["site-labels"] == {"1": "partition 0/2", "2": "partition 1/2"}
