@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from benchmarks.sites import AppGrid
 
 SITES = 3
 
@@ -60,44 +61,6 @@ class Timer:
                 self.seconds += time.perf_counter() - start
 
         return timed
-
-
-class AppGrid:
-    """The sites, answered in-process by the project's ClientApp."""
-
-    def __init__(self, run_config: dict[str, Any], site_state: Path) -> None:
-        from flwr.app import Context, RecordDict
-
-        from flower_llm.site_state import SITE_STATE_DIR_KEY
-
-        self.contexts = {
-            node + 1: Context(
-                run_id=1,
-                node_id=node + 1,
-                node_config={
-                    "partition-id": node,
-                    "num-partitions": SITES,
-                    SITE_STATE_DIR_KEY: str(site_state),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(SITES)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        from client_apps.qlora import app
-
-        replies = []
-        for msg in messages:
-            reply = app(msg, self.contexts[msg.metadata.dst_node_id])
-            if reply.has_error():
-                raise RuntimeError(f"site {msg.metadata.dst_node_id}: {reply.error.reason}")
-            replies.append(reply)
-        return replies
 
 
 def instrument() -> tuple[Timer, Timer]:
@@ -145,7 +108,8 @@ def one_run(
     codec.seconds = train.seconds = 0.0
     started = time.perf_counter()
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
-    run(AppGrid(cfg, root / "sites" / slug), context, parse_run_config(cfg))  # type: ignore[arg-type]
+    grid = AppGrid(cfg, root / "sites" / slug, SITES)
+    run(grid, context, parse_run_config(cfg))  # type: ignore[arg-type]
     summary = json.loads((root / "runs" / slug / "summary.json").read_text())
     return {
         "settings": settings,

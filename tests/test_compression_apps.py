@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 
+from benchmarks.sites import AppGrid
 from flower_llm import wire
 from flower_llm.config import parse_run_config
-from flower_llm.site_state import SITE_STATE_DIR_KEY
 
 SITES = 2
 
@@ -24,42 +24,6 @@ def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class AppGrid:
-    """Two sites that answer with the project's ClientApp, in-process; records the replies."""
-
-    def __init__(self, run_config: dict[str, Any], root: Path) -> None:
-        self.contexts = {
-            node + 1: Context(
-                run_id=1,
-                node_id=node + 1,
-                node_config={
-                    "partition-id": node,
-                    "num-partitions": SITES,
-                    SITE_STATE_DIR_KEY: str(root),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(SITES)
-        }
-        self.train_replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        from client_apps.qlora import app
-
-        replies = []
-        for msg in messages:
-            reply = app(msg, self.contexts[msg.metadata.dst_node_id])
-            assert not reply.has_error(), reply.error
-            if msg.metadata.message_type == "train":
-                self.train_replies.append(reply)
-            replies.append(reply)
-        return replies
 
 
 def run_app(
@@ -78,7 +42,7 @@ def run_app(
         "output.run-name": name,
         **settings,
     }
-    grid = AppGrid(cfg, tmp_path / "sites" / name)
+    grid = AppGrid(cfg, tmp_path / "sites" / name, SITES, keep_replies=True)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     run(grid, context, parse_run_config(cfg))  # type: ignore[arg-type]
     summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
