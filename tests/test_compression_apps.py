@@ -99,3 +99,43 @@ def test_compressed_runs_train_and_send_fewer_bytes_in_every_combination(
     assert set(int8["bytes-by-site"]) == {"1", "2"}
     # The sites' own labels name them (the per-site table's names)
     assert int8["site-labels"] == {"1": "partition 0/2", "2": "partition 1/2"}
+
+
+@pytest.mark.long
+def test_exact_aggregation_of_mixed_site_ranks_works_compressed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute: lora.aggregation = exact with sites at ranks 2 and 4 (lora.r = 4), in
+    # float32 and with int8 and nf4 updates both ways
+    from flower_llm.compression import Header, decode
+    from flower_llm.lora_aggregation import rank_of
+
+    mixed = {"lora.r": 4, "lora.aggregation": "exact", "lora.site-ranks": "2,4"}
+    runs = {
+        codec: run_app(
+            tiny_model_dir, tmp_path, f"exact-{codec}", **mixed, **{"fed.wire-dtype": codec}
+        )
+        for codec in ("float32", "int8", "nf4")
+    }
+
+    # Assert: nothing dropped; each site sent an update at its own rank; the loss follows
+    # float32's (int8 closely) at a fraction of its bytes up
+    for codec, (summary, grid) in runs.items():
+        assert summary["rounds-failed"] == 0, (codec, summary)
+        rows = (tmp_path / "out" / f"exact-{codec}" / "metrics.jsonl").read_text().splitlines()
+        assert all(not json.loads(row)["dropped"] for row in rows)
+        assert summary["eval-loss-by-round"][-1] < summary["initial-eval-loss"]
+        if codec == "float32":
+            continue
+        for reply in grid.train_replies:
+            header = Header.from_record(reply.content.config_records["wire-format"])
+            update = decode(reply.content.array_records[wire.ARRAYS], header)
+            expected_rank = {1: 2, 2: 4}[reply.metadata.src_node_id]
+            assert rank_of(update) == expected_rank
+    base = runs["float32"][0]
+    for codec, tolerance, saving in (("int8", 0.01, 3), ("nf4", 0.03, 5)):
+        summary = runs[codec][0]
+        assert summary["eval-loss-by-round"][-1] == pytest.approx(
+            base["eval-loss-by-round"][-1], rel=tolerance
+        )
+        assert summary["bytes-up"] < base["bytes-up"] / saving
