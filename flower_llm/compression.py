@@ -208,18 +208,20 @@ def digest(state: Mapping[str, np.ndarray]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _blocks(flat: np.ndarray, sizes: Sequence[int], block_size: int):  # type: ignore[no-untyped-def]
-    """Per tensor: (its full blocks as a (k, B) view, its short last block or None).
+def _block_layout(sizes: Sequence[int], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first value, number of values) of every block, in block order.
 
-    Blocks never cross tensors: tensor ``i`` of ``n_i`` values has ``ceil(n_i / B)``.
+    Blocks never cross tensors: tensor ``i`` of ``n_i`` values has ``ceil(n_i / B)``, the
+    last one short when ``B`` does not divide ``n_i``.
     """
-    start = 0
+    starts: list[np.ndarray] = []
+    offset = 0
     for n in sizes:
-        full = (n // block_size) * block_size
-        head = flat[start : start + full].reshape(-1, block_size)
-        tail = flat[start + full : start + n] if n > full else None
-        yield head, tail
-        start += n
+        starts.append(np.arange(offset, offset + n, block_size, dtype=np.int64))
+        offset += n
+    first = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    lengths = np.diff(np.append(first, np.int64(offset)))
+    return first, lengths
 
 
 def block_count(sizes: Sequence[int], block_size: int) -> int:
@@ -229,39 +231,22 @@ def block_count(sizes: Sequence[int], block_size: int) -> int:
 
 def _scales_of(flat: np.ndarray, sizes: Sequence[int], block_size: int) -> np.ndarray:
     """Absmax of every block, in block order."""
-    out: list[np.ndarray] = []
-    for head, tail in _blocks(flat, sizes, block_size):
-        out.append(np.abs(head).max(axis=1) if head.size else np.zeros(0, np.float32))
-        if tail is not None:
-            out.append(np.abs(tail).max(keepdims=True))
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+    first, _ = _block_layout(sizes, block_size)
+    if not first.size:
+        return np.zeros(0, np.float32)
+    return np.maximum.reduceat(np.abs(flat), first).astype(np.float32, copy=False)
 
 
 def _per_value(
     values: np.ndarray, sizes: Sequence[int], block_size: int, scales: np.ndarray, op: str
 ) -> np.ndarray:
-    """``values`` divided (op ``div``) or multiplied (``mul``) by their block's scale."""
-    out = np.empty(values.shape, np.float32)
-    start = block = 0
-    for n in sizes:
-        full = (n // block_size) * block_size
-        count = full // block_size
-        parts: list[tuple[int, int, np.ndarray, tuple[int, int] | None]] = [
-            (start, start + full, scales[block : block + count, None], (count, block_size))
-        ]
-        if n > full:
-            parts.append((start + full, start + n, scales[block + count : block + count + 1], None))
-        for lo, hi, scale, shape in parts:
-            chunk = values[lo:hi] if shape is None else values[lo:hi].reshape(shape)
-            if op == "div":
-                safe = np.where(scale > 0, scale, np.float32(1.0))
-                result = chunk / safe
-            else:
-                result = chunk * scale
-            out[lo:hi] = result.ravel()
-        start += n
-        block += math.ceil(n / block_size)
-    return out
+    """``values`` divided (op ``div``) or multiplied (``mul``) by their block's scale
+    (float32; a block of scale 0 is divided by 1)."""
+    _, lengths = _block_layout(sizes, block_size)
+    scale = np.repeat(scales, lengths)
+    if op == "div":
+        return values / np.where(scale > 0, scale, np.float32(1.0))
+    return (values * scale).astype(np.float32, copy=False)
 
 
 def _encode_flat(
