@@ -54,7 +54,7 @@ MID_RUNS: dict[str, dict[str, Any]] = {
     name: RUNS[name] for name in ("float32", "int8", "nf4", "nf4 + ffa")
 }
 #: ``--model mid``: rounds and local steps (``--quick``: 1 and 1).
-MID_ROUNDS, MID_STEPS = 4, 3
+MID_ROUNDS, MID_STEPS = 5, 6
 
 
 class Timer:

@@ -20,7 +20,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 LOCAL_ONLY_ARRAYS = "local-only-arrays"
-# ConfigRecord naming the site a local-only adapter comes from ({"label": "partition 2/4"}).
+# ConfigRecord naming the site a reply comes from ({"label": "partition 2/4"}): with a
+# local-only adapter, and whenever the instruction asks (SITE_LABEL).
 SITE = "site"
 
 # Metric keys in replies. A train reply carries what every ``fed.weighting`` needs:
