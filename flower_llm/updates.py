@@ -70,9 +70,9 @@ HELD_GLOBAL_FILE = "held-global.npz"
 digest in ``__version__`` and ``__digest__``)."""
 _RESIDUAL_FILE = re.compile(r"^uplink-residual-(\d{6})\.npz$")
 KEEP_RESIDUAL_FILES = 2
+"""Residual files a site keeps: the server resumes at most one round back."""
 LAST_UPDATE_PREFIX = "last-update/"
 """Checkpoint-tensor prefix of the downlink's last update (:meth:`Downlink.state_arrays`)."""
-"""Residual files a site keeps: the server resumes at most one round back."""
 
 
 # --------------------------------------------------------------------------------------
@@ -228,10 +228,7 @@ class Downlink:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state: the version, what each node holds, the last update's header
         (the residual and the update's arrays go in :meth:`state_arrays`)."""
-        last = None
-        if self.update is not None:
-            header = self.update[1]
-            last = {**dict(header.to_record()), "keys": list(header.keys)}
+        last = dict(self.update[1].to_record()) if self.update is not None else None
         return {
             "codec": self.codec,
             "version": self.version,
