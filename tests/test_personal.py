@@ -220,6 +220,8 @@ def test_the_report_prints_the_per_site_table(
     text = format_outcome(run_dir, local_b_run["summary"])
     assert "held-out loss on each site's own data" in text
     assert "partition 0/2" in text and "partition 1/2" in text
+    # ... and each site's bytes under the same label, its node id after it
+    assert "partition 0/2 [node 1]" in text and "partition 1/2 [node 2]" in text
     # flower-llm report RUN_DIR prints it too
     from flower_llm.cli import main
 
