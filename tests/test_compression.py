@@ -510,6 +510,16 @@ def test_bad_settings_are_refused() -> None:
 # --------------------------------------------------------------------------------------
 
 
+EVAL_METRICS = {
+    wire.NUM_EXAMPLES: 2,
+    wire.EVAL_LOSS: 1.0,
+    wire.EVAL_PERPLEXITY: 2.7,
+    wire.EVAL_TOKEN_ACCURACY: 0.5,
+    wire.EVAL_TOKENS: 10,
+}
+"""A site's evaluation reply metrics (the values do not matter here)."""
+
+
 class CompressedSites:
     """Six sites that follow the compressed protocol with real records: each holds its
     global adapter in its node state, 'trains' ``global + delta(node, round)`` and sends
@@ -564,13 +574,7 @@ class CompressedSites:
                     {wire.ARRAYS: arrays, WIRE_FORMAT: head, wire.METRICS: MetricRecord(metrics)}
                 )
             else:
-                metrics = {
-                    wire.NUM_EXAMPLES: 2,
-                    wire.EVAL_LOSS: 1.0,
-                    wire.EVAL_PERPLEXITY: 2.7,
-                    wire.EVAL_TOKEN_ACCURACY: 0.5,
-                    wire.EVAL_TOKENS: 10,
-                }
+                metrics = EVAL_METRICS
                 content = RecordDict(
                     {
                         wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
@@ -680,14 +684,7 @@ class EvaluatingSites:
             node = msg.metadata.dst_node_id
             sent = wire.num_bytes(msg.content.array_records[wire.ARRAYS])
             self.sent[node] = self.sent.get(node, 0) + sent
-            metrics = {
-                wire.NUM_EXAMPLES: 2,
-                wire.EVAL_LOSS: 1.0,
-                wire.EVAL_PERPLEXITY: 2.7,
-                wire.EVAL_TOKEN_ACCURACY: 0.5,
-                wire.EVAL_TOKENS: 10,
-            }
-            content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+            content = RecordDict({wire.METRICS: MetricRecord(EVAL_METRICS)})  # type: ignore[arg-type]
             if msg.content.config_records[wire.CONFIG].get(wire.SITE_LABEL):
                 content[wire.SITE] = ConfigRecord({"label": f"site {node - 6}"})
             replies.append(Message(content, reply_to=msg))
