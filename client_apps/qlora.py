@@ -115,7 +115,14 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
     # A plain adapter, or a compressed one applied to the global adapter this site holds.
-    global_state, received = updates.receive(context.state, msg.content)
+    from flower_llm.client import site_store
+
+    store = (
+        site_store(context.node_config, session.cfg, session.site, context.run_id)
+        if updates.is_compressed(msg.content)
+        else None
+    )
+    global_state, received = updates.receive(context.state, msg.content, store)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -141,12 +148,11 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.DPSGD_PLD_EPSILON] = dpsgd_epsilons["pld-epsilon"]
         metrics[wire.DPSGD_RDP_EPSILON] = dpsgd_epsilons["rdp-epsilon"]
     content = RecordDict({wire.METRICS: metrics})
+    if bool(config.get(wire.SITE_LABEL, False)):
+        content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     if received is None:
         content[wire.ARRAYS] = wire.to_array_record(session.to_send(state), wire_dtype)
     else:  # fed.wire-dtype bfloat16 | int8 | nf4: the update, with error feedback
-        from flower_llm.client import site_store
-
-        store = site_store(context.node_config, session.cfg, session.site, context.run_id)
         content[wire.ARRAYS], content[WIRE_FORMAT] = session.compressed_reply(
             context.state,
             store,
@@ -177,7 +183,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-    global_state, received = updates.receive(context.state, msg.content)
+    from flower_llm.client import site_store
+
+    store = (
+        site_store(context.node_config, session.cfg, session.site, context.run_id)
+        if updates.is_compressed(msg.content)
+        else None
+    )
+    global_state, received = updates.receive(context.state, msg.content, store)
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.
@@ -200,6 +213,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         metrics.update(tasks.reply_metrics(scores))
     content = RecordDict({wire.METRICS: metrics})
+    if bool(config.get(wire.SITE_LABEL, False)):
+        content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
     if received is not None:  # tell the server which global version this site now holds
         content[WIRE_FORMAT] = updates.holds_record(context.state, received)
     return Message(content=content, reply_to=msg)

@@ -84,7 +84,16 @@ NF4_LEVELS = np.array(
     ],
     dtype=np.float32,
 )
-_NF4_MIDPOINTS = ((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).astype(np.float32)
+_NF4_MIDPOINTS = (NF4_LEVELS[1:].astype(np.float64) + NF4_LEVELS[:-1]) / 2  # exact
+#: Per midpoint ``m``, the least float32 strictly above it: a float32 ``x`` is nearer the
+#: upper level (ties going to the lower one) exactly when ``x >= threshold``.
+_NF4_THRESHOLDS = np.array(
+    [
+        np.nextafter(np.float32(m), np.float32(np.inf)) if np.float32(m) <= m else np.float32(m)
+        for m in _NF4_MIDPOINTS
+    ],
+    dtype=np.float32,
+)
 _NF4_ZERO = 7
 
 #: Largest error of one decoded value, relative to its block's absmax (bfloat16: to the
@@ -199,18 +208,20 @@ def digest(state: Mapping[str, np.ndarray]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _blocks(flat: np.ndarray, sizes: Sequence[int], block_size: int):  # type: ignore[no-untyped-def]
-    """Per tensor: (its full blocks as a (k, B) view, its short last block or None).
+def _block_layout(sizes: Sequence[int], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first value, number of values) of every block, in block order.
 
-    Blocks never cross tensors: tensor ``i`` of ``n_i`` values has ``ceil(n_i / B)``.
+    Blocks never cross tensors: tensor ``i`` of ``n_i`` values has ``ceil(n_i / B)``, the
+    last one short when ``B`` does not divide ``n_i``.
     """
-    start = 0
+    starts: list[np.ndarray] = []
+    offset = 0
     for n in sizes:
-        full = (n // block_size) * block_size
-        head = flat[start : start + full].reshape(-1, block_size)
-        tail = flat[start + full : start + n] if n > full else None
-        yield head, tail
-        start += n
+        starts.append(np.arange(offset, offset + n, block_size, dtype=np.int64))
+        offset += n
+    first = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    lengths = np.diff(np.append(first, np.int64(offset)))
+    return first, lengths
 
 
 def block_count(sizes: Sequence[int], block_size: int) -> int:
@@ -220,39 +231,22 @@ def block_count(sizes: Sequence[int], block_size: int) -> int:
 
 def _scales_of(flat: np.ndarray, sizes: Sequence[int], block_size: int) -> np.ndarray:
     """Absmax of every block, in block order."""
-    out: list[np.ndarray] = []
-    for head, tail in _blocks(flat, sizes, block_size):
-        out.append(np.abs(head).max(axis=1) if head.size else np.zeros(0, np.float32))
-        if tail is not None:
-            out.append(np.abs(tail).max(keepdims=True))
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+    first, _ = _block_layout(sizes, block_size)
+    if not first.size:
+        return np.zeros(0, np.float32)
+    return np.maximum.reduceat(np.abs(flat), first).astype(np.float32, copy=False)
 
 
 def _per_value(
     values: np.ndarray, sizes: Sequence[int], block_size: int, scales: np.ndarray, op: str
 ) -> np.ndarray:
-    """``values`` divided (op ``div``) or multiplied (``mul``) by their block's scale."""
-    out = np.empty(values.shape, np.float32)
-    start = block = 0
-    for n in sizes:
-        full = (n // block_size) * block_size
-        count = full // block_size
-        parts: list[tuple[int, int, np.ndarray, tuple[int, int] | None]] = [
-            (start, start + full, scales[block : block + count, None], (count, block_size))
-        ]
-        if n > full:
-            parts.append((start + full, start + n, scales[block + count : block + count + 1], None))
-        for lo, hi, scale, shape in parts:
-            chunk = values[lo:hi] if shape is None else values[lo:hi].reshape(shape)
-            if op == "div":
-                safe = np.where(scale > 0, scale, np.float32(1.0))
-                result = chunk / safe
-            else:
-                result = chunk * scale
-            out[lo:hi] = result.ravel()
-        start += n
-        block += math.ceil(n / block_size)
-    return out
+    """``values`` divided (op ``div``) or multiplied (``mul``) by their block's scale
+    (float32; a block of scale 0 is divided by 1)."""
+    _, lengths = _block_layout(sizes, block_size)
+    scale = np.repeat(scales, lengths)
+    if op == "div":
+        return values / np.where(scale > 0, scale, np.float32(1.0))
+    return (values * scale).astype(np.float32, copy=False)
 
 
 def _encode_flat(
@@ -271,8 +265,11 @@ def _encode_flat(
     if codec == "int8":
         codes = np.rint(normalised * np.float32(127.0))
         return np.clip(codes, -127, 127).astype(np.int8), scales
-    # nf4: nearest level (ties go to the lower level), then two codes per byte.
-    index = np.searchsorted(_NF4_MIDPOINTS, normalised, side="left").astype(np.uint8)
+    # nf4: nearest level, ties to the lower one: the index is the number of midpoints
+    # strictly below the value (15 vectorised comparisons beat a binary search ~10x).
+    index = np.zeros(normalised.size, np.uint8)
+    for threshold in _NF4_THRESHOLDS:
+        index += normalised >= threshold
     if index.size % 2:
         index = np.append(index, np.uint8(0))
     packed = (index[0::2] << np.uint8(4)) | index[1::2]

@@ -54,6 +54,7 @@ CLAMPED = "clamped"
 LORA_TRUNCATION_ERROR = "lora-truncation-error"
 BYTES_BY_SITE = "bytes-by-site"
 BYTES_DOWN_EVAL = "bytes-down-eval"
+SITE_LABELS = "site-labels"
 # Training, pooled over the sites' replies
 TRAIN_LOSS = prefixed("train", wire.TRAIN_LOSS)
 TRAIN_SECONDS = prefixed("train", wire.TRAIN_SECONDS)
@@ -131,14 +132,20 @@ COLUMNS: tuple[Column, ...] = (
         BYTES_DOWN_EVAL,
         "bytes",
         "Payload sent to the sites for evaluation (round 1 includes round 0's).",
-        "rounds of fed.aggregation = fedavg that evaluate",
+        "rounds that evaluate",
     ),
     Column(
         BYTES_BY_SITE,
         "bytes",
         "node id -> [bytes sent to it, bytes received from it] in the round's train and "
         "evaluation exchanges (summed per site in summary.json).",
-        "rounds of fed.aggregation = fedavg",
+    ),
+    Column(
+        SITE_LABELS,
+        "-",
+        "node id -> the label the site's replies gave it this round (its data file or "
+        "partition, as the per-site table names it).",
+        "rounds with replies of this project's ClientApp",
     ),
     Column(UPDATED, "-", "Whether the global adapter changed this round."),
     Column(
@@ -372,13 +379,16 @@ def markdown_table() -> str:
 def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A run's communication, as a budget counts it: bytes up and down in the train
     exchanges, bytes down for evaluation, MB (10^6 bytes) up, down (train + evaluation)
-    and in all, and per site (node id) where rounds recorded it."""
+    and in all, and per site (node id) where rounds recorded it, with the label each
+    site's replies last gave it (``site-labels``)."""
     up = sum(int(row.get(BYTES_UP, 0)) for row in rows)
     train_down = sum(int(row.get(BYTES_DOWN, 0)) for row in rows)
     eval_down = sum(int(row.get(BYTES_DOWN_EVAL, 0)) for row in rows)
     down = train_down + eval_down
     by_site: dict[str, dict[str, int]] = {}
+    labels: dict[str, str] = {}
     for row in rows:
+        labels.update({str(k): str(v) for k, v in (row.get(SITE_LABELS) or {}).items()})
         for node, (sent, received) in (row.get(BYTES_BY_SITE) or {}).items():
             site = by_site.setdefault(str(node), {"bytes-down": 0, "bytes-up": 0})
             site["bytes-down"] += int(sent)
@@ -393,4 +403,6 @@ def traffic_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if by_site:
         summary["bytes-by-site"] = dict(sorted(by_site.items(), key=lambda kv: int(kv[0])))
+    if labels:
+        summary[SITE_LABELS] = dict(sorted(labels.items(), key=lambda kv: int(kv[0])))
     return summary

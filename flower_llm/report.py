@@ -584,9 +584,12 @@ def format_outcome(run_dir: Path, summary: Mapping[str, Any]) -> str:
             f"communication: {summary['mb-up']:.3f} MB up, {summary['mb-down']:.3f} MB down, "
             f"{summary['mb-total']:.3f} MB in all (down: train and evaluation)"
         )
-        for site, traffic in (summary.get("bytes-by-site") or {}).items():
+        labels = summary.get("site-labels") or {}
+        for node, traffic in (summary.get("bytes-by-site") or {}).items():
+            # The site's own label (as the per-site table names it), its node id after
+            name = f"{labels[node]} [node {node}]" if node in labels else f"node {node}"
             lines.append(
-                f"  node {site:<24} {traffic['bytes-down'] / 1e6:.3f} MB down, "
+                f"  {name:<36} {traffic['bytes-down'] / 1e6:.3f} MB down, "
                 f"{traffic['bytes-up'] / 1e6:.3f} MB up"
             )
     status = summary.get("status", "unknown")

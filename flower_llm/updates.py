@@ -8,7 +8,15 @@ sent, according to what its last reply said it holds:
 - ``same`` (no arrays) when it holds the current version (it evaluated it);
 - the compressed global update ``Q(G_v - G_{v-1} + e)`` when it holds ``v - 1``;
 - the whole adapter in float32 otherwise (first contact, a site that missed rounds, a
-  restarted site, every site after a server resume).
+  site that lost what it held).
+
+The server checkpoint keeps what each node holds, the last update and the residual
+(:meth:`Downlink.state_dict`, :meth:`Downlink.state_arrays`), and a site keeps the global
+adapter it holds in its site-state store as well as in its session: a resumed run (a new
+Flower run, empty sessions) sends updates again, not whole adapters. The digest check
+stays the guard: a site that does not hold what the server believes refuses the message,
+its error reply makes the server forget what it held, and it gets the whole adapter in
+its next round.
 
 The server's global adapter IS what the sites reconstruct, ``G_v = G_{v-1} + D(Q(...))``
 in float32, so both sides hold the same bits; the server's residual ``e`` keeps what
@@ -26,6 +34,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,9 +65,14 @@ HELD_GLOBAL = "held-global"
 HELD_GLOBAL_META = "held-global-meta"
 RESIDUAL = "uplink-residual"
 RESIDUAL_META = "uplink-residual-meta"
+HELD_GLOBAL_FILE = "held-global.npz"
+"""The site-state store's copy of the global adapter a site holds (its version and
+digest in ``__version__`` and ``__digest__``)."""
 _RESIDUAL_FILE = re.compile(r"^uplink-residual-(\d{6})\.npz$")
 KEEP_RESIDUAL_FILES = 2
 """Residual files a site keeps: the server resumes at most one round back."""
+LAST_UPDATE_PREFIX = "last-update/"
+"""Checkpoint-tensor prefix of the downlink's last update (:meth:`Downlink.state_arrays`)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -100,6 +114,8 @@ class Downlink:
         """node id -> what its last reply said it holds."""
         self._whole: tuple[Held, ArrayRecord, ConfigRecord] | None = None
         """The whole current adapter, encoded once per version."""
+        self._resumed: Held | None = None
+        """The version and digest a checkpoint says the global adapter has."""
 
     @property
     def version(self) -> int:
@@ -107,11 +123,28 @@ class Downlink:
         return self.held.version
 
     def start(self, state: Mapping[str, np.ndarray], version: int) -> None:
-        """Adopt ``state`` as global version ``version`` (first round, or a resume)."""
+        """Adopt ``state`` as global version ``version`` (first round, or a resume).
+
+        After :meth:`load_state`, the checkpoint's version is kept when ``state`` has its
+        digest; otherwise what the checkpoint said about nodes is forgotten (they get
+        whole adapters).
+        """
         if self.global_state is not None:
             return
         self.global_state = {k: np.array(v, np.float32) for k, v in state.items()}
         self.held = Held(version, digest(self.global_state))
+        resumed, self._resumed = self._resumed, None
+        if resumed is None:
+            return
+        if resumed.digest == self.held.digest:
+            self.held = resumed
+        else:
+            log.warning(
+                "The resumed global adapter does not match the checkpoint's downlink digest; "
+                "every site is sent the whole adapter"
+            )
+            self.holds.clear()
+            self.update = None
 
     def payload(self, node: int) -> tuple[ArrayRecord, ConfigRecord]:
         """What node ``node`` is sent: nothing new, the last update, or the whole adapter."""
@@ -193,27 +226,60 @@ class Downlink:
     # --- checkpoint ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: the version (the residual goes in :meth:`state_arrays`)."""
+        """JSON-able state: the version, what each node holds, the last update's header
+        (the residual and the update's arrays go in :meth:`state_arrays`)."""
+        last = dict(self.update[1].to_record()) if self.update is not None else None
         return {
             "codec": self.codec,
             "version": self.version,
             "digest": self.held.digest,
             "residual": self.residual is not None,
+            # JSON keys are strings; Flower node ids are 64-bit integers
+            "holds": {str(n): [h.version, h.digest] for n, h in sorted(self.holds.items())},
+            "last-update": last,
         }
 
     def state_arrays(self) -> AdapterState:
-        """The server's residual, for the checkpoint's tensors."""
-        return dict(self.residual or {})
+        """The server's residual (under the adapter's keys) and the last update's arrays
+        (under ``last-update/``), for the checkpoint's tensors."""
+        out = dict(self.residual or {})
+        if self.update is not None:
+            for name, array in self.update[0].items():
+                out[LAST_UPDATE_PREFIX + name] = array.numpy()
+        return out
 
     def load_state(self, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Continue from a checkpoint: the residual; every site is sent the whole adapter."""
+        """Continue from a checkpoint: the residual, what each node holds, the last update.
+
+        A checkpoint written before nodes were kept (no ``holds``) continues with every
+        site sent the whole adapter.
+        """
         if state.get("codec") != self.codec:
             raise ValueError(
                 f"checkpoint downlink codec {state.get('codec')!r}, not {self.codec!r}"
             )
+        residual = {k: v for k, v in arrays.items() if not k.startswith(LAST_UPDATE_PREFIX)}
         self.residual = (
-            {k: np.array(v, np.float32) for k, v in arrays.items()} if state["residual"] else None
+            {k: np.array(v, np.float32) for k, v in residual.items()} if state["residual"] else None
         )
+        self._resumed = Held(int(state["version"]), str(state["digest"]))
+        self.holds = {
+            int(node): Held(int(version), str(held_digest))
+            for node, (version, held_digest) in state.get("holds", {}).items()
+        }
+        self.update = None
+        last = state.get("last-update")
+        if last is not None:
+            header = Header.from_record(ConfigRecord(dict(last)))
+            record = ArrayRecord(
+                {
+                    k[len(LAST_UPDATE_PREFIX) :]: Array(np.ascontiguousarray(v))
+                    for k, v in arrays.items()
+                    if k.startswith(LAST_UPDATE_PREFIX)
+                }
+            )
+            decode(record, header)  # a damaged checkpoint fails here, not at a site
+            self.update = (record, header)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,10 +292,14 @@ def is_compressed(content: RecordDict) -> bool:
     return WIRE_FORMAT in content.config_records
 
 
-def receive(node_state: RecordDict, content: RecordDict) -> tuple[AdapterState, Header | None]:
+def receive(
+    node_state: RecordDict, content: RecordDict, store: SiteStateStore | None = None
+) -> tuple[AdapterState, Header | None]:
     """The global adapter a message carries, and its header (None: a plain adapter).
 
-    A compressed message updates the global adapter the site holds in ``node_state``.
+    A compressed message updates the global adapter the site holds in ``node_state``;
+    with a ``store``, the site also keeps it there, and a session that holds none (a new
+    Flower run resuming this one) starts from the store's copy.
 
     Raises
     ------
@@ -242,6 +312,8 @@ def receive(node_state: RecordDict, content: RecordDict) -> tuple[AdapterState, 
         return wire.from_array_record(content.array_records[wire.ARRAYS]), None
     header = Header.from_record(content.config_records[WIRE_FORMAT])
     arrays = content.array_records.get(wire.ARRAYS, ArrayRecord())
+    if header.content != "adapter" and HELD_GLOBAL_META not in node_state.config_records:
+        load_held_global(node_state, store)
     held_meta = node_state.config_records.get(HELD_GLOBAL_META)
     held = (
         Held(int(held_meta["version"]), str(held_meta["digest"]))  # type: ignore[arg-type]
@@ -277,7 +349,46 @@ def receive(node_state: RecordDict, content: RecordDict) -> tuple[AdapterState, 
     node_state[HELD_GLOBAL_META] = ConfigRecord(
         {"version": header.global_version, "digest": header.global_digest}
     )
+    if store is not None and header.content != "same":
+        save_held_global(store, state, Held(header.global_version, header.global_digest))
     return state, header
+
+
+def save_held_global(store: SiteStateStore, state: Mapping[str, np.ndarray], held: Held) -> None:
+    """Keep the global adapter a site holds in its store (one file, replaced atomically)."""
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = {
+        "__version__": np.int64(held.version),
+        "__digest__": np.array(held.digest),
+        **{k: np.asarray(v, np.float32) for k, v in state.items()},
+    }
+    np.savez(buffer, **arrays)
+    store.write_bytes(HELD_GLOBAL_FILE, buffer.getvalue())
+
+
+def load_held_global(node_state: RecordDict, store: SiteStateStore | None) -> bool:
+    """Put the store's copy of the held global adapter in ``node_state``; False: none.
+
+    Its digest is not trusted here: :func:`receive` checks the adapter it reconstructs
+    against the digest the server sends, so a stale or damaged copy is refused there.
+    """
+    payload = store.read_bytes(HELD_GLOBAL_FILE) if store is not None else None
+    if payload is None:
+        return False
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+            held = Held(int(data["__version__"]), str(data["__digest__"]))
+            state = {
+                k: np.array(data[k], np.float32)
+                for k in data.files
+                if k not in ("__version__", "__digest__")
+            }
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("Ignoring the held global adapter in %s: %s", store.directory, err)  # type: ignore[union-attr]
+        return False
+    node_state[HELD_GLOBAL] = wire.to_array_record(state)
+    node_state[HELD_GLOBAL_META] = ConfigRecord({"version": held.version, "digest": held.digest})
+    return True
 
 
 def holds_record(node_state: RecordDict, received: Header) -> ConfigRecord:

@@ -20,7 +20,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 LOCAL_ONLY_ARRAYS = "local-only-arrays"
-# ConfigRecord naming the site a local-only adapter comes from ({"label": "partition 2/4"}).
+# ConfigRecord naming the site a reply comes from ({"label": "partition 2/4"}): with a
+# local-only adapter, and whenever the instruction asks (SITE_LABEL).
 SITE = "site"
 
 # Metric keys in replies. A train reply carries what every ``fed.weighting`` needs:
@@ -56,6 +57,9 @@ CLIP_NORM = "clip-norm"
 # Evaluate instruction: True asks the site to answer its task files too (when its
 # eval.tasks is on); absent or False: held-out loss only, as a stock Flower strategy gets.
 EVAL_TASKS = "eval-tasks"
+# Train and evaluate instructions: True asks the site to name itself in its reply (the
+# ``site`` ConfigRecord), so the server can label its per-site figures; absent: no record.
+SITE_LABEL = "site-label"
 
 WIRE_DTYPES = {
     "float32": np.float32,

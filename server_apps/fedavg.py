@@ -427,6 +427,7 @@ def _run(
                 wire.SERVER_ROUND: server_round,
                 wire.LEARNING_RATE: cfg.train.learning_rate_at(server_round, num_rounds),
                 wire.SEND_LOCAL_ONLY: bool(last and cfg.output.local_only_baseline),
+                wire.SITE_LABEL: True,  # labels the per-site byte counts
             }
         )
 

@@ -87,6 +87,17 @@ class RoundReport:
     """Bytes of the adapters sent for evaluation (this round's, and round 0's in round 1)."""
     bytes_by_node: dict[int, list[int]] = field(default_factory=dict)
     """node id -> [bytes sent to it, bytes received from it] in train and evaluation."""
+    site_labels: dict[int, str] = field(default_factory=dict)
+    """node id -> the label its replies give it (when they give one)."""
+
+    def note_label(self, node: int, reply: Message) -> None:
+        """Remember the site label a reply carries (its ``site`` record), if any."""
+        if reply.has_error():
+            return
+        record = reply.content.config_records.get(wire.SITE)
+        label = record.get("label") if record is not None else None
+        if isinstance(label, str) and label:
+            self.site_labels[node] = label
 
     def aggregation_row(self) -> dict[str, Any]:
         """metrics.jsonl keys beyond the basic ones, present only when they say something."""
@@ -101,6 +112,8 @@ class RoundReport:
             row[columns.BYTES_DOWN_EVAL] = self.bytes_down_eval
         if self.bytes_by_node:
             row[columns.BYTES_BY_SITE] = {str(k): v for k, v in sorted(self.bytes_by_node.items())}
+        if self.site_labels:
+            row[columns.SITE_LABELS] = {str(k): v for k, v in sorted(self.site_labels.items())}
         return row
 
 
@@ -324,6 +337,7 @@ class WeightedFedAvg(FedAvg):
         if not self.report.sampled:
             report.bytes_down_eval = self.report.bytes_down_eval
             report.bytes_by_node = self.report.bytes_by_node
+            report.site_labels = self.report.site_labels
         return report
 
     def messages_for(
@@ -555,6 +569,7 @@ class WeightedFedAvg(FedAvg):
             node = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             seen.add(node)
             self.report.bytes_by_node.setdefault(node, [0, 0])[1] += received
+            self.report.note_label(node, reply)
             self.note_holds(node, reply)
             checked = self.check_reply(reply, check_finite)
             if isinstance(checked, str):
@@ -711,6 +726,7 @@ class WeightedFedAvg(FedAvg):
         replies = list(replies)
         for reply in replies:
             self.note_holds(reply.metadata.src_node_id, reply)
+            self.report.note_label(reply.metadata.src_node_id, reply)
         return aggregate_eval_replies(replies)
 
 

@@ -125,7 +125,9 @@ def evaluate_with(
 ) -> MetricRecord | None:
     """One evaluation exchange: sample from the eval stream, send, pool the replies."""
     # Sites answer their task files too (eval.tasks decides at the site).
-    config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.EVAL_TASKS: True})
+    config = ConfigRecord(
+        {wire.SERVER_ROUND: server_round, wire.EVAL_TASKS: True, wire.SITE_LABEL: True}
+    )
     messages = strategy.configure_evaluate(server_round, arrays, config, grid)
     replies = grid.send_and_receive(messages, timeout=timeout)
     return strategy.aggregate_evaluate(server_round, replies)

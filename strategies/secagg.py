@@ -380,6 +380,17 @@ def secagg_columns(report: SecAggRoundReport, params: SecAggParams) -> dict[str,
     }
 
 
+def add_traffic(report: RoundReport, evaluation: RoundReport) -> None:
+    """Add an evaluation exchange's bytes (down, and per node) and the site labels its
+    replies gave to a round's report."""
+    report.bytes_down_eval += evaluation.bytes_down_eval
+    report.site_labels.update(evaluation.site_labels)
+    for node, (sent, received) in evaluation.bytes_by_node.items():
+        both = report.bytes_by_node.setdefault(node, [0, 0])
+        both[0] += sent
+        both[1] += received
+
+
 class SecAggRounds:
     """One SecAgg+ round per call of :meth:`train_round`, for :func:`strategies.rounds.federate`.
 
@@ -448,6 +459,10 @@ class SecAggRounds:
         self._counting: CountingGrid | None = None
         self.last_report: SecAggRoundReport | None = None
         self.last_params: SecAggParams | None = None
+        self._round: tuple[int, RoundReport] | None = None
+        """The current round and its report, which its evaluation's bytes join."""
+        self._eval_bytes = RoundReport()
+        """Evaluation traffic no round has taken yet (round 0's, before round 1)."""
 
     # ----------------------------------------------------------------------------------
     # A round
@@ -467,7 +482,20 @@ class SecAggRounds:
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> TrainRound:
-        """Sample, run the workflow within the round timeout, add the (noised) mean update."""
+        """Sample, run the workflow within the round timeout, add the (noised) mean update.
+
+        The round's report also counts the evaluation traffic no round has taken yet
+        (round 0's), and its own evaluation's (:meth:`evaluate_round`), as in every mode.
+        """
+        trained = self._train_round(server_round, arrays, config, grid)
+        self._round = (server_round, trained.report)
+        add_traffic(trained.report, self._eval_bytes)
+        self._eval_bytes = RoundReport()
+        return trained
+
+    def _train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.fed.round_timeout
         counting = self._grid(grid)
@@ -580,10 +608,18 @@ class SecAggRounds:
     def evaluate_round(
         self, server_round: int, arrays: ArrayRecord, grid: Grid
     ) -> MetricRecord | None:
-        """Evaluation on the Message API, as in every mode."""
-        return evaluate_with(
-            self.evaluation, server_round, arrays, grid, self.cfg.fed.round_timeout
-        )
+        """Evaluation on the Message API, as in every mode; the bytes the server sends
+        for it (counted from the messages) join this round's report."""
+        self.evaluation.report = RoundReport()
+        try:
+            return evaluate_with(
+                self.evaluation, server_round, arrays, grid, self.cfg.fed.round_timeout
+            )
+        finally:
+            if self._round is not None and self._round[0] == server_round:
+                add_traffic(self._round[1], self.evaluation.report)
+            else:
+                add_traffic(self._eval_bytes, self.evaluation.report)
 
     def last_valid(self) -> list[ValidReply]:
         """None: the server never sees an individual update."""

@@ -22,6 +22,7 @@ from flower_llm.compression import (
     NF4_LEVELS,
     RELATIVE_ERROR,
     WIRE_FORMAT,
+    AdapterState,
     Header,
     WireFormatError,
     compress_with_feedback,
@@ -109,6 +110,44 @@ def test_nf4_codes_are_the_nearest_normalfloat_level() -> None:
     # Assert: each decoded value is the level closest to its input
     nearest = NF4_LEVELS[np.argmin(np.abs(values[:, None] - NF4_LEVELS[None, :]), axis=1)]
     np.testing.assert_allclose(decoded, nearest, atol=1e-7)
+
+
+def nearest_level_reference(normalised: np.ndarray) -> np.ndarray:
+    """Brute force in float64: the index of the nearest NF4 level, ties to the lower one."""
+    distance = np.abs(normalised.astype(np.float64)[:, None] - NF4_LEVELS.astype(np.float64))
+    return np.argmin(distance, axis=1)  # argmin takes the first (lower) of equal distances
+
+
+def test_nf4_codes_equal_a_brute_force_nearest_level_search_at_every_midpoint() -> None:
+    # Prepare: around every midpoint of adjacent levels (float64, exact), the float32
+    # values just below, at and just above it; then random values and the levels; one
+    # block whose absmax is exactly 1 so the encoder sees these values unscaled
+    levels = NF4_LEVELS.astype(np.float64)
+    mids = (levels[1:] + levels[:-1]) / 2
+    near = []
+    for m in mids:
+        x = np.float32(m)
+        for _ in range(3):
+            x = np.nextafter(x, np.float32(-2))
+        for _ in range(7):
+            near.append(x)
+            x = np.nextafter(x, np.float32(2))
+    rng = np.random.default_rng(5)
+    values = np.concatenate([near, NF4_LEVELS, rng.uniform(-1, 1, 5000), [1.0, -1.0, 0.0]]).astype(
+        np.float32
+    )
+    if values.size % 2:
+        values = np.append(values, np.float32(0.5))
+    h = header("nf4", ("x",), block=values.size)
+
+    # Execute
+    record = encode({"x": values}, h)
+    packed = record["codes"].numpy()
+    codes = np.empty(packed.size * 2, np.int64)
+    codes[0::2], codes[1::2] = packed >> 4, packed & 0x0F
+
+    # Assert: the codes are the brute-force nearest levels, value by value
+    np.testing.assert_array_equal(codes[: values.size], nearest_level_reference(values))
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4", "float32"])
@@ -361,6 +400,57 @@ def test_a_site_refuses_an_update_of_a_version_it_does_not_hold() -> None:
         updates.receive(RecordDict(), content)
 
 
+def test_a_resumed_downlink_sends_updates_and_a_site_that_lost_its_version_gets_the_adapter(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    # Prepare: the server sends version 0 to sites 1 and 2 and commits version 1; site 1
+    # applies it, site 2 never receives it (it holds 0); both keep what they hold in a store
+    rng = np.random.default_rng(12)
+    server = updates.Downlink("int8", 64, True)
+    server.start(make_state(rng), 0)
+    stores = {n: SiteStateStore(tmp_path, "run", f"node-{n}") for n in (1, 2)}
+    sessions = {n: RecordDict() for n in (1, 2)}
+
+    def deliver(node: int, downlink: updates.Downlink, session: RecordDict) -> AdapterState:
+        payload, head = downlink.payload(node)
+        content = RecordDict({wire.ARRAYS: payload, WIRE_FORMAT: head})
+        state, received = updates.receive(session, content, stores[node])
+        assert received is not None
+        downlink.note(node, updates.holds_record(session, received))  # its reply
+        return state
+
+    for node in (1, 2):
+        deliver(node, server, sessions[node])
+    server.commit(make_state(rng), list(SHAPES))
+    deliver(1, server, sessions[1])
+
+    # Execute: a checkpoint (through JSON, as written) continued by a new server
+    state = json.loads(json.dumps(server.state_dict()))
+    resumed = updates.Downlink("int8", 64, True)
+    resumed.load_state(state, server.state_arrays())
+    resumed.start(server.global_state, 5)  # type: ignore[arg-type]
+    kinds = {n: str(resumed.payload(n)[1]["content"]) for n in (1, 2)}
+    # Site 1 lost its store (a new machine); site 2 holds version 0 in its store only
+    (stores[1].directory / updates.HELD_GLOBAL_FILE).unlink()
+    payload, head = resumed.payload(1)
+    with pytest.raises(WireFormatError, match="holds none"):
+        updates.receive(RecordDict(), RecordDict({wire.ARRAYS: payload, WIRE_FORMAT: head}))
+    resumed.note(1, None)  # its error reply
+    site2 = deliver(2, resumed, RecordDict())
+
+    # Assert: the checkpoint's versions, updates for the sites that hold them, and the
+    # whole adapter for the site that refused
+    assert resumed.held == server.held and resumed.version == 1
+    assert kinds == {1: "same", 2: "update"}
+    assert compression.digest(site2) == server.held.digest
+    assert resumed.payload(1)[1]["content"] == "adapter"
+    assert resumed.residual is not None
+    for key, value in server.residual.items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(resumed.residual[key], value)
+
+
 def test_the_site_residual_survives_in_its_store_and_a_fresh_run_ignores_it(tmp_path: Path) -> None:
     store = SiteStateStore(tmp_path, "run", "site")
     residual = {"x": np.arange(4, dtype=np.float32)}
@@ -420,6 +510,16 @@ def test_bad_settings_are_refused() -> None:
 # --------------------------------------------------------------------------------------
 
 
+EVAL_METRICS = {
+    wire.NUM_EXAMPLES: 2,
+    wire.EVAL_LOSS: 1.0,
+    wire.EVAL_PERPLEXITY: 2.7,
+    wire.EVAL_TOKEN_ACCURACY: 0.5,
+    wire.EVAL_TOKENS: 10,
+}
+"""A site's evaluation reply metrics (the values do not matter here)."""
+
+
 class CompressedSites:
     """Six sites that follow the compressed protocol with real records: each holds its
     global adapter in its node state, 'trains' ``global + delta(node, round)`` and sends
@@ -431,6 +531,8 @@ class CompressedSites:
         self.store_root = store_root
         self.settings = updates.UplinkSettings(codec, 64, True, run_id, resume)
         self.cohorts: dict[int, list[int]] = {}
+        self.kinds: dict[int, dict[int, list[str]]] = {}
+        """round -> node -> what each message to it carried (adapter, update, same)."""
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -444,8 +546,13 @@ class CompressedSites:
             node = msg.metadata.dst_node_id
             config = msg.content.config_records[wire.CONFIG]
             server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
-            global_state, received = updates.receive(self.node_states[node], msg.content)
+            global_state, received = updates.receive(
+                self.node_states[node], msg.content, self.store(node)
+            )
             assert received is not None
+            self.kinds.setdefault(server_round, {}).setdefault(node, []).append(
+                str(msg.content.config_records[WIRE_FORMAT]["content"])
+            )
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.cohorts.setdefault(server_round, []).append(node)
                 rng = np.random.default_rng([node, server_round])
@@ -467,13 +574,7 @@ class CompressedSites:
                     {wire.ARRAYS: arrays, WIRE_FORMAT: head, wire.METRICS: MetricRecord(metrics)}
                 )
             else:
-                metrics = {
-                    wire.NUM_EXAMPLES: 2,
-                    wire.EVAL_LOSS: 1.0,
-                    wire.EVAL_PERPLEXITY: 2.7,
-                    wire.EVAL_TOKEN_ACCURACY: 0.5,
-                    wire.EVAL_TOKENS: 10,
-                }
+                metrics = EVAL_METRICS
                 content = RecordDict(
                     {
                         wire.METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
@@ -501,9 +602,11 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     from flower_llm.config import parse_run_config
     from server_apps.fedavg import run
 
-    # Prepare: half the sites train each round, so some miss rounds and get whole adapters
+    # Prepare: half the sites train and half evaluate each round, so some hold the last
+    # version, some the one before (they get the update), some older ones (whole adapters)
     job = {
         "fed.fraction-train": 0.5,
+        "fed.fraction-evaluate": 0.5,
         "fed.min-available-clients": 6,
         "fed.wire-dtype": codec,
         "train.lr-schedule": "constant",
@@ -517,9 +620,10 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
         parse_run_config({**job, "fed.num-rounds": 4, "output.run-name": "full"}),
     )  # type: ignore[arg-type]
 
-    # Execute: 2 rounds, then a new run (empty node state) that resumes for rounds 3-4;
-    # the sites of round 3 had trained it before the interruption: their residual of the
-    # lost round 3 must not be used.
+    # Execute: 2 rounds, then a new run (empty node state; each site's store keeps the
+    # global adapter it holds) that resumes for rounds 3-4; the sites of round 3 had
+    # trained it before the interruption: their residual of the lost round 3 must not be
+    # used.
     sites = tmp_path / "resumed-sites"
     first = {**job, "fed.num-rounds": 2, "output.run-name": "resumed"}
     run(CompressedSites(sites, 1, False, codec), engine_context(), parse_run_config(first))  # type: ignore[arg-type]
@@ -540,8 +644,16 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    # ... and the runs moved the adapter (residuals mattered: the server kept one)
+    # ... after the same messages: updates again after the resume, not whole adapters,
+    # so the same bytes both ways, per site too
+    assert resumed.kinds == {r: full.kinds[r] for r in (3, 4)}
+    sent_kinds = {k for per_node in resumed.kinds.values() for v in per_node.values() for k in v}
+    assert {"update", "same", "adapter"} <= sent_kinds
     summary = json.loads((out / "full" / "summary.json").read_text())
+    again_summary = json.loads((out / "resumed" / "summary.json").read_text())
+    for key in ("bytes-down", "bytes-down-eval", "bytes-up", "bytes-by-site"):
+        assert again_summary[key] == summary[key], key
+    # ... and the runs moved the adapter (residuals mattered: the server kept one)
     assert summary["rounds-failed"] == 0 and summary["rounds"] == 4
     assert summary["mb-up"] > 0 and set(summary["bytes-by-site"]) == {
         "11",
@@ -554,6 +666,83 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     rows = [json.loads(line) for line in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     assert all(not row["dropped"] for row in rows)
     assert sum(v["bytes-up"] for v in summary["bytes-by-site"].values()) == summary["bytes-up"]
+
+
+class EvaluatingSites:
+    """Three sites that answer evaluation messages; records the adapter bytes sent."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, int] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return [7, 8, 9]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.EVALUATE
+            node = msg.metadata.dst_node_id
+            sent = wire.num_bytes(msg.content.array_records[wire.ARRAYS])
+            self.sent[node] = self.sent.get(node, 0) + sent
+            content = RecordDict({wire.METRICS: MetricRecord(EVAL_METRICS)})  # type: ignore[arg-type]
+            if msg.content.config_records[wire.CONFIG].get(wire.SITE_LABEL):
+                content[wire.SITE] = ConfigRecord({"label": f"site {node - 6}"})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def test_secagg_runs_count_the_bytes_sent_for_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from flower_llm.config import parse_run_config
+    from server_apps.fedavg import run
+    from strategies.fedavg import RoundReport
+    from strategies.rounds import TrainRound
+    from strategies.secagg import SecAggRounds
+
+    # Prepare: the SecAgg+ protocol itself replaced by a round that sends 100 bytes to and
+    # receives 40 from each site (its own traffic is measured by its CountingGrid)
+    def protocol(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        nodes = grid.get_node_ids()
+        report = RoundReport(
+            sampled=nodes,
+            accepted=nodes,
+            updated=True,
+            bytes_down=100 * len(nodes),
+            bytes_up=40 * len(nodes),
+            bytes_by_node={n: [100, 40] for n in nodes},
+        )
+        return TrainRound(arrays, MetricRecord({wire.TRAIN_LOSS: 1.0}), report, {})
+
+    monkeypatch.setattr(SecAggRounds, "_train_round", protocol)
+    sites = EvaluatingSites()
+    cfg = {
+        "fed.aggregation": "secagg+",
+        "fed.num-rounds": 2,
+        "fed.min-available-clients": 3,
+        "output.local-only-baseline": False,
+        "output.dir": str(tmp_path),
+        "output.run-name": "secagg",
+    }
+
+    # Execute
+    run(sites, engine_context(), parse_run_config(cfg))  # type: ignore[arg-type]
+
+    # Assert: rounds 0, 1 and 2 were evaluated on every site; every adapter byte sent for
+    # it is counted, in the totals and per site, beside the protocol's own
+    summary = json.loads((tmp_path / "secagg" / "summary.json").read_text())
+    adapter = sites.sent[7] // 3
+    assert adapter > 1000 and sites.sent == {7: 3 * adapter, 8: 3 * adapter, 9: 3 * adapter}
+    assert summary["bytes-down-eval"] == 9 * adapter
+    assert summary["bytes-down"] == 2 * 300 and summary["bytes-up"] == 2 * 120
+    assert summary["bytes-by-site"] == {
+        str(n): {"bytes-down": 3 * adapter + 200, "bytes-up": 80} for n in (7, 8, 9)
+    }
+    assert summary["mb-down"] == pytest.approx((9 * adapter + 600) / 1e6, abs=0.01)
+    # ... and the sites are named by the labels their evaluation replies gave
+    assert summary["site-labels"] == {"7": "site 1", "8": "site 2", "9": "site 3"}
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8", "nf4"])

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 
+from benchmarks.sites import AppGrid
 from flower_llm import wire
 from flower_llm.config import parse_run_config
-from flower_llm.site_state import SITE_STATE_DIR_KEY
 
 SITES = 2
 
@@ -24,42 +24,6 @@ def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class AppGrid:
-    """Two sites that answer with the project's ClientApp, in-process; records the replies."""
-
-    def __init__(self, run_config: dict[str, Any], root: Path) -> None:
-        self.contexts = {
-            node + 1: Context(
-                run_id=1,
-                node_id=node + 1,
-                node_config={
-                    "partition-id": node,
-                    "num-partitions": SITES,
-                    SITE_STATE_DIR_KEY: str(root),
-                },
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(SITES)
-        }
-        self.train_replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        from client_apps.qlora import app
-
-        replies = []
-        for msg in messages:
-            reply = app(msg, self.contexts[msg.metadata.dst_node_id])
-            assert not reply.has_error(), reply.error
-            if msg.metadata.message_type == "train":
-                self.train_replies.append(reply)
-            replies.append(reply)
-        return replies
 
 
 def run_app(
@@ -78,7 +42,7 @@ def run_app(
         "output.run-name": name,
         **settings,
     }
-    grid = AppGrid(cfg, tmp_path / "sites" / name)
+    grid = AppGrid(cfg, tmp_path / "sites" / name, SITES, keep_replies=True)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     run(grid, context, parse_run_config(cfg))  # type: ignore[arg-type]
     summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
@@ -133,3 +97,45 @@ def test_compressed_runs_train_and_send_fewer_bytes_in_every_combination(
         )
         assert 0 < norm <= clip
     assert set(int8["bytes-by-site"]) == {"1", "2"}
+    # The sites' own labels name them (the per-site table's names)
+    assert int8["site-labels"] == {"1": "partition 0/2", "2": "partition 1/2"}
+
+
+@pytest.mark.long
+def test_exact_aggregation_of_mixed_site_ranks_works_compressed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Execute: lora.aggregation = exact with sites at ranks 2 and 4 (lora.r = 4), in
+    # float32 and with int8 and nf4 updates both ways
+    from flower_llm.compression import Header, decode
+    from flower_llm.lora_aggregation import rank_of
+
+    mixed = {"lora.r": 4, "lora.aggregation": "exact", "lora.site-ranks": "2,4"}
+    runs = {
+        codec: run_app(
+            tiny_model_dir, tmp_path, f"exact-{codec}", **mixed, **{"fed.wire-dtype": codec}
+        )
+        for codec in ("float32", "int8", "nf4")
+    }
+
+    # Assert: nothing dropped; each site sent an update at its own rank; the loss follows
+    # float32's (int8 closely) at a fraction of its bytes up
+    for codec, (summary, grid) in runs.items():
+        assert summary["rounds-failed"] == 0, (codec, summary)
+        rows = (tmp_path / "out" / f"exact-{codec}" / "metrics.jsonl").read_text().splitlines()
+        assert all(not json.loads(row)["dropped"] for row in rows)
+        assert summary["eval-loss-by-round"][-1] < summary["initial-eval-loss"]
+        if codec == "float32":
+            continue
+        for reply in grid.train_replies:
+            header = Header.from_record(reply.content.config_records["wire-format"])
+            update = decode(reply.content.array_records[wire.ARRAYS], header)
+            expected_rank = {1: 2, 2: 4}[reply.metadata.src_node_id]
+            assert rank_of(update) == expected_rank
+    base = runs["float32"][0]
+    for codec, tolerance, saving in (("int8", 0.01, 3), ("nf4", 0.03, 5)):
+        summary = runs[codec][0]
+        assert summary["eval-loss-by-round"][-1] == pytest.approx(
+            base["eval-loss-by-round"][-1], rel=tolerance
+        )
+        assert summary["bytes-up"] < base["bytes-up"] / saving

@@ -45,6 +45,9 @@ def test_an_nf4_run_trains_sends_updates_and_counts_its_bytes(
     assert summary["eval-loss-by-round"][-1] < summary["initial-eval-loss"]
     assert summary["mb-total"] > 0 and len(summary["bytes-by-site"]) == 3
     assert sum(s["bytes-up"] for s in summary["bytes-by-site"].values()) == summary["bytes-up"]
+    # ... each site named by the label its replies gave (through real Flower messages)
+    assert set(summary["site-labels"]) == set(summary["bytes-by-site"])
+    assert sorted(summary["site-labels"].values()) == [f"partition {p}/3" for p in range(3)]
     # nf4 updates: what a site sends is about 1/7 of its float32 adapter
     adapter_bytes = 4 * summary["adapter-parameters"]
     per_reply = summary["bytes-up"] / sum(r["clients-replied"] for r in rows)

@@ -36,8 +36,11 @@ def server_task_identity() -> None:
 
 
 def reply(instruction: Message, metrics: dict[str, float]) -> Message:
+    """A site's reply; it names itself, as this project's ClientApp does when asked."""
     arrays = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
     content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
+    label = f"partition {instruction.metadata.dst_node_id - 1}/2"
+    content[wire.SITE] = ConfigRecord({"label": label})
     return Message(content, reply_to=instruction)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
+from benchmarks.sites import site_contexts
 from flower_llm import wire
 from flower_llm.config import ConfigError, parse_run_config
 from flower_llm.lora_aggregation import is_lora_a
@@ -53,20 +54,9 @@ class ClientAppGrid:
     def __init__(
         self, run_id: int, run_config: dict[str, Any], state_dir: Path, sites: int = SITES
     ) -> None:
-        self.contexts = {
-            node + 1: Context(
-                run_id=run_id,
-                node_id=node + 1,
-                node_config={
-                    "partition-id": node,
-                    "num-partitions": sites,
-                    SITE_STATE_DIR_KEY: str(state_dir),
-                },
-                state=RecordDict(),  # a new Flower run: empty node state
-                run_config=run_config,
-            )
-            for node in range(sites)
-        }
+        # A new Flower run: empty node state
+        contexts = site_contexts(run_id, run_config, state_dir, sites)
+        self.contexts = {c.node_id: c for c in contexts}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.run = SimpleNamespace(run_id=run_id)  # what Flower's legacy SecAgg+ asks of a Grid
@@ -230,6 +220,8 @@ def test_the_report_prints_the_per_site_table(
     text = format_outcome(run_dir, local_b_run["summary"])
     assert "held-out loss on each site's own data" in text
     assert "partition 0/2" in text and "partition 1/2" in text
+    # ... and each site's bytes under the same label, its node id after it
+    assert "partition 0/2 [node 1]" in text and "partition 1/2 [node 2]" in text
     # flower-llm report RUN_DIR prints it too
     from flower_llm.cli import main
 

@@ -223,6 +223,43 @@ def test_partial_run_with_missing_keys(tmp_path: Path) -> None:
     assert written["plot"].read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_the_end_of_run_report_names_each_site_by_its_label(tmp_path: Path) -> None:
+    # Prepare: two rounds; node 7's replies named it in round 1, node 8's never did
+    from flower_llm.metrics import traffic_summary
+    from flower_llm.report import format_outcome
+
+    rows = [
+        {
+            "round": 1,
+            "bytes-up": 3_000_000,
+            "bytes-down": 2_000_000,
+            "bytes-by-site": {"7": [1_000_000, 1_000_000], "8": [1_000_000, 2_000_000]},
+            "site-labels": {"7": "partition 0/2"},
+        },
+        {
+            "round": 2,
+            "bytes-up": 500_000,
+            "bytes-down": 0,
+            "bytes-by-site": {"7": [0, 500_000]},
+        },
+    ]
+    run_dir = write_metrics(tmp_path / "run", [json.dumps(row) for row in rows])
+
+    # Execute
+    summary = traffic_summary(rows)
+    text = format_outcome(run_dir, {**summary, "status": "ok"})
+
+    # Assert: labelled lines (node id in brackets), the bare node id where none was given
+    assert summary["site-labels"] == {"7": "partition 0/2"}
+    lines = [line.strip() for line in text.splitlines()]
+    assert any(
+        re.fullmatch(r"partition 0/2 \[node 7\]\s+1\.000 MB down, 1\.500 MB up", line)
+        for line in lines
+    ), text
+    assert any(re.fullmatch(r"node 8\s+1\.000 MB down, 2\.000 MB up", line) for line in lines)
+    assert "communication: 3.500 MB up, 2.000 MB down" in text
+
+
 def test_unreadable_runs_raise_naming_the_path(tmp_path: Path) -> None:
     # Prepare
     empty_dir = tmp_path / "no-metrics"

@@ -234,20 +234,9 @@ def train_round(
 
 def site_contexts(run_id: int, cfg: dict[str, Any], root: Path) -> list[Context]:
     """Fresh Contexts, as Flower gives a new run: empty node state."""
-    return [
-        Context(
-            run_id=run_id,
-            node_id=node + 1,
-            node_config={
-                "partition-id": node,
-                "num-partitions": SITES,
-                SITE_STATE_DIR_KEY: str(root),
-            },
-            state=RecordDict(),
-            run_config=cfg,
-        )
-        for node in range(SITES)
-    ]
+    from benchmarks.sites import site_contexts as fresh
+
+    return fresh(run_id, cfg, root, SITES)
 
 
 @pytest.mark.usefixtures("server_task_identity")
