@@ -33,6 +33,7 @@ from flower_llm.outputs import (
     round_name,
     setup_failure,
     site_name,
+    unique_site_names,
 )
 from flower_llm.personal import kept_part, shared_part
 from flower_llm.preflight import (
@@ -305,11 +306,12 @@ class RunRecorder:
         federated = evaluate_on_all_sites(grid, final, nodes, timeout)
         out["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
         per_site = {}
+        labels = unique_site_names(
+            {node: self.site_names.get(node, f"node {node}") for node in self.local_only}
+        )
         for node, local_arrays in sorted(self.local_only.items()):
             metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout)
-            per_site[self.site_names.get(node, f"node {node}")] = (
-                metrics and metrics[wire.EVAL_LOSS]
-            )
+            per_site[labels[node]] = metrics and metrics[wire.EVAL_LOSS]
         out["union-eval-loss/local-only"] = per_site
         local_losses = [v for v in per_site.values() if v is not None]
         out["federated-beats-every-local-only"] = bool(

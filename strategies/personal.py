@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from flower_llm import wire
 from flower_llm.aggregation import metric_problem
-from flower_llm.outputs import site_name
+from flower_llm.outputs import site_name, unique_site_names
 from flower_llm.personal import SITE_COMPARISON, per_site_table
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def compare_sites(
         )
         for node in nodes
     ]
-    scores: dict[str, dict[str, Any]] = {}
+    scores: dict[int, dict[str, Any]] = {}
+    names: dict[int, str] = {}
     missing: dict[str, str] = {}
     replied: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -58,13 +59,15 @@ def compare_sites(
         if problem is not None:
             missing[f"node {node}"] = problem
             continue
-        scores[site_name(reply.content, node)] = dict(record)
+        scores[node] = dict(record)
+        names[node] = site_name(reply.content, node)
     for node in nodes:
         if node not in replied:
             missing[f"node {node}"] = "no reply before the round timeout"
     for label, reason in missing.items():
         log.warning("Per-site comparison: %s gave no scores (%s)", label, reason)
-    table = per_site_table(scores)
+    labels = unique_site_names(names)  # two sites never share a row
+    table = per_site_table({labels[node]: row for node, row in scores.items()})
     if missing:
         table["missing"] = missing
     return table

@@ -575,3 +575,87 @@ def test_local_b_under_secagg_runs_and_the_server_sees_a_only(
 def test_bad_personalization_settings_are_refused(settings: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_run_config(settings)
+
+
+# --------------------------------------------------------------------------------------
+# Site labels: unique and stable
+# --------------------------------------------------------------------------------------
+
+
+def test_sites_whose_files_share_a_base_name_get_distinct_stable_labels(tmp_path: Path) -> None:
+    from client_apps.qlora import site_label
+    from flower_llm.client import SiteIdentity
+    from flower_llm.outputs import unique_site_names
+
+    # Arrange: two sites whose data files are both called train.jsonl
+    first = SiteIdentity(str(tmp_path / "hospital-a" / "train.jsonl"))
+    second = SiteIdentity(str(tmp_path / "hospital-b" / "train.jsonl"))
+
+    # Act / Assert: different labels that start with the file name, the same every time
+    assert site_label(first) != site_label(second)
+    assert site_label(first).startswith("train.jsonl #")
+    assert site_label(first) == site_label(SiteIdentity(str(tmp_path / "hospital-a/train.jsonl")))
+    assert site_label(SiteIdentity(None, 2, 4)) == "partition 2/4"
+    # Two machines may still hold the same absolute path: the server adds the node.
+    assert unique_site_names({7: "train.jsonl #abc123", 9: "train.jsonl #abc123", 3: "x"}) == {
+        7: "train.jsonl #abc123 (node 7)",
+        9: "train.jsonl #abc123 (node 9)",
+        3: "x",
+    }
+
+
+def test_the_server_keeps_one_row_per_site_when_two_sites_give_one_label() -> None:
+    from strategies.personal import compare_sites
+
+    # Arrange: two sites that reply with the same label and different scores
+    def reply(node: int, loss: float) -> SimpleNamespace:
+        from flwr.app import ConfigRecord, MetricRecord
+
+        content = RecordDict(
+            {
+                SITE_COMPARISON: MetricRecord(
+                    {"eval-loss/global": 2.0, "eval-loss/personal": loss, "eval-tokens": 10}
+                ),
+                wire.SITE: ConfigRecord({"label": "train.jsonl #abc123"}),
+            }
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content
+        )
+
+    grid = SimpleNamespace(
+        get_node_ids=lambda: [4, 5],
+        send_and_receive=lambda messages, timeout: [reply(4, 1.0), reply(5, 1.5)],
+    )
+    from flwr.app import ArrayRecord
+
+    # Act
+    table = compare_sites(grid, ArrayRecord(), 2, 10.0)  # type: ignore[arg-type]
+
+    # Assert: two rows, each with its own site's score
+    assert table["sites"]["train.jsonl #abc123 (node 4)"]["personal"] == 1.0
+    assert table["sites"]["train.jsonl #abc123 (node 5)"]["personal"] == 1.5
+
+
+# --------------------------------------------------------------------------------------
+# Resume: which personal.* changes are safe
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_allows_the_finetune_settings_and_refuses_another_personalization() -> None:
+    from flower_llm.checkpoint import config_mismatches, flat_config
+
+    saved = flat_config(parse_run_config({"fed.personalization": "finetune"}))
+
+    # Act / Assert: the end-of-run fine-tune's steps and rate may change (no round reads them)
+    changed = {
+        "fed.personalization": "finetune",
+        "personal.local-steps": 5,
+        "personal.learning-rate": 1e-3,
+    }
+    assert config_mismatches(saved, parse_run_config(changed)) == []
+    # ... the mode may not, with the reason
+    problems = config_mismatches(saved, parse_run_config({"fed.personalization": "local-b"}))
+    assert len(problems) == 1
+    assert problems[0].startswith("fed.personalization: checkpoint 'finetune', now 'local-b' (")
+    assert "what the server averages" in problems[0]
