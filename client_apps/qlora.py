@@ -226,6 +226,7 @@ def compare_on_site(
         received,
         wire.from_array_record(kept) if kept is not None else None,
         int(config[wire.SERVER_ROUND]),  # type: ignore[arg-type]
+        tasks.site_tasks(session.cfg, session.site, context.node_config, config),
     )
     content = RecordDict(
         {

@@ -295,7 +295,9 @@ class RunRecorder:
             # held-out split; only the scores come back.
             last_round = history[-1][columns.ROUND] if history else 0
             summary["personalization"] = cfg.fed.personalization
-            summary["per-site"] = compare_sites(grid, final, last_round, cfg.fed.round_timeout)
+            summary["per-site"] = compare_sites(
+                grid, final, last_round, cfg.fed.round_timeout, tasks=cfg.eval.tasks
+            )
         return summary
 
     def _local_only_comparison(self, grid: Grid, final: ArrayRecord) -> dict[str, Any]:

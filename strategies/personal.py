@@ -18,21 +18,26 @@ from flwr.serverapp import Grid
 from flower_llm import wire
 from flower_llm.aggregation import metric_problem
 from flower_llm.outputs import site_name, unique_site_names
-from flower_llm.personal import SITE_COMPARISON, per_site_table
+from flower_llm.personal import SITE_COMPARISON, comparison_problem, per_site_table
 
 log = logging.getLogger(__name__)
 
 
 def compare_sites(
-    grid: Grid, final: ArrayRecord, server_round: int, timeout: float
+    grid: Grid, final: ArrayRecord, server_round: int, timeout: float, tasks: bool = False
 ) -> dict[str, Any]:
     """summary.json's ``per-site`` section: every connected site's three scores.
+
+    ``tasks`` (``eval.tasks``) asks each site to answer its task files with every adapter
+    too, as round evaluation does.
 
     A site that answers with an error or without scores is listed under ``missing`` with
     the reason; it never fails the run.
     """
     nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({wire.SERVER_ROUND: server_round, SITE_COMPARISON: True})
+    config = ConfigRecord(
+        {wire.SERVER_ROUND: server_round, SITE_COMPARISON: True, wire.EVAL_TASKS: tasks}
+    )
     messages = [
         Message(
             content=RecordDict({wire.ARRAYS: final, wire.CONFIG: config}),
@@ -55,7 +60,8 @@ def compare_sites(
         if record is None:
             missing[f"node {node}"] = f"no MetricRecord '{SITE_COMPARISON}'"
             continue
-        problem = metric_problem(record)  # a site's scores are bounded like any metric
+        # A site's scores are bounded like any metric, and its task counts as counts.
+        problem = metric_problem(record) or comparison_problem(record)
         if problem is not None:
             missing[f"node {node}"] = problem
             continue

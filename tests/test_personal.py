@@ -215,9 +215,24 @@ def test_the_summary_holds_the_per_site_table(local_b_run: dict[str, Any]) -> No
         # a personal B must lower the loss
         assert row["personal"] < row["global"]
     assert table["personal-beats-global-everywhere"] is True
+    # every site answered its bundled task file with all three adapters, against chance
+    for row in table["sites"].values():
+        (chance,) = [k for k in row if k.startswith("task-chance/")]
+        task = chance.split("/", 1)[1]
+        assert 0 < row[chance] < 1
+        for name in ("local-only", "global", "personal"):
+            assert 0 <= row[f"task-accuracy/{name}/{task}"] <= 1
     lines = format_table(table)
     assert lines[1].split() == ["site", "local-only", "global", "personal"]
-    assert len(lines) == 2 + SITES + 1
+    assert lines[3 + SITES].split() == [
+        "site",
+        "task",
+        "local-only",
+        "global",
+        "personal",
+        "chance",
+    ]
+    assert len(lines) == 2 + SITES + 2 + SITES + 1
 
 
 @pytest.mark.long
@@ -659,3 +674,82 @@ def test_resume_allows_the_finetune_settings_and_refuses_another_personalization
     assert len(problems) == 1
     assert problems[0].startswith("fed.personalization: checkpoint 'finetune', now 'local-b' (")
     assert "what the server averages" in problems[0]
+
+
+# --------------------------------------------------------------------------------------
+# Task accuracy in the per-site comparison
+# --------------------------------------------------------------------------------------
+
+
+def comparison_scores(**overrides: Any) -> dict[str, Any]:
+    scores: dict[str, Any] = {
+        "eval-loss/global": 2.0,
+        "eval-loss/personal": 1.5,
+        "eval-tokens": 10,
+        "task-questions/med": 8,
+        "task-chance-sum/med": 2.0,
+        "task-correct/global/med": 3,
+        "task-correct/personal/med": 5,
+    }
+    return {**scores, **overrides}
+
+
+def test_the_per_site_table_gives_task_accuracy_per_adapter_against_chance() -> None:
+    from flower_llm.personal import per_site_table
+
+    table = per_site_table({"site-a": comparison_scores()})
+    row = table["sites"]["site-a"]
+
+    assert row["task-accuracy/global/med"] == 3 / 8
+    assert row["task-accuracy/personal/med"] == 5 / 8
+    assert row["task-chance/med"] == 2.0 / 8
+    assert "task-accuracy/local-only/med" not in row
+    lines = format_table(table)
+    assert lines[4].split() == ["site", "task", "local-only", "global", "personal", "chance"]
+    assert lines[5].split() == ["site-a", "med", "n/a", "0.375", "0.625", "0.250"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"task-correct/personal/med": 9}, "outside [0, 8]"),
+        ({"task-correct/personal/med": -1}, "outside [0, 8]"),
+        ({"task-correct/personal/med": 2.5}, "not a whole count"),
+        ({"task-chance-sum/med": 8.5}, "outside [0, 8]"),
+        ({"task-questions/med": 0}, "not a whole number >= 1"),
+        ({"task-questions/med": 7.5}, "not a whole number >= 1"),
+        ({"task-correct/personal/med": float("nan")}, "not a finite number"),
+    ],
+)
+def test_impossible_task_counts_list_the_site_as_missing(
+    overrides: dict[str, Any], reason: str
+) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    from strategies.personal import compare_sites
+
+    def reply(node: int, scores: dict[str, Any]) -> SimpleNamespace:
+        content = RecordDict(
+            {
+                SITE_COMPARISON: MetricRecord(scores),
+                wire.SITE: ConfigRecord({"label": f"site {node}"}),
+            }
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content
+        )
+
+    sent: list[Message] = []
+
+    def send_and_receive(messages: list[Message], timeout: float) -> list[SimpleNamespace]:
+        sent.extend(messages)
+        return [reply(1, comparison_scores()), reply(2, comparison_scores(**overrides))]
+
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2], send_and_receive=send_and_receive)
+
+    table = compare_sites(grid, ArrayRecord(), 3, 10.0, tasks=True)  # type: ignore[arg-type]
+
+    # the instruction asks for the task files; the bad site is left out with the reason
+    assert all(m.content.config_records[wire.CONFIG][wire.EVAL_TASKS] is True for m in sent)
+    assert list(table["sites"]) == ["site 1"]
+    assert reason in table["missing"]["node 2"]
