@@ -26,7 +26,10 @@ functions the ClientApp uses (:mod:`flower_llm.personal`) and the server's
 ``weighted_average``; Flower's transport is left out (``tests/test_personal.py`` runs the
 same modes through the real apps).
 
-    python -m benchmarks.personalization [--quick]
+    python -m benchmarks.personalization [--quick] [--rounds N]
+
+``--rounds N`` (default 3) keeps 10 local steps per round and ``personal.local-steps`` =
+N x 10; its results are written as ``personalization-<N>-rounds``, next to the default's.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ PERSONAL_STEPS = ROUNDS * LOCAL_STEPS
 """The fine-tune gets as many steps on the site's own data as its local-only adapter had."""
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, num_rounds: int = ROUNDS) -> dict[str, Any]:
     """Train every way and return each site's held-out losses."""
     from flower_llm.adapters import adapter_state
     from flower_llm.aggregation import weighted_average
@@ -53,7 +56,9 @@ def run(quick: bool) -> dict[str, Any]:
     from flower_llm.config import parse_run_config
     from flower_llm.personal import finetune, kept_part, shared_part, zero_b
 
-    rounds, steps, personal_steps = (1, 2, 2) if quick else (ROUNDS, LOCAL_STEPS, PERSONAL_STEPS)
+    rounds, steps, personal_steps = (
+        (1, 2, 2) if quick else (num_rounds, LOCAL_STEPS, num_rounds * LOCAL_STEPS)
+    )
     cfg = parse_run_config(
         {
             "fed.num-rounds": rounds,
@@ -213,12 +218,16 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print and save."""
-    args = common.parser(__doc__).parse_args(argv)
+    parser = common.parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="Rounds (default 3).")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     common.setup(args.threads)
     started = time.perf_counter()
-    result = run(args.quick)
+    result = run(args.quick, args.rounds)
     return common.finish(
-        "personalization",
+        "personalization" if args.rounds == ROUNDS else f"personalization-{args.rounds}-rounds",
         result,
         to_markdown(result),
         Path(args.out),
