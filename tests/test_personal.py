@@ -663,7 +663,7 @@ def test_resume_allows_the_finetune_settings_and_refuses_another_personalization
     saved = flat_config(parse_run_config({"fed.personalization": "finetune"}))
 
     # Act / Assert: the end-of-run fine-tune's steps and rate may change (no round reads them)
-    changed = {
+    changed: dict[str, Any] = {
         "fed.personalization": "finetune",
         "personal.local-steps": 5,
         "personal.learning-rate": 1e-3,
