@@ -7,6 +7,8 @@ SuperNode whose key was never registered. Then, in this order:
 
 1. a 2-round run over TLS, compared with a simulation run of the same job (same files,
    same metrics and summary keys), which also shows the unregistered SuperNode refused;
+   SuperNode 0's node-config names a task file (``task-file``), whose accuracy and chance
+   every round's metrics carry;
 2. a run (evaluated every second round) whose ServerApp is SIGKILLed after round 1 and
    resumed with ``output.resume``: its final adapter equals the uninterrupted run's; a
    resume from a truncated checkpoint fails naming the file and leaves the run directory
