@@ -4,7 +4,11 @@ Four sites, each holding mostly one domain (by-field partition of the embedded d
 medical, finance, smart-home, ...). For the same local steps per round, each site's
 held-out loss ON ITS OWN evaluation split, for:
 
-- **local-only**: the site trains alone (the same steps on the same batches);
+- **local-only**: the site trains alone (the same steps on the same batches as its rounds);
+- **local-only, as many steps as finetune**: that adapter trained further exactly as the
+  finetune step trains the global one (``personal.local-steps`` more steps, the same
+  batches and learning rate): the fair reference for ``finetune``, whose site trains
+  ``rounds x local steps + personal.local-steps`` steps in all;
 - **global**: the FedAvg adapter (``fed.personalization = none``);
 - **personal, finetune**: the FedAvg adapter fine-tuned for ``personal.local-steps`` on
   the site's own data after the last round;
@@ -13,14 +17,19 @@ held-out loss ON ITS OWN evaluation split, for:
   (the shared A with B = 0) is the base model's output and is listed for completeness.
 
 Target (issue 15): for every site and both modes, personal < global and personal <
-local-only.
+local-only. ``finetune`` is also checked against the local-only adapter of the same total
+steps. For local-b, ``local-b: own A`` (the site's own A of its last round with its B, what
+the site held before the last average) measures what averaging A costs the site.
 
 The sites run in one process through ``flower_llm.client.ClientSession`` with the
 functions the ClientApp uses (:mod:`flower_llm.personal`) and the server's
 ``weighted_average``; Flower's transport is left out (``tests/test_personal.py`` runs the
 same modes through the real apps).
 
-    python -m benchmarks.personalization [--quick]
+    python -m benchmarks.personalization [--quick] [--rounds N]
+
+``--rounds N`` (default 3) keeps 10 local steps per round and ``personal.local-steps`` =
+N x 10; its results are written as ``personalization-<N>-rounds``, next to the default's.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ PERSONAL_STEPS = ROUNDS * LOCAL_STEPS
 """The fine-tune gets as many steps on the site's own data as its local-only adapter had."""
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, num_rounds: int = ROUNDS) -> dict[str, Any]:
     """Train every way and return each site's held-out losses."""
     from flower_llm.adapters import adapter_state
     from flower_llm.aggregation import weighted_average
@@ -47,7 +56,9 @@ def run(quick: bool) -> dict[str, Any]:
     from flower_llm.config import parse_run_config
     from flower_llm.personal import finetune, kept_part, shared_part, zero_b
 
-    rounds, steps, personal_steps = (1, 2, 2) if quick else (ROUNDS, LOCAL_STEPS, PERSONAL_STEPS)
+    rounds, steps, personal_steps = (
+        (1, 2, 2) if quick else (num_rounds, LOCAL_STEPS, num_rounds * LOCAL_STEPS)
+    )
     cfg = parse_run_config(
         {
             "fed.num-rounds": rounds,
@@ -71,10 +82,15 @@ def run(quick: bool) -> dict[str, Any]:
             for s, state in zip(sessions, local_states, strict=True)
         ]
     finetuned = [finetune(s, global_state, rounds) for s in sessions]
+    # The same extra steps on the same batches, from the local-only adapter.
+    local_long = [
+        finetune(s, state, rounds) for s, state in zip(sessions, local_states, strict=True)
+    ]
 
     # --- local-b: A averaged, each site's B its own ----------------------------------
     shared_a = shared_part(start, "local-b")
     own_b = [zero_b(start) for _ in sessions]
+    own_a = [shared_a for _ in sessions]
     for server_round in range(1, rounds + 1):
         lr = cfg.train.learning_rate_at(server_round, rounds)
         trained = [
@@ -82,6 +98,7 @@ def run(quick: bool) -> dict[str, Any]:
             for s, b in zip(sessions, own_b, strict=True)
         ]
         own_b = [kept_part(t[0], "local-b") for t in trained]
+        own_a = [shared_part(t[0], "local-b") for t in trained]
         shared_a = weighted_average(
             [shared_part(t[0], "local-b") for t in trained], [t[1].examples for t in trained]
         )
@@ -93,10 +110,12 @@ def run(quick: bool) -> dict[str, Any]:
         row: dict[str, Any] = {
             "site": f"partition {i}/{SITES}",
             "local-only": session.evaluate(local_states[i]).loss,
+            "local-only/finetune-steps": session.evaluate(local_long[i]).loss,
             "global": session.evaluate(global_state).loss,
             "personal/finetune": session.evaluate(finetuned[i]).loss,
             "local-b/shared-A-zero-B": session.evaluate({**zero_b(start), **shared_a}).loss,
             "personal/local-b": session.evaluate({**own_b[i], **shared_a}).loss,
+            "local-b/own-A": session.evaluate({**own_b[i], **own_a[i]}).loss,
         }
         sites.append(row)
 
@@ -104,6 +123,9 @@ def run(quick: bool) -> dict[str, Any]:
         return all(r[mode] < r["global"] and r[mode] < r["local-only"] for r in sites)
 
     finetune_met, local_b_met = met("personal/finetune"), met("personal/local-b")
+    finetune_equal_steps = all(
+        r["personal/finetune"] < r["local-only/finetune-steps"] for r in sites
+    )
     return {
         "sites": sites,
         "rounds": rounds,
@@ -112,12 +134,19 @@ def run(quick: bool) -> dict[str, Any]:
         "train-seconds": round(train_seconds, 1),
         "finetune-met": finetune_met,
         "local-b-met": local_b_met,
+        "finetune-beats-equal-steps-local-only": finetune_equal_steps,
         "headlines": [
             common.headline(
                 "finetune: personal < global and < local-only at every site",
                 _worst_margin(sites, "personal/finetune"),
                 "every site, both comparisons (issue 15)",
                 finetune_met,
+            ),
+            common.headline(
+                "finetune: personal < local-only of the same total steps at every site",
+                _worst_gap(sites, "personal/finetune", "local-only/finetune-steps"),
+                "every site (a fair-compute check, beyond issue 15)",
+                finetune_equal_steps,
             ),
             common.headline(
                 "local-b: personal < global and < local-only at every site",
@@ -135,22 +164,31 @@ def _worst_margin(sites: Sequence[dict[str, Any]], mode: str) -> str:
     return f"smallest margin {min(gaps):+.4f} nats (site {gaps.index(min(gaps))})"
 
 
+def _worst_gap(sites: Sequence[dict[str, Any]], mode: str, reference: str) -> str:
+    """The smallest gap ``reference - mode`` over sites (positive: mode is better)."""
+    gaps = [r[reference] - r[mode] for r in sites]
+    return f"smallest margin {min(gaps):+.4f} nats (site {gaps.index(min(gaps))})"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """Per-site table."""
     head = (
         f"{SITES} sites (embedded data, by-domain split), {result['rounds']} rounds x "
         f"{result['local-steps-per-round']} local steps; finetune: "
-        f"{result['personal-local-steps']} more steps per site. Held-out loss on each "
-        "site's OWN evaluation split (lower is better).\n\n"
+        f"{result['personal-local-steps']} more steps per site (local-only + the same "
+        "steps: the local-only adapter trained on as the finetune step trains the global "
+        "one). Held-out loss on each site's OWN evaluation split (lower is better).\n\n"
     )
     rows = [
         [
             r["site"],
             f"{r['local-only']:.4f}",
+            f"{r['local-only/finetune-steps']:.4f}",
             f"{r['global']:.4f}",
             f"{r['personal/finetune']:.4f}",
             f"{r['local-b/shared-A-zero-B']:.4f}",
             f"{r['personal/local-b']:.4f}",
+            f"{r['local-b/own-A']:.4f}",
         ]
         for r in result["sites"]
     ]
@@ -158,29 +196,38 @@ def to_markdown(result: dict[str, Any]) -> str:
         [
             "site",
             "local-only",
+            "local-only + the same steps",
             "global (FedAvg)",
             "personal: finetune",
             "local-b: shared A, B = 0",
             "personal: local-b",
+            "local-b: own last A + own B",
         ],
         rows,
     )
     verdict = (
         f"\nTarget (personal < global and < local-only at every site): finetune "
         f"{'met' if result['finetune-met'] else 'MISSED'}, local-b "
-        f"{'met' if result['local-b-met'] else 'MISSED'}.\n"
+        f"{'met' if result['local-b-met'] else 'MISSED'}. Finetune against local-only "
+        f"of the same total steps: "
+        f"{'better' if result['finetune-beats-equal-steps-local-only'] else 'NOT better'} "
+        "at every site.\n"
     )
     return head + table + verdict
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print and save."""
-    args = common.parser(__doc__).parse_args(argv)
+    parser = common.parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="Rounds (default 3).")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     common.setup(args.threads)
     started = time.perf_counter()
-    result = run(args.quick)
+    result = run(args.quick, args.rounds)
     return common.finish(
-        "personalization",
+        "personalization" if args.rounds == ROUNDS else f"personalization-{args.rounds}-rounds",
         result,
         to_markdown(result),
         Path(args.out),

@@ -53,9 +53,15 @@ def checked_site_data(data: DataConfig, site: SiteIdentity, seed: int) -> int:
 
 
 def site_label(site: SiteIdentity) -> str:
-    """How the end-of-run report names this site: its data file, or its partition."""
+    """How the end-of-run report names this site: its data file, or its partition.
+
+    A data file is named by its base name and the first 6 hex digits of the hash of its
+    absolute path (the digest of :meth:`SiteIdentity.key`), so two sites whose files share
+    a base name get different, stable labels; the server still tells apart two sites that
+    give the same label (:func:`flower_llm.outputs.unique_site_names`).
+    """
     if site.data_path:
-        return os.path.basename(site.data_path)
+        return f"{os.path.basename(site.data_path)} #{site.key().rsplit('-', 1)[1][:6]}"
     return f"partition {site.partition_id}/{site.num_partitions}"
 
 
@@ -235,6 +241,7 @@ def compare_on_site(
         received,
         wire.from_array_record(kept) if kept is not None else None,
         int(config[wire.SERVER_ROUND]),  # type: ignore[arg-type]
+        tasks.site_tasks(session.cfg, session.site, context.node_config, config),
     )
     content = RecordDict(
         {

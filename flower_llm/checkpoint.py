@@ -62,8 +62,22 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "fed.fraction-evaluate",
         "fed.evaluate-every",
         "secagg.timeout",
+        # Only the end-of-run fine-tune of fed.personalization = finetune reads these;
+        # no round does, so a resumed run's rounds are the same whatever they hold.
+        "personal.local-steps",
+        "personal.learning-rate",
     }
 )
+
+#: Why a key that must match does: added to its mismatch message where the reason is not
+#: plain from the key's name.
+WHY_FIXED_ON_RESUME = {
+    "fed.personalization": (
+        "it decides what the server averages (the whole adapter, or the A matrices alone) "
+        "and what each site keeps (its own B), so the checkpoint's global adapter and the "
+        "sites' kept state belong to the other mode"
+    ),
+}
 MAY_CHANGE_PREFIXES = ("output.", "eval.")  # what is written and asked, not trained
 
 
@@ -297,7 +311,10 @@ def config_mismatches(saved: Mapping[str, Scalar], cfg: RunConfig) -> list[str]:
         old = saved.get(key, defaults.get(key))
         new = now.get(key, defaults.get(key))
         if old != new:
-            problems.append(f"{key}: checkpoint {old!r}, now {new!r}")
+            why = WHY_FIXED_ON_RESUME.get(key)
+            problems.append(
+                f"{key}: checkpoint {old!r}, now {new!r}" + (f" ({why})" if why else "")
+            )
     return problems
 
 

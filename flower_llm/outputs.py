@@ -293,6 +293,17 @@ def site_name(content: Any, node_id: int) -> str:
     return str(label) if label else f"node {node_id}"
 
 
+def unique_site_names(names: Mapping[int, str]) -> dict[int, str]:
+    """``names`` (node id -> label) with every label given by more than one node suffixed
+    ``(node <id>)``, so that no two sites share a row of a table keyed by label."""
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        node: name if counts[name] == 1 else f"{name} (node {node})" for node, name in names.items()
+    }
+
+
 SETUP_ERRORS = ("DataError", "ConfigError", "FileNotFoundError")
 """Exceptions of a site's setup that the next round would raise again."""
 

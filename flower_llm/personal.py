@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ from flower_llm.site_state import SiteStateError, SiteStateStore
 
 if TYPE_CHECKING:
     from flower_llm.client import ClientSession, SiteTrainer
+    from flower_llm.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +358,15 @@ def compare_on_site(
     received: Mapping[str, np.ndarray],
     local_only: Mapping[str, np.ndarray] | None,
     final_round: int,
+    site_tasks: Sequence[Task] = (),
 ) -> dict[str, float | int]:
     """Held-out loss and token accuracy of this site's local-only, global and personal
-    adapters on its own evaluation split; the personal adapter is kept for export.
+    adapters on its own evaluation split, and their answers to the site's task files
+    (``site_tasks``, as round evaluation asks them); the personal adapter is kept for
+    export.
+
+    Task results travel as counts: ``task-questions/<task>`` and
+    ``task-chance-sum/<task>`` once, ``task-correct/<adapter>/<task>`` per adapter.
 
     ``received`` is what the server sent: the final global adapter (its A alone under
     ``local-b``, where the global adapter is that A with PEFT's initial B, zero: the base
@@ -392,6 +399,15 @@ def compare_on_site(
         scores[f"eval-loss/{name}"] = stats.loss
         scores[f"eval-token-accuracy/{name}"] = stats.token_accuracy
         tokens, examples = stats.tokens, stats.examples
+        if site_tasks:  # the adapter just evaluated is still loaded
+            from flower_llm import tasks
+
+            for score in tasks.site_task_scores(
+                session.model, session.base.tokenizer, session.cfg, site_tasks
+            ):
+                scores[f"{tasks.QUESTIONS_KEY}/{score.name}"] = score.questions
+                scores[f"{tasks.CHANCE_SUM_KEY}/{score.name}"] = score.chance_sum
+                scores[f"{tasks.CORRECT_KEY}/{name}/{score.name}"] = score.correct
     scores["eval-tokens"] = tokens
     scores["num-examples"] = examples
     return scores
@@ -423,6 +439,7 @@ def per_site_table(scores_by_site: Mapping[str, Mapping[str, Any]]) -> dict[str,
             row[name] = _number(scores.get(f"eval-loss/{name}"))
             row[f"token-accuracy/{name}"] = _number(scores.get(f"eval-token-accuracy/{name}"))
         row["eval-tokens"] = int(scores.get("eval-tokens", 0))
+        row.update(task_columns(scores))
         sites[label] = row
 
     def beats(other: str) -> bool:
@@ -436,6 +453,52 @@ def per_site_table(scores_by_site: Mapping[str, Mapping[str, Any]]) -> dict[str,
         "personal-beats-global-everywhere": beats("global"),
         "personal-beats-local-only-everywhere": beats("local-only"),
     }
+
+
+def comparison_problem(scores: Mapping[str, Any]) -> str | None:
+    """Why a site's task counts in its comparison reply are impossible, or None.
+
+    Per task: ``task-questions`` a whole number >= 1, ``task-chance-sum`` and every
+    adapter's ``task-correct`` (whole) within [0, questions]; a correct count without its
+    questions is refused too.
+    """
+    from flower_llm.tasks import CHANCE_SUM_KEY, CORRECT_KEY, QUESTIONS_KEY
+
+    for key, value in scores.items():
+        if not key.startswith(f"{CORRECT_KEY}/") and not key.startswith(f"{CHANCE_SUM_KEY}/"):
+            continue
+        task = key.rsplit("/", 1)[1]
+        questions = scores.get(f"{QUESTIONS_KEY}/{task}")
+        if not (
+            isinstance(questions, int | float)
+            and float(questions).is_integer()
+            and 1 <= questions <= 2**53
+        ):
+            return f"task {task!r}: questions {questions!r} is not a whole number >= 1"
+        if not (isinstance(value, int | float) and 0 <= value <= questions):
+            return f"metric '{key}' = {value!r} is outside [0, {questions}]"
+        if key.startswith(f"{CORRECT_KEY}/") and not float(value).is_integer():
+            return f"metric '{key}' = {value!r} is not a whole count"
+    return None
+
+
+def task_columns(scores: Mapping[str, Any]) -> dict[str, float]:
+    """A site's task columns: ``task-accuracy/<adapter>/<task>`` = correct / questions and
+    ``task-chance/<task>`` = chance sum / questions (uniform guessing), from its counts."""
+    from flower_llm.tasks import CHANCE_SUM_KEY, CORRECT_KEY, QUESTIONS_KEY
+
+    out: dict[str, float] = {}
+    for key, value in sorted(scores.items()):
+        if key.startswith(f"{QUESTIONS_KEY}/"):
+            task = key.split("/", 1)[1]
+            chance = scores.get(f"{CHANCE_SUM_KEY}/{task}")
+            if isinstance(chance, int | float) and value:
+                out[f"task-chance/{task}"] = float(chance) / float(value)
+            for name in ADAPTERS:
+                correct = scores.get(f"{CORRECT_KEY}/{name}/{task}")
+                if isinstance(correct, int | float) and value:
+                    out[f"task-accuracy/{name}/{task}"] = float(correct) / float(value)
+    return out
 
 
 def _number(value: Any) -> float | None:
@@ -455,12 +518,37 @@ def format_table(per_site: Mapping[str, Any]) -> list[str]:
     for label, row in sites.items():
         cells = [f"{row[n]:10.4f}" if row.get(n) is not None else f"{'n/a':>10}" for n in ADAPTERS]
         lines.append(f"  {label:<{width}}  " + "  ".join(cells))
+    lines.extend(_task_table(sites, width))
     lines.append(
         f"  personal beats global at every site: "
         f"{'yes' if per_site.get('personal-beats-global-everywhere') else 'no'}; "
         f"beats local-only at every site: "
         f"{'yes' if per_site.get('personal-beats-local-only-everywhere') else 'no'}"
     )
+    return lines
+
+
+def _task_table(sites: Mapping[str, Mapping[str, Any]], width: int) -> list[str]:
+    """Task accuracy rows (site, task), when any site answered a task file."""
+    rows = [
+        (label, key.split("/", 1)[1], row)
+        for label, row in sites.items()
+        for key in row
+        if key.startswith("task-chance/")
+    ]
+    if not rows:
+        return []
+    task_width = max(len("task"), *(len(task) for _, task, _ in rows))
+    lines = [
+        "task accuracy on each site's own task file (higher is better):",
+        f"  {'site':<{width}}  {'task':<{task_width}}  {'local-only':>10}  {'global':>10}  "
+        f"{'personal':>10}  {'chance':>10}",
+    ]
+    for label, task, row in rows:
+        values = [row.get(f"task-accuracy/{n}/{task}") for n in ADAPTERS]
+        values.append(row.get(f"task-chance/{task}"))
+        cells = [f"{v:10.3f}" if v is not None else f"{'n/a':>10}" for v in values]
+        lines.append(f"  {label:<{width}}  {task:<{task_width}}  " + "  ".join(cells))
     return lines
 
 

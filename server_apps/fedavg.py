@@ -33,6 +33,7 @@ from flower_llm.outputs import (
     round_name,
     setup_failure,
     site_name,
+    unique_site_names,
 )
 from flower_llm.personal import kept_part, shared_part
 from flower_llm.preflight import (
@@ -294,7 +295,9 @@ class RunRecorder:
             # held-out split; only the scores come back.
             last_round = history[-1][columns.ROUND] if history else 0
             summary["personalization"] = cfg.fed.personalization
-            summary["per-site"] = compare_sites(grid, final, last_round, cfg.fed.round_timeout)
+            summary["per-site"] = compare_sites(
+                grid, final, last_round, cfg.fed.round_timeout, tasks=cfg.eval.tasks
+            )
         return summary
 
     def _local_only_comparison(self, grid: Grid, final: ArrayRecord) -> dict[str, Any]:
@@ -305,11 +308,12 @@ class RunRecorder:
         federated = evaluate_on_all_sites(grid, final, nodes, timeout)
         out["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
         per_site = {}
+        labels = unique_site_names(
+            {node: self.site_names.get(node, f"node {node}") for node in self.local_only}
+        )
         for node, local_arrays in sorted(self.local_only.items()):
             metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout)
-            per_site[self.site_names.get(node, f"node {node}")] = (
-                metrics and metrics[wire.EVAL_LOSS]
-            )
+            per_site[labels[node]] = metrics and metrics[wire.EVAL_LOSS]
         out["union-eval-loss/local-only"] = per_site
         local_losses = [v for v in per_site.values() if v is not None]
         out["federated-beats-every-local-only"] = bool(

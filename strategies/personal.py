@@ -17,22 +17,27 @@ from flwr.serverapp import Grid
 
 from flower_llm import wire
 from flower_llm.aggregation import metric_problem
-from flower_llm.outputs import site_name
-from flower_llm.personal import SITE_COMPARISON, per_site_table
+from flower_llm.outputs import site_name, unique_site_names
+from flower_llm.personal import SITE_COMPARISON, comparison_problem, per_site_table
 
 log = logging.getLogger(__name__)
 
 
 def compare_sites(
-    grid: Grid, final: ArrayRecord, server_round: int, timeout: float
+    grid: Grid, final: ArrayRecord, server_round: int, timeout: float, tasks: bool = False
 ) -> dict[str, Any]:
     """summary.json's ``per-site`` section: every connected site's three scores.
+
+    ``tasks`` (``eval.tasks``) asks each site to answer its task files with every adapter
+    too, as round evaluation does.
 
     A site that answers with an error or without scores is listed under ``missing`` with
     the reason; it never fails the run.
     """
     nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({wire.SERVER_ROUND: server_round, SITE_COMPARISON: True})
+    config = ConfigRecord(
+        {wire.SERVER_ROUND: server_round, SITE_COMPARISON: True, wire.EVAL_TASKS: tasks}
+    )
     messages = [
         Message(
             content=RecordDict({wire.ARRAYS: final, wire.CONFIG: config}),
@@ -41,7 +46,8 @@ def compare_sites(
         )
         for node in nodes
     ]
-    scores: dict[str, dict[str, Any]] = {}
+    scores: dict[int, dict[str, Any]] = {}
+    names: dict[int, str] = {}
     missing: dict[str, str] = {}
     replied: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -54,17 +60,20 @@ def compare_sites(
         if record is None:
             missing[f"node {node}"] = f"no MetricRecord '{SITE_COMPARISON}'"
             continue
-        problem = metric_problem(record)  # a site's scores are bounded like any metric
+        # A site's scores are bounded like any metric, and its task counts as counts.
+        problem = metric_problem(record) or comparison_problem(record)
         if problem is not None:
             missing[f"node {node}"] = problem
             continue
-        scores[site_name(reply.content, node)] = dict(record)
+        scores[node] = dict(record)
+        names[node] = site_name(reply.content, node)
     for node in nodes:
         if node not in replied:
             missing[f"node {node}"] = "no reply before the round timeout"
     for label, reason in missing.items():
         log.warning("Per-site comparison: %s gave no scores (%s)", label, reason)
-    table = per_site_table(scores)
+    labels = unique_site_names(names)  # two sites never share a row
+    table = per_site_table({labels[node]: row for node, row in scores.items()})
     if missing:
         table["missing"] = missing
     return table

@@ -7,6 +7,8 @@ SuperNode whose key was never registered. Then, in this order:
 
 1. a 2-round run over TLS, compared with a simulation run of the same job (same files,
    same metrics and summary keys), which also shows the unregistered SuperNode refused;
+   SuperNode 0's node-config names a task file (``task-file``), whose accuracy and chance
+   every round's metrics carry;
 2. a run (evaluated every second round) whose ServerApp is SIGKILLed after round 1 and
    resumed with ``output.resume``: its final adapter equals the uninterrupted run's; a
    resume from a truncated checkpoint fails naming the file and leaves the run directory
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flower_llm.tasks import TASK_FILE_NODE_KEY, bundled_task_file
 from tests.flwr_procs import (
     BIN,
     ROOT,
@@ -56,6 +59,8 @@ PROFILE = "e2e-deployment"
 NUM_SITES = 3
 # The lean job every run of this module shares (a resume must match it exactly).
 JOB = "train.local-steps=2 fed.num-rounds=2 output.local-only-baseline=false"
+SITE_0_TASK = "medical"
+"""The bundled task file SuperNode 0's node-config names (``task-file``)."""
 
 
 @dataclass
@@ -181,6 +186,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         SUPERLINK_PORT=str(port),
         SUPERNODE_BASE_PORT=str(node_ports[0]),
         PROFILE=PROFILE,
+        # Site 0 names its own task file in its node-config (the others name none).
+        NODE_CONFIG_0=f'{TASK_FILE_NODE_KEY}="{bundled_task_file(SITE_0_TASK)}"',
     )
     add_connection(home, PROFILE, f"127.0.0.1:{port}", deploy_dir / "certs" / "ca.crt")
     # One key more than there are registered sites: site 3's key is never registered.
@@ -248,17 +255,21 @@ def test_deployment_writes_what_a_simulation_writes(
     assert [r["round"] for r in deployed] == [r["round"] for r in simulated] == [1, 2]
 
     # ...except task accuracy: a simulated site on the embedded data answers its domain's
-    # bundled task, a deployed site only the task file its node-config names (none here)
+    # bundled task, a deployed site only the task file its node-config names (site 0's)
     def untasked(row: dict[str, object]) -> list[str]:
         return sorted(k for k in row if not k.startswith("eval/task-"))
 
     assert [untasked(r) for r in deployed] == [untasked(r) for r in simulated]
     assert any(k.startswith("eval/task-") for r in simulated for k in r)
-    assert not any(k.startswith("eval/task-") for r in deployed for k in r)
+    for row in deployed:  # site 0's node-config task file, answered every round
+        tasked = [k for k in row if k.startswith("eval/task-")]
+        assert tasked and all(k.endswith(f"/{SITE_0_TASK}") for k in tasked), row
+        assert 0 <= row[f"eval/task-accuracy/{SITE_0_TASK}"] <= 1
+        assert 0 < row[f"eval/task-chance/{SITE_0_TASK}"] < 1
     for name in ("summary.json", "config.json"):
         d = json.loads((deployment_run / name).read_text())
         s = json.loads((simulation_run / name).read_text())
-        assert sorted(d) == sorted(set(s) - {"task-accuracy"}), name
+        assert sorted(d) == sorted(s), name
     # ...and it learned: the held-out loss fell
     losses = json.loads((deployment_run / "summary.json").read_text())["eval-loss-by-round"]
     assert losses[1] < losses[0]

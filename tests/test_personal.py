@@ -205,9 +205,24 @@ def test_the_summary_holds_the_per_site_table(local_b_run: dict[str, Any]) -> No
         # a personal B must lower the loss
         assert row["personal"] < row["global"]
     assert table["personal-beats-global-everywhere"] is True
+    # every site answered its bundled task file with all three adapters, against chance
+    for row in table["sites"].values():
+        (chance,) = [k for k in row if k.startswith("task-chance/")]
+        task = chance.split("/", 1)[1]
+        assert 0 < row[chance] < 1
+        for name in ("local-only", "global", "personal"):
+            assert 0 <= row[f"task-accuracy/{name}/{task}"] <= 1
     lines = format_table(table)
     assert lines[1].split() == ["site", "local-only", "global", "personal"]
-    assert len(lines) == 2 + SITES + 1
+    assert lines[3 + SITES].split() == [
+        "site",
+        "task",
+        "local-only",
+        "global",
+        "personal",
+        "chance",
+    ]
+    assert len(lines) == 2 + SITES + 2 + SITES + 1
 
 
 @pytest.mark.long
@@ -567,3 +582,166 @@ def test_local_b_under_secagg_runs_and_the_server_sees_a_only(
 def test_bad_personalization_settings_are_refused(settings: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_run_config(settings)
+
+
+# --------------------------------------------------------------------------------------
+# Site labels: unique and stable
+# --------------------------------------------------------------------------------------
+
+
+def test_sites_whose_files_share_a_base_name_get_distinct_stable_labels(tmp_path: Path) -> None:
+    from client_apps.qlora import site_label
+    from flower_llm.client import SiteIdentity
+    from flower_llm.outputs import unique_site_names
+
+    # Arrange: two sites whose data files are both called train.jsonl
+    first = SiteIdentity(str(tmp_path / "hospital-a" / "train.jsonl"))
+    second = SiteIdentity(str(tmp_path / "hospital-b" / "train.jsonl"))
+
+    # Act / Assert: different labels that start with the file name, the same every time
+    assert site_label(first) != site_label(second)
+    assert site_label(first).startswith("train.jsonl #")
+    assert site_label(first) == site_label(SiteIdentity(str(tmp_path / "hospital-a/train.jsonl")))
+    assert site_label(SiteIdentity(None, 2, 4)) == "partition 2/4"
+    # Two machines may still hold the same absolute path: the server adds the node.
+    assert unique_site_names({7: "train.jsonl #abc123", 9: "train.jsonl #abc123", 3: "x"}) == {
+        7: "train.jsonl #abc123 (node 7)",
+        9: "train.jsonl #abc123 (node 9)",
+        3: "x",
+    }
+
+
+def test_the_server_keeps_one_row_per_site_when_two_sites_give_one_label() -> None:
+    from strategies.personal import compare_sites
+
+    # Arrange: two sites that reply with the same label and different scores
+    def reply(node: int, loss: float) -> SimpleNamespace:
+        from flwr.app import ConfigRecord, MetricRecord
+
+        content = RecordDict(
+            {
+                SITE_COMPARISON: MetricRecord(
+                    {"eval-loss/global": 2.0, "eval-loss/personal": loss, "eval-tokens": 10}
+                ),
+                wire.SITE: ConfigRecord({"label": "train.jsonl #abc123"}),
+            }
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content
+        )
+
+    grid = SimpleNamespace(
+        get_node_ids=lambda: [4, 5],
+        send_and_receive=lambda messages, timeout: [reply(4, 1.0), reply(5, 1.5)],
+    )
+    from flwr.app import ArrayRecord
+
+    # Act
+    table = compare_sites(grid, ArrayRecord(), 2, 10.0)  # type: ignore[arg-type]
+
+    # Assert: two rows, each with its own site's score
+    assert table["sites"]["train.jsonl #abc123 (node 4)"]["personal"] == 1.0
+    assert table["sites"]["train.jsonl #abc123 (node 5)"]["personal"] == 1.5
+
+
+# --------------------------------------------------------------------------------------
+# Resume: which personal.* changes are safe
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_allows_the_finetune_settings_and_refuses_another_personalization() -> None:
+    from flower_llm.checkpoint import config_mismatches, flat_config
+
+    saved = flat_config(parse_run_config({"fed.personalization": "finetune"}))
+
+    # Act / Assert: the end-of-run fine-tune's steps and rate may change (no round reads them)
+    changed: dict[str, Any] = {
+        "fed.personalization": "finetune",
+        "personal.local-steps": 5,
+        "personal.learning-rate": 1e-3,
+    }
+    assert config_mismatches(saved, parse_run_config(changed)) == []
+    # ... the mode may not, with the reason
+    problems = config_mismatches(saved, parse_run_config({"fed.personalization": "local-b"}))
+    assert len(problems) == 1
+    assert problems[0].startswith("fed.personalization: checkpoint 'finetune', now 'local-b' (")
+    assert "what the server averages" in problems[0]
+
+
+# --------------------------------------------------------------------------------------
+# Task accuracy in the per-site comparison
+# --------------------------------------------------------------------------------------
+
+
+def comparison_scores(**overrides: Any) -> dict[str, Any]:
+    scores: dict[str, Any] = {
+        "eval-loss/global": 2.0,
+        "eval-loss/personal": 1.5,
+        "eval-tokens": 10,
+        "task-questions/med": 8,
+        "task-chance-sum/med": 2.0,
+        "task-correct/global/med": 3,
+        "task-correct/personal/med": 5,
+    }
+    return {**scores, **overrides}
+
+
+def test_the_per_site_table_gives_task_accuracy_per_adapter_against_chance() -> None:
+    from flower_llm.personal import per_site_table
+
+    table = per_site_table({"site-a": comparison_scores()})
+    row = table["sites"]["site-a"]
+
+    assert row["task-accuracy/global/med"] == 3 / 8
+    assert row["task-accuracy/personal/med"] == 5 / 8
+    assert row["task-chance/med"] == 2.0 / 8
+    assert "task-accuracy/local-only/med" not in row
+    lines = format_table(table)
+    assert lines[4].split() == ["site", "task", "local-only", "global", "personal", "chance"]
+    assert lines[5].split() == ["site-a", "med", "n/a", "0.375", "0.625", "0.250"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"task-correct/personal/med": 9}, "outside [0, 8]"),
+        ({"task-correct/personal/med": -1}, "outside [0, 8]"),
+        ({"task-correct/personal/med": 2.5}, "not a whole count"),
+        ({"task-chance-sum/med": 8.5}, "outside [0, 8]"),
+        ({"task-questions/med": 0}, "not a whole number >= 1"),
+        ({"task-questions/med": 7.5}, "not a whole number >= 1"),
+        ({"task-correct/personal/med": float("nan")}, "not a finite number"),
+    ],
+)
+def test_impossible_task_counts_list_the_site_as_missing(
+    overrides: dict[str, Any], reason: str
+) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    from strategies.personal import compare_sites
+
+    def reply(node: int, scores: dict[str, Any]) -> SimpleNamespace:
+        content = RecordDict(
+            {
+                SITE_COMPARISON: MetricRecord(scores),
+                wire.SITE: ConfigRecord({"label": f"site {node}"}),
+            }
+        )
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content
+        )
+
+    sent: list[Message] = []
+
+    def send_and_receive(messages: list[Message], timeout: float) -> list[SimpleNamespace]:
+        sent.extend(messages)
+        return [reply(1, comparison_scores()), reply(2, comparison_scores(**overrides))]
+
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2], send_and_receive=send_and_receive)
+
+    table = compare_sites(grid, ArrayRecord(), 3, 10.0, tasks=True)  # type: ignore[arg-type]
+
+    # the instruction asks for the task files; the bad site is left out with the reason
+    assert all(m.content.config_records[wire.CONFIG][wire.EVAL_TASKS] is True for m in sent)
+    assert list(table["sites"]) == ["site 1"]
+    assert reason in table["missing"]["node 2"]

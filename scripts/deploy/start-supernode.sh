@@ -11,6 +11,9 @@
 # also names the site worker's socket (start-site-worker.sh), and its ClientApps relay
 # every message to that worker instead of loading the model themselves.
 #
+# NODE_CONFIG_I (optional) adds entries to SuperNode I's node-config, in --node-config's
+# form, e.g. NODE_CONFIG_0='task-file="/srv/tasks/medical.jsonl"' (the site's own task file).
+#
 # FAST_CLIENTAPP (default 1) puts scripts/deploy/bin first on the SuperNode's PATH: its
 # flwr-clientapp runs Flower's own ClientApp process without importing the SuperNode
 # server first (flower_llm/clientapp_process.py), about 0.4 s of CPU less per message.
@@ -43,6 +46,8 @@ for attempt in 1 2 3 4 5 6 7 8; do
   if [ "$SITE_WORKERS" = 1 ]; then
     node_config="$node_config worker-socket=\"$(worker_socket "$i")\""
   fi
+  extra_var="NODE_CONFIG_$i"
+  if [ -n "${!extra_var:-}" ]; then node_config="$node_config ${!extra_var}"; fi
   path="$PATH"
   if [ "${FAST_CLIENTAPP:-1}" = 1 ]; then path="$(cd "$(dirname "$0")" && pwd)/bin:$PATH"; fi
   start_logged "supernode-$i" env PATH="$path" flower-supernode \
