@@ -30,6 +30,7 @@ from flower_llm.aggregation import (
     COMPRESSED_FORMATS,
     ReplyBounds,
     bound_reply,
+    checked_aggregate,
     derive_max_weight,
     derive_update_bound,
     eval_metrics_problem,
@@ -118,6 +119,9 @@ class ValidReply:
     """The whole reply, for records beyond the adapter (a local-only baseline, say)."""
     update_norm: float | None = None
     """L2 norm of ``local - global`` as sent, when the bound checks computed it."""
+    values_checked: bool = True
+    """False: the values are yet to be checked against the bounds, in the same sweep that
+    aggregates them (:func:`flower_llm.aggregation.checked_aggregate`)."""
 
 
 class WeightedFedAvg(FedAvg):
@@ -403,11 +407,16 @@ class WeightedFedAvg(FedAvg):
         key = WEIGHT_KEYS[self.weighting]
         return 1.0 if key is None else metrics[key]
 
-    def check_reply(self, reply: Message, check_finite: bool = True) -> ValidReply | str:
+    def check_reply(
+        self, reply: Message, check_finite: bool = True, *, defer_values: bool = False
+    ) -> ValidReply | str:
         """A :class:`ValidReply` (clamped where asked), or why ``reply`` cannot be aggregated.
 
         ``check_finite`` is kept for callers of the old interface: every value is read
-        once by the bound checks, which find NaN and Inf anyway.
+        once by the bound checks, which find NaN and Inf anyway. ``defer_values`` leaves
+        the weight and value bounds to :meth:`average`, which checks them in the sweep
+        that aggregates (each reply read once); wrappers that clip or noise the replies
+        themselves (DP) check here.
         """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -457,6 +466,9 @@ class WeightedFedAvg(FedAvg):
         problem = metric_problem(metrics, counts=wire.COUNT_METRICS)
         if problem is not None:
             return problem
+        node = reply.metadata.src_node_id
+        if defer_values and self.sweeps:
+            return ValidReply(node, state, float(weight), metrics, content, values_checked=False)  # type: ignore[arg-type]
         bounded = bound_reply(
             state,
             expected,
@@ -470,7 +482,6 @@ class WeightedFedAvg(FedAvg):
         )
         if isinstance(bounded, str):
             return bounded
-        node = reply.metadata.src_node_id
         if bounded.clamped:
             log.warning("Reply of node %d clamped: %s", node, "; ".join(bounded.clamped))
             self.report.clamped[node] = bounded.clamped
@@ -527,8 +538,14 @@ class WeightedFedAvg(FedAvg):
             return f"second reply from node {node} this round"
         return None
 
+    @property
+    def sweeps(self) -> bool:
+        """Whether :meth:`average` checks values in its aggregation sweep: not when it
+        clamps (a clamp rewrites the reply) nor for ``exact`` (an SVD, not a sum)."""
+        return not self.clamp and self.lora_aggregation != "exact"
+
     def valid_replies(
-        self, replies: Iterable[Message], check_finite: bool = True
+        self, replies: Iterable[Message], check_finite: bool = True, *, defer_values: bool = False
     ) -> list[ValidReply]:
         """Check every reply, log and record the dropped and refused ones."""
         valid: list[ValidReply] = []
@@ -556,7 +573,7 @@ class WeightedFedAvg(FedAvg):
             seen.add(node)
             self.report.bytes_by_node.setdefault(node, [0, 0])[1] += received
             self.note_holds(node, reply)
-            checked = self.check_reply(reply, check_finite)
+            checked = self.check_reply(reply, check_finite, defer_values=defer_values)
             if isinstance(checked, str):
                 log.warning("Dropping reply of node %d: %s", node, checked)
                 self.report.dropped[node] = checked
@@ -588,8 +605,9 @@ class WeightedFedAvg(FedAvg):
         Sent down in ``fed.wire-dtype``: the float16 saving holds in every round, not
         only the first.
         """
-        valid = self.valid_replies(replies)
+        valid = self.valid_replies(replies, defer_values=True)
         state = self.average(valid)
+        valid = self.last_valid
         if state is not None and non_finite_key(state) is not None:
             valid = self.drop_non_finite(valid)  # unreachable with bounds; kept as a guard
             state = self.average(valid)
@@ -643,6 +661,11 @@ class WeightedFedAvg(FedAvg):
             )
             return state
         expected = self.expected
+        if not all(r.values_checked for r in valid):
+            averaged = self.sweep(valid, expected)
+            if averaged is None:
+                return None
+            return {k: averaged.get(k, self.reference[k]) for k in self.reference}
         norms = [r.update_norm for r in valid]
         averaged = robust_aggregate(
             states,
@@ -654,6 +677,33 @@ class WeightedFedAvg(FedAvg):
         )
         # ffa: the frozen A matrices never left the server; they stay as they are.
         return {k: averaged.get(k, self.reference[k]) for k in self.reference}
+
+    def sweep(self, valid: list[ValidReply], expected: AdapterState) -> AdapterState | None:
+        """Check and aggregate ``valid`` in one sweep; the replies beyond a bound are
+        dropped with their reason (None: fewer than the minimum remain)."""
+        checked = checked_aggregate(
+            [r.state for r in valid],
+            [r.weight for r in valid],
+            expected,
+            self.bounds,
+            self.robust,
+            self.trim_fraction,
+            want_norm=self.robust != "none",
+        )
+        for index, reason in checked.dropped.items():
+            node = valid[index].node_id
+            log.warning("Dropping reply of node %d: %s", node, reason)
+            self.report.dropped[node] = reason
+        kept = [valid[i] for i in checked.kept]
+        for reply, norm in zip(kept, checked.norms, strict=True):
+            reply.update_norm = norm
+            reply.values_checked = True
+        self.report.dropped = dict(sorted(self.report.dropped.items()))
+        self.report.accepted = [r.node_id for r in kept]
+        self.last_valid = kept
+        if checked.state is None or len(kept) < self.min_train_clients:
+            return None
+        return checked.state
 
     def drop_non_finite(self, valid: list[ValidReply]) -> list[ValidReply]:
         """``valid`` without the replies holding NaN or Inf, each dropped with its reason."""
