@@ -172,7 +172,7 @@ def update_problem(
         value = state[key]
         if value.shape != ref.shape:
             return f"'{key}' has shape {value.shape}, expected {ref.shape}"
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind != "f":
             return f"'{key}' has dtype {value.dtype}, expected float"
     if check_finite:
         bad = non_finite_key(state)
@@ -547,13 +547,13 @@ def _checked_aggregate(
         if not kept:
             return CheckedAggregate(None, dropped, [], [])
         chosen = [states[i] for i in kept]
-        for j, state in enumerate(chosen):
+        for j, candidate in enumerate(chosen):
             if weights[kept[j]] > bounds.max_weight:
                 dropped[kept[j]] = (
                     f"weight {weights[kept[j]]:.6g} above fed.max-weight = {bounds.max_weight:.6g}"
                 )
             else:
-                problem = _float32_range_problem(state)
+                problem = _float32_range_problem(candidate)
                 if problem is not None:
                     dropped[kept[j]] = problem
         if len(dropped) > len(states) - len(kept):
@@ -562,6 +562,7 @@ def _checked_aggregate(
             [weights[i] for i in kept] if rule in ("none", "norm-bound") else [1.0] * len(kept)
         )
         sweep = _Sweep(chosen, reference, bounds, need_norm)
+        state: AdapterState | None = None
         if rule == "norm-bound":
             sweep.run(None, None)
             if not sweep.problems:
