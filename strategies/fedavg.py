@@ -235,6 +235,11 @@ class WeightedFedAvg(FedAvg):
         down); the reference every reply is checked and aggregated against."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
         self._reference_by_rank: dict[int, AdapterState] = {}
+        self.node_ranks: dict[int, int] = {}
+        """LoRA rank of each node's last valid reply under ``exact`` aggregation: a node
+        below ``lora.r`` gets the global adapter re-factored to its rank (its download
+        shrinks with its rank; until its first reply it gets rank ``lora.r``)."""
+        self._down_at_rank: tuple[ArrayRecord | None, dict[int, ArrayRecord]] = (None, {})
         self._scratch: dict[str, np.ndarray] = {}
         """One float32 buffer per array for the bound checks, reused by every reply."""
         self.report = RoundReport()
@@ -340,6 +345,11 @@ class WeightedFedAvg(FedAvg):
         messages = []
         for node in nodes:
             content = shared
+            rank = self.node_ranks.get(node, self.lora_rank)
+            if self.downlink is None and rank < self.lora_rank:
+                content = RecordDict(
+                    {wire.ARRAYS: self.arrays_at_rank(arrays, rank), wire.CONFIG: config}
+                )
             if self.downlink is not None:
                 payload, header = self.downlink.payload(node)
                 content = RecordDict(
@@ -383,6 +393,18 @@ class WeightedFedAvg(FedAvg):
             max_update_norm=self.max_update_norm,
             clamp=self.clamp,
         )
+
+    def arrays_at_rank(self, arrays: ArrayRecord, rank: int) -> ArrayRecord:
+        """``arrays`` (the global adapter, rank ``lora.r``) re-factored to ``rank`` by
+        :func:`flower_llm.lora_aggregation.to_rank`, as a site of that rank would re-factor
+        it itself: what goes down to it, at its rank's size. Cached per adapter sent."""
+        if self._down_at_rank[0] is not arrays:
+            self._down_at_rank = (arrays, {})
+        cache = self._down_at_rank[1]
+        if rank not in cache:
+            state = to_rank(wire.from_array_record(arrays), rank)
+            cache[rank] = wire.to_array_record(state, self.wire_dtype)
+        return cache[rank]
 
     def reference_at_rank(self, rank: int) -> AdapterState:
         """The reference re-factored to ``rank``, as a site of that rank receives it."""
@@ -451,6 +473,7 @@ class WeightedFedAvg(FedAvg):
             if not 0 < rank <= self.lora_rank:
                 return f"LoRA rank {rank} outside [1, lora.r = {self.lora_rank}]"
             expected = self.reference_at_rank(rank)
+            self.node_ranks[reply.metadata.src_node_id] = rank
         if self.downlink is not None:
             # The reply is an update: the adapter it stands for is the reference plus it.
             if set(state) != set(expected):
