@@ -80,6 +80,10 @@ class SyntheticSession:
         local = update_for(global_state, self.partition, server_round)
         return local, TrainStats(1.0, 1, weight_of(self.partition), 1, 0.0)
 
+    def train_reply_metrics(self, stats: TrainStats) -> dict[str, int]:
+        """The site holds what it trained on (the plain path weighs the same)."""
+        return {wire.NUM_EXAMPLES: stats.examples, wire.NUM_EXAMPLES_SEEN: stats.examples}
+
 
 def client_app(cfg: RunConfig) -> ClientApp:
     """One ClientApp for both paths, dispatching like ``client_apps.qlora``."""

@@ -15,7 +15,7 @@ point one way).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
@@ -54,17 +54,29 @@ class AdapterTrainer(Protocol):
         """Train from ``global_state``; return the local adapter and what training saw."""
         ...
 
+    def train_reply_metrics(self, stats: TrainStats) -> Mapping[str, object]:
+        """The counts a plain train reply reports (held and seen), for the weight."""
+        ...
 
-def client_weight(cfg: RunConfig, stats: TrainStats, max_weight: float) -> int:
+
+def client_weight(
+    cfg: RunConfig, counts: Mapping[str, object], stats: TrainStats, max_weight: float
+) -> int:
     """The FedAvg weight of this client, clamped to the max weight SecAgg+ was set up for.
 
-    SecAgg+ weighs by what the site trained on this round (examples or tokens *seen*),
-    which the settings bound exactly: a held-data count has no such bound, and a loose
-    max weight would cost quantization precision (docs/aggregation.md).
+    What it weighs by (:func:`flower_llm.secagg.weighs_by_held`): examples or response
+    tokens *held* (``counts``, as the plain train reply reports them) when
+    ``fed.weighting`` asks for them and a max weight is configured; otherwise what the site
+    trained on this round (``stats``: examples or tokens *seen*). ``uniform`` and
+    client-level DP weigh 1.
     """
     if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
         return 1  # DP-FedAvg's accountant assumes equal weights
-    weight = stats.tokens if cfg.fed.weighting == "tokens" else stats.examples
+    if secagg.weighs_by_held(cfg):
+        key = wire.NUM_TOKENS if cfg.fed.weighting == "tokens" else wire.NUM_EXAMPLES
+        weight = float(counts[key])  # type: ignore[arg-type]
+    else:
+        weight = stats.tokens if cfg.fed.weighting == "tokens" else stats.examples
     if weight > max_weight:
         log.warning("Weight %d above secagg max weight %g: clamped", weight, max_weight)
     return max(1, min(int(weight), int(max_weight)))
@@ -104,7 +116,8 @@ class SecAggClient(NumPyClient):
                 encoded.clipped_values,
                 clipping_range,
             )
-        weight = client_weight(cfg, stats, float(config[secagg.MAX_WEIGHT]))
+        counts = self.session.train_reply_metrics(stats)
+        weight = client_weight(cfg, counts, stats, float(config[secagg.MAX_WEIGHT]))
         return encoded.arrays, weight, {}
 
 

@@ -172,7 +172,7 @@ def update_problem(
         value = state[key]
         if value.shape != ref.shape:
             return f"'{key}' has shape {value.shape}, expected {ref.shape}"
-        if not np.issubdtype(value.dtype, np.floating):
+        if value.dtype.kind != "f":
             return f"'{key}' has dtype {value.dtype}, expected float"
     if check_finite:
         bad = non_finite_key(state)
@@ -466,3 +466,275 @@ def robust_aggregate(
             central = stacked[cut : count - cut].mean(axis=0)
         result[key] = (ref64 + central).astype(np.float32)
     return result
+
+
+# --------------------------------------------------------------------------------------
+# Checks and aggregation in one sweep (the server's default path)
+# --------------------------------------------------------------------------------------
+
+STACK_BYTES = 4 << 20
+"""Size of the block of stacked updates a sweep works on: it stays in the last-level
+cache, so every reply's bytes come from memory once and every later use is a cache hit."""
+
+REPLIES_PER_BLOCK = 64
+"""Most replies stacked at once by FedAvg (the robust rules stack all of them)."""
+
+
+@dataclass
+class CheckedAggregate:
+    """What :func:`checked_aggregate` found and made."""
+
+    state: AdapterState | None
+    """The aggregate of the kept replies (None: none kept)."""
+    dropped: dict[int, str]
+    """Index in ``states`` -> why that reply was dropped."""
+    kept: list[int]
+    """Indices of the replies in ``state``, in order."""
+    norms: list[float | None]
+    """L2 norm of each kept reply's update (None where not computed)."""
+
+
+def checked_aggregate(
+    states: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    reference: Mapping[str, np.ndarray],
+    bounds: ReplyBounds,
+    rule: str = "none",
+    trim_fraction: float = 0.2,
+    *,
+    want_norm: bool = False,
+) -> CheckedAggregate:
+    """:func:`bound_reply` on every reply and :func:`robust_aggregate` of the rest, with
+    each reply read from memory once (twice for ``norm-bound``, whose scale needs every
+    norm first).
+
+    The sweep goes array by array and, inside a large array, block by block of columns;
+    for each block it copies every reply into one float64 stack that stays in cache (the
+    reply's only read from memory) and subtracts the reference there (exact: the
+    difference of two float32 values is a float64 value), checks each row (NaN/Inf, the
+    per-value bound, squares for the norm) and adds the rows to the result: FedAvg is one
+    float64 matrix-vector product ``sum_k p_k (w_k - w)`` per block (groups of at most
+    :data:`REPLIES_PER_BLOCK` replies, their sums added in float64), the robust rules
+    sort each column of the stack. The result is ``w + sum`` in float64, rounded once to
+    float32: the same float64-grade arithmetic as :func:`weighted_average`, not
+    bit-for-bit the same sum.
+
+    A reply found beyond a bound in a later array was already summed into the earlier
+    ones, so the sweep starts again without it: the result is always the aggregate of
+    the kept replies alone, as :func:`robust_aggregate` of them would give. Clamping is
+    not done here (``bounds.clamp`` must be False).
+    """
+    if bounds.clamp:
+        raise ValueError("checked_aggregate does not clamp: use bound_reply")
+    if rule not in ("none", "norm-bound", "trimmed-mean", "median"):
+        raise ValueError(f"unknown aggregation rule {rule!r}")
+    return _checked_aggregate(states, weights, reference, bounds, rule, trim_fraction, want_norm)
+
+
+def _checked_aggregate(
+    states: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    reference: Mapping[str, np.ndarray],
+    bounds: ReplyBounds,
+    rule: str,
+    trim_fraction: float,
+    want_norm: bool,
+) -> CheckedAggregate:
+    dropped: dict[int, str] = {}
+    need_norm = want_norm or rule == "norm-bound" or bounds.max_update_norm is not None
+    while True:
+        kept = [i for i in range(len(states)) if i not in dropped]
+        if not kept:
+            return CheckedAggregate(None, dropped, [], [])
+        chosen = [states[i] for i in kept]
+        for j, candidate in enumerate(chosen):
+            if weights[kept[j]] > bounds.max_weight:
+                dropped[kept[j]] = (
+                    f"weight {weights[kept[j]]:.6g} above fed.max-weight = {bounds.max_weight:.6g}"
+                )
+            else:
+                problem = _float32_range_problem(candidate)
+                if problem is not None:
+                    dropped[kept[j]] = problem
+        if len(dropped) > len(states) - len(kept):
+            continue
+        factors = _normalised(
+            [weights[i] for i in kept] if rule in ("none", "norm-bound") else [1.0] * len(kept)
+        )
+        sweep = _Sweep(chosen, reference, bounds, need_norm)
+        state: AdapterState | None = None
+        if rule == "norm-bound":
+            sweep.run(None, None)
+            if not sweep.problems:
+                norms = sweep.norms()
+                median = float(np.median(norms))
+                scaled = [
+                    f * (median / n if n > median and n > 0 else 1.0)
+                    for f, n in zip(factors, norms, strict=True)
+                ]
+                state = _Sweep(chosen, reference, None, False).run(np.asarray(scaled), None)
+        elif rule == "none":
+            state = sweep.run(np.asarray(factors), None)
+        else:
+            count = len(chosen)
+            cut = (
+                count // 2
+                if rule == "median"
+                else min(math.floor(trim_fraction * count), (count - 1) // 2)
+            )
+            state = sweep.run(None, (rule, cut))
+        if sweep.problems:
+            dropped.update({kept[j]: reason for j, reason in sweep.problems.items()})
+            continue
+        norms_out: list[float | None] = list(sweep.norms()) if need_norm else [None] * len(kept)
+        if bounds.max_update_norm is not None:
+            over = {
+                kept[j]: (
+                    f"update L2 norm {n:.4g} above fed.max-update-norm = "
+                    f"{bounds.max_update_norm:.4g}"
+                )
+                for j, n in enumerate(norms_out)
+                if n is not None and n > bounds.max_update_norm
+            }
+            if over:
+                dropped.update(over)
+                continue
+        assert state is not None
+        return CheckedAggregate(state, dict(sorted(dropped.items())), kept, norms_out)
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    """``n_k / n``, divided by the largest first so that no sum overflows."""
+    largest = max(float(w) for w in weights)
+    relative = [float(w) / largest for w in weights]
+    total = math.fsum(relative)
+    return [r / total for r in relative]
+
+
+def _float32_range_problem(state: Mapping[str, np.ndarray]) -> str | None:
+    """Why a float64 reply cannot be cast to float32 (NaN, Inf, beyond its range), or None.
+
+    Only arrays sent wider than float32 are read; float32 and float16 ones cannot hold a
+    value beyond float32's range, and their NaN/Inf is found by the sweep."""
+    for key, value in state.items():
+        if value.dtype.itemsize > 4 and value.size:
+            peak = float(np.max(np.abs(value)))
+            if not math.isfinite(peak):
+                return f"'{key}' holds NaN or Inf"
+            if peak > FLOAT32_MAX:
+                return f"'{key}' holds {peak:.3g}, beyond float32's range"
+    return None
+
+
+class _Sweep:
+    """One pass over every reply, array by array, block of columns by block (see
+    :func:`checked_aggregate`). ``bounds`` None: no checks (a second pass)."""
+
+    def __init__(
+        self,
+        states: Sequence[Mapping[str, np.ndarray]],
+        reference: Mapping[str, np.ndarray],
+        bounds: ReplyBounds | None,
+        need_norm: bool,
+    ) -> None:
+        self.states = states
+        self.reference = reference
+        self.bounds = bounds
+        self.need_norm = need_norm
+        self.problems: dict[int, str] = {}
+        self.squares = np.zeros(len(states))
+
+    def norms(self) -> list[float]:
+        """L2 norm of each reply's update (after a run with ``need_norm``)."""
+        return [math.sqrt(float(s)) for s in self.squares]
+
+    def run(
+        self, factors: np.ndarray | None, central: tuple[str, int] | None
+    ) -> AdapterState | None:
+        """Check every row; with ``factors`` the weighted sum, with ``central`` = (rule,
+        cut) the trimmed mean or median, of the updates, added to the reference."""
+        count = len(self.states)
+        rows = count if central is not None else min(count, REPLIES_PER_BLOCK)
+        result: AdapterState = {}
+        stack = np.empty(0, np.float64)
+        for key, ref in self.reference.items():
+            flat_ref = ref.reshape(-1).astype(np.float64)
+            size = flat_ref.size
+            out = np.empty(size, np.float64) if (factors is not None or central) else None
+            width = max(1024, STACK_BYTES // (8 * rows))
+            if stack.size < rows * min(width, size):
+                stack = np.empty(rows * min(width, size), np.float64)
+            values = [s[key].reshape(-1) for s in self.states]
+            for start in range(0, size, width):
+                stop = min(size, start + width)
+                ref_block = flat_ref[start:stop]
+                if central is not None:
+                    block = stack[: count * (stop - start)].reshape(count, stop - start)
+                    self._fill(block, values, range(count), start, stop, ref_block, key)
+                    if self.problems:
+                        return None
+                    assert out is not None
+                    out[start:stop] = ref_block
+                    out[start:stop] += _central(block, *central)
+                    continue
+                carry = None
+                for first in range(0, count, rows):
+                    chosen = range(first, min(count, first + rows))
+                    block = stack[: len(chosen) * (stop - start)].reshape(len(chosen), -1)
+                    self._fill(block, values, chosen, start, stop, ref_block, key)
+                    if factors is None:
+                        continue
+                    partial = factors[first : first + len(chosen)] @ block
+                    if carry is None:
+                        carry = ref_block.copy()
+                    carry += partial
+                if self.problems and factors is not None:
+                    return None
+                if out is not None and carry is not None:
+                    out[start:stop] = carry
+            if out is not None:
+                result[key] = out.astype(np.float32).reshape(ref.shape)
+        return result if (factors is not None or central) else None
+
+    def _fill(
+        self,
+        block: np.ndarray,
+        values: list[np.ndarray],
+        chosen: range,
+        start: int,
+        stop: int,
+        ref_block: np.ndarray,
+        key: str,
+    ) -> None:
+        """Rows of ``block`` = the updates of replies ``chosen`` on columns
+        ``[start, stop)``, each checked (NaN/Inf, per-value bound, squares)."""
+        for row, index in enumerate(chosen):
+            np.copyto(block[row], values[index][start:stop])
+        block -= ref_block
+        if self.bounds is None:
+            return
+        largest = np.maximum(block.max(axis=1), -block.min(axis=1))
+        limit = self.bounds.max_abs_update
+        for row, index in enumerate(chosen):
+            peak = float(largest[row])
+            if not math.isfinite(peak):
+                self.problems.setdefault(index, f"'{key}' holds NaN or Inf")
+                continue
+            if limit is not None and peak > limit:
+                self.problems.setdefault(
+                    index,
+                    f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
+                    f"bound {limit:.3g} (fed.update-bound)",
+                )
+            if self.need_norm:
+                self.squares[index] += float(np.dot(block[row], block[row]))
+
+
+def _central(block: np.ndarray, rule: str, cut: int) -> np.ndarray:
+    """Per column of ``block`` (one update per row): the median, or the mean after cutting
+    ``cut`` values at each end, in float64."""
+    count = block.shape[0]
+    if rule == "median":
+        return np.median(block, axis=0, overwrite_input=True)
+    block.sort(axis=0)
+    return block[cut : count - cut].mean(axis=0)

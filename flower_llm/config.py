@@ -738,8 +738,10 @@ class SecAggConfig:
     max_weight: float = setting(
         0.0,
         "secagg.max-weight",
-        "Largest FedAvg weight a client may report; larger ones are clamped (0 = local-steps "
-        "x grad-accum x batch-size examples, x max-seq-length for tokens, 1 with DP).",
+        "Largest FedAvg weight a client may report; larger ones are clamped. Set (or "
+        "fed.max-weight set), SecAgg+ weighs by examples/tokens held; 0 and fed.max-weight "
+        "0: by examples seen this round, bounded by local-steps x grad-accum x batch-size "
+        "(x max-seq-length for tokens); 1 with DP or uniform.",
     )
     timeout: float = setting(
         0.0,

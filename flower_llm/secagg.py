@@ -174,15 +174,32 @@ def auto_quantization_range(num_sampled: int, modulus_range: int = MODULUS_RANGE
     return min(MAX_QUANTIZATION_RANGE, 2**bits)
 
 
-def auto_max_weight(cfg: RunConfig) -> float:
-    """The largest weight a client can report, from the run's settings alone.
+def weighs_by_held(cfg: RunConfig) -> bool:
+    """Whether SecAgg+ weighs by data held (``fed.weighting`` = examples or tokens).
 
-    With client-level DP every client weighs 1 (the accountant assumes equal weights).
-    Otherwise a round trains ``local-steps x grad-accum`` micro-batches of at most
-    ``batch-size`` examples, each with fewer than ``max-seq-length`` response tokens.
+    Only with a configured bound ``W`` (``secagg.max-weight`` or ``fed.max-weight``): a
+    weight travels as ``round(n_k / W * Q)`` and scales the site's values by ``n_k / W``
+    before they are quantized, so the derived bound on data held (2^24 examples) would
+    cost three orders of magnitude of precision (an error bound of 1.2e-4 where 160
+    examples seen give 1.3e-7, with 4 sites). Without one it weighs by what a site trained
+    on this round (examples or tokens *seen*), whose bound the settings give exactly.
+    """
+    held = cfg.fed.weighting in ("examples", "tokens")
+    return held and (cfg.secagg.max_weight > 0 or cfg.fed.max_weight > 0)
+
+
+def auto_max_weight(cfg: RunConfig) -> float:
+    """The largest weight a client can report: ``W``, which SecAgg+ quantizes weights against.
+
+    1 with client-level DP (the accountant assumes equal weights) or ``uniform``;
+    ``fed.max-weight`` when SecAgg+ weighs by data held (:func:`weighs_by_held`);
+    otherwise ``local-steps x grad-accum x batch-size`` examples seen (times
+    ``max-seq-length - 1`` for tokens), an exact bound.
     """
     if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
         return 1.0
+    if weighs_by_held(cfg) and cfg.fed.max_weight > 0:
+        return cfg.fed.max_weight
     examples = cfg.train.local_steps * cfg.train.grad_accum * cfg.train.batch_size
     if cfg.fed.weighting == "tokens":
         return float(examples * (cfg.data.max_seq_length - 1))

@@ -6,6 +6,7 @@ strategies cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -94,7 +95,7 @@ def array_view(array: Array) -> np.ndarray:
     data = array.data
     try:
         dtype = np.dtype(array.dtype)
-        count = int(np.prod(array.shape, dtype=np.int64))
+        count = math.prod(int(n) for n in array.shape)
     except (TypeError, ValueError):
         return np.asarray(array.numpy())
     offset = len(data) - count * dtype.itemsize
@@ -117,7 +118,7 @@ def array_views(record: ArrayRecord) -> AdapterState:
     state: AdapterState = {}
     for key, array in record.items():
         values = array_view(array)
-        if not np.issubdtype(values.dtype, np.floating):
+        if values.dtype.kind != "f":  # np.issubdtype costs ~2 us an array
             raise ValueError(f"array '{key}' has dtype {values.dtype}, expected a float type")
         state[key] = values
     return state

@@ -30,6 +30,7 @@ from flower_llm.aggregation import (
     COMPRESSED_FORMATS,
     ReplyBounds,
     bound_reply,
+    checked_aggregate,
     derive_max_weight,
     derive_update_bound,
     eval_metrics_problem,
@@ -131,6 +132,9 @@ class ValidReply:
     """The whole reply, for records beyond the adapter (a local-only baseline, say)."""
     update_norm: float | None = None
     """L2 norm of ``local - global`` as sent, when the bound checks computed it."""
+    values_checked: bool = True
+    """False: the values are yet to be checked against the bounds, in the same sweep that
+    aggregates them (:func:`flower_llm.aggregation.checked_aggregate`)."""
 
 
 class WeightedFedAvg(FedAvg):
@@ -244,6 +248,11 @@ class WeightedFedAvg(FedAvg):
         down); the reference every reply is checked and aggregated against."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
         self._reference_by_rank: dict[int, AdapterState] = {}
+        self.node_ranks: dict[int, int] = {}
+        """LoRA rank of each node's last valid reply under ``exact`` aggregation: a node
+        below ``lora.r`` gets the global adapter re-factored to its rank (its download
+        shrinks with its rank; until its first reply it gets rank ``lora.r``)."""
+        self._down_at_rank: tuple[ArrayRecord | None, dict[int, ArrayRecord]] = (None, {})
         self._scratch: dict[str, np.ndarray] = {}
         """One float32 buffer per array for the bound checks, reused by every reply."""
         self.report = RoundReport()
@@ -350,6 +359,11 @@ class WeightedFedAvg(FedAvg):
         messages = []
         for node in nodes:
             content = shared
+            rank = self.node_ranks.get(node, self.lora_rank)
+            if self.downlink is None and rank < self.lora_rank:
+                content = RecordDict(
+                    {wire.ARRAYS: self.arrays_at_rank(arrays, rank), wire.CONFIG: config}
+                )
             if self.downlink is not None:
                 payload, header = self.downlink.payload(node)
                 content = RecordDict(
@@ -394,6 +408,18 @@ class WeightedFedAvg(FedAvg):
             clamp=self.clamp,
         )
 
+    def arrays_at_rank(self, arrays: ArrayRecord, rank: int) -> ArrayRecord:
+        """``arrays`` (the global adapter, rank ``lora.r``) re-factored to ``rank`` by
+        :func:`flower_llm.lora_aggregation.to_rank`, as a site of that rank would re-factor
+        it itself: what goes down to it, at its rank's size. Cached per adapter sent."""
+        if self._down_at_rank[0] is not arrays:
+            self._down_at_rank = (arrays, {})
+        cache = self._down_at_rank[1]
+        if rank not in cache:
+            state = to_rank(wire.from_array_record(arrays), rank)
+            cache[rank] = wire.to_array_record(state, self.wire_dtype)
+        return cache[rank]
+
     def reference_at_rank(self, rank: int) -> AdapterState:
         """The reference re-factored to ``rank``, as a site of that rank receives it."""
         assert self.reference is not None, "configure_train sets the reference"
@@ -417,11 +443,16 @@ class WeightedFedAvg(FedAvg):
         key = WEIGHT_KEYS[self.weighting]
         return 1.0 if key is None else metrics[key]
 
-    def check_reply(self, reply: Message, check_finite: bool = True) -> ValidReply | str:
+    def check_reply(
+        self, reply: Message, check_finite: bool = True, *, defer_values: bool = False
+    ) -> ValidReply | str:
         """A :class:`ValidReply` (clamped where asked), or why ``reply`` cannot be aggregated.
 
         ``check_finite`` is kept for callers of the old interface: every value is read
-        once by the bound checks, which find NaN and Inf anyway.
+        once by the bound checks, which find NaN and Inf anyway. ``defer_values`` leaves
+        the weight and value bounds to :meth:`average`, which checks them in the sweep
+        that aggregates (each reply read once); wrappers that clip or noise the replies
+        themselves (DP) check here.
         """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -456,6 +487,7 @@ class WeightedFedAvg(FedAvg):
             if not 0 < rank <= self.lora_rank:
                 return f"LoRA rank {rank} outside [1, lora.r = {self.lora_rank}]"
             expected = self.reference_at_rank(rank)
+            self.node_ranks[reply.metadata.src_node_id] = rank
         if self.downlink is not None:
             # The reply is an update: the adapter it stands for is the reference plus it.
             if set(state) != set(expected):
@@ -471,6 +503,9 @@ class WeightedFedAvg(FedAvg):
         problem = metric_problem(metrics, counts=wire.COUNT_METRICS)
         if problem is not None:
             return problem
+        node = reply.metadata.src_node_id
+        if defer_values and self.sweeps:
+            return ValidReply(node, state, float(weight), metrics, content, values_checked=False)  # type: ignore[arg-type]
         bounded = bound_reply(
             state,
             expected,
@@ -484,7 +519,6 @@ class WeightedFedAvg(FedAvg):
         )
         if isinstance(bounded, str):
             return bounded
-        node = reply.metadata.src_node_id
         if bounded.clamped:
             log.warning("Reply of node %d clamped: %s", node, "; ".join(bounded.clamped))
             self.report.clamped[node] = bounded.clamped
@@ -541,8 +575,14 @@ class WeightedFedAvg(FedAvg):
             return f"second reply from node {node} this round"
         return None
 
+    @property
+    def sweeps(self) -> bool:
+        """Whether :meth:`average` checks values in its aggregation sweep: not when it
+        clamps (a clamp rewrites the reply) nor for ``exact`` (an SVD, not a sum)."""
+        return not self.clamp and self.lora_aggregation != "exact"
+
     def valid_replies(
-        self, replies: Iterable[Message], check_finite: bool = True
+        self, replies: Iterable[Message], check_finite: bool = True, *, defer_values: bool = False
     ) -> list[ValidReply]:
         """Check every reply, log and record the dropped and refused ones."""
         valid: list[ValidReply] = []
@@ -571,7 +611,7 @@ class WeightedFedAvg(FedAvg):
             self.report.bytes_by_node.setdefault(node, [0, 0])[1] += received
             self.report.note_label(node, reply)
             self.note_holds(node, reply)
-            checked = self.check_reply(reply, check_finite)
+            checked = self.check_reply(reply, check_finite, defer_values=defer_values)
             if isinstance(checked, str):
                 log.warning("Dropping reply of node %d: %s", node, checked)
                 self.report.dropped[node] = checked
@@ -603,8 +643,9 @@ class WeightedFedAvg(FedAvg):
         Sent down in ``fed.wire-dtype``: the float16 saving holds in every round, not
         only the first.
         """
-        valid = self.valid_replies(replies)
+        valid = self.valid_replies(replies, defer_values=True)
         state = self.average(valid)
+        valid = self.last_valid
         if state is not None and non_finite_key(state) is not None:
             valid = self.drop_non_finite(valid)  # unreachable with bounds; kept as a guard
             state = self.average(valid)
@@ -658,6 +699,11 @@ class WeightedFedAvg(FedAvg):
             )
             return state
         expected = self.expected
+        if not all(r.values_checked for r in valid):
+            averaged = self.sweep(valid, expected)
+            if averaged is None:
+                return None
+            return {k: averaged.get(k, self.reference[k]) for k in self.reference}
         norms = [r.update_norm for r in valid]
         averaged = robust_aggregate(
             states,
@@ -669,6 +715,33 @@ class WeightedFedAvg(FedAvg):
         )
         # ffa: the frozen A matrices never left the server; they stay as they are.
         return {k: averaged.get(k, self.reference[k]) for k in self.reference}
+
+    def sweep(self, valid: list[ValidReply], expected: AdapterState) -> AdapterState | None:
+        """Check and aggregate ``valid`` in one sweep; the replies beyond a bound are
+        dropped with their reason (None: fewer than the minimum remain)."""
+        checked = checked_aggregate(
+            [r.state for r in valid],
+            [r.weight for r in valid],
+            expected,
+            self.bounds,
+            self.robust,
+            self.trim_fraction,
+            want_norm=self.robust != "none",
+        )
+        for index, reason in checked.dropped.items():
+            node = valid[index].node_id
+            log.warning("Dropping reply of node %d: %s", node, reason)
+            self.report.dropped[node] = reason
+        kept = [valid[i] for i in checked.kept]
+        for reply, norm in zip(kept, checked.norms, strict=True):
+            reply.update_norm = norm
+            reply.values_checked = True
+        self.report.dropped = dict(sorted(self.report.dropped.items()))
+        self.report.accepted = [r.node_id for r in kept]
+        self.last_valid = kept
+        if checked.state is None or len(kept) < self.min_train_clients:
+            return None
+        return checked.state
 
     def drop_non_finite(self, valid: list[ValidReply]) -> list[ValidReply]:
         """``valid`` without the replies holding NaN or Inf, each dropped with its reason."""

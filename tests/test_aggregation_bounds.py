@@ -692,3 +692,101 @@ def test_a_negative_or_nan_count_is_refused_whatever_the_weight_bound() -> None:
 
     assert strategy.report.accepted == [1, 2]
     assert strategy.report.dropped[3] == "metric 'num-tokens' = -5.0 is not a count (finite, >= 0)"
+
+
+# --------------------------------------------------------------------------------------
+# The one-sweep path: as accurate as float64, as strict as bound_reply
+# --------------------------------------------------------------------------------------
+
+
+def half_ulps_from(got: np.ndarray, exact: np.ndarray) -> float:
+    """Largest ``|got - exact|`` in units of half a float32 ulp of the exact value."""
+    spacing = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - exact) / (spacing / 2)))
+
+
+@pytest.mark.parametrize("rule", ["none", "norm-bound", "trimmed-mean", "median"])
+@pytest.mark.parametrize("count", [3, 70])
+def test_sweep_equals_a_float64_reference_rounded_once(rule: str, count: int) -> None:
+    # Prepare: a reference far from zero and one at zero (round 1 of B), updates of every
+    # size, float32 and float16 replies, weights from 1 to 1e9 (70 > one block of 64)
+    from flower_llm.aggregation import checked_aggregate
+
+    rng = np.random.default_rng(count)
+    shapes = {"m.lora_A.weight": (8, 300), "m.lora_B.weight": (300, 8)}
+    reference = {
+        "m.lora_A.weight": rng.normal(0, 1, (8, 300)).astype(np.float32),
+        "m.lora_B.weight": np.zeros((300, 8), np.float32),
+    }
+    states = []
+    for k in range(count):
+        dtype = np.float16 if k % 5 == 4 else np.float32
+        scale = 10.0 ** rng.integers(-6, 0)
+        states.append(
+            {
+                key: (reference[key] + rng.normal(0, scale, s)).astype(dtype)
+                for key, s in shapes.items()
+            }
+        )
+    weights = [float(w) for w in 10.0 ** rng.uniform(0, 9, count)]
+
+    # Execute
+    checked = checked_aggregate(states, weights, reference, ReplyBounds(), rule)
+
+    # Assert: every value is the float64 result rounded once to float32 (within half an
+    # ulp, and 1e-6 of one for the float64 sum's own rounding)
+    assert checked.dropped == {} and checked.kept == list(range(count))
+    assert checked.state is not None
+    p = np.array(weights) / math.fsum(weights)
+    for key in shapes:
+        ref64 = reference[key].astype(np.float64)
+        updates = np.stack([s[key].astype(np.float64) - ref64 for s in states])
+        if rule == "none":
+            exact = ref64 + np.tensordot(p, updates, axes=1)
+        elif rule == "norm-bound":
+            norms = np.sqrt(
+                [
+                    sum(np.sum((s[k].astype(np.float64) - reference[k]) ** 2) for k in shapes)
+                    for s in states
+                ]
+            )
+            scale = np.minimum(1.0, np.median(norms) / norms)
+            exact = ref64 + np.tensordot(p * scale, updates, axes=1)
+        elif rule == "median":
+            exact = ref64 + np.median(updates, axis=0)
+        else:
+            cut = math.floor(0.2 * count)
+            exact = ref64 + np.sort(updates, axis=0)[cut : count - cut].mean(axis=0)
+        assert half_ulps_from(checked.state[key], exact) <= 1 + 1e-6, key
+
+
+def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest() -> None:
+    # Prepare: honest sites, and hostile ones whose fault lies in the LAST array only, so
+    # the sweep has summed them into the first before it finds them
+    from flower_llm.aggregation import checked_aggregate
+
+    reference = global_state()
+    last = list(SHAPES)[-1]
+    honest = [honest_state(s) for s in (1, 2, 3)]
+    nan = {**honest_state(4), last: np.full(SHAPES[last], np.nan, np.float32)}
+    far = {**honest_state(5), last: honest_state(5)[last] + np.float32(1.0)}
+    huge64 = {**honest_state(6), last: np.full(SHAPES[last], 1e300)}
+    states = [honest[0], nan, honest[1], far, huge64, honest[2]]
+    weights = [100.0, 100.0, 300.0, 100.0, 100.0, 50.0]
+    bounds = ReplyBounds(max_weight=1000.0, max_abs_update=BOUND)
+
+    # Execute
+    checked = checked_aggregate(states, weights, reference, bounds)
+
+    # Assert: the same drops and reasons as bound_reply, and FedAvg of the three honest
+    for index, state in enumerate(states):
+        verdict = bound_reply(state, reference, weights[index], bounds)
+        if isinstance(verdict, str):
+            assert checked.dropped[index] == verdict
+        else:
+            assert index in checked.kept
+    assert sorted(checked.dropped) == [1, 3, 4]
+    expected = weighted_average(honest, [100.0, 300.0, 50.0])
+    assert checked.state is not None
+    for key in SHAPES:
+        np.testing.assert_allclose(checked.state[key], expected[key], rtol=0, atol=1e-7)

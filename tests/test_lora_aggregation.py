@@ -360,3 +360,35 @@ def test_refactored_factors_do_not_depend_on_singular_vector_signs() -> None:
     np.testing.assert_allclose(plus.b, minus.b, atol=1e-10)
     rows = np.arange(5)
     assert (plus.a[rows, np.argmax(np.abs(plus.a), axis=1)] > 0).all()
+
+
+def test_exact_sends_a_lower_rank_site_the_global_adapter_at_its_rank() -> None:
+    # Prepare: global rank 8; node 1 replied at rank 4 last round, node 2 at rank 8, node 3
+    # has not replied yet
+    from flwr.app import ConfigRecord, MessageType
+
+    start = site_state(0, rank=8)
+    low = {k: v + np.float32(0.001) for k, v in to_rank(start, 4).items()}
+    strategy = strategy_at(
+        start, lora_aggregation="exact", lora_rank=8, update_bound=lambda _r, _p: 0.01
+    )
+    strategy.aggregate_train(1, [train_reply(1, low, 10), train_reply(2, start, 10)])
+    global_arrays = wire.to_array_record(site_state(5, rank=8))
+
+    # Execute: the next round's instructions
+    messages = strategy.messages_for([1, 2, 3], global_arrays, ConfigRecord({}), MessageType.TRAIN)
+
+    # Assert: node 1 gets a rank-4 adapter, the bytes of one, equal to the truncated-SVD
+    # re-factoring a rank-4 site would make itself; nodes 2 and 3 the global adapter as is
+    sent = [m.content.array_records[wire.ARRAYS] for m in messages]
+    at_four = to_rank(wire.from_array_record(global_arrays), 4)
+    assert wire.num_bytes(sent[0]) == wire.num_bytes(wire.to_array_record(at_four))
+    assert wire.num_bytes(sent[0]) < 0.6 * wire.num_bytes(global_arrays)
+    assert sent[1] is global_arrays and sent[2] is global_arrays
+    got = wire.from_array_record(sent[0])
+    assert set(got) == set(at_four)
+    for key, value in at_four.items():
+        assert got[key].shape[0 if ".lora_A." in key else 1] == 4
+        np.testing.assert_array_equal(got[key], value)
+    assert rank_of(got) == 4
+    assert strategy.report.bytes_down == sum(wire.num_bytes(r) for r in sent)

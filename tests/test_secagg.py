@@ -68,8 +68,10 @@ def test_auto_parameters(num_sampled: int, shares: int, threshold: int, quantiza
 
 def test_max_weight_follows_weighting_and_dp() -> None:
     tokens = parse_run_config({"fed.weighting": "tokens", "data.max-seq-length": 64})
+    seen = parse_run_config({"fed.weighting": "seen", "data.max-seq-length": 64})
     dp = parse_run_config({"privacy.mode": "client-fixed", "output.local-only-baseline": False})
     assert secagg.auto_max_weight(tokens) == 20 * 8 * 63
+    assert secagg.auto_max_weight(seen) == 20 * 1 * 8
     assert secagg.auto_max_weight(dp) == 1.0
 
 
@@ -349,6 +351,14 @@ class FakeSession:
         )
         return local, stats
 
+    def train_reply_metrics(self, stats: TrainStats) -> dict[str, int]:
+        """Holds ``examples``, trained on them all, each with 10 response tokens."""
+        return {
+            wire.NUM_EXAMPLES: self.examples,
+            wire.NUM_TOKENS: 10 * self.examples,
+            wire.NUM_EXAMPLES_SEEN: stats.examples,
+        }
+
 
 HANG_SECONDS = 16.0
 
@@ -391,12 +401,33 @@ def test_client_sends_update_weight_and_no_plaintext_metrics() -> None:
     assert metrics == {}
 
 
-def test_client_weight_is_clamped_and_uniform_under_dp() -> None:
+def test_client_weight_follows_fed_weighting_is_clamped_and_uniform_under_dp() -> None:
+    # Prepare: a site holding 10,000 examples (2e6 response tokens) that trained on 200
+    # examples (5000 tokens) this round
+    counts = {wire.NUM_EXAMPLES: 10_000, wire.NUM_TOKENS: 2_000_000, wire.NUM_EXAMPLES_SEEN: 200}
     stats = TrainStats(loss=1.0, steps=1, examples=200, tokens=5000, seconds=0.0)
     dp = parse_run_config({"privacy.mode": "client-fixed", "output.local-only-baseline": False})
-    assert client_weight(RunConfig(), stats, 160.0) == 160
-    assert client_weight(parse_run_config({"fed.weighting": "tokens"}), stats, 1e9) == 5000
-    assert client_weight(dp, stats, 1.0) == 1
+
+    def run(**settings: object) -> RunConfig:
+        return parse_run_config({"fed.aggregation": "secagg+", **settings})
+
+    held = run(**{"fed.max-weight": 50_000.0})
+    held_tokens = run(**{"fed.weighting": "tokens", "secagg.max-weight": 1e7})
+
+    # Execute / Assert: with a max weight, examples / tokens held, as the plain path weighs
+    assert secagg.weighs_by_held(held) and secagg.auto_max_weight(held) == 50_000.0
+    assert client_weight(held, counts, stats, secagg.auto_max_weight(held)) == 10_000
+    assert client_weight(held_tokens, counts, stats, 1e7) == 2_000_000
+    # fed.max-weight bounds a claim inside SecAgg+ too: the client clamps to W
+    small = run(**{"fed.max-weight": 5000.0})
+    assert client_weight(small, counts, stats, secagg.auto_max_weight(small)) == 5000
+    # without one: what the site trained on this round (its bound is exact)
+    assert not secagg.weighs_by_held(RunConfig())
+    assert client_weight(RunConfig(), counts, stats, 160.0) == 160
+    assert client_weight(run(**{"fed.weighting": "tokens"}), counts, stats, 1e9) == 5000
+    assert client_weight(run(**{"fed.weighting": "seen"}), counts, stats, 1e9) == 200
+    assert client_weight(run(**{"fed.weighting": "uniform"}), counts, stats, 1e9) == 1
+    assert client_weight(dp, counts, stats, 1.0) == 1
 
 
 def test_hide_weight_mod_replaces_the_plaintext_weight_and_packs_uint32() -> None:
