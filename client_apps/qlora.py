@@ -111,11 +111,13 @@ def train(msg: Message, context: Context) -> Message:
     if parse_run_config(context.run_config).fed.aggregation == "secagg+":
         return secagg_app(msg, context)
     session = session_for(context)
+    # Either layout (fed.wire-layout); the reply goes back in the one received.
+    instruction, packed = wire.unpack(msg.content)
     # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
-    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
     # A plain adapter, or a compressed one applied to the global adapter this site holds.
-    global_state, received = updates.receive(context.state, msg.content)
+    global_state, received = updates.receive(context.state, instruction)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -168,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
         if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
             content[wire.LOCAL_ONLY_ARRAYS] = wire.to_array_record(local_state, wire_dtype)
             content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=wire.pack(content) if packed else content, reply_to=msg)
 
 
 @app.evaluate()
@@ -176,8 +178,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
-    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-    global_state, received = updates.receive(context.state, msg.content)
+    instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays: no layout
+    config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
+    global_state, received = updates.receive(context.state, instruction)
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.
