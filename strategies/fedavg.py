@@ -181,7 +181,7 @@ class WeightedFedAvg(FedAvg):
         eval_rng: np.random.Generator | None = None,
         wait_timeout: float = 600.0,
         wire_dtype: str = "float32",
-        wire_layout: str = "packed",
+        wire_layout: str = "arrays",
         wire_block_size: int = 64,
         error_feedback: bool = True,
         max_weight: float = math.inf,
