@@ -62,12 +62,11 @@ def test_adapters_travel_in_the_packed_wire_layout(default_run: Path) -> None:
 
     from flower_llm import wire
     from flower_llm.adapters import init_adapter
-    from flower_llm.config import parse_run_config
+    from flower_llm.config import app_config, parse_run_config
     from flower_llm.embedded import embedded_model_dir
 
-    cfg = parse_run_config({})
-    model_dir = str(embedded_model_dir())
-    state, _ = init_adapter(cfg.model, cfg.lora, model_dir, seed=0)
+    cfg = parse_run_config(app_config(Path(__file__).resolve().parents[1] / "pyproject.toml"))
+    state, _ = init_adapter(cfg.model, cfg.lora, str(embedded_model_dir()), seed=0)
     config = ConfigRecord({wire.SERVER_ROUND: 1})
     plain = RecordDict({wire.ARRAYS: wire.to_array_record(state), wire.CONFIG: config})
     packed = wire.pack(plain)
