@@ -261,15 +261,15 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
         if name not in names and len(record):
             raise PackedLayoutError(f"ArrayRecord '{name}' is not described by the header")
     out = RecordDict()
-    for name, record in content.items():
+    for name, item in content.items():
         if name == LAYOUT:
             continue
         if name in names:
-            if not isinstance(record, ArrayRecord):
+            if not isinstance(item, ArrayRecord):
                 raise PackedLayoutError(f"'{name}' is not an ArrayRecord")
-            out[name] = _unpack_record(name, record, header)
+            out[name] = _unpack_record(name, item, header)
         else:
-            out[name] = record
+            out[name] = item
     missing = [n for n in names if n not in out]
     if missing:
         raise PackedLayoutError(f"the header names records {missing} the message lacks")
@@ -294,6 +294,7 @@ def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> Arra
         raise PackedLayoutError(f"'{name}:keys' names an array twice")
     if not isinstance(dtypes, list) or not all(d in PACK_DTYPES for d in dtypes):
         raise PackedLayoutError(f"'{name}:dtypes' {dtypes!r} is not a list of {PACK_DTYPES}")
+    keys, dtypes = [str(k) for k in keys], [str(d) for d in dtypes]
     ranks = _int_list(header, f"{name}:ranks")
     dims = _int_list(header, f"{name}:dims")
     offsets = _int_list(header, f"{name}:offsets")
