@@ -178,7 +178,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
-    instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays: no layout
+    instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays to pack
     config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     global_state, received = updates.receive(context.state, instruction)
     if bool(config.get(SITE_COMPARISON, False)):

@@ -147,7 +147,8 @@ def num_bytes(record: ArrayRecord) -> int:
 #   "r:ranks" (int, one per array), "r:dims" (int, the shapes concatenated),
 #   "r:offsets" (int, byte offset of each array), "r:bytes" (int, the payload length).
 #
-# Empty ArrayRecords (a compressed "same" message) travel as they are. The layout is
+# Empty ArrayRecords (a compressed "same" message) travel as they are (the header, with no
+# records, still says the message is packed, so the reply is packed too). The layout is
 # written down in docs/aggregation.md, "Wire layout".
 
 PACKED = "packed"
@@ -179,23 +180,25 @@ def is_packed(content: RecordDict) -> bool:
 def pack(content: RecordDict) -> RecordDict:
     """``content`` with every non-empty ArrayRecord packed into one array, plus the header.
 
-    Other records are shared, not copied. Content without arrays comes back as it is.
+    Other records are shared, not copied. Content without arrays gets the header too
+    (``records`` empty): a compressed ``same`` instruction still tells the site which
+    layout to reply in.
     """
     packed_names = [name for name, record in content.array_records.items() if len(record)]
-    if not packed_names:
-        return content
-    header: dict[str, object] = {
-        "format": LAYOUT_FORMAT,
-        "format-version": LAYOUT_VERSION,
-        "records": packed_names,
-    }
+    # Flower cannot count or send an empty list in a ConfigRecord: an empty list is left
+    # out ("records" with nothing packed, "R:dims" of scalars) and read back as [].
+    header: dict[str, object] = {"format": LAYOUT_FORMAT, "format-version": LAYOUT_VERSION}
+    if packed_names:
+        header["records"] = packed_names
     out = RecordDict()
     for name, record in content.items():
         if name in packed_names:
             assert isinstance(record, ArrayRecord)
             array, fields = _pack_record(record)
             out[name] = ArrayRecord({PACKED: Array(array)})
-            header.update({f"{name}:{field}": value for field, value in fields.items()})
+            header.update(
+                {f"{name}:{field}": value for field, value in fields.items() if value != []}
+            )
         else:
             out[name] = record
     if LAYOUT in out:
@@ -252,7 +255,7 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
         raise PackedLayoutError(
             f"format version {header.get('format-version')!r}; this code reads {LAYOUT_VERSION}"
         )
-    names = header.get("records")
+    names = header.get("records", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise PackedLayoutError("'records' is not a list of record names")
     if len(set(names)) != len(names):
@@ -277,7 +280,7 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
 
 
 def _int_list(header: ConfigRecord, field: str) -> list[int]:
-    value = header.get(field)
+    value = header.get(field, [])
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):

@@ -106,11 +106,17 @@ def test_compressed_codes_and_scales_round_trip(codec: str) -> None:
         np.testing.assert_array_equal(decoded[key], reference[key])
 
 
-def test_a_message_without_arrays_is_left_as_it_is() -> None:
-    # An evaluate reply, or a compressed "same" instruction (an empty ArrayRecord)
+def test_a_message_without_arrays_still_says_it_is_packed() -> None:
+    # A compressed "same" instruction (an empty ArrayRecord): the site must learn the
+    # layout to reply in, so the header goes along with no records
     content = content_of(ArrayRecord())
-    assert wire.pack(content) is content
-    assert not wire.is_packed(content)
+    packed = wire.pack(content)
+    assert wire.is_packed(packed)
+    assert "records" not in packed.config_records[wire.LAYOUT]  # an empty list: left out
+    assert packed.config_records[wire.LAYOUT].count_bytes() > 0
+    assert len(packed.array_records[wire.ARRAYS]) == 0
+    unpacked, was_packed = wire.unpack(packed)
+    assert was_packed and list(unpacked) == list(content)
 
 
 def test_a_packed_message_is_a_handful_of_flower_objects() -> None:
@@ -167,7 +173,8 @@ def first(field: str) -> Any:
 HOSTILE = {
     "format": ({"format": "someone-else"}, "format 'someone-else'"),
     "version": ({"format-version": 2}, "format version 2"),
-    "no records": ({"records": None}, "'records' is not a list"),
+    "no records": ({"records": None}, "'arrays' is not described"),
+    "records not a list": ({"records": "arrays"}, "'records' is not a list"),
     "record twice": ({"records": ["arrays", "arrays"]}, "names a record twice"),
     "missing record": ({"records": ["arrays", "ghost"]}, "lacks"),
     "key twice": ({"arrays:keys": [first("keys")[0]] * len(SHAPES)}, "names an array twice"),
@@ -421,3 +428,12 @@ def _initial_adapter(tiny_model_dir: Path) -> dict[str, np.ndarray]:
     cfg = parse_run_config({"model.name": str(tiny_model_dir)})
     state, _ = init_adapter(cfg.model, cfg.lora, str(tiny_model_dir), seed=0)
     return state
+
+
+def test_a_record_of_scalars_round_trips_without_dims() -> None:
+    record = ArrayRecord({"s": Array(np.array(3.5, np.float32)), "t": Array(np.array(7, np.int64))})
+    packed = wire.pack(content_of(record))
+    assert "arrays:dims" not in packed.config_records[wire.LAYOUT]  # an empty list: left out
+    assert packed.config_records[wire.LAYOUT].count_bytes() > 0
+    unpacked, _ = wire.unpack(packed)
+    same_arrays(unpacked.array_records[wire.ARRAYS], record)
