@@ -341,7 +341,8 @@ def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> Arra
     for key, dtype, shape, offset in zip(keys, dtypes, shapes, offsets, strict=True):
         size = math.prod(shape) * np.dtype(dtype).itemsize
         value = payload[offset : offset + size].view(np.dtype(dtype).newbyteorder("<"))
-        arrays[key] = Array(np.ascontiguousarray(value.reshape(shape), dtype=np.dtype(dtype)))
+        # np.array keeps a 0-d shape (ascontiguousarray would make it 1-d)
+        arrays[key] = Array(np.array(value.reshape(shape), dtype=np.dtype(dtype), order="C"))
     return ArrayRecord(arrays)
 
 
