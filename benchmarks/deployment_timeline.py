@@ -239,7 +239,9 @@ def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
 # --------------------------------------------------------------------------------------
 
 
-def trace_run(model_dir: str, rounds: int, tmp: Path, extra_env: dict[str, str]) -> dict[str, Any]:
+def trace_run(
+    model_dir: str, rounds: int, tmp: Path, extra_env: dict[str, str], settings: str = ""
+) -> dict[str, Any]:
     """Deployment up, one job, deployment down; return the parsed timeline."""
     from tests.flwr_procs import add_connection, flwr_env, free_ports
 
@@ -265,7 +267,7 @@ def trace_run(model_dir: str, rounds: int, tmp: Path, extra_env: dict[str, str])
         proc = subprocess.run(
             [
                 *(str(Path(sys.executable).parent / "flwr"), "run", ".", PROFILE, "--stream"),
-                *("--run-config", job(model_dir, rounds, out, "timeline")),
+                *("--run-config", f"{job(model_dir, rounds, out, 'timeline')} {settings}"),
             ],
             cwd=ROOT,
             env=env,
@@ -357,13 +359,16 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(model: str, rounds: int, extra_env: dict[str, str], keep: Path | None) -> dict:
+def run(
+    model: str, rounds: int, extra_env: dict[str, str], keep: Path | None, wire_layout: str
+) -> dict:
     from flower_llm.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir() if model == "tiny" else common.mid_model_dir())
     tmp = Path(tempfile.mkdtemp(prefix="bench-timeline-"))
     try:
-        trace = trace_run(model_dir, rounds, tmp, extra_env)
+        settings = f'fed.wire-layout="{wire_layout}"'
+        trace = trace_run(model_dir, rounds, tmp, extra_env, settings)
     finally:
         if keep is not None:
             shutil.copytree(tmp / "deploy" / "logs", keep / "logs", dirs_exist_ok=True)
@@ -376,6 +381,7 @@ def run(model: str, rounds: int, extra_env: dict[str, str], keep: Path | None) -
         "model": model,
         "rounds": rounds,
         "env": extra_env,
+        "wire-layout": wire_layout,
         "round-seconds": seconds,
         "steady-round-s": steady,
         "cpu-s": trace["cpu-s"],
@@ -390,7 +396,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     env = " ".join(f"{k}={v}" for k, v in result["env"].items()) or "(defaults)"
     text = (
         f"Model: {result['model']}, 3 sites with site workers, TLS, 2 local steps, "
-        f"{result['rounds']} rounds; settings: {env}.\n\n"
+        f"{result['rounds']} rounds, fed.wire-layout = {result.get('wire-layout', 'arrays')}; "
+        f"settings: {env}.\n\n"
         f"Round seconds: {', '.join(f'{s:.1f}' for s in result['round-seconds'])} "
         f"(steady {result['steady-round-s']:.1f} s).\n\n"
     )
@@ -443,12 +450,21 @@ def main() -> None:
         help="environment for every deployment process (repeatable)",
     )
     p.add_argument("--keep", type=Path, help="copy the traced logs here")
+    p.add_argument(
+        "--wire-layout",
+        choices=("packed", "arrays"),
+        default="packed",
+        help="fed.wire-layout of the traced run (packed: one array a record)",
+    )
     p.add_argument("--name", default="deployment-timeline", help="result file name")
     args = p.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
     common.setup(args.threads)
     common.run_and_finish(
-        args.name, args, lambda: run(args.model, args.rounds, extra, args.keep), to_markdown
+        args.name,
+        args,
+        lambda: run(args.model, args.rounds, extra, args.keep, args.wire_layout),
+        to_markdown,
     )
 
 

@@ -27,7 +27,9 @@ from flower_llm.preflight import client_fails_loud
 from flower_llm.worker import site_worker_mod
 
 if TYPE_CHECKING:
+    from flower_llm.adapters import AdapterState
     from flower_llm.client import ClientSession, SessionCache, SiteIdentity
+    from flower_llm.compression import Header
     from flower_llm.config import DataConfig
     from flower_llm.personal import LocalB
 
@@ -110,6 +112,21 @@ def local_b_site(context: Context, session: ClientSession) -> LocalB | None:
 secagg_app = make_app(session_and_keys)
 
 
+def receive_global(
+    instruction: RecordDict, context: Context, session: ClientSession
+) -> tuple[AdapterState, Header | None]:
+    """The global adapter an instruction carries (whole, or a compressed update applied to
+    the one this site holds, read back from its state store after a restart)."""
+    from flower_llm.client import site_store
+
+    store = (
+        site_store(context.node_config, session.cfg, session.site, context.run_id)
+        if updates.is_compressed(instruction)
+        else None
+    )
+    return updates.receive(context.state, instruction, store)
+
+
 @app.train()
 @client_fails_loud  # a data or config mistake: an error reply naming it
 def train(msg: Message, context: Context) -> Message:
@@ -117,18 +134,13 @@ def train(msg: Message, context: Context) -> Message:
     if parse_run_config(context.run_config).fed.aggregation == "secagg+":
         return secagg_app(msg, context)
     session = session_for(context)
+    # Either layout (fed.wire-layout); the reply goes back in the one received.
+    instruction, packed = wire.unpack(msg.content)
     # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
-    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
     # A plain adapter, or a compressed one applied to the global adapter this site holds.
-    from flower_llm.client import site_store
-
-    store = (
-        site_store(context.node_config, session.cfg, session.site, context.run_id)
-        if updates.is_compressed(msg.content)
-        else None
-    )
-    global_state, received = updates.receive(context.state, msg.content, store)
+    global_state, received = receive_global(instruction, context, session)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -180,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
         if bool(config.get(wire.SEND_LOCAL_ONLY, False)):
             content[wire.LOCAL_ONLY_ARRAYS] = wire.to_array_record(local_state, wire_dtype)
             content[wire.SITE] = ConfigRecord({"label": site_label(session.site)})
-    return Message(content=content, reply_to=msg)
+    return Message(content=wire.pack(content) if packed else content, reply_to=msg)
 
 
 @app.evaluate()
@@ -188,15 +200,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's held-out split (and its task file)."""
     session = session_for(context)
-    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-    from flower_llm.client import site_store
-
-    store = (
-        site_store(context.node_config, session.cfg, session.site, context.run_id)
-        if updates.is_compressed(msg.content)
-        else None
-    )
-    global_state, received = updates.receive(context.state, msg.content, store)
+    instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays to pack
+    config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
+    global_state, received = receive_global(instruction, context, session)
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.

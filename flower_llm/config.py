@@ -33,6 +33,7 @@ WEIGHTINGS = ("examples", "tokens", "seen", "uniform")
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8", "nf4")
 # flower_llm.compression.COMPRESSED_CODECS: formats that send updates, with error feedback.
 COMPRESSED_WIRE_DTYPES = ("bfloat16", "int8", "nf4")
+WIRE_LAYOUTS = ("packed", "arrays")
 AGGREGATIONS = ("fedavg", "secagg+")
 PERSONALIZATIONS = ("none", "local-b", "finetune")
 BOUND_ACTIONS = ("drop", "clamp")
@@ -358,6 +359,14 @@ class FederationConfig:
         "(whole adapters) | bfloat16 | int8 | nf4 (updates: int8 and nf4 blockwise with one "
         "float32 absmax scale per `fed.wire-block-size` values; see docs/aggregation.md).",
     )
+    wire_layout: str = setting(
+        "packed",
+        "fed.wire-layout",
+        "How the server sends an adapter (or compressed update) on the Message API: `packed` "
+        "(one array per record plus a small layout header: a few Flower objects a message) or "
+        "`arrays` (one Flower array per tensor, what a stock Flower strategy reads). Sites "
+        "reply in the layout they received. Not used by SecAgg+ (its own masked vector).",
+    )
     wire_block_size: int = setting(
         64,
         "fed.wire-block-size",
@@ -442,6 +451,7 @@ class FederationConfig:
         )
         _one_of("fed.weighting", self.weighting, WEIGHTINGS)
         _one_of("fed.wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _one_of("fed.wire-layout", self.wire_layout, WIRE_LAYOUTS)
         _require(
             2 <= self.wire_block_size <= 2**20,
             "fed.wire-block-size",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 if TYPE_CHECKING:  # adapters imports torch and peft; the wire format needs only numpy
     from flower_llm.adapters import AdapterState
@@ -132,3 +132,240 @@ def from_array_record(record: ArrayRecord) -> AdapterState:
 def num_bytes(record: ArrayRecord) -> int:
     """Serialized bytes of the arrays in ``record`` (values plus small per-array headers)."""
     return int(sum(len(array.data) for array in record.values()))
+
+
+# --------------------------------------------------------------------------------------
+# Packed layout (``fed.wire-layout = packed``): one array per ArrayRecord
+# --------------------------------------------------------------------------------------
+#
+# Flower 1.42 stores a message as content-addressed objects and moves each with its own
+# HTTPS request: an ArrayRecord of 28 arrays is 28 array objects plus their chunks. A
+# packed message carries each non-empty ArrayRecord as ONE uint8 array, PACKED, holding the
+# raw bytes of the original arrays (C order, little-endian) in the record's key order,
+# each starting at a multiple of PACK_ALIGN bytes (zero padding between them), and one
+# ConfigRecord LAYOUT saying how to cut them apart:
+#
+#   format = "flower-llm/packed-arrays", format-version = 1,
+#   records = [names of the packed ArrayRecords],
+#   and for each name r: "r:keys" (str), "r:dtypes" (numpy names, PACK_DTYPES),
+#   "r:ranks" (int, one per array), "r:dims" (int, the shapes concatenated),
+#   "r:offsets" (int, byte offset of each array), "r:bytes" (int, the payload length).
+#
+# Empty ArrayRecords (a compressed "same" message) travel as they are (the header, with no
+# records, still says the message is packed, so the reply is packed too). The layout is
+# written down in docs/aggregation.md, "Wire layout".
+
+PACKED = "packed"
+"""Name of the one array of a packed ArrayRecord."""
+LAYOUT = "wire-layout"
+"""ConfigRecord name of the packed layout header."""
+LAYOUT_FORMAT = "flower-llm/packed-arrays"
+LAYOUT_VERSION = 1
+PACK_ALIGN = 8
+PACK_DTYPES = ("float32", "float16", "uint16", "int8", "uint8", "int64")
+"""Array dtypes a packed record may hold: adapters (float32, float16) and the compressed
+codes, scales and shapes of flower_llm.compression."""
+_MAX_RANK = 8
+
+
+class PackedLayoutError(ValueError):
+    """A packed message whose header does not describe its bytes; the message says why."""
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // PACK_ALIGN) * PACK_ALIGN
+
+
+def is_packed(content: RecordDict) -> bool:
+    """Whether ``content`` uses the packed layout (it carries a :data:`LAYOUT` header)."""
+    return LAYOUT in content.config_records
+
+
+def pack(content: RecordDict) -> RecordDict:
+    """``content`` with every non-empty ArrayRecord packed into one array, plus the header.
+
+    Other records are shared, not copied. Content without arrays gets the header too
+    (``records`` empty): a compressed ``same`` instruction still tells the site which
+    layout to reply in.
+    """
+    packed_names = [name for name, record in content.array_records.items() if len(record)]
+    # Flower cannot count or send an empty list in a ConfigRecord: an empty list is left
+    # out ("records" with nothing packed, "R:dims" of scalars) and read back as [].
+    header: dict[str, object] = {"format": LAYOUT_FORMAT, "format-version": LAYOUT_VERSION}
+    if packed_names:
+        header["records"] = packed_names
+    out = RecordDict()
+    for name, record in content.items():
+        if name in packed_names:
+            assert isinstance(record, ArrayRecord)
+            array, fields = _pack_record(record)
+            out[name] = ArrayRecord({PACKED: Array(array)})
+            header.update(
+                {f"{name}:{field}": value for field, value in fields.items() if value != []}
+            )
+        else:
+            out[name] = record
+    if LAYOUT in out:
+        raise ValueError(f"content already holds a record named {LAYOUT!r}")
+    out[LAYOUT] = ConfigRecord(header)  # type: ignore[arg-type]
+    return out
+
+
+def _pack_record(record: ArrayRecord) -> tuple[np.ndarray, dict[str, object]]:
+    values = [array_view(array) for array in record.values()]
+    for key, value in zip(record, values, strict=True):
+        if value.dtype.name not in PACK_DTYPES:
+            raise ValueError(f"array '{key}' has dtype {value.dtype}, not one of {PACK_DTYPES}")
+    offsets, end = [], 0
+    for value in values:
+        offsets.append(_aligned(end))
+        end = offsets[-1] + value.nbytes
+    payload = np.zeros(end, np.uint8)
+    for offset, value in zip(offsets, values, strict=True):
+        little = value.astype(value.dtype.newbyteorder("<"), copy=False)
+        payload[offset : offset + value.nbytes] = (
+            np.ascontiguousarray(little).view(np.uint8).ravel()
+        )
+    fields: dict[str, object] = {
+        "keys": list(record),
+        "dtypes": [v.dtype.name for v in values],
+        "ranks": [v.ndim for v in values],
+        "dims": [int(d) for v in values for d in v.shape],
+        "offsets": offsets,
+        "bytes": end,
+    }
+    return payload, fields
+
+
+def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
+    """``content`` in the arrays layout, and whether it came packed.
+
+    Content without a :data:`LAYOUT` header comes back as it is. The header is checked
+    against the bytes before anything is read: format and version, record names, keys
+    (strings, unique), known dtypes, ranks and dimensions, every offset where the layout
+    puts it, and the payload exactly as long as the arrays it holds.
+
+    Raises
+    ------
+    PackedLayoutError
+        The header does not describe the bytes.
+    """
+    if not is_packed(content):
+        return content, False
+    header = content.config_records[LAYOUT]
+    if header.get("format") != LAYOUT_FORMAT:
+        raise PackedLayoutError(f"format {header.get('format')!r}, expected {LAYOUT_FORMAT!r}")
+    if header.get("format-version") != LAYOUT_VERSION:
+        raise PackedLayoutError(
+            f"format version {header.get('format-version')!r}; this code reads {LAYOUT_VERSION}"
+        )
+    names = header.get("records", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PackedLayoutError("'records' is not a list of record names")
+    if len(set(names)) != len(names):
+        raise PackedLayoutError("'records' names a record twice")
+    for name, record in content.array_records.items():
+        if name not in names and len(record):
+            raise PackedLayoutError(f"ArrayRecord '{name}' is not described by the header")
+    out = RecordDict()
+    for name, item in content.items():
+        if name == LAYOUT:
+            continue
+        if name in names:
+            if not isinstance(item, ArrayRecord):
+                raise PackedLayoutError(f"'{name}' is not an ArrayRecord")
+            out[name] = _unpack_record(name, item, header)
+        else:
+            out[name] = item
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise PackedLayoutError(f"the header names records {missing} the message lacks")
+    return out, True
+
+
+def _int_list(header: ConfigRecord, field: str) -> list[int]:
+    value = header.get(field, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise PackedLayoutError(f"'{field}' is not a list of integers")
+    return value  # type: ignore[return-value]
+
+
+def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> ArrayRecord:
+    keys = header.get(f"{name}:keys")
+    dtypes = header.get(f"{name}:dtypes")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise PackedLayoutError(f"'{name}:keys' is not a list of names")
+    if len(set(keys)) != len(keys):
+        raise PackedLayoutError(f"'{name}:keys' names an array twice")
+    if not isinstance(dtypes, list) or not all(d in PACK_DTYPES for d in dtypes):
+        raise PackedLayoutError(f"'{name}:dtypes' {dtypes!r} is not a list of {PACK_DTYPES}")
+    keys, dtypes = [str(k) for k in keys], [str(d) for d in dtypes]
+    ranks = _int_list(header, f"{name}:ranks")
+    dims = _int_list(header, f"{name}:dims")
+    offsets = _int_list(header, f"{name}:offsets")
+    total = header.get(f"{name}:bytes")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise PackedLayoutError(f"'{name}:bytes' {total!r} is not a byte count")
+    if not len(keys) == len(dtypes) == len(ranks) == len(offsets):
+        raise PackedLayoutError(
+            f"'{name}': {len(keys)} keys, {len(dtypes)} dtypes, {len(ranks)} ranks, "
+            f"{len(offsets)} offsets"
+        )
+    if any(not 0 <= r <= _MAX_RANK for r in ranks) or sum(ranks) != len(dims):
+        raise PackedLayoutError(f"'{name}:ranks' do not match '{name}:dims'")
+    if any(d < 0 or d > 2**31 for d in dims):
+        raise PackedLayoutError(f"'{name}:dims' holds a negative or implausibly large size")
+    if set(record) != {PACKED}:
+        raise PackedLayoutError(f"'{name}' holds arrays {sorted(record)}, expected ['{PACKED}']")
+    try:
+        payload = array_view(record[PACKED])
+    except Exception as err:  # a damaged .npy header: numpy raises its own types
+        raise PackedLayoutError(f"'{name}': unreadable packed array: {err}") from err
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise PackedLayoutError(f"'{name}': packed array is {payload.dtype}, {payload.ndim}-D")
+    # Where every array must start, from the sizes alone; the header must agree.
+    shapes, end, start = [], 0, 0
+    for key, dtype, rank, offset in zip(keys, dtypes, ranks, offsets, strict=True):
+        shape = tuple(dims[start : start + rank])
+        start += rank
+        if offset != _aligned(end):
+            raise PackedLayoutError(
+                f"'{name}': array '{key}' at offset {offset}, expected {_aligned(end)}"
+            )
+        end = offset + math.prod(shape) * np.dtype(dtype).itemsize
+        shapes.append(shape)
+    if end != total or len(payload) != total:
+        raise PackedLayoutError(
+            f"'{name}': arrays end at byte {end}, header says {total}, payload holds "
+            f"{len(payload)} (truncated?)"
+        )
+    arrays = {}
+    for key, dtype, shape, offset in zip(keys, dtypes, shapes, offsets, strict=True):
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        value = payload[offset : offset + size].view(np.dtype(dtype).newbyteorder("<"))
+        # np.array keeps a 0-d shape (ascontiguousarray would make it 1-d)
+        arrays[key] = Array(np.array(value.reshape(shape), dtype=np.dtype(dtype), order="C"))
+    return ArrayRecord(arrays)
+
+
+def payload_bytes(content: RecordDict, name: str = ARRAYS) -> int:
+    """Bytes of the ArrayRecord ``name`` as sent, plus the packed layout header if any.
+
+    What the ``bytes-*`` columns count; the packed header is part of what the adapter
+    costs on the wire, so it counts with it.
+    """
+    record = content.array_records.get(name)
+    sent = num_bytes(record) if record is not None else 0
+    if is_packed(content):
+        sent += content.config_records[LAYOUT].count_bytes()
+    return sent
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of every ArrayRecord in ``content``, plus the packed layout header if any."""
+    sent = sum(num_bytes(record) for record in content.array_records.values())
+    if is_packed(content):
+        sent += content.config_records[LAYOUT].count_bytes()
+    return sent

@@ -296,7 +296,12 @@ class RunRecorder:
             last_round = history[-1][columns.ROUND] if history else 0
             summary["personalization"] = cfg.fed.personalization
             summary["per-site"] = compare_sites(
-                grid, final, last_round, cfg.fed.round_timeout, tasks=cfg.eval.tasks
+                grid,
+                final,
+                last_round,
+                cfg.fed.round_timeout,
+                tasks=cfg.eval.tasks,
+                packed=cfg.fed.wire_layout == "packed",
             )
         return summary
 
@@ -305,14 +310,15 @@ class RunRecorder:
         timeout = self.cfg.fed.round_timeout
         nodes = sorted(grid.get_node_ids())
         out: dict[str, Any] = {}
-        federated = evaluate_on_all_sites(grid, final, nodes, timeout)
+        packed = self.cfg.fed.wire_layout == "packed"
+        federated = evaluate_on_all_sites(grid, final, nodes, timeout, packed)
         out["union-eval-loss/federated"] = federated and federated[wire.EVAL_LOSS]
         per_site = {}
         labels = unique_site_names(
             {node: self.site_names.get(node, f"node {node}") for node in self.local_only}
         )
         for node, local_arrays in sorted(self.local_only.items()):
-            metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout)
+            metrics = evaluate_on_all_sites(grid, local_arrays, nodes, timeout, packed)
             per_site[labels[node]] = metrics and metrics[wire.EVAL_LOSS]
         out["union-eval-loss/local-only"] = per_site
         local_losses = [v for v in per_site.values() if v is not None]
@@ -330,16 +336,17 @@ class RunRecorder:
 
 
 def evaluate_on_all_sites(
-    grid: Grid, arrays: ArrayRecord, node_ids: list[int], timeout: float
+    grid: Grid, arrays: ArrayRecord, node_ids: list[int], timeout: float, packed: bool = False
 ) -> dict[str, Any] | None:
-    """Pooled held-out metrics of ``arrays`` over every site's evaluation split."""
+    """Pooled held-out metrics of ``arrays`` over every site's evaluation split
+    (``packed``: in the packed wire layout)."""
+    # Held-out loss only: the comparison is on loss, and tasks would cost each site a
+    # scoring pass per adapter.
+    content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord({wire.EVAL_TASKS: False})})
+    content = wire.pack(content) if packed else content
     messages = [
         Message(
-            # Held-out loss only: the comparison is on loss, and tasks would cost each
-            # site a scoring pass per adapter.
-            content=RecordDict(
-                {wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord({wire.EVAL_TASKS: False})}
-            ),
+            content=content,
             message_type=MessageType.EVALUATE,
             dst_node_id=node,
         )

@@ -40,7 +40,7 @@ from flower_llm.aggregation import (
     update_problem,
 )
 from flower_llm.compression import WIRE_FORMAT, Header, WireFormatError, decode
-from flower_llm.config import ROBUST_RULES, RunConfig
+from flower_llm.config import ROBUST_RULES, WIRE_LAYOUTS, RunConfig
 from flower_llm.lora_aggregation import (
     LORA_AGGREGATIONS,
     exact_average,
@@ -160,6 +160,9 @@ class WeightedFedAvg(FedAvg):
     wire_dtype : str
         ``fed.wire-dtype``, both directions, every round: float32 and float16 send whole
         adapters; bfloat16, int8 and nf4 send updates (:mod:`flower_llm.updates`).
+    wire_layout : str
+        ``fed.wire-layout``: ``packed`` (one array per record, :func:`flower_llm.wire.pack`)
+        or ``arrays`` (one array per tensor). Replies are read in either layout.
     wire_block_size : int
         Values per scale of int8 and nf4.
     error_feedback : bool
@@ -195,6 +198,7 @@ class WeightedFedAvg(FedAvg):
         eval_rng: np.random.Generator | None = None,
         wait_timeout: float = 600.0,
         wire_dtype: str = "float32",
+        wire_layout: str = "arrays",
         wire_block_size: int = 64,
         error_feedback: bool = True,
         max_weight: float = math.inf,
@@ -210,6 +214,8 @@ class WeightedFedAvg(FedAvg):
             raise ValueError(f"weighting must be one of {sorted(WEIGHT_KEYS)}, got {weighting!r}")
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(wire.WIRE_DTYPES)}")
+        if wire_layout not in WIRE_LAYOUTS:
+            raise ValueError(f"wire_layout must be one of {WIRE_LAYOUTS}, got {wire_layout!r}")
         if robust not in ROBUST_RULES:
             raise ValueError(f"robust must be one of {ROBUST_RULES}, got {robust!r}")
         if lora_aggregation not in LORA_AGGREGATIONS:
@@ -229,6 +235,7 @@ class WeightedFedAvg(FedAvg):
         self.weighting = weighting
         self.min_train_clients = min_train_clients
         self.wire_dtype = wire_dtype
+        self.wire_layout = wire_layout
         self.downlink = (
             Downlink(wire_dtype, wire_block_size, error_feedback)
             if wire_dtype in COMPRESSED_FORMATS
@@ -286,6 +293,7 @@ class WeightedFedAvg(FedAvg):
             min_evaluate_clients=fed.min_evaluate_clients,
             min_available_clients=fed.min_available_clients,
             wire_dtype=fed.wire_dtype,
+            wire_layout=fed.wire_layout,
             wire_block_size=fed.wire_block_size,
             error_feedback=fed.error_feedback,
             max_weight=derive_max_weight(cfg),
@@ -307,7 +315,7 @@ class WeightedFedAvg(FedAvg):
         log.info(
             "WeightedFedAvg: weighting by %s, fraction train %.2f / evaluate %.2f, "
             "min valid train replies %d, max weight %g, update bound %s, max update norm %s "
-            "(%s), robust %s, LoRA aggregation %s, wire %s",
+            "(%s), robust %s, LoRA aggregation %s, wire %s (%s layout)",
             self.weighting,
             self.fraction_train,
             self.fraction_evaluate,
@@ -319,6 +327,7 @@ class WeightedFedAvg(FedAvg):
             self.robust,
             self.lora_aggregation,
             self.wire_dtype,
+            self.wire_layout,
         )
 
     def configure_train(
@@ -353,9 +362,13 @@ class WeightedFedAvg(FedAvg):
         self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, message_type: str
     ) -> list[Message]:
         """One message per node: the same ``arrays`` for all, or with a compressed downlink
-        what each node needs (:meth:`flower_llm.updates.Downlink.payload`); their bytes
-        are counted in the round's report."""
-        shared = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config})
+        what each node needs (:meth:`flower_llm.updates.Downlink.payload`), in
+        ``fed.wire-layout``; their bytes (with the packed header) are counted in the
+        round's report."""
+        shared = self.laid_out(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}))
+        # The whole adapter and the update are packed once, not per node (the payload is
+        # kept with its message so its id stays its own).
+        by_payload: dict[int, tuple[ArrayRecord, RecordDict]] = {}
         messages = []
         for node in nodes:
             content = shared
@@ -366,10 +379,13 @@ class WeightedFedAvg(FedAvg):
                 )
             if self.downlink is not None:
                 payload, header = self.downlink.payload(node)
-                content = RecordDict(
-                    {wire.ARRAYS: payload, wire.CONFIG: config, WIRE_FORMAT: header}
-                )
-            sent = wire.num_bytes(content.array_records[wire.ARRAYS])
+                if id(payload) not in by_payload:
+                    whole = RecordDict(
+                        {wire.ARRAYS: payload, wire.CONFIG: config, WIRE_FORMAT: header}
+                    )
+                    by_payload[id(payload)] = (payload, self.laid_out(whole))
+                content = by_payload[id(payload)][1]
+            sent = wire.payload_bytes(content)
             if message_type == MessageType.TRAIN:
                 self.report.bytes_down += sent
             else:
@@ -377,6 +393,10 @@ class WeightedFedAvg(FedAvg):
             self.report.bytes_by_node.setdefault(node, [0, 0])[0] += sent
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
+
+    def laid_out(self, content: RecordDict) -> RecordDict:
+        """``content`` in ``fed.wire-layout``."""
+        return wire.pack(content) if self.wire_layout == "packed" else content
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -456,7 +476,10 @@ class WeightedFedAvg(FedAvg):
         """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
-        content = reply.content
+        try:  # either layout: a site replies in the one it received
+            content, _ = wire.unpack(reply.content)
+        except wire.PackedLayoutError as err:
+            return f"bad packed layout: {err}"
         if wire.ARRAYS not in content.array_records:
             return f"no ArrayRecord '{wire.ARRAYS}'"
         if wire.METRICS not in content.metric_records:
@@ -595,11 +618,7 @@ class WeightedFedAvg(FedAvg):
         }
         seen: set[int] = set()
         for reply in replies:
-            received = (
-                sum(wire.num_bytes(r) for r in reply.content.array_records.values())
-                if not reply.has_error()
-                else 0
-            )
+            received = wire.message_bytes(reply.content) if not reply.has_error() else 0
             self.report.bytes_up += received
             refused = self.sender_problem(reply, addressed, seen)
             if refused is not None:

@@ -24,7 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def compare_sites(
-    grid: Grid, final: ArrayRecord, server_round: int, timeout: float, tasks: bool = False
+    grid: Grid,
+    final: ArrayRecord,
+    server_round: int,
+    timeout: float,
+    tasks: bool = False,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """summary.json's ``per-site`` section: every connected site's three scores.
 
@@ -38,9 +43,11 @@ def compare_sites(
     config = ConfigRecord(
         {wire.SERVER_ROUND: server_round, SITE_COMPARISON: True, wire.EVAL_TASKS: tasks}
     )
+    content = RecordDict({wire.ARRAYS: final, wire.CONFIG: config})
+    content = wire.pack(content) if packed else content  # fed.wire-layout
     messages = [
         Message(
-            content=RecordDict({wire.ARRAYS: final, wire.CONFIG: config}),
+            content=content,
             message_type=MessageType.EVALUATE,
             dst_node_id=node,
         )

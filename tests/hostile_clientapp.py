@@ -23,10 +23,14 @@ def train(msg: Message, context: Context) -> Message:
     reply = qlora.train(msg, context)
     partition = int(context.node_config.get("partition-id", -1))
     if partition == 0:
-        honest = reply.content.array_records[wire.ARRAYS]
-        reply.content[wire.ARRAYS] = ArrayRecord(
+        # float64 has no place in the packed layout: this site answers in the arrays
+        # layout, which the server reads as well, so the value bounds are what refuse it.
+        content, _ = wire.unpack(reply.content)
+        honest = content.array_records[wire.ARRAYS]
+        content[wire.ARRAYS] = ArrayRecord(
             {k: Array(np.full(a.shape, 1e300, np.float64)) for k, a in honest.items()}
         )
+        return Message(content, reply_to=msg)
     elif partition == 1:
         reply.content[wire.METRICS][wire.NUM_EXAMPLES] = 10**12
     return reply

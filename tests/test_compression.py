@@ -544,14 +544,16 @@ class CompressedSites:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            config = msg.content.config_records[wire.CONFIG]
+            # A site answers in the wire layout it received (fed.wire-layout).
+            instruction, packed = wire.unpack(msg.content)
+            config = instruction.config_records[wire.CONFIG]
             server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
             global_state, received = updates.receive(
-                self.node_states[node], msg.content, self.store(node)
+                self.node_states[node], instruction, self.store(node)
             )
             assert received is not None
             self.kinds.setdefault(server_round, {}).setdefault(node, []).append(
-                str(msg.content.config_records[WIRE_FORMAT]["content"])
+                str(instruction.config_records[WIRE_FORMAT]["content"])
             )
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.cohorts.setdefault(server_round, []).append(node)
@@ -581,7 +583,7 @@ class CompressedSites:
                         WIRE_FORMAT: updates.holds_record(self.node_states[node], received),
                     }
                 )
-            replies.append(Message(content, reply_to=msg))
+            replies.append(Message(wire.pack(content) if packed else content, reply_to=msg))
         return replies
 
 

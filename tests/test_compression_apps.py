@@ -90,8 +90,10 @@ def test_compressed_runs_train_and_send_fewer_bytes_in_every_combination(
     from flower_llm.compression import Header, decode
 
     for reply in dp_grid.train_replies:
-        header = Header.from_record(reply.content.config_records["wire-format"])
-        update = decode(reply.content.array_records[wire.ARRAYS], header)
+        content, packed = wire.unpack(reply.content)
+        assert packed  # fed.wire-layout's default: codes and scales in one array
+        header = Header.from_record(content.config_records["wire-format"])
+        update = decode(content.array_records[wire.ARRAYS], header)
         norm = math.sqrt(
             sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values())
         )

@@ -55,6 +55,28 @@ def test_every_site_took_part_in_every_round(default_run: Path) -> None:
         assert row["bytes-up"] > 0 and row["bytes-down"] > 0
 
 
+def test_adapters_travel_in_the_packed_wire_layout(default_run: Path) -> None:
+    # fed.wire-layout = packed by default: each train instruction is the adapter as one
+    # array plus its layout header, and the bytes counted are exactly that
+    from flwr.app import ConfigRecord, RecordDict
+
+    from flower_llm import wire
+    from flower_llm.adapters import init_adapter
+    from flower_llm.config import app_config, parse_run_config
+    from flower_llm.embedded import embedded_model_dir
+
+    cfg = parse_run_config(app_config(Path(__file__).resolve().parents[1] / "pyproject.toml"))
+    state, _ = init_adapter(cfg.model, cfg.lora, str(embedded_model_dir()), seed=0)
+    config = ConfigRecord({wire.SERVER_ROUND: 1})
+    plain = RecordDict({wire.ARRAYS: wire.to_array_record(state), wire.CONFIG: config})
+    packed = wire.pack(plain)
+    rows = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["bytes-down"] == 4 * wire.payload_bytes(packed), row
+        assert row["bytes-down"] != 4 * wire.payload_bytes(plain)
+    assert len(packed.array_records[wire.ARRAYS]) == 1 and len(state) > 10
+
+
 def test_federated_adapter_beats_every_local_only_adapter(default_run: Path) -> None:
     summary = json.loads((default_run / "summary.json").read_text())
     federated = summary["union-eval-loss/federated"]

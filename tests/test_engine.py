@@ -131,12 +131,14 @@ class SitesGrid:
     ) -> list[Message]:
         replies = []
         for msg in messages:
-            config = msg.content.config_records.get(wire.CONFIG)
+            # A site answers in the wire layout it received (fed.wire-layout).
+            instruction, packed = wire.unpack(msg.content)
+            config = instruction.config_records.get(wire.CONFIG)
             server_round = int(config[wire.SERVER_ROUND]) if config else 0  # type: ignore[arg-type]
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == "train":
                 self.cohorts.setdefault(server_round, []).append(node)
-                state = wire.from_array_record(msg.content.array_records[wire.ARRAYS])
+                state = wire.from_array_record(instruction.array_records[wire.ARRAYS])
                 rng = np.random.default_rng([node, server_round])
                 local = {
                     k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in state.items()
@@ -155,7 +157,7 @@ class SitesGrid:
                     wire.EVAL_TOKENS: 10,
                 }
                 content = RecordDict({wire.METRICS: MetricRecord(metrics)})  # type: ignore[arg-type]
-            replies.append(Message(content, reply_to=msg))
+            replies.append(Message(wire.pack(content) if packed else content, reply_to=msg))
         return replies
 
 

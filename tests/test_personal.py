@@ -109,11 +109,12 @@ def run_server(grid: ClientAppGrid, run_config: dict[str, Any]) -> dict[str, Any
 
 
 def array_keys(messages: Iterable[Message]) -> set[str]:
+    """Adapter keys in any ArrayRecord of ``messages``, in either wire layout."""
     return {
         key
         for msg in messages
         if msg.has_content()
-        for record in msg.content.array_records.values()
+        for record in wire.unpack(msg.content)[0].array_records.values()
         for key in record
     }
 
@@ -153,7 +154,8 @@ def test_local_b_sends_and_receives_a_only(local_b_run: dict[str, Any]) -> None:
     assert len(train_replies) == 2 * SITES
     # Every train reply holds the A matrices and nothing else
     for reply in train_replies:
-        keys = set(reply.content.array_records[wire.ARRAYS])
+        assert wire.is_packed(reply.content)  # fed.wire-layout's default, both ways
+        keys = set(wire.unpack(reply.content)[0].array_records[wire.ARRAYS])
         assert keys and all(is_lora_a(k) for k in keys), sorted(keys)[:3]
     # Nothing the server sent or received, in any record, holds a B; except the
     # local-only adapters the benchmark-only baseline sends (output.local-only-baseline)
