@@ -27,11 +27,10 @@ from flower_llm.preflight import client_fails_loud
 from flower_llm.worker import site_worker_mod
 
 if TYPE_CHECKING:
-    from flower_llm.adapters import AdapterState
     from flower_llm.client import ClientSession, SessionCache, SiteIdentity
-    from flower_llm.compression import Header
     from flower_llm.config import DataConfig
     from flower_llm.personal import LocalB
+    from flower_llm.site_state import SiteStateStore
 
 # With node-config `worker-socket`, every message goes to the site's long-lived worker
 # (flower_llm.worker), which runs this same app on a model it keeps loaded.
@@ -112,19 +111,16 @@ def local_b_site(context: Context, session: ClientSession) -> LocalB | None:
 secagg_app = make_app(session_and_keys)
 
 
-def receive_global(
+def held_global_store(
     instruction: RecordDict, context: Context, session: ClientSession
-) -> tuple[AdapterState, Header | None]:
-    """The global adapter an instruction carries (whole, or a compressed update applied to
-    the one this site holds, read back from its state store after a restart)."""
+) -> SiteStateStore | None:
+    """Where a site keeps the global adapter it holds, when the instruction is compressed
+    (an update applies to it; after a restart it is read back from there)."""
+    if not updates.is_compressed(instruction):
+        return None
     from flower_llm.client import site_store
 
-    store = (
-        site_store(context.node_config, session.cfg, session.site, context.run_id)
-        if updates.is_compressed(instruction)
-        else None
-    )
-    return updates.receive(context.state, instruction, store)
+    return site_store(context.node_config, session.cfg, session.site, context.run_id)
 
 
 @app.train()
@@ -140,7 +136,8 @@ def train(msg: Message, context: Context) -> Message:
     config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
     # A plain adapter, or a compressed one applied to the global adapter this site holds.
-    global_state, received = receive_global(instruction, context, session)
+    store = held_global_store(instruction, context, session)
+    global_state, received = updates.receive(context.state, instruction, store)
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -202,7 +199,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     session = session_for(context)
     instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays to pack
     config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
-    global_state, received = receive_global(instruction, context, session)
+    store = held_global_store(instruction, context, session)
+    global_state, received = updates.receive(context.state, instruction, store)
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.

@@ -472,6 +472,12 @@ class SiteTrainer:
         )
         return trained.state, trained.stats
 
+    def train_reply_metrics(
+        self, stats: TrainStats
+    ) -> dict[str, int | float | list[int] | list[float]]:
+        """The counts a train reply reports (held and seen): the session's."""
+        return self.session.train_reply_metrics(stats)
+
 
 def clip_adapter_update(
     state: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray], clip_norm: float

@@ -39,6 +39,7 @@ from flower_llm.site_state import SiteStateError, SiteStateStore
 if TYPE_CHECKING:
     from flower_llm.client import ClientSession, SiteTrainer
     from flower_llm.tasks import Task
+    from flower_llm.train import TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,10 @@ class LocalBTrainer:
         )
         self.site.keep(state, server_round)
         return shared_part(state, "local-b"), stats
+
+    def train_reply_metrics(self, stats: TrainStats) -> Mapping[str, object]:
+        """The counts a train reply reports (held and seen): the site's."""
+        return self.trainer.train_reply_metrics(stats)
 
 
 def finetune(
