@@ -130,8 +130,10 @@ def test_exact_aggregation_of_mixed_site_ranks_works_compressed(
         if codec == "float32":
             continue
         for reply in grid.train_replies:
-            header = Header.from_record(reply.content.config_records["wire-format"])
-            update = decode(reply.content.array_records[wire.ARRAYS], header)
+            content, packed = wire.unpack(reply.content)  # fed.wire-layout, packed by default
+            assert packed
+            header = Header.from_record(content.config_records["wire-format"])
+            update = decode(content.array_records[wire.ARRAYS], header)
             expected_rank = {1: 2, 2: 4}[reply.metadata.src_node_id]
             assert rank_of(update) == expected_rank
     base = runs["float32"][0]
