@@ -50,7 +50,6 @@ def _proc_field(path: str, name: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, library versions, date and load: what a figure depends on."""
-    import flwr
     import numpy
     import peft
     import torch
@@ -68,7 +67,7 @@ def machine_info() -> dict[str, Any]:
         "load-average-1min": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else _dist_version("flwr"),
+        "flwr": _dist_version("flwr"),
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "bitsandbytes": _dist_version("bitsandbytes"),

@@ -1,18 +1,24 @@
-"""GPU: QLoRA (NF4 base) vs bf16-base LoRA, tokens/s and peak VRAM, same model and batches.
+"""GPU: QLoRA (NF4 base) vs bf16-base LoRA: tokens/s, peak VRAM against the plan, cache loads.
 
 Runs only where CUDA is available; elsewhere it prints one skip line and writes nothing
 (so a result taken on a GPU machine is never overwritten by a CPU run). The model is
-built from a published config (``--arch``, default Qwen2.5-0.5B; Qwen2.5-1.5B and a
-1.1B Llama are offered) with random weights, saved once with ``save_pretrained``, and
-loaded through ``flower_llm.models.load_base_model`` twice: ``model.quantization = nf4``
-and ``none`` (both compute in bfloat16). Training is ``flower_llm.train.train_adapter``
+built from a published config (``--arch``, default Qwen2.5-0.5B; Qwen2.5-1.5B, a 1.1B
+Llama and Llama-3-8B are offered) with random weights, saved once with
+``save_pretrained``, and loaded through ``flower_llm.models.load_base_model`` once per
+configuration (``--configs``: ``nf4``, ``bf16``, each optionally ``+gc`` with gradient
+checkpointing; all compute in bfloat16). 4-bit loads go through the pre-quantized base
+cache: the first one quantizes the bf16 weights and writes the entry, the next one reads
+it, and the load times of both are reported. Training is ``flower_llm.train.train_adapter``
 (the project's loop) with the project's LoRA settings on fixed-length random token
-batches, so both configurations see identical shapes.
+batches, so every configuration sees identical shapes.
 
 Reported per configuration: ``torch.cuda.max_memory_allocated`` after loading and over
-training, and tokens/s over the timed steps (after warm-up steps, CUDA synchronised).
+training, next to ``flower-llm plan``'s estimate for the same settings
+(:func:`flower_llm.plan.estimate_memory`, without its CUDA context), and tokens/s over the
+timed steps (after warm-up steps, CUDA synchronised).
 
-    python -m benchmarks.gpu_qlora [--arch qwen2.5-0.5b] [--batch-size 8] [--seq-len 512]
+    python -m benchmarks.gpu_qlora [--arch qwen2.5-0.5b,llama-3-8b] [--configs nf4,bf16]
+        [--batch-size 8] [--seq-len 512]
 """
 
 from __future__ import annotations
@@ -61,6 +67,19 @@ GPU_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "vocab_size": 32000,
         "tie_word_embeddings": False,
     },
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json: the shape
+    # docs/cli.md plans for a 24 GiB card.
+    "llama-3-8b": {
+        "family": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+    },
     # Only for checking this script's code path on a CPU (--allow-cpu).
     "tiny": {
         "family": "llama",
@@ -90,6 +109,9 @@ def build_model(arch: str, out_dir: Path, device: str) -> Path:
     # Any tokenizer will do for random-token batches; load_base_model needs one on disk.
     build_tokenizer().save_pretrained(out_dir)
     del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out_dir
 
 
@@ -109,80 +131,173 @@ def random_batches(
         }
 
 
+CONFIGS: dict[str, tuple[str, bool]] = {
+    "nf4": ("nf4", False),
+    "nf4+gc": ("nf4", True),
+    "bf16": ("none", False),
+    "bf16+gc": ("none", True),
+}
+"""``--configs`` names: (``model.quantization``, ``model.gradient-checkpointing``)."""
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(
     model_dir: Path,
-    quantization: str,
+    config: str,
+    batch_size: int,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+    device: Any,
+    cache: Any,
+) -> dict[str, Any]:
+    """Load as ``config`` says, apply LoRA, time ``steps`` steps; the plan's estimate beside.
+
+    The load goes through ``cache`` (a :class:`flower_llm.models.QuantizedBaseCache`): the
+    first 4-bit load of a model quantizes its bf16 weights and writes the cache entry, a
+    later one reads the entry. Which of the two happened is recorded with the load time.
+    """
+    import torch
+
+    from flower_llm.adapters import apply_lora
+    from flower_llm.config import LoraSettings, ModelConfig
+    from flower_llm.models import CACHED_QUANTIZATIONS, base_tensor_bytes, load_base_model
+    from flower_llm.plan import PlanSettings, estimate_memory, load_model_config
+    from flower_llm.train import train_adapter
+
+    quantization, checkpointing = CONFIGS[config]
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cfg = ModelConfig(
+        name=str(model_dir),
+        quantization=quantization,
+        compute_dtype="bfloat16",
+        gradient_checkpointing=checkpointing,
+    )
+    source = "bf16 weights"
+    if quantization in CACHED_QUANTIZATIONS:
+        cached = cache.entry_dir(cache.key_fields(cfg, str(model_dir))).exists()
+        source = "cache entry" if cached else "bf16 weights, quantized, entry written"
+    _sync(device)
+    started = time.perf_counter()
+    base = load_base_model(cfg, device, cache=cache)
+    _sync(device)
+    load_seconds = time.perf_counter() - started
+    loaded = torch.cuda.max_memory_allocated() if cuda else None
+    lora = LoraSettings()
+    model = apply_lora(base.model, lora, base.name_or_path)
+    batches = random_batches(base.model.config.vocab_size, batch_size, seq_len, device)
+    train_adapter(model, batches, steps=warmup, learning_rate=1e-4)
+    _sync(device)
+    stats = train_adapter(model, batches, steps=steps, learning_rate=1e-4)
+    _sync(device)
+    plan = estimate_memory(
+        load_model_config(str(model_dir)),
+        PlanSettings(
+            seq_len=seq_len,
+            batch_size=batch_size,
+            lora_r=lora.r,
+            target_modules=lora.target_modules,
+            quantization=quantization,
+            compute_dtype="bfloat16",
+            gradient_checkpointing=checkpointing,
+        ),
+    )
+    # max_memory_allocated counts PyTorch's tensors; the plan adds a CUDA context on top.
+    planned = plan.total_bytes - plan.cuda_context_bytes
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    result = {
+        "config": config,
+        "quantization": quantization,
+        "gradient-checkpointing": checkpointing,
+        "load-from": source,
+        "load-seconds": load_seconds,
+        "base-tensor-bytes": base_tensor_bytes(base.model),
+        "vram-after-load": loaded,
+        "vram-peak": peak,
+        "vram-reserved-peak": torch.cuda.max_memory_reserved() if cuda else None,
+        "plan-bytes": planned,
+        "plan-weights-bytes": plan.weight_bytes,
+        "plan-activation-bytes": plan.activation_bytes + plan.logits_bytes,
+        "peak-over-plan": peak / planned if peak else None,
+        "tokens": steps * batch_size * seq_len,
+        "seconds": stats.seconds,
+        "tokens-per-s": steps * batch_size * seq_len / stats.seconds,
+        "loss": stats.loss,
+    }
+    del model, base, batches
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def run(
+    arch: str,
+    configs: Sequence[str],
     batch_size: int,
     seq_len: int,
     warmup: int,
     steps: int,
     device: Any,
 ) -> dict[str, Any]:
-    """Load with ``quantization``, apply LoRA, time ``steps`` training steps."""
-    import torch
+    """Build the model once, then measure each configuration in the order given."""
+    from flower_llm.models import QuantizedBaseCache
 
-    from flower_llm.adapters import apply_lora
-    from flower_llm.config import LoraSettings, ModelConfig
-    from flower_llm.models import base_tensor_bytes, load_base_model
-    from flower_llm.train import train_adapter
-
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    cfg = ModelConfig(name=str(model_dir), quantization=quantization, compute_dtype="bfloat16")
-    base = load_base_model(cfg, device)
-    loaded = torch.cuda.max_memory_allocated() if cuda else None
-    model = apply_lora(base.model, LoraSettings(), base.name_or_path)
-    batches = random_batches(base.model.config.vocab_size, batch_size, seq_len, device)
-    train_adapter(model, batches, steps=warmup, learning_rate=1e-4)
-    if cuda:
-        torch.cuda.synchronize()
-    stats = train_adapter(model, batches, steps=steps, learning_rate=1e-4)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = stats.seconds
-    result = {
-        "quantization": quantization,
-        "base-tensor-bytes": base_tensor_bytes(base.model),
-        "vram-after-load": loaded,
-        "vram-peak": torch.cuda.max_memory_allocated() if cuda else None,
-        "tokens": steps * batch_size * seq_len,
-        "seconds": seconds,
-        "tokens-per-s": steps * batch_size * seq_len / seconds,
-        "loss": stats.loss,
-    }
-    del model, base
-    gc.collect()
-    return result
-
-
-def run(
-    arch: str, batch_size: int, seq_len: int, warmup: int, steps: int, device: Any
-) -> dict[str, Any]:
-    """Build the model once, then measure NF4 and bf16."""
     with tempfile.TemporaryDirectory(prefix="flower-llm-gpu-") as tmp:
-        model_dir = build_model(arch, Path(tmp), device.type)
+        started = time.perf_counter()
+        model_dir = build_model(arch, Path(tmp) / "model", device.type)
+        build_seconds = time.perf_counter() - started
+        cache = QuantizedBaseCache(Path(tmp) / "quantized-bases")
         rows = {
-            q: measure(model_dir, q, batch_size, seq_len, warmup, steps, device)
-            for q in ("nf4", "none")
+            c: measure(model_dir, c, batch_size, seq_len, warmup, steps, device, cache)
+            for c in configs
         }
-    nf4, bf16 = rows["nf4"], rows["none"]
-    speed = nf4["tokens-per-s"] / bf16["tokens-per-s"]
-    vram = nf4["vram-peak"] / bf16["vram-peak"] if nf4["vram-peak"] else None
-    heads = [
-        common.headline(
-            f"GPU {arch}: QLoRA (NF4) / bf16 LoRA tokens/s",
-            f"{nf4['tokens-per-s']:,.0f} / {bf16['tokens-per-s']:,.0f} = {speed:.2f}x",
-        ),
-        common.headline(
-            f"GPU {arch}: QLoRA (NF4) / bf16 LoRA peak VRAM",
-            "n/a (CPU check run)"
-            if vram is None
-            else f"{common.mib(nf4['vram-peak'])} / {common.mib(bf16['vram-peak'])} MiB "
-            f"= {vram:.2f}x",
-        ),
-    ]
+    heads = []
+    if "nf4" in rows and "bf16" in rows:
+        nf4, bf16 = rows["nf4"], rows["bf16"]
+        speed = nf4["tokens-per-s"] / bf16["tokens-per-s"]
+        heads.append(
+            common.headline(
+                f"GPU {arch}: QLoRA (NF4) / bf16 LoRA tokens/s",
+                f"{nf4['tokens-per-s']:,.0f} / {bf16['tokens-per-s']:,.0f} = {speed:.2f}x",
+            )
+        )
+        if nf4["vram-peak"]:
+            heads.append(
+                common.headline(
+                    f"GPU {arch}: QLoRA (NF4) / bf16 LoRA peak VRAM",
+                    f"{common.mib(nf4['vram-peak'])} / {common.mib(bf16['vram-peak'])} MiB "
+                    f"= {nf4['vram-peak'] / bf16['vram-peak']:.2f}x",
+                )
+            )
+    for name, row in rows.items():
+        if row["peak-over-plan"]:
+            heads.append(
+                common.headline(
+                    f"GPU {arch} {name}: measured peak / `flower-llm plan` estimate",
+                    f"{common.mib(row['vram-peak'])} / {common.mib(row['plan-bytes'])} MiB "
+                    f"= {row['peak-over-plan']:.2f}x",
+                )
+            )
+    loads = {r["load-from"]: r["load-seconds"] for r in rows.values() if r["quantization"] == "nf4"}
+    first, again = "bf16 weights, quantized, entry written", "cache entry"
+    if first in loads and again in loads:
+        heads.append(
+            common.headline(
+                f"GPU {arch}: NF4 base load, cache entry / quantizing the bf16 weights",
+                f"{loads[again]:.1f} s / {loads[first]:.1f} s = {loads[again] / loads[first]:.2f}x",
+            )
+        )
     return {
         "arch": arch,
         "dims": GPU_ARCHITECTURES[arch],
@@ -190,34 +305,53 @@ def run(
         "seq-len": seq_len,
         "warmup-steps": warmup,
         "steps": steps,
+        "build-seconds": build_seconds,
         "configs": rows,
-        "ratio-tokens-per-s-nf4-vs-bf16": speed,
-        "ratio-vram-nf4-vs-bf16": vram,
         "headlines": heads,
     }
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """One row per configuration."""
-    text = (
-        f"{result['arch']} with random weights, {result['steps']} timed steps (after "
-        f"{result['warmup-steps']}) of batch {result['batch-size']} x {result['seq-len']} "
-        "tokens, project LoRA settings, bfloat16 compute. MiB.\n\n"
-    )
-    text += common.table(
-        ["base", "base tensor bytes", "VRAM after load", "peak VRAM", "tokens/s", "loss"],
-        [
+    """One row per configuration, per architecture."""
+    text = ""
+    for run_result in result["runs"]:
+        text += (
+            f"### {run_result['arch']}\n\nRandom weights, {run_result['steps']} timed steps "
+            f"(after {run_result['warmup-steps']}) of batch {run_result['batch-size']} x "
+            f"{run_result['seq-len']} tokens, project LoRA settings (r=16, all-linear), "
+            "bfloat16 compute. `plan` is `flower-llm plan`'s estimate for the same settings "
+            "without its 0.5 GiB CUDA context (peak counts PyTorch's allocations only). MiB.\n\n"
+        )
+        text += common.table(
             [
-                "NF4 (QLoRA)" if q == "nf4" else "bf16",
-                common.mib(r["base-tensor-bytes"]),
-                common.mib(r["vram-after-load"]),
-                f"**{common.mib(r['vram-peak'])}**",
-                f"**{r['tokens-per-s']:,.0f}**",
-                f"{r['loss']:.3f}",
-            ]
-            for q, r in result["configs"].items()
-        ],
-    )
+                "config",
+                "load",
+                "load s",
+                "base tensor bytes",
+                "after load",
+                "peak",
+                "plan",
+                "peak / plan",
+                "tokens/s",
+                "loss",
+            ],
+            [
+                [
+                    name,
+                    r["load-from"],
+                    f"{r['load-seconds']:.1f}",
+                    common.mib(r["base-tensor-bytes"]),
+                    common.mib(r["vram-after-load"]) if r["vram-after-load"] else "n/a",
+                    f"**{common.mib(r['vram-peak'])}**" if r["vram-peak"] else "n/a",
+                    common.mib(r["plan-bytes"]),
+                    f"{r['peak-over-plan']:.2f}" if r["peak-over-plan"] else "n/a",
+                    f"**{r['tokens-per-s']:,.0f}**",
+                    f"{r['loss']:.3f}",
+                ]
+                for name, r in run_result["configs"].items()
+            ],
+        )
+        text += "\n"
     return text
 
 
@@ -228,13 +362,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     import torch
 
     p = common.parser(__doc__)
-    p.add_argument("--arch", choices=sorted(GPU_ARCHITECTURES), default="qwen2.5-0.5b")
+    p.add_argument(
+        "--arch",
+        default="qwen2.5-0.5b",
+        help=f"comma-separated, from: {', '.join(sorted(GPU_ARCHITECTURES))}",
+    )
+    p.add_argument(
+        "--configs",
+        default="nf4,bf16",
+        help=f"comma-separated, in order, from: {', '.join(CONFIGS)} (+gc: gradient "
+        "checkpointing); a second NF4 config of an arch loads from the cache entry the first wrote",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--name", default="gpu_qlora", help="result file name (without .json/.md)")
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name, known in (("arch", GPU_ARCHITECTURES), ("configs", CONFIGS)):
+        bad = [v for v in (archs if name == "arch" else configs) if v not in known]
+        if bad:
+            p.error(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_qlora: skipped, CUDA is not available on this machine")
         return None
@@ -243,16 +394,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.quick:
         args.warmup, args.steps = 1, 2
     if device.type == "cpu":  # checking the code path only: a tiny model, short batches
-        args.arch, args.batch_size, args.seq_len = "tiny", 2, 32
+        archs, args.batch_size, args.seq_len = ["tiny"], 2, 32
     started = time.perf_counter()
-    result = run(args.arch, args.batch_size, args.seq_len, args.warmup, args.steps, device)
+    runs = [
+        run(arch, configs, args.batch_size, args.seq_len, args.warmup, args.steps, device)
+        for arch in archs
+    ]
+    result = {"runs": runs, "headlines": [h for r in runs for h in r["headlines"]]}
+    name = args.name if device.type == "cuda" else f"{args.name}_cpu_check"
     return common.finish(
-        "gpu_qlora" if device.type == "cuda" else "gpu_qlora_cpu_check",
-        result,
-        to_markdown(result),
-        Path(args.out),
-        quick=args.quick,
-        started=started,
+        name, result, to_markdown(result), Path(args.out), quick=args.quick, started=started
     )
 
 
