@@ -690,6 +690,15 @@ def format_plan(plan: MemoryPlan) -> str:
             f"{layer_kib:.0f} KiB/token/layer x {shape.num_layers} layers, "
             f"checkpointing {checkpointing}",
         ),
+        (
+            "attention scores",
+            "",
+            plan.attention_score_bytes,
+            f"fp32 B x heads x T x T, {1 if s.gradient_checkpointing else shape.num_layers} "
+            "layer(s): CUDA SDPA math kernel",
+        )
+        if plan.attention_score_bytes
+        else None,
         ("logits and loss", "", plan.logits_bytes, f"vocab {shape.vocab_size}"),
         ("CUDA context", "", plan.cuda_context_bytes, ""),
     ]
@@ -700,7 +709,7 @@ def format_plan(plan: MemoryPlan) -> str:
     ]
     lines += [
         f"  {name:<26}{count:>16}  {format_bytes(size):>11}  {note}".rstrip()
-        for name, count, size, note in rows
+        for name, count, size, note in (row for row in rows if row is not None)
     ]
     lines.append(f"  {'total':<26}{'':>16}  {format_bytes(plan.total_bytes):>11}")
     if plan.gpu_bytes is not None:

@@ -4,8 +4,8 @@
 allocated), counts every parameter exactly, wraps it with the same LoRA settings the
 ClientApp uses, and adds up what a training step of *this* code base holds at its peak:
 
-``total = quantized linear weights + other weights + LoRA state + activations + logits
-+ CUDA context``
+``total = quantized linear weights + other weights + LoRA state + activations
++ attention scores + logits + CUDA context``
 
 Weights
     Every ``nn.Linear`` but the output embedding (``lm_head``) is quantized by
@@ -42,12 +42,23 @@ Activations (see :func:`layer_activation_bytes`)
     quantized. Without checkpointing every layer keeps this; with gradient checkpointing a
     layer keeps only its input (``a h``) and one layer at a time is recomputed in backward:
     ``L a h + one layer``. The final norm adds ``4h + 4``.
-    Assumptions: SDPA with a flash or memory-efficient kernel (no T x T attention matrix;
-    ``attn_implementation="eager"`` would add ``B n_h T^2`` times a few bytes); no LoRA
+    Assumptions: no T x T attention matrix in these per-token figures (see the next
+    part for when SDPA keeps one); no LoRA
     dropout (dropout > 0 keeps a mask and a dropped copy per adapted linear); every layer
     shaped like the first. The coefficients were checked against the tensors autograd
     saves (``saved_tensors_hooks``) on transformers 5.24 / peft 0.21; other architectures
     get the Llama formula as an approximation.
+Attention scores (CUDA)
+    With grouped KV heads (``kv < h``) and an fp32 stream (``a = 4``, i.e. a quantized
+    base), transformers calls SDPA with fp32 q, k, v and ``enable_gqa=True``. CUDA's
+    flash kernel takes no fp32, and the call runs SDPA's math kernel, which keeps the
+    ``B n_h T T`` fp32 attention probabilities of every layer for backward:
+    ``4 n_h T`` bytes per token and layer (one layer with gradient checkpointing).
+    Measured on an H200 (torch 2.11, ``benchmarks/results/gpu_qlora_*.md``): without this
+    part the estimate fell 15-46 % short of the peak of NF4 training at 512 tokens, with it
+    the peak is 0-6 % above the estimate; bf16 bases (flash kernel) needed no such part.
+    CPU training keeps no such matrix (its SDPA kernel takes fp32), which the per-token
+    formula above was checked on.
 Logits
     ``B T V (a + 8)`` bytes: the model's logits, then in
     :func:`flower_llm.train.summed_token_loss` their shifted fp32 copy (``.float()`` of
@@ -228,6 +239,8 @@ class MemoryPlan:
     activation_bytes: int
     logits_bytes: int
     cuda_context_bytes: int
+    attention_score_bytes: int = 0
+    """SDPA's fp32 attention probabilities on CUDA (:func:`attention_score_bytes`)."""
     gpu_bytes: int | None = None
     """Memory of the GPU to compare with, if one was named."""
 
@@ -243,6 +256,7 @@ class MemoryPlan:
             self.weight_bytes
             + self.lora_bytes
             + self.activation_bytes
+            + self.attention_score_bytes
             + self.logits_bytes
             + self.cuda_context_bytes
         )
@@ -420,6 +434,18 @@ def layer_activation_bytes(
     return norms + attention + mlp + lora_activation_bytes(adapted, a)
 
 
+def attention_score_bytes(shape: ModelShape, settings: PlanSettings) -> int:
+    """Bytes per token and layer of the attention probabilities SDPA keeps on CUDA.
+
+    ``4 n_h T`` when q, k, v are fp32 (``a = 4``) and the model groups its KV heads
+    (``kv < h``): SDPA then runs its math kernel (module docstring); 0 otherwise.
+    """
+    grouped = shape.kv_size < shape.hidden_size
+    if settings.activation_bytes != 4 or not grouped:
+        return 0
+    return 4 * shape.num_heads * settings.seq_len
+
+
 # --------------------------------------------------------------------------------------
 # The estimate
 # --------------------------------------------------------------------------------------
@@ -468,6 +494,7 @@ def estimate_memory(
         per_token = sum(per_layer) + extra
 
     logits_per_value = a + 8
+    layers_kept = 1 if settings.gradient_checkpointing else shape.num_layers
     return MemoryPlan(
         model=model or str(getattr(config, "_name_or_path", "") or shape.model_type),
         shape=shape,
@@ -483,6 +510,7 @@ def estimate_memory(
         activation_bytes=per_token * tokens,
         logits_bytes=tokens * shape.vocab_size * logits_per_value,
         cuda_context_bytes=CUDA_CONTEXT_BYTES,
+        attention_score_bytes=layers_kept * tokens * attention_score_bytes(shape, settings),
         gpu_bytes=gpu_bytes,
     )
 

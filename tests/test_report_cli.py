@@ -31,6 +31,7 @@ from flower_llm.plan import (
     AdaptedLinear,
     ModelShape,
     PlanSettings,
+    attention_score_bytes,
     estimate_memory,
     layer_activation_bytes,
     load_model_config,
@@ -672,6 +673,64 @@ def test_layer_formula_by_hand() -> None:
     assert bf16 == 8 * h + 8 + 2 * (2 * h + 2 * kv) + 4 * 32 + 6 * i + 4 * (6 * h + i) + 7 * 64
 
 
+def test_attention_scores_part_by_hand(tmp_path: Path) -> None:
+    # Prepare: Llama-3-8B's layer (32 heads, 8 KV heads) and one without grouped KV heads
+    grouped = ModelShape("llama", 32, 4096, 14336, 32, 1024, 128256)
+    ungrouped = ModelShape("llama", 32, 4096, 14336, 32, 4096, 128256)
+
+    # Execute
+    nf4 = attention_score_bytes(grouped, PlanSettings(seq_len=512))
+    bf16 = attention_score_bytes(grouped, PlanSettings(seq_len=512, quantization="none"))
+    fp32 = attention_score_bytes(
+        grouped, PlanSettings(quantization="none", compute_dtype="float32")
+    )
+    plain_heads = attention_score_bytes(ungrouped, PlanSettings(seq_len=512))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(LLAMA_3_8B))
+    config = load_model_config(str(config_file))
+    plan = estimate_memory(config, PlanSettings())
+    checkpointed = estimate_memory(config, PlanSettings(gradient_checkpointing=True))
+
+    # Assert: fp32 q/k/v with grouped KV heads keep 4 n_h T bytes a token and layer
+    assert nf4 == fp32 == 4 * 32 * 512
+    assert bf16 == 0 and plain_heads == 0
+    assert plan.attention_score_bytes == 32 * (4 * 512) * 4 * 32 * 512  # 4 GiB
+    assert checkpointed.attention_score_bytes == plan.attention_score_bytes // 32
+
+
+def test_plan_is_within_ten_percent_of_the_peaks_measured_on_a_gpu() -> None:
+    # Prepare: the peaks benchmarks.gpu_qlora recorded on an H200 (benchmarks/results)
+    from benchmarks.gpu_qlora import CONFIGS, GPU_ARCHITECTURES
+    from benchmarks.wire_bytes import hf_config
+
+    results = sorted((Path(__file__).parent.parent / "benchmarks/results").glob("gpu_qlora*.json"))
+    rows = [
+        (run, name, row)
+        for file in results
+        if "cpu_check" not in file.name
+        for run in json.loads(file.read_text())["runs"]
+        for name, row in run["configs"].items()
+    ]
+    assert len(rows) >= 6, "the recorded GPU results are missing"
+
+    for run, name, row in rows:
+        # Execute
+        quantization, checkpointing = CONFIGS[name]
+        plan = estimate_memory(
+            hf_config(GPU_ARCHITECTURES[run["arch"]]),
+            PlanSettings(
+                seq_len=run["seq-len"],
+                batch_size=run["batch-size"],
+                quantization=quantization,
+                gradient_checkpointing=checkpointing,
+            ),
+        )
+
+        # Assert: PyTorch's peak allocation against the plan less its CUDA context
+        ratio = row["vram-peak"] / (plan.total_bytes - plan.cuda_context_bytes)
+        assert 0.85 < ratio < 1.10, f"{run['arch']} {name}: peak / plan = {ratio:.3f}"
+
+
 def test_plan_llama_3_8b_numbers(tmp_path: Path) -> None:
     # Prepare
     config_file = tmp_path / "config.json"
@@ -694,7 +753,12 @@ def test_plan_llama_3_8b_numbers(tmp_path: Path) -> None:
     assert checkpointed.activation_bytes < plan.activation_bytes / 8
     assert plan.logits_bytes == 4 * 512 * 128256 * 12
     assert plan.total_bytes == (
-        plan.weight_bytes + plan.lora_bytes + plan.activation_bytes + plan.logits_bytes + GIB // 2
+        plan.weight_bytes
+        + plan.lora_bytes
+        + plan.activation_bytes
+        + plan.attention_score_bytes
+        + plan.logits_bytes
+        + GIB // 2
     )
 
 
