@@ -6,7 +6,8 @@ built from a published config (``--arch``, default Qwen2.5-0.5B; Qwen2.5-1.5B, a
 Llama and Llama-3-8B are offered) with random weights, saved once with
 ``save_pretrained``, and loaded through ``flower_llm.models.load_base_model`` once per
 configuration (``--configs``: ``nf4``, ``bf16``, each optionally ``+gc`` with gradient
-checkpointing; all compute in bfloat16). 4-bit loads go through the pre-quantized base
+checkpointing, and ``nf4+bf16-stream`` for ``model.fp32-stream = false``; all compute in
+bfloat16). 4-bit loads go through the pre-quantized base
 cache: the first one quantizes the bf16 weights and writes the entry, the next one reads
 it, and the load times of both are reported. Training is ``flower_llm.train.train_adapter``
 (the project's loop) with the project's LoRA settings on fixed-length random token
@@ -131,13 +132,16 @@ def random_batches(
         }
 
 
-CONFIGS: dict[str, tuple[str, bool]] = {
-    "nf4": ("nf4", False),
-    "nf4+gc": ("nf4", True),
-    "bf16": ("none", False),
-    "bf16+gc": ("none", True),
+CONFIGS: dict[str, tuple[str, bool, bool]] = {
+    "nf4": ("nf4", False, True),
+    "nf4+gc": ("nf4", True, True),
+    "nf4+bf16-stream": ("nf4", False, False),
+    "nf4+gc+bf16-stream": ("nf4", True, False),
+    "bf16": ("none", False, True),
+    "bf16+gc": ("none", True, True),
 }
-"""``--configs`` names: (``model.quantization``, ``model.gradient-checkpointing``)."""
+"""``--configs`` names: ``model.quantization``, ``model.gradient-checkpointing`` and
+``model.fp32-stream`` (``+bf16-stream``: false)."""
 
 
 def _sync(device: Any) -> None:
@@ -171,7 +175,7 @@ def measure(
     from flower_llm.plan import PlanSettings, estimate_memory, load_model_config
     from flower_llm.train import train_adapter
 
-    quantization, checkpointing = CONFIGS[config]
+    quantization, checkpointing, fp32_stream = CONFIGS[config]
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -182,6 +186,7 @@ def measure(
         quantization=quantization,
         compute_dtype="bfloat16",
         gradient_checkpointing=checkpointing,
+        fp32_stream=fp32_stream,
     )
     source = "bf16 weights"
     if quantization in CACHED_QUANTIZATIONS:
@@ -210,6 +215,7 @@ def measure(
             quantization=quantization,
             compute_dtype="bfloat16",
             gradient_checkpointing=checkpointing,
+            fp32_stream=fp32_stream,
         ),
     )
     # max_memory_allocated counts PyTorch's tensors; the plan adds a CUDA context on top.
@@ -219,6 +225,7 @@ def measure(
         "config": config,
         "quantization": quantization,
         "gradient-checkpointing": checkpointing,
+        "fp32-stream": fp32_stream,
         "load-from": source,
         "load-seconds": load_seconds,
         "base-tensor-bytes": base_tensor_bytes(base.model),
@@ -289,7 +296,10 @@ def run(
                     f"= {row['peak-over-plan']:.2f}x",
                 )
             )
-    loads = {r["load-from"]: r["load-seconds"] for r in rows.values() if r["quantization"] == "nf4"}
+    loads: dict[str, float] = {}
+    for r in rows.values():
+        if r["quantization"] == "nf4":
+            loads.setdefault(r["load-from"], r["load-seconds"])
     first, again = "bf16 weights, quantized, entry written", "cache entry"
     if first in loads and again in loads:
         heads.append(

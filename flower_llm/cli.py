@@ -521,6 +521,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             double_quant=args.double_quant,
             compute_dtype=args.compute_dtype,
             gradient_checkpointing=args.gradient_checkpointing,
+            fp32_stream=args.fp32_stream,
         )
         config = load_model_config(args.model)
         plan = estimate_memory(config, settings, gpu_bytes=args.gpu_mem, model=args.model)
@@ -661,7 +662,7 @@ def format_plan(plan: MemoryPlan) -> str:
     """The breakdown ``plan`` prints."""
     s, shape = plan.settings, plan.shape
     quant = s.quantization + (" + double quant" if s.double_quant and "4" in s.quantization else "")
-    other_dtype = "fp32" if s.quantization != "none" else s.compute_dtype
+    other_dtype = "fp32" if s.other_weight_bytes == 4 else s.compute_dtype
     checkpointing = "on" if s.gradient_checkpointing else "off"
     layer_kib = plan.layer_activation_bytes / 1024
     rows = [
@@ -927,6 +928,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
     plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
     plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.add_argument(
+        "--fp32-stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model.fp32-stream: a quantized base's other weights and activations in fp32",
+    )
     plan.set_defaults(handler=cmd_plan)
 
     export = command("export", "copy an adapter and its base model into one portable directory")

@@ -97,6 +97,14 @@ class ModelConfig:
         "model.gradient-checkpointing",
         "Recompute activations in backward to save memory (slower).",
     )
+    fp32_stream: bool = setting(
+        True,
+        "model.fp32-stream",
+        "With a quantized base, upcast its other weights (embeddings, norms, lm_head) to "
+        "fp32 as peft's prepare_model_for_kbit_training does, so activations and attention "
+        "run in fp32. `false` keeps them in `model.compute-dtype`: about half the "
+        "activation memory, and SDPA's fused attention kernels on CUDA.",
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty", self.name)

@@ -124,9 +124,9 @@ def load_base_model(
     if quant is None:
         model.to(device)
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
         keep_4bit_training_layout(model)
+    if quant is not None and cfg.fp32_stream:
+        from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing

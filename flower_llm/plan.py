@@ -17,16 +17,17 @@ Weights
     The rest (embeddings, ``lm_head``, norms, biases) is *fp32* whenever the base is
     quantized: :func:`flower_llm.models.load_base_model` calls peft's
     ``prepare_model_for_kbit_training``, which upcasts every non-quantized bf16/fp16
-    parameter to fp32. Without quantization everything stays in the compute dtype.
+    parameter to fp32. Without quantization, or with ``model.fp32-stream = false``
+    (which skips that call), everything stays in the compute dtype.
 LoRA
     16 bytes a LoRA parameter: fp32 weight (peft keeps adapters in fp32), fp32 gradient
     and AdamW's two fp32 moments.
 Activations (see :func:`layer_activation_bytes`)
     Per decoder layer and token, for a Llama-style layer (pre-RMSNorm, GQA attention
     through SDPA, SwiGLU MLP), with ``a`` the bytes of the residual stream's dtype
-    (4 when quantized, because the upcast fp32 embeddings make the whole stream fp32;
-    else the compute dtype), ``h`` hidden size, ``kv`` = kv heads x head dim, ``i`` MLP
-    width, ``n_h`` attention heads and ``r`` the LoRA rank::
+    (4 when quantized with ``model.fp32-stream``, because the upcast fp32 embeddings
+    make the whole stream fp32; else the compute dtype), ``h`` hidden size, ``kv`` = kv
+    heads x head dim, ``i`` MLP width, ``n_h`` attention heads and ``r`` the LoRA rank::
 
         norms     2 (4h + 4)         each RMSNorm keeps its input in fp32 and 1/rms
         attention a (2h + 2kv) + 4n_h  SDPA keeps q, k, v, its output, a fp32 log-sum-exp
@@ -141,6 +142,8 @@ class PlanSettings:
     """``model.compute-dtype``; without quantization it is also the weights' dtype."""
     gradient_checkpointing: bool = False
     """``model.gradient-checkpointing``: keep layer inputs only, recompute in backward."""
+    fp32_stream: bool = True
+    """``model.fp32-stream``: a quantized base's other weights, so its stream, in fp32."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "lora_r"):
@@ -165,12 +168,13 @@ class PlanSettings:
     @property
     def activation_bytes(self) -> int:
         """Bytes of one element of the residual stream (see the module docstring)."""
-        return 4 if self.quantization != "none" else DTYPE_BYTES[self.compute_dtype]
+        return self.other_weight_bytes
 
     @property
     def other_weight_bytes(self) -> int:
         """Bytes per non-quantized weight: fp32 after ``prepare_model_for_kbit_training``."""
-        return 4 if self.quantization != "none" else DTYPE_BYTES[self.compute_dtype]
+        upcast = self.quantization != "none" and self.fp32_stream
+        return 4 if upcast else DTYPE_BYTES[self.compute_dtype]
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,35 @@ def test_load_adapter_state_rejects_a_wrong_shape(tiny_model_dir: Path) -> None:
         load_adapter_state(model, state)
 
 
+@pytest.mark.parametrize("fp32_stream", [True, False])
+def test_fp32_stream_sets_the_dtype_of_the_frozen_weights_and_activations(
+    tiny_model_dir: Path, fp32_stream: bool
+) -> None:
+    # Prepare
+    _, base, model = loaded(tiny_model_dir, **{"model.fp32-stream": fp32_stream})
+    stream = torch.float32 if fp32_stream else torch.bfloat16
+    seen: list[torch.dtype] = []
+    attention = model.base_model.model.model.layers[0].self_attn.q_proj
+    attention.register_forward_hook(lambda _m, args, _out: seen.append(args[0].dtype))
+    batch = random_batch(100)
+
+    def batches():  # type: ignore[no-untyped-def]
+        while True:
+            yield batch
+
+    # Execute
+    stats = train_adapter(model, batches(), steps=2, learning_rate=1e-2)
+
+    # Assert: embeddings and norms in the stream's dtype, still 4-bit, LoRA in fp32, trains
+    inner = model.base_model.model.model
+    assert inner.embed_tokens.weight.dtype == stream
+    assert inner.norm.weight.dtype == stream
+    assert set(quantized_linear_layers(base.model).values()) == {"Linear4bit"}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert seen and set(seen) == {stream}
+    assert np.isfinite(stats.loss) and stats.steps == 2
+
+
 def test_training_changes_lora_weights_only(tiny_model_dir: Path) -> None:
     # Prepare
     _, base, model = loaded(tiny_model_dir)

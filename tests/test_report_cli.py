@@ -631,8 +631,9 @@ def measured_layer_bytes(model_dir: Path, overrides: dict[str, Any]) -> float:
             {"model.quantization": "none", "lora.target-modules": "q_proj,v_proj"},
             PlanSettings(quantization="none", target_modules="q_proj,v_proj"),
         ),
+        ({"model.fp32-stream": False}, PlanSettings(fp32_stream=False)),
     ],
-    ids=["nf4-all-linear", "bf16-q-v"],
+    ids=["nf4-all-linear", "bf16-q-v", "nf4-bf16-stream"],
 )
 def test_plan_activation_formula_matches_saved_tensors(
     tiny_model_dir: Path, overrides: dict[str, Any], settings: PlanSettings
@@ -715,7 +716,7 @@ def test_plan_is_within_ten_percent_of_the_peaks_measured_on_a_gpu() -> None:
 
     for run, name, row in rows:
         # Execute
-        quantization, checkpointing = CONFIGS[name]
+        quantization, checkpointing, fp32_stream = CONFIGS[name]
         plan = estimate_memory(
             hf_config(GPU_ARCHITECTURES[run["arch"]]),
             PlanSettings(
@@ -723,6 +724,7 @@ def test_plan_is_within_ten_percent_of_the_peaks_measured_on_a_gpu() -> None:
                 batch_size=run["batch-size"],
                 quantization=quantization,
                 gradient_checkpointing=checkpointing,
+                fp32_stream=fp32_stream,
             ),
         )
 
