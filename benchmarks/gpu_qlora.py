@@ -6,8 +6,8 @@ built from a published config (``--arch``, default Qwen2.5-0.5B; Qwen2.5-1.5B, a
 Llama and Llama-3-8B are offered) with random weights, saved once with
 ``save_pretrained``, and loaded through ``flower_llm.models.load_base_model`` once per
 configuration (``--configs``: ``nf4``, ``bf16``, each optionally ``+gc`` with gradient
-checkpointing, and ``nf4+bf16-stream`` for ``model.fp32-stream = false``; all compute in
-bfloat16). 4-bit loads go through the pre-quantized base
+checkpointing, ``nf4+bf16-stream`` for ``model.fp32-stream = false`` and ``+dpsgd`` for
+DP-SGD through Opacus; all compute in bfloat16). 4-bit loads go through the pre-quantized base
 cache: the first one quantizes the bf16 weights and writes the entry, the next one reads
 it, and the load times of both are reported. Training is ``flower_llm.train.train_adapter``
 (the project's loop) with the project's LoRA settings on fixed-length random token
@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks import common
 
@@ -132,16 +132,29 @@ def random_batches(
         }
 
 
-CONFIGS: dict[str, tuple[str, bool, bool]] = {
-    "nf4": ("nf4", False, True),
-    "nf4+gc": ("nf4", True, True),
-    "nf4+bf16-stream": ("nf4", False, False),
-    "nf4+gc+bf16-stream": ("nf4", True, False),
-    "bf16": ("none", False, True),
-    "bf16+gc": ("none", True, True),
+class Config(NamedTuple):
+    """One ``--configs`` entry: the run-config values it sets."""
+
+    quantization: str
+    """``model.quantization``."""
+    checkpointing: bool
+    """``model.gradient-checkpointing``."""
+    fp32_stream: bool
+    """``model.fp32-stream`` (``+bf16-stream``: false)."""
+    dpsgd: bool = False
+    """``privacy.dpsgd``: Opacus per-example clipping and noise (fixed batches here)."""
+
+
+CONFIGS: dict[str, Config] = {
+    "nf4": Config("nf4", False, True),
+    "nf4+gc": Config("nf4", True, True),
+    "nf4+bf16-stream": Config("nf4", False, False),
+    "nf4+gc+bf16-stream": Config("nf4", True, False),
+    "nf4+dpsgd": Config("nf4", False, True, dpsgd=True),
+    "nf4+bf16-stream+dpsgd": Config("nf4", False, False, dpsgd=True),
+    "bf16": Config("none", False, True),
+    "bf16+gc": Config("none", True, True),
 }
-"""``--configs`` names: ``model.quantization``, ``model.gradient-checkpointing`` and
-``model.fp32-stream`` (``+bf16-stream``: false)."""
 
 
 def _sync(device: Any) -> None:
@@ -175,7 +188,7 @@ def measure(
     from flower_llm.plan import PlanSettings, estimate_memory, load_model_config
     from flower_llm.train import train_adapter
 
-    quantization, checkpointing, fp32_stream = CONFIGS[config]
+    quantization, checkpointing, fp32_stream, dpsgd = CONFIGS[config]
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -201,9 +214,12 @@ def measure(
     lora = LoraSettings()
     model = apply_lora(base.model, lora, base.name_or_path)
     batches = random_batches(base.model.config.vocab_size, batch_size, seq_len, device)
-    train_adapter(model, batches, steps=warmup, learning_rate=1e-4)
-    _sync(device)
-    stats = train_adapter(model, batches, steps=steps, learning_rate=1e-4)
+    if dpsgd:
+        stats = _train_dpsgd(model, batches, batch_size, warmup, steps, device)
+    else:
+        train_adapter(model, batches, steps=warmup, learning_rate=1e-4)
+        _sync(device)
+        stats = train_adapter(model, batches, steps=steps, learning_rate=1e-4)
     _sync(device)
     plan = estimate_memory(
         load_model_config(str(model_dir)),
@@ -226,6 +242,7 @@ def measure(
         "quantization": quantization,
         "gradient-checkpointing": checkpointing,
         "fp32-stream": fp32_stream,
+        "dpsgd": dpsgd,
         "load-from": source,
         "load-seconds": load_seconds,
         "base-tensor-bytes": base_tensor_bytes(base.model),
@@ -246,6 +263,46 @@ def measure(
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def _train_dpsgd(
+    model: Any,
+    batches: Iterator[dict[str, Any]],
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    device: Any,
+) -> Any:
+    """DP-SGD through ``train_adapter_dpsgd`` on the same random batches, fixed batch size.
+
+    Poisson sampling is off so that every step has ``batch_size`` examples, as the plain
+    configurations do; noise 1.0 and clipping 1.0 (their values do not change the cost).
+    """
+    from flower_llm.privacy.dpsgd import train_adapter_dpsgd
+
+    def examples(count: int) -> list[dict[str, list[int]]]:
+        rows = []
+        while len(rows) < count:
+            batch = next(batches)
+            for ids in batch["input_ids"].tolist():
+                rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids})
+        return rows[:count]
+
+    common_args = dict(
+        batch_size=batch_size,
+        learning_rate=1e-4,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        pad_id=0,
+        seed=0,
+        poisson_sampling=False,
+    )
+    train_adapter_dpsgd(model, examples(batch_size * warmup), steps=warmup, **common_args)
+    _sync(device)
+    return train_adapter_dpsgd(
+        model, examples(batch_size * steps), steps=steps, **common_args
+    ).stats
 
 
 def run(

@@ -711,12 +711,13 @@ def test_plan_is_within_ten_percent_of_the_peaks_measured_on_a_gpu() -> None:
         if "cpu_check" not in file.name
         for run in json.loads(file.read_text())["runs"]
         for name, row in run["configs"].items()
+        if not CONFIGS[name].dpsgd  # the plan does not count Opacus' per-example gradients
     ]
     assert len(rows) >= 6, "the recorded GPU results are missing"
 
     for run, name, row in rows:
         # Execute
-        quantization, checkpointing, fp32_stream = CONFIGS[name]
+        quantization, checkpointing, fp32_stream, _ = CONFIGS[name]
         plan = estimate_memory(
             hf_config(GPU_ARCHITECTURES[run["arch"]]),
             PlanSettings(
