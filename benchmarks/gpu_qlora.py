@@ -281,14 +281,14 @@ def _train_dpsgd(
     from flower_llm.privacy.dpsgd import train_adapter_dpsgd
 
     def examples(count: int) -> list[dict[str, list[int]]]:
-        rows = []
+        rows: list[dict[str, list[int]]] = []
         while len(rows) < count:
             batch = next(batches)
             for ids in batch["input_ids"].tolist():
                 rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids})
         return rows[:count]
 
-    common_args = dict(
+    common_args: dict[str, Any] = dict(
         batch_size=batch_size,
         learning_rate=1e-4,
         noise_multiplier=1.0,
