@@ -191,8 +191,8 @@ def weighs_by_held(cfg: RunConfig) -> bool:
     values by that ratio before they are quantized, so ``W`` must be stated by the user
     (``fed.max-weight`` or ``secagg.max-weight``; :func:`flower_llm.config.
     check_secagg_max_weight` refuses the run otherwise): a derived bound loose enough for
-    any site (2^24 examples) would cost five orders of magnitude of precision (error bound
-    1.7e-2 of the clipping range where W = 10 x the largest n_k gives 1.6e-7, for 4 sites
+    any site (2^24 examples) would cost four orders of magnitude of precision (error bound
+    9.4e-4 of the clipping range where W = 10 x the largest n_k gives 8.9e-8, for 4 sites
     holding 40-160 examples; docs/security.md).
     """
     return cfg.fed.weighting in ("examples", "tokens") and not cfg.privacy.client_level
