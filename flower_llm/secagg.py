@@ -10,13 +10,15 @@ fitted to them keeps the integer quantization of SecAgg+ fine-grained, and
 
 How a value travels (Flower 1.42, ``secaggplus_mod`` and ``SecAggPlusWorkflow``)::
 
-    x  -> x * q_k / Q                          weight n_k as q_k = round(n_k / W * Q)
+    x  -> x * q_k / Q                          weight n_k as q_k = round(min(n_k, W) / W * Q)
        -> clip to [-c, c], stochastic round of (x + c) * Q / (2c) to an integer in [0, Q]
        -> + masks, mod M = 2^32                per client; masks cancel in the sum
+       -> + counts (:func:`add_counts`)        unweighted: clamped to W or not, and 1
     server: sum_k, unmask, dequantize, divide by sum_k q_k / Q
 
 ``c`` is the clipping range, ``Q`` the quantization range, ``W`` the max weight and ``M`` the
-modulus. :func:`aggregate_error_bound` is the resulting worst-case difference to exact FedAvg.
+modulus. :func:`aggregate_error_bound` is the resulting worst-case difference to exact FedAvg;
+the server learns ``sum_k q_k / Q`` and how many sites were clamped (:func:`decode_counts`).
 """
 
 from __future__ import annotations
