@@ -420,7 +420,8 @@ def secagg_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             f"{len(clamped)} round(s) had sites whose weight exceeded the max weight W = "
             f"{max_weight:g} and was clamped to W ({sum(clamped.values())} site-rounds, "
             "secagg-clamped in metrics.jsonl): those sites weighed less than the data they "
-            "hold; set fed.max-weight to the largest n_k any site holds"
+            "hold; set the max weight (secagg.max-weight, or fed.max-weight when that is 0) "
+            "to the largest n_k any site holds"
         )
     return out
 
@@ -582,15 +583,19 @@ class SecAggRounds:
             return TrainRound(None, None, self._round_report(report, updated=False), row)
 
         delta, means = secagg.decode_aggregate(aggregate, self.keys, params.clipping_range)
-        counts = secagg.decode_counts(
-            aggregate, params.clipping_range, params.quantization_range, len(report.active)
-        )
+        counts: secagg.SecureCounts | None = None
+        try:
+            counts = secagg.decode_counts(
+                aggregate, params.clipping_range, params.quantization_range, len(report.active)
+            )
+        except ValueError as err:  # the aggregate itself is sound: record the round without
+            log.warning("Round %d: no clamp count or weight total: %s", server_round, err)
         row = secagg_columns(report, params, counts)
-        if counts.clamped:
+        if counts is not None and counts.clamped:
             log.warning(
                 "Round %d: %d of %d sites claimed a weight above the max weight W = %g and "
-                "were clamped to it (which ones stays hidden); raise fed.max-weight to the "
-                "largest n_k any site holds",
+                "were clamped to it (which ones stays hidden); raise secagg.max-weight, or "
+                "fed.max-weight when that is 0, to the largest n_k any site holds",
                 server_round,
                 counts.clamped,
                 len(report.active),
