@@ -63,7 +63,7 @@ def update_for(
 
 
 def weight_of(partition: int) -> int:
-    """Unequal example counts, at most the run's max weight (160)."""
+    """Unequal example counts held (and trained on), at most 160, the run's max weight."""
     return 160 - 7 * (partition % 20)
 
 
@@ -245,6 +245,8 @@ def run_for_clients(
             settings: dict[str, Any] = {
                 "fed.num-rounds": rounds,
                 "fed.min-available-clients": num_clients,
+                # W = the largest example count a site holds (weight_of): SecAgg+ needs it
+                "fed.max-weight": float(weight_of(0)),
             }
             cfg = parse_run_config(settings)
             rng = np.random.default_rng(0)

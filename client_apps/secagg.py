@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -59,24 +59,27 @@ class AdapterTrainer(Protocol):
         ...
 
 
+def claimed_weight(cfg: RunConfig, counts: Mapping[str, object], stats: TrainStats) -> float:
+    """The FedAvg weight ``n_k`` of this client, before SecAgg+'s max weight bounds it.
+
+    ``fed.weighting`` as on every path (:func:`flower_llm.secagg.weighs_by_held`):
+    examples or response tokens *held* (``counts``, as the plain train reply reports them)
+    for ``examples`` / ``tokens``; examples trained on this round (``stats``) for ``seen``;
+    1 for ``uniform`` and under client-level DP (its accountant assumes equal weights).
+    """
+    if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
+        return 1.0
+    if secagg.weighs_by_held(cfg):
+        key = wire.NUM_TOKENS if cfg.fed.weighting == "tokens" else wire.NUM_EXAMPLES
+        return float(counts[key])  # type: ignore[arg-type]
+    return float(stats.examples)
+
+
 def client_weight(
     cfg: RunConfig, counts: Mapping[str, object], stats: TrainStats, max_weight: float
 ) -> int:
-    """The FedAvg weight of this client, clamped to the max weight SecAgg+ was set up for.
-
-    What it weighs by (:func:`flower_llm.secagg.weighs_by_held`): examples or response
-    tokens *held* (``counts``, as the plain train reply reports them) when
-    ``fed.weighting`` asks for them and a max weight is configured; otherwise what the site
-    trained on this round (``stats``: examples or tokens *seen*). ``uniform`` and
-    client-level DP weigh 1.
-    """
-    if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
-        return 1  # DP-FedAvg's accountant assumes equal weights
-    if secagg.weighs_by_held(cfg):
-        key = wire.NUM_TOKENS if cfg.fed.weighting == "tokens" else wire.NUM_EXAMPLES
-        weight = float(counts[key])  # type: ignore[arg-type]
-    else:
-        weight = stats.tokens if cfg.fed.weighting == "tokens" else stats.examples
+    """:func:`claimed_weight`, clamped to the max weight ``W`` SecAgg+ was set up for."""
+    weight = claimed_weight(cfg, counts, stats)
     if weight > max_weight:
         log.warning("Weight %d above secagg max weight %g: clamped", weight, max_weight)
     return max(1, min(int(weight), int(max_weight)))
@@ -85,10 +88,14 @@ def client_weight(
 class SecAggClient(NumPyClient):
     """Trains like the plain ClientApp; returns the clipped update for ``secaggplus_mod``."""
 
-    def __init__(self, session: AdapterTrainer, keys: list[str]) -> None:
+    def __init__(
+        self, session: AdapterTrainer, keys: list[str], context: Context | None = None
+    ) -> None:
         self.session = session
         self.keys = keys
         """Adapter keys in wire order (:func:`flower_llm.secagg.ordered_keys`)."""
+        self.context = context
+        """Where :meth:`fit` leaves its counts for :func:`secure_counts_mod` (None: nowhere)."""
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -117,7 +124,14 @@ class SecAggClient(NumPyClient):
                 clipping_range,
             )
         counts = self.session.train_reply_metrics(stats)
-        weight = client_weight(cfg, counts, stats, float(config[secagg.MAX_WEIGHT]))
+        max_weight = float(config[secagg.MAX_WEIGHT])
+        weight = client_weight(cfg, counts, stats, max_weight)
+        if self.context is not None:
+            # Read by secure_counts_mod on the way out, which adds it to the masked sum.
+            clamped = int(claimed_weight(cfg, counts, stats) > max_weight)
+            self.context.state.config_records[secagg.COUNTS_RECORD] = ConfigRecord(
+                {"clamped": clamped}
+            )
         return encoded.arrays, weight, {}
 
 
@@ -143,12 +157,34 @@ def hide_weight_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return reply
 
 
+def secure_counts_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Add the counts :meth:`SecAggClient.fit` left in the context to the masked vector.
+
+    Between ``secaggplus_mod`` (whose masked reply it edits) and :func:`hide_weight_mod`.
+    The counts enter the sum unweighted, and masked like every other value: the server
+    learns how many sites were clamped, not which (:func:`flower_llm.secagg.add_counts`).
+    """
+    reply = call_next(msg, context)
+    counts = context.state.config_records.pop(secagg.COUNTS_RECORD, None)
+    if not reply.has_content():
+        return reply
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or Key.MASKED_PARAMETERS not in configs:
+        return reply
+    masked = [bytes_to_ndarray(b) for b in cast(list[bytes], configs[Key.MASKED_PARAMETERS])]
+    values = {"clamped": int(cast(int, counts["clamped"]))} if counts is not None else {}
+    summed = secagg.add_counts(masked, values)
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in summed]
+    return reply
+
+
 def make_app(trainer_for: Callable[[Context], tuple[AdapterTrainer, list[str]]]) -> ClientApp:
     """A legacy SecAgg+ ClientApp; ``trainer_for`` gives a session and its adapter keys."""
 
     def client_fn(context: Context) -> Client:
         session, keys = trainer_for(context)
-        return SecAggClient(session, keys).to_client()
+        return SecAggClient(session, keys, context).to_client()
 
-    # Order matters: mods[0] is outermost, so hide_weight_mod sees secaggplus_mod's reply.
-    return ClientApp(client_fn=client_fn, mods=[hide_weight_mod, secaggplus_mod])
+    # Order matters: mods[0] is outermost, so each mod sees the reply of the ones after it:
+    # secure_counts_mod edits secaggplus_mod's masked vector, hide_weight_mod packs it.
+    return ClientApp(client_fn=client_fn, mods=[hide_weight_mod, secure_counts_mod, secaggplus_mod])

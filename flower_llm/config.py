@@ -392,7 +392,9 @@ class FederationConfig:
         "fed.max-weight",
         "Largest weight a reply may claim (0 = derived: local-steps x grad-accum x batch-size "
         "for `seen`, 1 for `uniform`, 2^24 examples or 2^24 x (max-seq-length - 1) tokens "
-        "held). A larger claim is dropped, or clamped with `fed.bound-action = clamp`.",
+        "held; SecAgg+ with examples/tokens needs it set: the largest n_k any site holds). A "
+        "larger claim is dropped, or clamped with `fed.bound-action = clamp` (always clamped "
+        "under SecAgg+, which cannot see a claim).",
     )
     update_bound: str = setting(
         "adamw",
@@ -756,10 +758,10 @@ class SecAggConfig:
     max_weight: float = setting(
         0.0,
         "secagg.max-weight",
-        "Largest FedAvg weight a client may report; larger ones are clamped. Set (or "
-        "fed.max-weight set), SecAgg+ weighs by examples/tokens held; 0 and fed.max-weight "
-        "0: by examples seen this round, bounded by local-steps x grad-accum x batch-size "
-        "(x max-seq-length for tokens); 1 with DP or uniform.",
+        "W, the largest FedAvg weight a SecAgg+ client may report; larger ones are clamped "
+        "to W (the server learns how many). 0 = fed.max-weight, which SecAgg+ requires with "
+        "fed.weighting = examples or tokens (data held); for seen, local-steps x grad-accum "
+        "x batch-size; 1 with client-level DP or uniform.",
     )
     timeout: float = setting(
         0.0,
@@ -826,6 +828,9 @@ class RunConfig:
         _check_resume_combinations(self)
         _check_aggregation_combinations(self)
         _check_personal_combinations(self)
+        if self.fed.aggregation == "secagg+":
+            # Last: a combination refused above is the more specific error.
+            check_secagg_max_weight(self)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -889,6 +894,37 @@ def _check_privacy_combinations(cfg: RunConfig) -> None:
             "must be false with privacy.dpsgd (recomputed forwards confuse Opacus' hooks)",
             cfg.model.gradient_checkpointing,
         )
+
+
+def check_secagg_max_weight(cfg: RunConfig) -> None:
+    """Refuse SecAgg+ weighting by data held without a stated max weight ``W``.
+
+    SecAgg+ sends a site's weight as ``round(min(n_k, W) / W x Q)`` and scales its values by
+    that ratio before they are quantized, so ``W`` must bound the data a site holds and be
+    close to it: a derived bound loose enough for any site (2^24 examples) leaves most of
+    the quantization levels unused (docs/security.md). Client-level DP weighs every site 1.
+
+    Raises
+    ------
+    ConfigError
+        ``fed.weighting`` is examples or tokens and neither ``fed.max-weight`` nor
+        ``secagg.max-weight`` is set; the message names both ways out.
+    """
+    fed = cfg.fed
+    if cfg.privacy.client_level or fed.weighting not in ("examples", "tokens"):
+        return
+    if cfg.secagg.max_weight > 0 or fed.max_weight > 0:
+        return
+    held = "training examples" if fed.weighting == "examples" else "response tokens"
+    raise ConfigError(
+        f"run-config 'fed.max-weight' = {fed.max_weight!r}: fed.aggregation = 'secagg+' with "
+        f"fed.weighting = {fed.weighting!r} weighs each site by the {held} it holds, sent as "
+        "a fraction of a max weight W that the server cannot derive without losing the "
+        f"precision of the secure sum. Set 'fed.max-weight' to the largest number of {held} "
+        "any site holds (or 'secagg.max-weight', which wins under SecAgg+), or choose "
+        "'fed.weighting' = 'seen' (examples trained on this round, bounded exactly by the "
+        "settings) or 'uniform'"
+    )
 
 
 def _check_secagg_combinations(cfg: RunConfig) -> None:

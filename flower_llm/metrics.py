@@ -91,6 +91,8 @@ SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
 SECAGG_QUANTIZATION_RANGE = "secagg-quantization-range"
 SECAGG_MAX_WEIGHT = "secagg-max-weight"
 SECAGG_ERROR_BOUND = "secagg-error-bound"
+SECAGG_CLAMPED = "secagg-clamped"
+SECAGG_WEIGHT_TOTAL = "secagg-weight-total"
 
 _EVAL = "rounds that are evaluated (fed.evaluate-every, the last, a DP budget stop)"
 _DP = "client-level DP (privacy.mode != off)"
@@ -284,8 +286,23 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         SECAGG_ERROR_BOUND,
         "-",
-        "Worst-case per-value difference to exact FedAvg at full weight.",
+        "Worst-case per-value difference to exact FedAvg: 3 c m / (Q x secagg-weight-total) "
+        "for the m sites in the sum (at full weight, 3c/Q, in a failed round).",
         _SECAGG,
+    ),
+    Column(
+        SECAGG_CLAMPED,
+        "sites",
+        "Sites whose weight n_k exceeded W and was clamped to it; summed inside the masked "
+        "vector, so which sites stays hidden.",
+        "SecAgg+ rounds with an aggregate",
+    ),
+    Column(
+        SECAGG_WEIGHT_TOTAL,
+        "-",
+        "Sum over the sites in the sum of their weights as sent, round(min(n_k, W)/W x Q)/Q "
+        "(what Flower's workflow divides by).",
+        "SecAgg+ rounds with an aggregate",
     ),
 )
 

@@ -10,13 +10,15 @@ fitted to them keeps the integer quantization of SecAgg+ fine-grained, and
 
 How a value travels (Flower 1.42, ``secaggplus_mod`` and ``SecAggPlusWorkflow``)::
 
-    x  -> x * q_k / Q                          weight n_k as q_k = round(n_k / W * Q)
+    x  -> x * q_k / Q                          weight n_k as q_k = round(min(n_k, W) / W * Q)
        -> clip to [-c, c], stochastic round of (x + c) * Q / (2c) to an integer in [0, Q]
        -> + masks, mod M = 2^32                per client; masks cancel in the sum
+       -> + counts (:func:`add_counts`)        unweighted: clamped to W or not, and 1
     server: sum_k, unmask, dequantize, divide by sum_k q_k / Q
 
 ``c`` is the clipping range, ``Q`` the quantization range, ``W`` the max weight and ``M`` the
-modulus. :func:`aggregate_error_bound` is the resulting worst-case difference to exact FedAvg.
+modulus. :func:`aggregate_error_bound` is the resulting worst-case difference to exact FedAvg;
+the server learns ``sum_k q_k / Q`` and how many sites were clamped (:func:`decode_counts`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flower_llm.config import ConfigError, RunConfig
+from flower_llm.config import ConfigError, RunConfig, check_secagg_max_weight
 from flower_llm.privacy.mechanism import clip_update
 
 if TYPE_CHECKING:  # adapters imports torch and peft; the key-exchange stages need neither
@@ -64,6 +66,15 @@ METRICS_KEY = "__secagg-metrics__"
 """Name of the extra vector (securely averaged metrics) appended after the adapter arrays."""
 SECURE_METRICS = ("train-loss",)
 """Metrics averaged inside the masked vector, in this order."""
+SECURE_COUNTS = ("clamped", "in-sum")
+"""Counts summed (not weighted) in the masked vector, after the metrics: whether the site's
+weight was clamped to ``W`` (0/1), and 1 (so the server can read the sum of weights)."""
+COUNT_STEP = 2**12
+"""Integer levels one count adds to its slot of the masked vector (:func:`add_counts`):
+far above the one level stochastic rounding can add per site, far below the modulus."""
+COUNTS_RECORD = "flower-llm.secagg-counts"
+"""Context-state record in which a client's fit leaves its counts for :func:`add_counts`
+(it never leaves the client)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -175,35 +186,40 @@ def auto_quantization_range(num_sampled: int, modulus_range: int = MODULUS_RANGE
 
 
 def weighs_by_held(cfg: RunConfig) -> bool:
-    """Whether SecAgg+ weighs by data held (``fed.weighting`` = examples or tokens).
+    """Whether SecAgg+ weighs by data held: ``fed.weighting`` = examples or tokens, as on
+    every other path, unless client-level DP weighs every site 1.
 
-    Only with a configured bound ``W`` (``secagg.max-weight`` or ``fed.max-weight``): a
-    weight travels as ``round(n_k / W * Q)`` and scales the site's values by ``n_k / W``
-    before they are quantized, so the derived bound on data held (2^24 examples) would
-    cost three orders of magnitude of precision (an error bound of 1.2e-4 where 160
-    examples seen give 1.3e-7, with 4 sites). Without one it weighs by what a site trained
-    on this round (examples or tokens *seen*), whose bound the settings give exactly.
+    The weight ``n_k`` travels as ``round(min(n_k, W) / W * Q)`` and scales the site's
+    values by that ratio before they are quantized, so ``W`` must be stated by the user
+    (``fed.max-weight`` or ``secagg.max-weight``; :func:`flower_llm.config.
+    check_secagg_max_weight` refuses the run otherwise): a derived bound loose enough for
+    any site (2^24 examples) would cost four orders of magnitude of precision (error bound
+    9.4e-4 of the clipping range where W = 10 x the largest n_k gives 8.9e-8, for 4 sites
+    holding 40-160 examples; docs/security.md).
     """
-    held = cfg.fed.weighting in ("examples", "tokens")
-    return held and (cfg.secagg.max_weight > 0 or cfg.fed.max_weight > 0)
+    return cfg.fed.weighting in ("examples", "tokens") and not cfg.privacy.client_level
 
 
 def auto_max_weight(cfg: RunConfig) -> float:
-    """The largest weight a client can report: ``W``, which SecAgg+ quantizes weights against.
+    """``W``, the largest weight a client may report, when ``secagg.max-weight`` is 0.
 
     1 with client-level DP (the accountant assumes equal weights) or ``uniform``;
-    ``fed.max-weight`` when SecAgg+ weighs by data held (:func:`weighs_by_held`);
-    otherwise ``local-steps x grad-accum x batch-size`` examples seen (times
-    ``max-seq-length - 1`` for tokens), an exact bound.
+    ``fed.max-weight`` when SecAgg+ weighs by data held (:func:`weighs_by_held`); for
+    ``seen``, ``local-steps x grad-accum x batch-size`` examples, an exact bound.
+
+    Raises
+    ------
+    ConfigError
+        Weighting by data held with no max weight stated (the run-config is refused at
+        start-up already; a ``RunConfig`` built without ``fed.aggregation = secagg+`` is
+        caught here, before any round).
     """
     if cfg.privacy.client_level or cfg.fed.weighting == "uniform":
         return 1.0
-    if weighs_by_held(cfg) and cfg.fed.max_weight > 0:
-        return cfg.fed.max_weight
-    examples = cfg.train.local_steps * cfg.train.grad_accum * cfg.train.batch_size
-    if cfg.fed.weighting == "tokens":
-        return float(examples * (cfg.data.max_seq_length - 1))
-    return float(examples)
+    if weighs_by_held(cfg):
+        check_secagg_max_weight(cfg)
+        return cfg.secagg.max_weight or cfg.fed.max_weight
+    return float(cfg.train.local_steps * cfg.train.grad_accum * cfg.train.batch_size)
 
 
 def auto_clipping_range(cfg: RunConfig, server_round: int, global_max_abs: float) -> float:
@@ -280,6 +296,16 @@ def derive_params(
         # stage at what is left of fed.round-timeout).
         timeout=s.timeout or cfg.fed.round_timeout / NUM_STAGES,
     )
+
+
+def error_bound_for_total(
+    clipping_range: float, quantization_range: int, num_clients: int, weight_total: float
+) -> float:
+    """:func:`aggregate_error_bound` for a round whose quantized weights ``q_k / Q`` sum to
+    ``weight_total`` (what the server learns, :func:`decode_counts`): ``3 c m / (Q total)``."""
+    if num_clients < 1 or not weight_total > 0:
+        raise ValueError(f"need clients and a positive weight total, got {weight_total}")
+    return 3 * clipping_range * num_clients / (quantization_range * weight_total)
 
 
 def aggregate_error_bound(
@@ -377,10 +403,42 @@ def encode_update(
 
 
 def encode_metrics(metrics: Mapping[str, float] | None, clipping_range: float) -> np.ndarray:
-    """``SECURE_METRICS`` clipped to ``[0, LOSS_BOUND]`` and scaled into ``[0, c]``."""
+    """``SECURE_METRICS`` clipped to ``[0, LOSS_BOUND]`` and scaled into ``[0, c]``, then a
+    zero for each of ``SECURE_COUNTS`` (the counts enter after masking, :func:`add_counts`)."""
     values = [float((metrics or {}).get(name, 0.0)) for name in SECURE_METRICS]
     clipped = np.clip(np.nan_to_num(values, nan=LOSS_BOUND), 0.0, LOSS_BOUND)
-    return clipped * (clipping_range / LOSS_BOUND)
+    return np.concatenate([clipped * (clipping_range / LOSS_BOUND), np.zeros(len(SECURE_COUNTS))])
+
+
+def add_counts(
+    masked: Sequence[np.ndarray], counts: Mapping[str, int], modulus_range: int = MODULUS_RANGE
+) -> list[np.ndarray]:
+    """Add ``COUNT_STEP x count`` to each count's slot of a masked vector, mod ``M``.
+
+    The slots sit at the end of the last array (the metrics vector) and hold a 0, which
+    quantizes to ``Q/2`` whatever the weight: what is added there reaches the unmasked sum
+    as is, *unweighted* (the masks cancel mod ``M`` and nothing else scales it), which a
+    value inside the update could not (``secaggplus_mod`` multiplies every value by the
+    weight ratio before quantizing). ``in-sum`` is always 1.
+    """
+    values = [int(counts.get(name, 0)) for name in SECURE_COUNTS[:-1]] + [1]
+    if any(v not in (0, 1) for v in values):
+        raise ValueError(f"counts must be 0 or 1, got {dict(counts)}")
+    out = [np.asarray(a, dtype=np.int64).copy() for a in masked]
+    tail = out[-1].reshape(-1)  # a view: the metrics vector is 1-D
+    tail[-len(SECURE_COUNTS) :] += COUNT_STEP * np.asarray(values, dtype=np.int64)
+    tail[-len(SECURE_COUNTS) :] %= modulus_range
+    return out
+
+
+@dataclass(frozen=True)
+class SecureCounts:
+    """What the unmasked sum says about the round's weights, and nothing per site."""
+
+    clamped: int
+    """Sites whose weight was clamped to ``W``."""
+    weight_total: float
+    """``sum_k q_k / Q``: the sites' quantized weight ratios ``min(n_k, W) / W``, summed."""
 
 
 def decode_aggregate(
@@ -390,8 +448,31 @@ def decode_aggregate(
     if len(arrays) != len(keys) + 1:
         raise ValueError(f"aggregate has {len(arrays)} arrays, expected {len(keys) + 1}")
     delta = {k: np.asarray(a, dtype=np.float64) for k, a in zip(keys, arrays, strict=False)}
-    scaled = np.asarray(arrays[-1], dtype=np.float64) * (LOSS_BOUND / clipping_range)
+    scaled = np.asarray(arrays[-1], dtype=np.float64)[: len(SECURE_METRICS)]
+    scaled = scaled * (LOSS_BOUND / clipping_range)
     return delta, {name: float(v) for name, v in zip(SECURE_METRICS, scaled, strict=True)}
+
+
+def decode_counts(
+    aggregate: Sequence[np.ndarray], clipping_range: float, quantization_range: int, in_sum: int
+) -> SecureCounts:
+    """The counts of :func:`add_counts` from the unmasked aggregate of ``in_sum`` sites.
+
+    Flower's workflow dequantizes the sum and divides it by ``sum_k q_k / Q``, so a slot
+    to which every site added ``COUNT_STEP x f_k`` reads ``2c COUNT_STEP sum_k f_k /
+    sum_k q_k``: the ``in-sum`` slot (``f_k = 1``) gives the total ``sum_k q_k``, and the
+    ratio of the two slots the count of clamped sites.
+    """
+    tail = np.asarray(aggregate[-1], dtype=np.float64).reshape(-1)[-len(SECURE_COUNTS) :]
+    clamped_slot, ones_slot = float(tail[0]), float(tail[1])
+    if in_sum < 1 or not ones_slot > 0:
+        raise ValueError(
+            f"the count slots hold {tail.tolist()} for {in_sum} sites: a client without "
+            "the counting mod (client_apps.secagg.make_app) is in the sum"
+        )
+    clamped = round(in_sum * clamped_slot / ones_slot)
+    total_q = 2 * clipping_range * COUNT_STEP * in_sum / ones_slot
+    return SecureCounts(clamped=clamped, weight_total=total_q / quantization_range)
 
 
 def apply_update(

@@ -47,7 +47,7 @@ from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, 
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.personal import compare_sites
 from strategies.rounds import MessageRounds, PollingGrid, RoundMode, RoundResult, federate
-from strategies.secagg import SecAggRounds
+from strategies.secagg import SecAggRounds, secagg_summary
 
 log = logging.getLogger("flower_llm.server")
 
@@ -270,6 +270,8 @@ class RunRecorder:
             summary["task-accuracy"] = task_accuracy
         summary["aggregation"] = self.mode.aggregation
         summary["rounds-failed"] = sum(1 for row in history if not row.get(columns.UPDATED))
+        if self.mode.aggregation == "secagg+":
+            summary["secagg"] = secagg_summary(history)
         if resumed_after is not None:
             summary["resumed-after-round"] = resumed_after
         if cfg.privacy.enabled:

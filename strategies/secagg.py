@@ -367,9 +367,17 @@ CLIENTS_IN_SUM = "clients-in-sum"
 """Train metric: clients whose masked update is in the sum (``train/clients-in-sum``)."""
 
 
-def secagg_columns(report: SecAggRoundReport, params: SecAggParams) -> dict[str, Any]:
-    """The metrics-row columns of a SecAgg+ round (:mod:`flower_llm.metrics`)."""
-    return {
+def secagg_columns(
+    report: SecAggRoundReport,
+    params: SecAggParams,
+    counts: secagg.SecureCounts | None = None,
+) -> dict[str, Any]:
+    """The metrics-row columns of a SecAgg+ round (:mod:`flower_llm.metrics`).
+
+    With the round's ``counts`` (it produced an aggregate), the error bound is the one for
+    the weights the sites sent; without, the bound at full weight.
+    """
+    row: dict[str, Any] = {
         columns.SECAGG_FAILED: report.failed,
         columns.SECAGG_NUM_SHARES: report.num_shares,
         columns.SECAGG_THRESHOLD: report.threshold,
@@ -378,6 +386,44 @@ def secagg_columns(report: SecAggRoundReport, params: SecAggParams) -> dict[str,
         columns.SECAGG_MAX_WEIGHT: params.max_weight,
         columns.SECAGG_ERROR_BOUND: params.error_bound(),
     }
+    if counts is not None:
+        row[columns.SECAGG_CLAMPED] = counts.clamped
+        row[columns.SECAGG_WEIGHT_TOTAL] = counts.weight_total
+        row[columns.SECAGG_ERROR_BOUND] = secagg.error_bound_for_total(
+            params.clipping_range,
+            params.quantization_range,
+            len(report.active),
+            counts.weight_total,
+        )
+    return row
+
+
+def secagg_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's ``secagg`` section: clamped weights over the run, with a warning.
+
+    A clamped site weighs ``W`` where it holds more: the aggregate is then FedAvg with that
+    site's weight cut, not the FedAvg by data held the run-config asked for.
+    """
+    clamped = {
+        int(row[columns.ROUND]): int(row[columns.SECAGG_CLAMPED])
+        for row in history
+        if row.get(columns.SECAGG_CLAMPED)
+    }
+    out: dict[str, Any] = {
+        "sites-clamped": sum(clamped.values()),
+        "rounds-with-clamped-sites": sorted(clamped),
+        "warnings": [],
+    }
+    if clamped:
+        max_weight = max(float(row.get(columns.SECAGG_MAX_WEIGHT) or 0.0) for row in history)
+        out["warnings"].append(
+            f"{len(clamped)} round(s) had sites whose weight exceeded the max weight W = "
+            f"{max_weight:g} and was clamped to W ({sum(clamped.values())} site-rounds, "
+            "secagg-clamped in metrics.jsonl): those sites weighed less than the data they "
+            "hold; set the max weight (secagg.max-weight, or fed.max-weight when that is 0) "
+            "to the largest n_k any site holds"
+        )
+    return out
 
 
 def add_traffic(report: RoundReport, evaluation: RoundReport) -> None:
@@ -531,12 +577,30 @@ class SecAggRounds:
             counting, self.legacy, server_round, download, params, deadline
         )
         self.last_report = report
-        row = secagg_columns(report, params)
         if aggregate is None:
+            row = secagg_columns(report, params)
             log.error("Round %d failed, global adapter unchanged: %s", server_round, report.failed)
             return TrainRound(None, None, self._round_report(report, updated=False), row)
 
         delta, means = secagg.decode_aggregate(aggregate, self.keys, params.clipping_range)
+        counts: secagg.SecureCounts | None = None
+        try:
+            counts = secagg.decode_counts(
+                aggregate, params.clipping_range, params.quantization_range, len(report.active)
+            )
+        except ValueError as err:  # the aggregate itself is sound: record the round without
+            log.warning("Round %d: no clamp count or weight total: %s", server_round, err)
+        row = secagg_columns(report, params, counts)
+        if counts is not None and counts.clamped:
+            log.warning(
+                "Round %d: %d of %d sites claimed a weight above the max weight W = %g and "
+                "were clamped to it (which ones stays hidden); raise secagg.max-weight, or "
+                "fed.max-weight when that is 0, to the largest n_k any site holds",
+                server_round,
+                counts.clamped,
+                len(report.active),
+                params.max_weight,
+            )
         metrics = MetricRecord({CLIENTS_IN_SUM: len(report.active)})
         if self.central is None:
             metrics[wire.TRAIN_LOSS] = means[wire.TRAIN_LOSS]

@@ -722,6 +722,7 @@ def test_secagg_runs_count_the_bytes_sent_for_evaluation(
     sites = EvaluatingSites()
     cfg = {
         "fed.aggregation": "secagg+",
+        "fed.max-weight": 1000.0,
         "fed.num-rounds": 2,
         "fed.min-available-clients": 3,
         "output.local-only-baseline": False,

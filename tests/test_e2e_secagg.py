@@ -23,6 +23,8 @@ def secagg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             home,
             run_config=(
                 f'fed.aggregation="secagg+" output.local-only-baseline=false fed.num-rounds=2 '
+                # W bounds the training examples any site holds (900 embedded, 3 sites)
+                f"fed.max-weight=1000.0 "
                 f'train.local-steps=10 output.dir="{out}" output.run-name="secagg"'
             ),
             num_supernodes=3,
@@ -50,6 +52,16 @@ def test_every_site_is_in_every_sum(secagg_run: Path) -> None:
         assert row["clients-sampled"] == 3 and row["clients-replied"] == 3
         assert (row["secagg-num-shares"], row["secagg-threshold"]) == (3, 2)
         assert row["secagg-error-bound"] < 1e-8
+        # weighed by the examples each site holds (a third of the 900 embedded ones, less
+        # the held-out split, each under W = 1000): none clamped, and their sum says so
+        assert row["secagg-clamped"] == 0
+        assert 0.3 < row["secagg-weight-total"] <= 0.9
+    summary = json.loads((secagg_run / "summary.json").read_text())
+    assert summary["secagg"] == {
+        "sites-clamped": 0,
+        "rounds-with-clamped-sites": [],
+        "warnings": [],
+    }
 
 
 def test_heldout_loss_falls_and_train_loss_arrives_averaged(secagg_run: Path) -> None:

@@ -38,6 +38,7 @@ def silent_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             'output.run-name="secagg-dpsgd"',
             "output.local-only-baseline=false",
             'fed.aggregation="secagg+"',
+            "fed.max-weight=1000.0",  # bounds the training examples any site holds
             "fed.num-rounds=2",
             "fed.min-available-clients=4",
             f"fed.round-timeout={ROUND_TIMEOUT}",

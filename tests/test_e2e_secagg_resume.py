@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.long]
 
 JOB = [
     'fed.aggregation="secagg+"',
+    "fed.max-weight=1000.0",  # bounds the training examples any site holds
     "output.local-only-baseline=false",
     "train.local-steps=2",
     'train.lr-schedule="constant"',

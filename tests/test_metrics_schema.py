@@ -91,9 +91,11 @@ def secagg_dp_row() -> dict[str, object]:
     state = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     central.release(state, state, noisy_unclipped_fraction=0.5)
     assert central.last_round is not None
-    cfg = parse_run_config({"fed.aggregation": "secagg+"})
+    cfg = parse_run_config({"fed.aggregation": "secagg+", "fed.max-weight": 1000.0})
     params = secagg.derive_params(cfg, num_sampled=4)
-    columns = {**secagg_columns(SecAggRoundReport(), params), **central.last_round.as_row()}
+    counts = secagg.SecureCounts(clamped=1, weight_total=2.5)  # what the unmasked sum says
+    report = SecAggRoundReport(active=[1, 2, 3, 4])
+    columns = {**secagg_columns(report, params, counts), **central.last_round.as_row()}
     metrics = MetricRecord({"clients-in-sum": 4})
     result = RoundResult(1, ArrayRecord(), metrics, None, RoundReport(), 1.0, columns)
     return round_row(result, "secagg+")

@@ -420,6 +420,7 @@ def test_under_secagg_only_a_enters_the_secure_sum(tiny_model_dir: Path, tmp_pat
         **{
             "fed.personalization": "local-b",
             "fed.aggregation": "secagg+",
+            "fed.max-weight": 1000.0,  # bounds any partition of the 900 embedded examples
             "output.local-only-baseline": False,
             "train.local-steps": 1,
         },
@@ -548,6 +549,7 @@ def test_local_b_under_secagg_runs_and_the_server_sees_a_only(
         **{
             "fed.personalization": "local-b",
             "fed.aggregation": "secagg+",
+            "fed.max-weight": 1000.0,  # bounds any partition of the 900 embedded examples
             "fed.min-available-clients": 3,
             "output.local-only-baseline": False,
         },

@@ -8,13 +8,16 @@ be held against exact weighted FedAvg.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,14 @@ from flwr.serverapp import Grid, ServerApp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client_apps.secagg import SecAggClient, client_weight, hide_weight_mod, make_app
+from client_apps.secagg import (
+    SecAggClient,
+    claimed_weight,
+    client_weight,
+    hide_weight_mod,
+    make_app,
+    secure_counts_mod,
+)
 from flower_llm import secagg, wire
 from flower_llm.config import ConfigError, RunConfig, parse_run_config
 from flower_llm.streams import RandomStreams
@@ -56,7 +66,9 @@ from strategies.secagg import SecAggFedAvg, SecAggRounds
     ],
 )
 def test_auto_parameters(num_sampled: int, shares: int, threshold: int, quantization: int) -> None:
-    params = secagg.derive_params(RunConfig(), num_sampled=num_sampled)
+    params = secagg.derive_params(
+        parse_run_config({"fed.weighting": "seen"}), num_sampled=num_sampled
+    )
     assert params.num_shares == shares
     assert params.reconstruction_threshold == threshold
     assert params.quantization_range == quantization
@@ -67,12 +79,16 @@ def test_auto_parameters(num_sampled: int, shares: int, threshold: int, quantiza
 
 
 def test_max_weight_follows_weighting_and_dp() -> None:
-    tokens = parse_run_config({"fed.weighting": "tokens", "data.max-seq-length": 64})
+    tokens = parse_run_config({"fed.weighting": "tokens", "fed.max-weight": 5e6})
     seen = parse_run_config({"fed.weighting": "seen", "data.max-seq-length": 64})
     dp = parse_run_config({"privacy.mode": "client-fixed", "output.local-only-baseline": False})
-    assert secagg.auto_max_weight(tokens) == 20 * 8 * 63
-    assert secagg.auto_max_weight(seen) == 20 * 1 * 8
+    assert secagg.auto_max_weight(tokens) == 5e6  # stated by the user: data held
+    assert secagg.auto_max_weight(seen) == 20 * 1 * 8  # exact: what a round can train on
     assert secagg.auto_max_weight(dp) == 1.0
+    # data held with no W stated: refused before any round, whatever fed.aggregation says
+    for weighting in ("examples", "tokens"):
+        with pytest.raises(ConfigError, match=r"'fed\.max-weight'.*'fed\.weighting' = 'seen'"):
+            secagg.auto_max_weight(parse_run_config({"fed.weighting": weighting}))
 
 
 def test_explicit_settings_win() -> None:
@@ -134,6 +150,16 @@ def test_round_settings_that_cannot_work_name_the_key(
             },
             "fed.aggregation",
         ),
+        ({"fed.aggregation": "secagg+"}, "fed.max-weight"),
+        ({"fed.aggregation": "secagg+", "fed.weighting": "tokens"}, "fed.max-weight"),
+        (
+            {
+                "fed.aggregation": "secagg+",
+                "privacy.dpsgd": True,
+                "output.local-only-baseline": False,
+            },
+            "fed.max-weight",
+        ),
     ],
 )
 def test_bad_secagg_config_names_the_key(run_config: dict[str, Any], named: str) -> None:
@@ -141,9 +167,49 @@ def test_bad_secagg_config_names_the_key(run_config: dict[str, Any], named: str)
         parse_run_config(run_config)
 
 
-def test_secagg_with_dpsgd_is_accepted_and_keeps_weighing_by_what_was_seen() -> None:
+def test_secagg_weighting_by_data_held_without_a_max_weight_names_both_ways_out() -> None:
+    # Execute
+    with pytest.raises(ConfigError) as refused:
+        parse_run_config({"fed.aggregation": "secagg+", "fed.weighting": "examples"})
+
+    # Assert: the key to set, what to set it to, and the weightings that need none
+    message = str(refused.value)
+    assert "'fed.max-weight'" in message and "'secagg.max-weight'" in message
+    assert "largest number of training examples any site holds" in message
+    assert "'fed.weighting' = 'seen'" in message and "'uniform'" in message
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"fed.max-weight": 5000.0},
+        {"secagg.max-weight": 5000.0},
+        {"fed.weighting": "tokens", "fed.max-weight": 1e6},
+        {"fed.weighting": "seen"},
+        {"fed.weighting": "uniform"},
+        # client-level DP weighs every site 1: no max weight to state
+        {"privacy.mode": "client-fixed"},
+    ],
+)
+def test_secagg_weightings_that_need_no_more_are_accepted(settings: dict[str, Any]) -> None:
     cfg = parse_run_config(
-        {"fed.aggregation": "secagg+", "output.local-only-baseline": False, "privacy.dpsgd": True}
+        {"fed.aggregation": "secagg+", "output.local-only-baseline": False, **settings}
+    )
+    params = secagg.derive_params(cfg, num_sampled=4)
+    expected = {"seen": 160.0, "uniform": 1.0}.get(cfg.fed.weighting, 1.0)
+    if secagg.weighs_by_held(cfg):
+        expected = cfg.secagg.max_weight or cfg.fed.max_weight
+    assert params.max_weight == expected
+
+
+def test_secagg_with_dpsgd_is_accepted_and_keeps_unequal_weights() -> None:
+    cfg = parse_run_config(
+        {
+            "fed.aggregation": "secagg+",
+            "output.local-only-baseline": False,
+            "privacy.dpsgd": True,
+            "fed.weighting": "seen",
+        }
     )
     # sample-level DP alone does not need the equal weights of client-level DP
     assert secagg.derive_params(cfg, num_sampled=4).max_weight > 1.0
@@ -396,8 +462,33 @@ def test_client_sends_update_weight_and_no_plaintext_metrics() -> None:
     expected = fake_delta({"a": (2, 3), "b": (4,)}, 1, 1)
     np.testing.assert_allclose(arrays[0], expected["a"], atol=1e-7)
     np.testing.assert_allclose(arrays[1], expected["b"], atol=1e-6)
-    assert arrays[2] * secagg.LOSS_BOUND / 0.05 == pytest.approx(2.0)  # loss, masked later
+    assert arrays[2][0] * secagg.LOSS_BOUND / 0.05 == pytest.approx(2.0)  # loss, masked later
+    np.testing.assert_array_equal(arrays[2][1:], [0.0, 0.0])  # count slots, filled after masking
     assert weight == 120
+    assert metrics == {}
+
+
+@pytest.mark.parametrize(("max_weight", "clamped"), [(100.0, 1), (120.0, 0), (1000.0, 0)])
+def test_client_leaves_whether_it_was_clamped_in_its_context(
+    max_weight: float, clamped: int
+) -> None:
+    # Prepare: a site holding 120 examples
+    cfg = parse_run_config({"fed.aggregation": "secagg+", "fed.max-weight": max_weight})
+    context = Context(1, 3, {}, RecordDict(), {})
+    client = SecAggClient(FakeSession(cfg, partition=1, examples=120), ["a"], context)
+    config = {
+        wire.SERVER_ROUND: 1,
+        wire.LEARNING_RATE: 0.01,
+        secagg.CLIPPING_RANGE: 0.05,
+        secagg.MAX_WEIGHT: max_weight,
+    }
+
+    # Execute
+    _, weight, metrics = client.fit([np.zeros(3, np.float32)], config)
+
+    # Assert: the weight sent is min(n_k, W); the flag stays in the context, not the reply
+    assert weight == min(120, int(max_weight))
+    assert context.state.config_records[secagg.COUNTS_RECORD]["clamped"] == clamped
     assert metrics == {}
 
 
@@ -414,20 +505,21 @@ def test_client_weight_follows_fed_weighting_is_clamped_and_uniform_under_dp() -
     held = run(**{"fed.max-weight": 50_000.0})
     held_tokens = run(**{"fed.weighting": "tokens", "secagg.max-weight": 1e7})
 
-    # Execute / Assert: with a max weight, examples / tokens held, as the plain path weighs
+    # Execute / Assert: examples / tokens held, as the plain path weighs
     assert secagg.weighs_by_held(held) and secagg.auto_max_weight(held) == 50_000.0
     assert client_weight(held, counts, stats, secagg.auto_max_weight(held)) == 10_000
+    assert secagg.weighs_by_held(held_tokens)
     assert client_weight(held_tokens, counts, stats, 1e7) == 2_000_000
     # fed.max-weight bounds a claim inside SecAgg+ too: the client clamps to W
     small = run(**{"fed.max-weight": 5000.0})
+    assert claimed_weight(small, counts, stats) == 10_000
     assert client_weight(small, counts, stats, secagg.auto_max_weight(small)) == 5000
-    # without one: what the site trained on this round (its bound is exact)
-    assert not secagg.weighs_by_held(RunConfig())
-    assert client_weight(RunConfig(), counts, stats, 160.0) == 160
-    assert client_weight(run(**{"fed.weighting": "tokens"}), counts, stats, 1e9) == 5000
-    assert client_weight(run(**{"fed.weighting": "seen"}), counts, stats, 1e9) == 200
+    # seen: what the site trained on this round (its bound is exact); uniform and DP: 1
+    seen = run(**{"fed.weighting": "seen"})
+    assert not secagg.weighs_by_held(seen)
+    assert client_weight(seen, counts, stats, 1e9) == 200
     assert client_weight(run(**{"fed.weighting": "uniform"}), counts, stats, 1e9) == 1
-    assert client_weight(dp, counts, stats, 1.0) == 1
+    assert not secagg.weighs_by_held(dp) and client_weight(dp, counts, stats, 1.0) == 1
 
 
 def test_hide_weight_mod_replaces_the_plaintext_weight_and_packs_uint32() -> None:
@@ -480,6 +572,120 @@ def test_dp_sensitivity_adds_what_rounding_can_add_to_the_norm() -> None:
     assert sensitivity == pytest.approx(0.1 + 2 * 0.1 / 2**29 * 100)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    weights=st.lists(st.integers(1, 5000), min_size=3, max_size=12),
+    max_weight=st.sampled_from([100.0, 1000.0, 4096.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_counts_enter_the_masked_sum_unweighted(
+    weights: list[int], max_weight: float, seed: int
+) -> None:
+    # Prepare: what secaggplus_mod masks (weight factor, then the weighted values), for
+    # sites whose weights may exceed W, each with a random private mask
+    rng = np.random.default_rng(seed)
+    c, m = 0.05, len(weights)
+    q_range = secagg.auto_quantization_range(m)
+    sent = [min(w, int(max_weight)) for w in weights]
+    masked, masks, total = [], [], 0
+    for weight, claim in zip(sent, weights, strict=True):
+        q = round(weight / max_weight * q_range)
+        total += q
+        metrics = secagg.encode_metrics({"train-loss": 2.0}, c)
+        values = [rng.uniform(-c, c, 7), metrics]
+        quantized = [np.array([q]), *quantize([v * (q / q_range) for v in values], c, q_range)]
+        mask = [rng.integers(0, secagg.MODULUS_RANGE, a.shape) for a in quantized]
+        plain = [
+            (a.astype(np.int64) + b) % secagg.MODULUS_RANGE
+            for a, b in zip(quantized, mask, strict=True)
+        ]
+        masks.append(mask)
+
+        # Execute: the client adds its counts to the masked vector
+        masked.append(secagg.add_counts(plain, {"clamped": int(claim > max_weight)}))
+
+    # the workflow: sum, unmask, take the weight factor out, dequantize, offset, divide
+    summed = [sum(arrays) % secagg.MODULUS_RANGE for arrays in zip(*masked, strict=True)]
+    for mask in masks:
+        summed = [(a - b) % secagg.MODULUS_RANGE for a, b in zip(summed, mask, strict=True)]
+    assert int(summed[0][0]) == total
+    aggregate = [(v - (m - 1) * c) * (q_range / total) for v in dequantize(summed[1:], c, q_range)]
+    counts = secagg.decode_counts(aggregate, c, q_range, m)
+    _, means = secagg.decode_aggregate(aggregate, ["update"], c)
+
+    # Assert: how many sites were clamped, the weight total, and the metrics unchanged
+    assert counts.clamped == sum(w > max_weight for w in weights)
+    assert counts.weight_total == pytest.approx(total / q_range, rel=1e-9)
+    assert means["train-loss"] == pytest.approx(2.0, abs=1e-4)
+
+
+def test_decode_counts_refuses_a_sum_without_them() -> None:
+    aggregate = [np.zeros(3), secagg.encode_metrics({"train-loss": 1.0}, 0.1)]
+    with pytest.raises(ValueError, match="counting mod"):
+        secagg.decode_counts(aggregate, 0.1, 2**20, 3)
+
+
+def test_error_bound_for_the_total_matches_the_one_for_the_weights() -> None:
+    ratios = [0.1, 0.5, 1.0, 0.25]
+    total = sum(round(r * 2**20) for r in ratios) / 2**20
+    per_weights = secagg.aggregate_error_bound(0.1, 2**20, ratios)
+    for_total = secagg.error_bound_for_total(0.1, 2**20, 4, total)
+    assert for_total == pytest.approx(per_weights, rel=1e-5)
+    assert for_total <= per_weights  # the smallest total rounding can give is used there
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Messages made in this process are stamped with a run and node, as in a ClientApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_node_id", "_task_id")
+    saved = [getattr(TaskIdentity, name) for name in names]
+    for name, value in zip(names, (1, 0, 1), strict=True):
+        setattr(TaskIdentity, name, value)
+    yield
+    for name, value in zip(names, saved, strict=True):
+        setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secure_counts_mod_adds_the_fits_counts_and_leaves_no_trace() -> None:
+    # Prepare: a reply of secaggplus_mod's third stage, and the counts fit left behind
+    masked = [np.array([5], np.int64), np.array([2**32 - 3, 10, 20, 30], np.int64)]
+    context = Context(1, 3, {}, RecordDict(), {})
+
+    def call_next(msg: Message, ctx: Context) -> Message:
+        ctx.state.config_records[secagg.COUNTS_RECORD] = ConfigRecord({"clamped": 1})
+        content = RecordDict(
+            {
+                RECORD_KEY_CONFIGS: ConfigRecord(
+                    {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]}
+                )
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    from flwr.app import MessageType
+    from flwr.common import bytes_to_ndarray
+
+    msg = Message(RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+
+    # Execute
+    reply = secure_counts_mod(msg, context, call_next)
+
+    # Assert: COUNT_STEP added to both count slots mod 2^32, nothing else touched
+    sent = [
+        bytes_to_ndarray(b)
+        for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+    ]
+    step = secagg.COUNT_STEP
+    np.testing.assert_array_equal(sent[0], masked[0])
+    np.testing.assert_array_equal(sent[1], [2**32 - 3, 10, 20 + step, 30 + step])
+    assert secagg.COUNTS_RECORD not in context.state.config_records
+    assert set(reply.content.config_records) == {RECORD_KEY_CONFIGS}
+    assert not reply.content.metric_records
+
+
 # --------------------------------------------------------------------------------------
 # The real workflow, in-process
 # --------------------------------------------------------------------------------------
@@ -491,6 +697,8 @@ SYNTHETIC_SHAPES = {
 }
 EXAMPLES = [160, 120, 80, 40, 150, 90, 110, 130]
 """Weights of partitions 0..4: unequal, so the test sees weighted, not plain, averaging."""
+W_EXAMPLES = 1600.0
+"""``fed.max-weight`` for them: 10x the largest a site holds."""
 
 
 class RecordingStrategy(SecAggFedAvg):
@@ -619,7 +827,9 @@ def federate_synthetic(
 @pytest.fixture(scope="module")
 def weighted_run() -> dict[str, Any]:
     """Two SecAgg+ rounds of 4 clients with unequal weights and a recording strategy."""
-    cfg = parse_run_config({"fed.num-rounds": 2, "fed.min-available-clients": 4})
+    cfg = parse_run_config(
+        {"fed.num-rounds": 2, "fed.min-available-clients": 4, "fed.max-weight": W_EXAMPLES}
+    )
     rng = np.random.default_rng(7)
     start = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SYNTHETIC_SHAPES.items()}
     out: dict[str, Any] = {"start": start, "params": {}, "states": {}}
@@ -719,6 +929,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "output.run-name": "dropout",
             "output.local-only-baseline": False,
             "fed.aggregation": "secagg+",
+            "fed.max-weight": W_EXAMPLES,
             "fed.evaluate-every": 2,
         }
     )
@@ -773,7 +984,18 @@ def test_dropout_above_threshold_still_gives_the_right_aggregate(
     shapes = {k: v.shape for k, v in start.items()}
     deltas = [sent_update(start, fake_delta(shapes, p, 1)) for p in range(1, 5)]
     weights = EXAMPLES[1:5]
-    bound = row["secagg-error-bound"] * 4  # bound at full weight; weights here are >= 1/4 of it
+    # the bound for the weights these four sent (W = 10x the largest), and it is that one
+    bound = row["secagg-error-bound"]
+    assert bound == pytest.approx(
+        secagg.aggregate_error_bound(
+            row["secagg-clipping-range"],
+            row["secagg-quantization-range"],
+            [w / W_EXAMPLES for w in weights],
+        ),
+        rel=1e-3,
+    )
+    assert row["secagg-clamped"] == 0
+    assert row["secagg-weight-total"] == pytest.approx(sum(weights) / W_EXAMPLES, rel=1e-6)
     for key in start:
         exact = np.average(np.stack([d[key] for d in deltas]), axis=0, weights=weights)
         np.testing.assert_allclose(after[key], start[key] + exact, rtol=0, atol=bound + 1e-6)
@@ -895,7 +1117,7 @@ setup = ConfigRecord({
 msg = Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=7, message_type="train")
 msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
-                  run_config={"fed.aggregation": "secagg+"})
+                  run_config={"fed.aggregation": "secagg+", "fed.max-weight": 1000.0})
 reply = app(msg, context)
 heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
@@ -936,7 +1158,12 @@ def timeout_run() -> dict[str, Any]:
     (seconds of imports on a loaded machine), so the round's time is the protocol's.
     """
     cfg = parse_run_config(
-        {"fed.num-rounds": 1, "fed.min-available-clients": 4, "fed.round-timeout": 12.0}
+        {
+            "fed.num-rounds": 1,
+            "fed.min-available-clients": 4,
+            "fed.round-timeout": 12.0,
+            "fed.weighting": "seen",
+        }
     )
     start = {k: np.zeros(s, np.float32) for k, s in SYNTHETIC_SHAPES.items()}
     out: dict[str, Any] = {}
@@ -1097,3 +1324,123 @@ def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
     assert all(row["dp-expected-clients"] == 3 for row in rows)
     summary = json.loads((full / "summary.json").read_text())
     assert summary["privacy"]["client-level"]["sampling-rate"] == 0.5
+
+
+# --------------------------------------------------------------------------------------
+# A site above the max weight: clamped, and only counted
+# --------------------------------------------------------------------------------------
+
+
+class InProcessGrid:
+    """Sites answered in this process by ``app``, each with its own Context (no Ray)."""
+
+    def __init__(self, app: ClientApp, run_config: dict[str, Any], sites: int) -> None:
+        self.app = app
+        self.contexts = {
+            100 + p: Context(
+                run_id=1,
+                node_id=100 + p,
+                node_config={"partition-id": p, "num-partitions": sites},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for p in range(sites)
+        }
+        self.replies: list[Message] = []
+        self.run = SimpleNamespace(run_id=1)  # what Flower's legacy SecAgg+ asks of a Grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        # A copy per site, as the transport gives: secaggplus_mod edits what it receives.
+        out = [
+            self.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
+            for msg in messages
+        ]
+        self.replies.extend(out)
+        return out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_above_the_max_weight_is_clamped_counted_and_not_named(tmp_path: Path) -> None:
+    # Prepare: four sites holding 160, 120, 80 and 40 examples; W = 150 bounds all but one
+    from flower_llm.adapters import init_adapter
+    from flower_llm.models import resolve_model_path
+    from server_apps.fedavg import run
+
+    max_weight = 150.0
+    run_config = {
+        "fed.aggregation": "secagg+",
+        "fed.max-weight": max_weight,
+        "fed.num-rounds": 1,
+        "fed.min-available-clients": 4,
+        "output.local-only-baseline": False,
+        "output.dir": str(tmp_path),
+        "output.run-name": "clamped",
+    }
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(simulation_client_app(cfg, None), run_config, sites=4)
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+    # Execute: the ServerApp's own run, one SecAgg+ round
+    run(grid, server, cfg)  # type: ignore[arg-type]
+
+    # Assert: the server learned that one site was clamped, and the weights' total
+    run_dir = tmp_path / "clamped"
+    (row,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["updated"] is True and row["clients-replied"] == 4
+    sent = [min(n, max_weight) for n in EXAMPLES[:4]]
+    assert row["secagg-clamped"] == 1
+    assert row["secagg-weight-total"] == pytest.approx(sum(sent) / max_weight, rel=1e-6)
+    # ... the new adapter is FedAvg with the clamped site at W, within the round's bound
+    start, _ = init_adapter(cfg.model, cfg.lora, resolve_model_path(cfg.model), cfg.seed)
+    after = load_adapter(run_dir / "round-001")
+    bound = row["secagg-error-bound"]
+    assert bound < 1e-6 * row["secagg-clipping-range"]
+    shapes = {k: v.shape for k, v in start.items()}
+    deltas = [sent_update(start, fake_delta(shapes, p, 1)) for p in range(4)]
+    moved = 0.0
+    for key in start:
+        stacked = np.stack([d[key] for d in deltas])
+        clamped = np.average(stacked, axis=0, weights=sent)
+        np.testing.assert_allclose(after[key], start[key] + clamped, rtol=0, atol=bound + 1e-6)
+        held = np.average(stacked, axis=0, weights=EXAMPLES[:4])
+        moved = max(moved, float(np.abs(held - clamped).max()))
+    assert moved > 100 * bound  # the clamp changed the aggregate, visibly
+    # ... no reply says which site: every plaintext weight is 1, no counts in the clear
+    masked_stage = [
+        r
+        for r in grid.replies
+        if Key.MASKED_PARAMETERS in r.content.config_records.get(RECORD_KEY_CONFIGS, {})
+    ]
+    assert len(masked_stage) == 4
+    for reply in masked_stage:
+        assert reply.content.metric_records["fitres.num_examples"]["num_examples"] == 1
+        assert set(reply.content.metric_records) == {"fitres.num_examples"}
+        assert not reply.content.config_records["fitres.metrics"]  # fit's metrics: none
+        assert set(reply.content.config_records) == {
+            RECORD_KEY_CONFIGS,
+            "fitres.metrics",
+            "fitres.status",
+        }
+    assert all(secagg.COUNTS_RECORD not in c.state.config_records for c in grid.contexts.values())
+    # ... and summary.json warns
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["secagg"]["sites-clamped"] == 1
+    assert summary["secagg"]["rounds-with-clamped-sites"] == [1]
+    (warning,) = summary["secagg"]["warnings"]
+    assert "clamped to W" in warning and "fed.max-weight" in warning
+
+
+def test_the_summary_says_nothing_was_clamped_when_nothing_was() -> None:
+    from strategies.secagg import secagg_summary
+
+    rows = [{"round": 1, "secagg-clamped": 0, "secagg-max-weight": 10.0}, {"round": 2}]
+    assert secagg_summary(rows) == {
+        "sites-clamped": 0,
+        "rounds-with-clamped-sites": [],
+        "warnings": [],
+    }

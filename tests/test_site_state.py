@@ -286,7 +286,12 @@ def test_the_secagg_client_trains_with_dpsgd_like_the_plain_client(
     from flower_llm import secagg
 
     secagg_cfg = run_config(
-        tiny_model_dir, **{"fed.aggregation": "secagg+", "output.local-only-baseline": False}
+        tiny_model_dir,
+        **{
+            "fed.aggregation": "secagg+",
+            "fed.max-weight": 1000.0,  # bounds any partition of the 900 embedded examples
+            "output.local-only-baseline": False,
+        },
     )
     context = site_contexts(41, secagg_cfg, tmp_path / "secagg")[0]
     trainer, keys = session_and_keys(context)

@@ -330,7 +330,8 @@ setup = ConfigRecord({
 msg = Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=7, message_type="train")
 msg.metadata.__dict__["_message_id"] = "setup"
 context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                  run_config={"fed.aggregation": "secagg+", "model.name": sys.argv[2]})
+                  run_config={"fed.aggregation": "secagg+", "fed.max-weight": 1000.0,
+                              "model.name": sys.argv[2]})
 reply = app(msg, context)
 heavy = ("torch", "transformers", "peft", "datasets", "bitsandbytes", "opacus", "scipy")
 print(json.dumps({
@@ -445,6 +446,7 @@ def test_secagg_rounds_run_through_a_site_worker(
     settings = {
         "model.name": str(tiny_model_dir),
         "fed.aggregation": "secagg+",
+        "fed.max-weight": 1000.0,  # bounds any partition of the 900 embedded examples
         "fed.num-rounds": 1,
         "fed.min-available-clients": 3,
         "fed.min-train-clients": 3,
