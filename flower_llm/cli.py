@@ -721,8 +721,16 @@ def format_plan(plan: MemoryPlan) -> str:
             verdict = (
                 f"does not fit in {format_bytes(plan.gpu_bytes)} (short by {format_bytes(-spare)})"
             )
-            if not s.gradient_checkpointing:
-                verdict += "; try --gradient-checkpointing"
+            hints = [
+                flag
+                for flag, applies in (
+                    ("--gradient-checkpointing", not s.gradient_checkpointing),
+                    ("--no-fp32-stream", s.quantization != "none" and s.fp32_stream),
+                )
+                if applies
+            ]
+            if hints:
+                verdict += f"; try {' and '.join(hints)}"
         lines.append(verdict)
     return "\n".join(lines)
 

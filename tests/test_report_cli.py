@@ -776,11 +776,17 @@ def test_plan_cli_fits_and_does_not_fit(
     # Execute
     fits = run_cli([*llama, "--gpu-mem", "24GiB"], capsys)
     too_small = run_cli([*llama, "--gpu-mem", "4GiB"], capsys)
+    unchecked = run_cli(["plan", "--model", str(config_file), "--gpu-mem", "24GiB"], capsys)
+    bf16_stream = run_cli([*llama, "--no-fp32-stream", "--gpu-mem", "24GiB"], capsys)
     tiny = run_cli(["plan", "--model", str(tiny_model_dir), "--gpu-mem", "2GiB"], capsys)
 
     # Assert
     assert fits[0] == 0 and "fits in 24.00 GiB" in fits[1]
     assert too_small[0] == 1 and "does not fit in 4.00 GiB" in too_small[1]
+    assert too_small[1].rstrip().endswith("try --no-fp32-stream")
+    assert unchecked[1].rstrip().endswith("try --gradient-checkpointing and --no-fp32-stream")
+    assert "attention scores" in unchecked[1] and "attention scores" not in bf16_stream[1]
+    assert "other weights" in bf16_stream[1] and "norms in bfloat16" in bf16_stream[1]
     assert "quantized linear weights" in fits[1] and "8.03 B parameters" in fits[1]
     assert tiny[0] == 0 and "fits in 2.00 GiB" in tiny[1]
 
