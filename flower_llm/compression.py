@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from flower_llm import wire
+
 AdapterState = dict[str, np.ndarray]
 
 FORMAT = "flower-llm/compressed-adapter"
@@ -166,10 +168,9 @@ class Header:
                 f"block size {block!r} outside [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]"
             )
         keys = record.get("keys", [])
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise WireFormatError("'keys' is not a list of strings")
-        if len(set(keys)) != len(keys):
-            raise WireFormatError("'keys' names an array twice")
+        if problem := wire.distinct_names_problem(keys, "'keys'", "array"):
+            raise WireFormatError(problem)
+        assert isinstance(keys, list)
         ints = {k: record.get(k) for k in ("global-version", "base-version")}
         strings = {k: record.get(k) for k in ("global-digest", "base-digest")}
         if not all(_is_int(v) for v in ints.values()):

@@ -260,10 +260,9 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
             f"format version {header.get('format-version')!r}; this code reads {LAYOUT_VERSION}"
         )
     names = header.get("records", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise PackedLayoutError("'records' is not a list of record names")
-    if len(set(names)) != len(names):
-        raise PackedLayoutError("'records' names a record twice")
+    if problem := distinct_names_problem(names, "'records'", "record"):
+        raise PackedLayoutError(problem)
+    assert isinstance(names, list)
     for name, record in content.array_records.items():
         if name not in names and len(record):
             raise PackedLayoutError(f"ArrayRecord '{name}' is not described by the header")
@@ -283,6 +282,21 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
     return out, True
 
 
+def distinct_names_problem(value: object, field: str, item: str) -> str | None:
+    """Why a header ``field`` is not a list of distinct, non-empty names; None when it is.
+
+    For the headers that list records or arrays by name (this layout's, and the
+    compressed-update header of :mod:`flower_llm.compression`): ``item`` is what each
+    name names, for the message.
+    """
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return f"{field} is not a list of {item} names"
+    if len(set(value)) != len(value):
+        article = "an" if item[:1] in "aeiou" else "a"
+        return f"{field} names {article} {item} twice"
+    return None
+
+
 def _int_list(header: ConfigRecord, field: str) -> list[int]:
     value = header.get(field, [])
     if not isinstance(value, list) or not all(
@@ -295,10 +309,9 @@ def _int_list(header: ConfigRecord, field: str) -> list[int]:
 def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> ArrayRecord:
     keys = header.get(f"{name}:keys")
     dtypes = header.get(f"{name}:dtypes")
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-        raise PackedLayoutError(f"'{name}:keys' is not a list of names")
-    if len(set(keys)) != len(keys):
-        raise PackedLayoutError(f"'{name}:keys' names an array twice")
+    if problem := distinct_names_problem(keys, f"'{name}:keys'", "array"):
+        raise PackedLayoutError(problem)
+    assert isinstance(keys, list)
     if not isinstance(dtypes, list) or not all(d in PACK_DTYPES for d in dtypes):
         raise PackedLayoutError(f"'{name}:dtypes' {dtypes!r} is not a list of {PACK_DTYPES}")
     keys, dtypes = [str(k) for k in keys], [str(d) for d in dtypes]
