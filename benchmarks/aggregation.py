@@ -70,11 +70,15 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def make_replies(shapes: Mapping[str, tuple[int, ...]], num_clients: int) -> list[Any]:
+def make_replies(
+    shapes: Mapping[str, tuple[int, ...]], num_clients: int, *, distinct: bool = False
+) -> list[Any]:
     """Train replies of ``num_clients`` nodes: float32 adapters with unequal example counts.
 
-    Values differ per client by a constant offset (cheap to make; aggregation cost does
-    not depend on the values).
+    Values differ per client by a constant offset (cheap to make; a weighted sum's cost
+    does not depend on the values), or with ``distinct`` by independent noise as well, so
+    that the replies' order differs from value to value as real updates' does (what a
+    per-value median or trimmed mean costs depends on it: presorted columns sort fast).
     """
     from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
@@ -85,7 +89,16 @@ def make_replies(shapes: Mapping[str, tuple[int, ...]], num_clients: int) -> lis
     replies = []
     for node in range(1, num_clients + 1):
         offset = np.float32(node * 1e-4)
-        arrays = ArrayRecord({k: Array(v + offset) for k, v in base.items()})
+        arrays = ArrayRecord(
+            {
+                k: Array(
+                    v + offset + rng.standard_normal(v.shape, dtype=np.float32) * 1e-3
+                    if distinct
+                    else v + offset
+                )
+                for k, v in base.items()
+            }
+        )
         metrics = MetricRecord(
             {wire.NUM_EXAMPLES: 100 + 10 * (node % 7), wire.TRAIN_LOSS: 1.0 + node % 3}
         )

@@ -562,19 +562,11 @@ def _checked_aggregate(
             [weights[i] for i in kept] if rule in ("none", "norm-bound") else [1.0] * len(kept)
         )
         sweep = _Sweep(chosen, reference, bounds, need_norm)
-        state: AdapterState | None = None
-        if rule == "norm-bound":
-            sweep.run(None, None)
-            if not sweep.problems:
-                norms = sweep.norms()
-                median = float(np.median(norms))
-                scaled = [
-                    f * (median / n if n > median and n > 0 else 1.0)
-                    for f, n in zip(factors, norms, strict=True)
-                ]
-                state = _Sweep(chosen, reference, None, False).run(np.asarray(scaled), None)
-        elif rule == "none":
-            state = sweep.run(np.asarray(factors), None)
+        summed: dict[str, np.ndarray] | None
+        if rule in ("none", "norm-bound"):
+            summed = sweep.run(np.asarray(factors), None)
+            if rule == "norm-bound" and summed is not None:
+                summed = _scale_to_median(summed, chosen, reference, factors, sweep.norms())
         else:
             count = len(chosen)
             cut = (
@@ -582,7 +574,7 @@ def _checked_aggregate(
                 if rule == "median"
                 else min(math.floor(trim_fraction * count), (count - 1) // 2)
             )
-            state = sweep.run(None, (rule, cut))
+            summed = sweep.run(None, (rule, cut))
         if sweep.problems:
             dropped.update({kept[j]: reason for j, reason in sweep.problems.items()})
             continue
@@ -599,8 +591,38 @@ def _checked_aggregate(
             if over:
                 dropped.update(over)
                 continue
-        assert state is not None
+        assert summed is not None
+        state = _rounded(summed, reference)
         return CheckedAggregate(state, dict(sorted(dropped.items())), kept, norms_out)
+
+
+def _scale_to_median(
+    summed: dict[str, np.ndarray],
+    states: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    factors: Sequence[float],
+    norms: Sequence[float],
+) -> dict[str, np.ndarray]:
+    """``summed = w + sum_k p_k u_k`` turned into ``w + sum_k p_k s_k u_k``, ``s_k =
+    min(1, median / ||u_k||)``, by adding ``sum_k p_k (s_k - 1) u_k`` over the replies
+    above the median only (about half): a second read of those replies, not of all."""
+    median = float(np.median(norms))
+    scaled = [j for j, n in enumerate(norms) if n > median and n > 0]
+    if not scaled:
+        return summed
+    extra = np.asarray([factors[j] * (median / norms[j] - 1.0) for j in scaled])
+    more = _Sweep([states[j] for j in scaled], reference, None, False).run(
+        extra, None, add_reference=False
+    )
+    assert more is not None
+    for key, value in more.items():
+        summed[key] += value
+    return summed
+
+
+def _rounded(summed: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> AdapterState:
+    """The float64 sums rounded once to float32, in the reference's shapes."""
+    return {k: v.astype(np.float32).reshape(reference[k].shape) for k, v in summed.items()}
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -649,18 +671,25 @@ class _Sweep:
         return [math.sqrt(float(s)) for s in self.squares]
 
     def run(
-        self, factors: np.ndarray | None, central: tuple[str, int] | None
-    ) -> AdapterState | None:
+        self,
+        factors: np.ndarray | None,
+        central: tuple[str, int] | None,
+        *,
+        add_reference: bool = True,
+    ) -> dict[str, np.ndarray] | None:
         """Check every row; with ``factors`` the weighted sum, with ``central`` = (rule,
-        cut) the trimmed mean or median, of the updates, added to the reference."""
+        cut) the trimmed mean or median, of the updates, added to the reference (unless
+        ``add_reference`` is False): flat float64 arrays, None if a row failed a check
+        (or if there is nothing to sum)."""
         count = len(self.states)
         rows = count if central is not None else min(count, REPLIES_PER_BLOCK)
-        result: AdapterState = {}
+        summing = factors is not None or central is not None
+        result: dict[str, np.ndarray] = {}
         stack = np.empty(0, np.float64)
         for key, ref in self.reference.items():
             flat_ref = ref.reshape(-1).astype(np.float64)
             size = flat_ref.size
-            out = np.empty(size, np.float64) if (factors is not None or central) else None
+            out = np.empty(size, np.float64) if summing else None
             width = max(1024, STACK_BYTES // (8 * rows))
             if stack.size < rows * min(width, size):
                 stack = np.empty(rows * min(width, size), np.float64)
@@ -674,8 +703,10 @@ class _Sweep:
                     if self.problems:
                         return None
                     assert out is not None
-                    out[start:stop] = ref_block
-                    out[start:stop] += _central(block, *central)
+                    if add_reference:
+                        np.add(ref_block, _central(block, *central), out=out[start:stop])
+                    else:
+                        out[start:stop] = _central(block, *central)
                     continue
                 carry = None
                 for first in range(0, count, rows):
@@ -686,15 +717,16 @@ class _Sweep:
                         continue
                     partial = factors[first : first + len(chosen)] @ block
                     if carry is None:
-                        carry = ref_block.copy()
-                    carry += partial
+                        carry = ref_block + partial if add_reference else partial
+                    else:
+                        carry += partial
                 if self.problems and factors is not None:
                     return None
                 if out is not None and carry is not None:
                     out[start:stop] = carry
             if out is not None:
-                result[key] = out.astype(np.float32).reshape(ref.shape)
-        return result if (factors is not None or central) else None
+                result[key] = out
+        return result if summing else None
 
     def _fill(
         self,
@@ -714,7 +746,18 @@ class _Sweep:
         if self.bounds is None:
             return
         largest = np.maximum(block.max(axis=1), -block.min(axis=1))
+        # One BLAS dot per row: ~2x faster here than an einsum over the block.
+        squares = (
+            np.fromiter((np.dot(row, row) for row in block), np.float64, len(block))
+            if self.need_norm
+            else None
+        )
         limit = self.bounds.max_abs_update
+        if np.isfinite(largest).all() and (limit is None or (largest <= limit).all()):
+            # Every row passes (the usual case): no per-row Python below.
+            if squares is not None:
+                self.squares[chosen.start : chosen.stop] += squares
+            return
         for row, index in enumerate(chosen):
             peak = float(largest[row])
             if not math.isfinite(peak):
@@ -726,15 +769,23 @@ class _Sweep:
                     f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
                     f"bound {limit:.3g} (fed.update-bound)",
                 )
-            if self.need_norm:
-                self.squares[index] += float(np.dot(block[row], block[row]))
+            if squares is not None:
+                self.squares[index] += float(squares[row])
 
 
 def _central(block: np.ndarray, rule: str, cut: int) -> np.ndarray:
     """Per column of ``block`` (one update per row): the median, or the mean after cutting
-    ``cut`` values at each end, in float64."""
+    ``cut`` values at each end, in float64.
+
+    Both sort the columns in place: for the few rows of a round (tens of replies), a sort
+    of every column is about 5x faster than ``np.median``'s partition of each, and the
+    median is the same number (the middle value, or the mean of the two middle values).
+    """
     count = block.shape[0]
-    if rule == "median":
-        return np.median(block, axis=0, overwrite_input=True)
     block.sort(axis=0)
+    if rule == "median":
+        middle = count // 2
+        if count % 2:
+            return block[middle].copy()
+        return (block[middle - 1] + block[middle]) / 2
     return block[cut : count - cut].mean(axis=0)

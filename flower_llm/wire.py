@@ -6,6 +6,8 @@ strategies cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -74,11 +76,59 @@ WIRE_DTYPES = {
 
 
 def to_array_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
-    """Pack a whole adapter state for sending; float16 halves the bytes on the wire."""
-    dtype = WIRE_DTYPES[wire_dtype]
-    return ArrayRecord(
-        {key: Array(np.ascontiguousarray(value, dtype=dtype)) for key, value in state.items()}
-    )
+    """Pack a whole adapter state for sending; float16 halves the bytes on the wire.
+
+    Each ``Array`` holds the bytes ``Array(ndarray)`` would (an ``.npy`` file), built from
+    a cached header plus the values instead of through ``np.save`` (about 4x faster for a
+    small array; the server publishes every array of the adapter each round).
+    """
+    dtype = np.dtype(WIRE_DTYPES[wire_dtype])
+    record = {}
+    for key, value in state.items():
+        values = np.ascontiguousarray(value, dtype=dtype)
+        header = _npy_header(dtype.str, values.shape)
+        if header is None or values.dtype.byteorder == ">":
+            record[key] = Array(values)
+            continue
+        record[key] = Array(
+            dtype=str(values.dtype),
+            shape=values.shape,
+            stype="numpy.ndarray",
+            data=header + values.tobytes(),
+        )
+    return ArrayRecord(record)
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes | None:
+    """The version 1.0 ``.npy`` header ``np.save`` writes for a C-order array of ``descr``
+    and ``shape``, or None if that header would not fit version 1.0. Bounded cache: a
+    reply's shapes are the sender's to choose."""
+    buffer = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(
+            buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+        )
+    except ValueError:
+        return None
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_layout(dtype_name: str, shape: tuple[int, ...]) -> tuple[np.dtype, int, bytes] | None:
+    """``(dtype, number of values, np.save's header)`` of an ``Array`` of ``dtype_name``
+    and ``shape``, or None if they do not describe a plain array."""
+    try:
+        dtype = np.dtype(dtype_name)
+        count = math.prod(int(n) for n in shape)
+    except (TypeError, ValueError):
+        return None
+    if dtype.names is not None or dtype.subdtype is not None or dtype.hasobject:
+        return None
+    if count < 0 or any(int(n) < 0 for n in shape):
+        return None
+    header = _npy_header(dtype.str, tuple(int(n) for n in shape))
+    return None if header is None else (dtype, count, header)
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -92,7 +142,19 @@ def array_view(array: Array) -> np.ndarray:
     ``numpy()``. ``np.frombuffer`` is bounds-checked: a reply whose metadata lies cannot
     read outside its own bytes.
     """
-    data = array.data
+    data, shape = array.data, array.shape
+    if array.stype == "numpy.ndarray" and type(shape) is tuple:
+        # The usual case, a header exactly as np.save writes it: one comparison.
+        try:
+            known = _npy_layout(array.dtype, shape)
+        except TypeError:  # unhashable parts: not a layout np.save writes
+            known = None
+        if known is not None:
+            dtype, count, header = known
+            if len(data) == len(header) + count * dtype.itemsize and data.startswith(header):
+                return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(
+                    shape
+                )
     try:
         dtype = np.dtype(array.dtype)
         count = math.prod(int(n) for n in array.shape)

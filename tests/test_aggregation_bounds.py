@@ -790,3 +790,29 @@ def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest() -> None:
     assert checked.state is not None
     for key in SHAPES:
         np.testing.assert_allclose(checked.state[key], expected[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("count", [5, 6, 20])
+def test_sweep_order_statistics_equal_robust_aggregate_bit_for_bit(rule: str, count: int) -> None:
+    # Prepare: unordered replies (each column in a different order), odd and even counts
+    from flower_llm.aggregation import checked_aggregate
+
+    rng = np.random.default_rng(count)
+    reference = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
+    states = [
+        {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in reference.items()}
+        for _ in range(count)
+    ]
+    weights = [float(w) for w in rng.uniform(1, 100, count)]
+
+    # Execute: the sweep (column sort) and the per-reply path (np.median, np.sort)
+    swept = checked_aggregate(states, weights, reference, ReplyBounds(), rule)
+    direct = robust_aggregate(states, weights, reference, rule)
+
+    # Assert: the same float32 values, bit for bit
+    assert swept.state is not None
+    for key in SHAPES:
+        np.testing.assert_array_equal(
+            swept.state[key].view(np.uint32), direct[key].view(np.uint32), err_msg=key
+        )

@@ -152,11 +152,13 @@ def test_aggregation_throughput_quick_measures_every_rule(tmp_path: Path) -> Non
     aggregation_throughput.main(["--quick", "--out", str(tmp_path)])
 
     result = json.loads((tmp_path / "aggregation_throughput.json").read_text())
-    assert set(result["rules"]) == set(aggregation_throughput.RULES)
+    assert set(result["rules"]) == {*aggregation_throughput.RULES, aggregation_throughput.FLOOR}
     for row in result["rules"].values():
         assert row["reply-bytes-per-second"] > 0
-        assert row["fraction-of-stream"] > 0
+        assert row["fraction-of-stream"] == pytest.approx(row["stream-seconds"] / row["seconds"])
     assert result["stream-bytes-per-second"] > 0
+    assert result["load-average-1min-before"] >= 0 and result["load-average-1min-after"] >= 0
+    assert "Load average" in (tmp_path / "aggregation_throughput.md").read_text()
 
 
 @pytest.mark.long

@@ -437,3 +437,47 @@ def test_a_record_of_scalars_round_trips_without_dims() -> None:
     assert packed.config_records[wire.LAYOUT].count_bytes() > 0
     unpacked, _ = wire.unpack(packed)
     same_arrays(unpacked.array_records[wire.ARRAYS], record)
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_to_array_record_writes_the_bytes_flower_writes_and_views_read_them(
+    wire_dtype: str,
+) -> None:
+    # Prepare: arrays of every rank, an empty one, a float64 one to cast
+    rng = np.random.default_rng(3)
+    state = {
+        "a": rng.standard_normal((8, 300)).astype(np.float32),
+        "b": rng.standard_normal((300, 8)),
+        "scalar": np.full((), 2.5, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+    # Execute
+    record = wire.to_array_record(state, wire_dtype)
+
+    # Assert: byte for byte what Array(ndarray) (np.save) makes, and viewed back exactly
+    dtype = wire.WIRE_DTYPES[wire_dtype]
+    for key, value in state.items():
+        flower = Array(np.ascontiguousarray(value, dtype=dtype))
+        ours = record[key]
+        assert (ours.dtype, ours.shape, ours.stype) == (flower.dtype, flower.shape, flower.stype)
+        assert ours.data == flower.data, key
+        view = wire.array_view(ours)
+        assert view.dtype == dtype and view.shape == flower.numpy().shape
+        np.testing.assert_array_equal(view, flower.numpy())
+
+
+def test_array_view_does_not_trust_a_header_that_differs_from_np_save() -> None:
+    # Prepare: a float32 array whose .npy header claims Fortran order (the values are
+    # those of the transpose), and one whose header says big-endian
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    fortran = Array(np.asfortranarray(values))
+    big = Array(values.astype(">f4"))
+
+    # Execute
+    fortran_view = wire.array_view(fortran)
+    big_view = wire.array_view(big)
+
+    # Assert: both read as Flower's own numpy() reads them
+    np.testing.assert_array_equal(fortran_view, fortran.numpy())
+    np.testing.assert_array_equal(big_view, values)
