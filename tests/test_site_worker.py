@@ -303,7 +303,12 @@ def test_another_user_cannot_connect(worker: SiteWorker, socket_dir: Path) -> No
     socket_dir.parent.chmod(0o755)  # mkdtemp's own directory is 0700 too
     socket_dir.chmod(0o755)
     worker.socket_path.chmod(0o666)
-    assert "connections from other users are refused" in connect_as_nobody()
+    refused = connect_as_nobody()
+    # The worker answers the refusal and closes at once: a peer still sending its job
+    # then sees the closed connection instead of the answer (seen under load).
+    assert "connections from other users are refused" in refused or refused.startswith(
+        ("BrokenPipeError", "ConnectionResetError")
+    ), refused
     assert ping(str(worker.socket_path))["refused"] == 1
 
 
