@@ -30,6 +30,7 @@ from flower_llm.personal import (
     read_entry,
 )
 from flower_llm.site_state import SITE_STATE_DIR_KEY, SiteStateStore
+from tests.conftest import stamped_task_identity
 
 SITES = 2
 
@@ -37,15 +38,8 @@ SITES = 2
 @pytest.fixture(scope="module", autouse=True)
 def server_task_identity() -> Iterator[None]:
     """Instructions are stamped with the run and node of the process that makes them."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_node_id", "_task_id")
-    saved = [getattr(TaskIdentity, name) for name in names]
-    for name, value in zip(names, (1, 0, 1), strict=True):
-        setattr(TaskIdentity, name, value)
-    yield
-    for name, value in zip(names, saved, strict=True):
-        setattr(TaskIdentity, name, value)
+    with stamped_task_identity():
+        yield
 
 
 class ClientAppGrid:

@@ -49,6 +49,7 @@ from strategies.fedavg import WeightedFedAvg
 from strategies.rounds import RoundResult, federate
 from strategies.sampling import wait_for_nodes
 from strategies.secagg import SecAggFedAvg, SecAggRounds
+from tests.conftest import stamped_task_identity
 
 # --------------------------------------------------------------------------------------
 # Derived parameters
@@ -637,15 +638,8 @@ def test_error_bound_for_the_total_matches_the_one_for_the_weights() -> None:
 @pytest.fixture
 def task_identity() -> Iterator[None]:
     """Messages made in this process are stamped with a run and node, as in a ClientApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_node_id", "_task_id")
-    saved = [getattr(TaskIdentity, name) for name in names]
-    for name, value in zip(names, (1, 0, 1), strict=True):
-        setattr(TaskIdentity, name, value)
-    yield
-    for name, value in zip(names, saved, strict=True):
-        setattr(TaskIdentity, name, value)
+    with stamped_task_identity():
+        yield
 
 
 @pytest.mark.usefixtures("task_identity")
