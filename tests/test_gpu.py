@@ -41,15 +41,12 @@ def test_dpsgd_step_on_cuda(tiny_model_dir: Path) -> None:
     from flower_llm.adapters import apply_lora
     from flower_llm.models import load_base_model
     from flower_llm.privacy.dpsgd import train_adapter_dpsgd
+    from tests.test_dpsgd import same_length_examples
 
     cfg = parse_run_config({"model.name": str(tiny_model_dir)})
     base = load_base_model(cfg.model, torch.device("cuda"))
     model = apply_lora(base.model, cfg.lora, base.name_or_path)
-    gen = torch.Generator().manual_seed(0)
-    examples = []
-    for _ in range(16):
-        ids = torch.randint(3, model.config.vocab_size, (20,), generator=gen).tolist()
-        examples.append({"input_ids": ids, "attention_mask": [1] * 20, "labels": list(ids)})
+    examples = same_length_examples(model.config.vocab_size, 16)
     before = adapter_state(model)
 
     # Execute
