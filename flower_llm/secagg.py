@@ -470,9 +470,20 @@ def decode_counts(
             f"the count slots hold {tail.tolist()} for {in_sum} sites: a client without "
             "the counting mod (client_apps.secagg.make_app) is in the sum"
         )
-    clamped = round(in_sum * clamped_slot / ones_slot)
-    total_q = 2 * clipping_range * COUNT_STEP * in_sum / ones_slot
-    return SecureCounts(clamped=clamped, weight_total=total_q / quantization_range)
+    ratio = clamped_slot / ones_slot
+    weight_total = 2 * clipping_range * COUNT_STEP * in_sum / ones_slot / quantization_range
+    # Each site writes its own slots before masking: a hostile one can put anything there.
+    # Honest sums give a count in [0, m] and a total of m weights of at most 1 each.
+    if not (
+        math.isfinite(ratio)
+        and -0.5 <= in_sum * ratio <= in_sum + 0.5
+        and 0 < weight_total <= in_sum * (1 + 1 / quantization_range)
+    ):
+        raise ValueError(
+            f"the count slots read {in_sum * ratio:g} clamped sites and a weight total of "
+            f"{weight_total:g} for {in_sum} sites in the sum: a site wrote into them"
+        )
+    return SecureCounts(clamped=round(in_sum * ratio), weight_total=weight_total)
 
 
 def apply_update(

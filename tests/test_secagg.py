@@ -626,6 +626,19 @@ def test_decode_counts_refuses_a_sum_without_them() -> None:
         secagg.decode_counts(aggregate, 0.1, 2**20, 3)
 
 
+@pytest.mark.parametrize(
+    ("clamped_slot", "ones_slot"),
+    [(1e9, 1.0), (-5.0, 1.0), (float("nan"), 1.0), (0.0, 1e-12)],
+    ids=["count above m", "negative count", "nan", "weight total too large"],
+)
+def test_decode_counts_refuses_slots_a_site_wrote_into(
+    clamped_slot: float, ones_slot: float
+) -> None:
+    aggregate = [np.zeros(3), np.array([0.0, clamped_slot, ones_slot])]
+    with pytest.raises(ValueError, match="a site wrote into them"):
+        secagg.decode_counts(aggregate, 0.1, 2**20, 3)
+
+
 def test_error_bound_for_the_total_matches_the_one_for_the_weights() -> None:
     ratios = [0.1, 0.5, 1.0, 0.25]
     total = sum(round(r * 2**20) for r in ratios) / 2**20
