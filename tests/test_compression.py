@@ -32,6 +32,7 @@ from flower_llm.compression import (
 )
 from flower_llm.site_state import SiteStateStore
 from strategies.fedavg import WeightedFedAvg
+from tests.rebuild import rebuilt_initial
 
 
 @pytest.fixture(autouse=True)
@@ -518,22 +519,6 @@ EVAL_METRICS = {
     wire.EVAL_TOKENS: 10,
 }
 """A site's evaluation reply metrics (the values do not matter here)."""
-
-
-def rebuilt_initial(run_config: dict[str, object] | None = None) -> updates.InitialBuilder:
-    """A site's rebuild of the run's initial adapter for sites without a model: the
-    server's own construction from the same settings (``initial`` instructions)."""
-    from flower_llm.adapters import init_adapter
-    from flower_llm.config import parse_run_config
-    from flower_llm.models import resolve_model_path
-
-    cfg = parse_run_config(dict(run_config or {}))
-
-    def build() -> tuple[AdapterState, updates.InitialRecipe]:
-        state, _ = init_adapter(cfg.model, cfg.lora, resolve_model_path(cfg.model), cfg.seed)
-        return state, updates.InitialRecipe.of(state, cfg.seed)
-
-    return build
 
 
 class CompressedSites:
