@@ -279,8 +279,7 @@ class ClientSession:
         from peft.utils import get_peft_model_state_dict
 
         from flower_llm.adapters import seeded_initial
-        from flower_llm.lora_aggregation import is_lora_a
-        from flower_llm.personal import shared_part
+        from flower_llm.lora_aggregation import is_lora_a, shared_keys
         from flower_llm.updates import InitialRecipe
 
         site_r, global_r = self.lora.r, self.cfg.lora.r
@@ -293,7 +292,7 @@ class ClientSession:
                 shape = (*shape[:-1], global_r)  # B is (out, r)
             shapes.append((key, shape))
         initial = seeded_initial(shapes, self.cfg.seed)
-        state = shared_part(initial, self.cfg.fed.personalization)
+        state = {k: initial[k] for k in shared_keys(initial, self.cfg.fed.personalization)}
         return state, InitialRecipe.of(state, self.cfg.seed)
 
     def compressed_reply(

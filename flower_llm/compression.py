@@ -46,14 +46,16 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from flower_llm import wire
+
 AdapterState = dict[str, np.ndarray]
 
 FORMAT = "flower-llm/compressed-adapter"
 FORMAT_VERSION = 2
 """Version 2 added the ``initial`` content; a version 1 header (a checkpoint's) still reads."""
 READABLE_VERSIONS = (1, 2)
-#: ConfigRecord name of the header in a message's RecordDict.
-WIRE_FORMAT = "wire-format"
+#: ConfigRecord name of the header in a message's RecordDict (named in flower_llm.wire).
+WIRE_FORMAT = wire.WIRE_FORMAT
 
 #: Codecs that send updates (``fed.wire-dtype``); float32 and float16 send whole adapters.
 COMPRESSED_CODECS = ("bfloat16", "int8", "nf4")
@@ -356,8 +358,6 @@ def decode(record: ArrayRecord, header: Header) -> AdapterState:
     WireFormatError
         Anything that does not match ``header`` or the format.
     """
-    from flower_llm.wire import array_view  # wire imports nothing of this module
-
     if header.content in EMPTY_CONTENTS:
         if len(record):
             raise WireFormatError(f"a '{header.content}' message carries arrays")
@@ -368,7 +368,7 @@ def decode(record: ArrayRecord, header: Header) -> AdapterState:
     if set(record) != wanted:
         raise WireFormatError(f"arrays {sorted(record)}, expected {sorted(wanted)}")
     try:
-        arrays = {name: array_view(record[name]) for name in wanted}
+        arrays = {name: wire.array_view(record[name]) for name in wanted}
     except Exception as err:  # a damaged .npy header: numpy raises its own types
         raise WireFormatError(f"unreadable array: {err}") from err
     ranks, dims = arrays["shape-ranks"], arrays["shape-dims"]

@@ -24,6 +24,8 @@ LOCAL_ONLY_ARRAYS = "local-only-arrays"
 # ConfigRecord naming the site a reply comes from ({"label": "partition 2/4"}): with a
 # local-only adapter, and whenever the instruction asks (SITE_LABEL).
 SITE = "site"
+# ConfigRecord header of a compressed message (flower_llm.compression.Header).
+WIRE_FORMAT = "wire-format"
 # ConfigRecord of an ``initial`` instruction (flower_llm.updates.InitialRecipe): what the
 # run's seeded initial adapter is made of; the site rebuilds it instead of receiving it.
 INITIAL = "initial-adapter"
@@ -365,8 +367,6 @@ def payload_bytes(content: RecordDict, name: str = ARRAYS) -> int:
     if is_packed(content):
         sent += content.config_records[LAYOUT].count_bytes()
     if INITIAL in content.config_records:
-        from flower_llm.compression import WIRE_FORMAT  # it imports this module lazily too
-
         for name in (INITIAL, WIRE_FORMAT):
             if name in content.config_records:
                 sent += config_bytes(content.config_records[name])
