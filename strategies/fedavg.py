@@ -438,7 +438,7 @@ class WeightedFedAvg(FedAvg):
     def is_initial(self, arrays: ArrayRecord) -> bool:
         """Whether ``arrays`` is the run's initial adapter (a compressed run compares the
         downlink's digest; a whole-adapter run the values, stopping at the first array
-        that differs, once per adapter object)."""
+        that differs: after round 1, the first B, or the first A)."""
         initial = self.initial
         if initial is None:
             return False

@@ -654,6 +654,10 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     assert resumed.kinds == {r: full.kinds[r] for r in (3, 4)}
     sent_kinds = {k for per_node in resumed.kinds.values() for v in per_node.values() for k in v}
     assert {"update", "same", "adapter"} <= sent_kinds
+    # ... the first run's first contacts were `initial` instructions (the sites rebuilt
+    # the seeded adapter), none after the resume (the global adapter had moved on)
+    assert {k for v in full.kinds[0].values() for k in v} == {"initial"}
+    assert "initial" not in sent_kinds
     summary = json.loads((out / "full" / "summary.json").read_text())
     again_summary = json.loads((out / "resumed" / "summary.json").read_text())
     for key in ("bytes-down", "bytes-down-eval", "bytes-up", "bytes-by-site"):
