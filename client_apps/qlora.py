@@ -135,9 +135,12 @@ def train(msg: Message, context: Context) -> Message:
     # A stock Flower strategy may send no learning rate: the run-config's schedule applies.
     config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     server_round, learning_rate = round_settings(config, session.cfg)
-    # A plain adapter, or a compressed one applied to the global adapter this site holds.
+    # A plain adapter, a compressed one applied to the global adapter this site holds, or
+    # the run's initial adapter rebuilt here from the seed (an `initial` instruction).
     store = held_global_store(instruction, context, session)
-    global_state, received = updates.receive(context.state, instruction, store)
+    global_state, received = updates.receive(
+        context.state, instruction, store, session.initial_global
+    )
     wire_dtype = session.cfg.fed.wire_dtype
     # local-b: the server sent A alone; the site trains it with its own B.
     local_b = local_b_site(context, session)
@@ -200,7 +203,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     instruction, _ = wire.unpack(msg.content)  # its reply carries no arrays to pack
     config = instruction.config_records.get(wire.CONFIG, ConfigRecord())
     store = held_global_store(instruction, context, session)
-    global_state, received = updates.receive(context.state, instruction, store)
+    global_state, received = updates.receive(
+        context.state, instruction, store, session.initial_global
+    )
     if bool(config.get(SITE_COMPARISON, False)):
         return compare_on_site(msg, context, session, global_state)
     # Read before any work, so a malformed task file fails at once, naming file:line.

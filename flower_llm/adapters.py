@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,33 @@ def init_adapter(
         skeleton = AutoModelForCausalLM.from_config(hf_config)
         peft_model = get_peft_model(skeleton, lora_config(settings, name_or_path))
 
-    generator = torch.Generator().manual_seed(seed)
-    state: AdapterState = {}
-    for key, tensor in get_peft_model_state_dict(peft_model).items():
-        if ".lora_A." in key:
-            # kaiming_uniform_(a=sqrt(5)) on a (r, fan_in) matrix is U(-1/sqrt(fan_in), +).
-            bound = 1.0 / math.sqrt(tensor.shape[1])
-            values = (torch.rand(tuple(tensor.shape), generator=generator) * 2 - 1) * bound
-            state[key] = values.numpy().astype(np.float32)
-        else:
-            state[key] = np.zeros(tuple(tensor.shape), dtype=np.float32)
+    shapes = [(k, tuple(v.shape)) for k, v in get_peft_model_state_dict(peft_model).items()]
+    state = seeded_initial(shapes, seed)
     resolved = peft_model.peft_config["default"]
     assert isinstance(resolved, LoraConfig)
     return state, resolved
+
+
+def seeded_initial(shapes: Sequence[tuple[str, tuple[int, ...]]], seed: int) -> AdapterState:
+    """The run's initial adapter: every A drawn from ``seed``, every other array zero.
+
+    ``shapes`` are (PEFT state-dict key, shape) in the PEFT model's own order: the values
+    are drawn from one ``torch.Generator`` in that order, so the server (from a meta-device
+    skeleton, :func:`init_adapter`) and a site (from the model it trains,
+    :meth:`flower_llm.client.ClientSession.initial_global`) get the same bits from the same
+    torch version; :mod:`flower_llm.updates` checks that with a digest.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state: AdapterState = {}
+    for key, shape in shapes:
+        if ".lora_A." in key:
+            # kaiming_uniform_(a=sqrt(5)) on a (r, fan_in) matrix is U(-1/sqrt(fan_in), +).
+            bound = 1.0 / math.sqrt(shape[1])
+            values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            state[key] = values.numpy().astype(np.float32)
+        else:
+            state[key] = np.zeros(shape, dtype=np.float32)
+    return state
 
 
 def save_adapter(state: Mapping[str, np.ndarray], config: LoraConfig, out_dir: str | Path) -> Path:

@@ -47,6 +47,7 @@ from flower_llm.train import (
 
 if TYPE_CHECKING:  # opacus loads only when DP-SGD is on
     from flower_llm.privacy.dpsgd import DpSgdResult
+    from flower_llm.updates import InitialRecipe
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,34 @@ class ClientSession:
         from flower_llm.lora_aggregation import to_rank
 
         return to_rank(state, self.lora.r)
+
+    def initial_global(self) -> tuple[AdapterState, InitialRecipe]:
+        """The run's initial global adapter, rebuilt here, and its recipe.
+
+        The server draws it on a meta-device skeleton (:func:`flower_llm.adapters.
+        init_adapter`); the site draws the same values from the same seed over the keys
+        and shapes of the model it already trains (no second model), at the global rank
+        ``lora.r`` (a site of its own rank re-factors it like any global adapter), and
+        keeps the part that travels (A alone under ``local-b``).
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        from flower_llm.adapters import seeded_initial
+        from flower_llm.lora_aggregation import is_lora_a, shared_keys
+        from flower_llm.updates import InitialRecipe
+
+        site_r, global_r = self.lora.r, self.cfg.lora.r
+        shapes = []
+        for key, tensor in get_peft_model_state_dict(self.model).items():
+            shape = tuple(tensor.shape)
+            if site_r != global_r and is_lora_a(key):
+                shape = (global_r, *shape[1:])  # A is (r, in)
+            elif site_r != global_r and ".lora_B." in key:
+                shape = (*shape[:-1], global_r)  # B is (out, r)
+            shapes.append((key, shape))
+        initial = seeded_initial(shapes, self.cfg.seed)
+        state = {k: initial[k] for k in shared_keys(initial, self.cfg.fed.personalization)}
+        return state, InitialRecipe.of(state, self.cfg.seed)
 
     def compressed_reply(
         self,

@@ -7,8 +7,9 @@ carries two records:
 - a ConfigRecord :data:`WIRE_FORMAT` (:class:`Header`): format name and version, the
   codec, the block size, what the values are (``adapter``: the weights themselves;
   ``update``: a difference to a global adapter both sides hold; ``same``: nothing, the
-  receiver keeps what it holds), the global version and digest they refer to, and the
-  adapter keys in the order their values are concatenated;
+  receiver keeps what it holds; ``initial``: nothing, the receiver rebuilds the run's
+  seeded initial adapter itself, format version 2), the global version and digest they
+  refer to, and the adapter keys in the order their values are concatenated;
 - an ArrayRecord of at most four arrays: ``codes`` (the values of every tensor, flattened
   in C order and concatenated in key order, encoded), ``scales`` (float32, one per block of
   ``block-size`` consecutive values of one tensor, int8 and nf4 only), ``shape-ranks``
@@ -50,16 +51,23 @@ from flower_llm import wire
 AdapterState = dict[str, np.ndarray]
 
 FORMAT = "flower-llm/compressed-adapter"
-FORMAT_VERSION = 1
-#: ConfigRecord name of the header in a message's RecordDict.
-WIRE_FORMAT = "wire-format"
+FORMAT_VERSION = 2
+"""Version 2 added the ``initial`` content; a version 1 header (a checkpoint's) still reads."""
+READABLE_VERSIONS = (1, 2)
+#: ConfigRecord name of the header in a message's RecordDict (named in flower_llm.wire).
+WIRE_FORMAT = wire.WIRE_FORMAT
 
 #: Codecs that send updates (``fed.wire-dtype``); float32 and float16 send whole adapters.
 COMPRESSED_CODECS = ("bfloat16", "int8", "nf4")
 #: Codecs a message may carry (float32: a whole adapter for a site that missed rounds).
 MESSAGE_CODECS = ("float32", *COMPRESSED_CODECS)
 BLOCK_CODECS = ("int8", "nf4")
-CONTENTS = ("adapter", "update", "same")
+CONTENTS = ("adapter", "update", "same", "initial")
+#: Codecs an ``initial`` header may name: the run's ``fed.wire-dtype``, whose whole-adapter
+#: rounding (float16) the receiver applies to what it rebuilds.
+INITIAL_CODECS = ("float32", "float16", *COMPRESSED_CODECS)
+#: Contents that carry no arrays.
+EMPTY_CONTENTS = ("same", "initial")
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 2**20
 
 #: The 16 NormalFloat4 levels of QLoRA (Dettmers et al. 2023, appendix E): quantiles of a
@@ -119,7 +127,7 @@ class Header:
     codec: str
     block_size: int
     content: str
-    """``adapter``, ``update`` or ``same``."""
+    """``adapter``, ``update``, ``same`` or ``initial``."""
     keys: tuple[str, ...]
     global_version: int
     """Down: the global version the receiver holds after applying the message. Up: the
@@ -153,15 +161,16 @@ class Header:
         if record.get("format") != FORMAT:
             raise WireFormatError(f"format {record.get('format')!r}, expected {FORMAT!r}")
         version = record.get("format-version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise WireFormatError(
-                f"format version {version!r}; this code reads version {FORMAT_VERSION}"
+                f"format version {version!r}; this code reads versions {READABLE_VERSIONS}"
             )
         codec, content = record.get("codec"), record.get("content")
-        if codec not in MESSAGE_CODECS:
-            raise WireFormatError(f"codec {codec!r} is not one of {MESSAGE_CODECS}")
-        if content not in CONTENTS:
+        if content not in CONTENTS or (content == "initial" and version == 1):
             raise WireFormatError(f"content {content!r} is not one of {CONTENTS}")
+        codecs = INITIAL_CODECS if content == "initial" else MESSAGE_CODECS
+        if codec not in codecs:
+            raise WireFormatError(f"codec {codec!r} is not one of {codecs}")
         block = record.get("block-size")
         if not _is_int(block) or not MIN_BLOCK_SIZE <= block <= MAX_BLOCK_SIZE:  # type: ignore[operator]
             raise WireFormatError(
@@ -317,7 +326,7 @@ def expected_codes(codec: str, total: int) -> tuple[type, int]:
 
 def encode(state: Mapping[str, np.ndarray], header: Header) -> ArrayRecord:
     """The ArrayRecord of ``state`` under ``header`` (its keys, in its order)."""
-    if header.content == "same":
+    if header.content in EMPTY_CONTENTS:
         return ArrayRecord()
     keys = list(header.keys)
     if set(keys) != set(state):
@@ -348,11 +357,9 @@ def decode(record: ArrayRecord, header: Header) -> AdapterState:
     WireFormatError
         Anything that does not match ``header`` or the format.
     """
-    from flower_llm.wire import array_view  # wire imports nothing of this module
-
-    if header.content == "same":
+    if header.content in EMPTY_CONTENTS:
         if len(record):
-            raise WireFormatError("a 'same' message carries arrays")
+            raise WireFormatError(f"a '{header.content}' message carries arrays")
         return {}
     wanted = {"codes", "shape-ranks", "shape-dims"} | (
         {"scales"} if header.codec in BLOCK_CODECS else set()
@@ -360,7 +367,7 @@ def decode(record: ArrayRecord, header: Header) -> AdapterState:
     if set(record) != wanted:
         raise WireFormatError(f"arrays {sorted(record)}, expected {sorted(wanted)}")
     try:
-        arrays = {name: array_view(record[name]) for name in wanted}
+        arrays = {name: wire.array_view(record[name]) for name in wanted}
     except Exception as err:  # a damaged .npy header: numpy raises its own types
         raise WireFormatError(f"unreadable array: {err}") from err
     ranks, dims = arrays["shape-ranks"], arrays["shape-dims"]

@@ -387,6 +387,16 @@ class FederationConfig:
         "With bfloat16, int8 or nf4: add what quantization lost to the next update (sites "
         "and server each keep a residual).",
     )
+    initial_from_seed: bool = setting(
+        True,
+        "fed.initial-from-seed",
+        "While the global adapter is still the run's seeded initial one (round 0's evaluation, "
+        "round 1), send sites a small `initial` instruction instead of its arrays: each site "
+        "rebuilds it from `seed` on the model it trains and checks the server's digest; a "
+        "site that cannot (another torch version, other settings) answers an error naming "
+        "the difference and is sent the arrays. `false`: always the arrays (a ClientApp "
+        "other than this project's).",
+    )
     max_weight: float = setting(
         0.0,
         "fed.max-weight",

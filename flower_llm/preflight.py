@@ -35,8 +35,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from flower_llm.data import DataError
     from flower_llm.outputs import RunDirectoryTaken
     from flower_llm.tasks import TaskFileError
+    from flower_llm.updates import InitialAdapterMismatch
 
-    return (ConfigError, DataError, FileNotFoundError, RunDirectoryTaken, TaskFileError)
+    return (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        RunDirectoryTaken,
+        TaskFileError,
+        InitialAdapterMismatch,
+    )
 
 
 def is_simulation(grid: Any) -> bool:

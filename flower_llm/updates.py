@@ -18,6 +18,15 @@ stays the guard: a site that does not hold what the server believes refuses the 
 its error reply makes the server forget what it held, and it gets the whole adapter in
 its next round.
 
+Initial (:class:`InitialRecipe`, :func:`rebuild_initial`): while the global adapter is
+still the run's seeded initial one (A from ``seed``, B zero: :func:`flower_llm.adapters.
+seeded_initial`), a site that does not hold it is sent an ``initial`` message instead of
+the arrays, in every ``fed.wire-dtype`` (float32 and float16 too): the site rebuilds the
+adapter from the model it trains and the same seed and checks the digest the server
+sends. A mismatch (another torch version, other settings) is an error reply naming what
+differs (:class:`InitialAdapterMismatch`); the server then sends that site the whole
+adapter.
+
 The server's global adapter IS what the sites reconstruct, ``G_v = G_{v-1} + D(Q(...))``
 in float32, so both sides hold the same bits; the server's residual ``e`` keeps what
 quantization lost and is added to the next round's update (and kept in the checkpoint).
@@ -35,8 +44,9 @@ import io
 import logging
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +54,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from flower_llm import wire
 from flower_llm.compression import (
+    COMPRESSED_CODECS,
     WIRE_FORMAT,
     Header,
     WireFormatError,
@@ -145,6 +156,10 @@ class Downlink:
             )
             self.holds.clear()
             self.update = None
+
+    def holds_current(self, node: int) -> bool:
+        """Whether ``node``'s last reply said it holds the current global version."""
+        return self.holds.get(node) == self.held
 
     def payload(self, node: int) -> tuple[ArrayRecord, ConfigRecord]:
         """What node ``node`` is sent: nothing new, the last update, or the whole adapter."""
@@ -293,13 +308,18 @@ def is_compressed(content: RecordDict) -> bool:
 
 
 def receive(
-    node_state: RecordDict, content: RecordDict, store: SiteStateStore | None = None
+    node_state: RecordDict,
+    content: RecordDict,
+    store: SiteStateStore | None = None,
+    initial: InitialBuilder | None = None,
 ) -> tuple[AdapterState, Header | None]:
     """The global adapter a message carries, and its header (None: a plain adapter).
 
     A compressed message updates the global adapter the site holds in ``node_state``;
     with a ``store``, the site also keeps it there, and a session that holds none (a new
-    Flower run resuming this one) starts from the store's copy.
+    Flower run resuming this one) starts from the store's copy. An ``initial`` message is
+    rebuilt by ``initial`` (:func:`rebuild_initial`); in a float32 or float16 run it
+    stands for a plain adapter (the header returned is None).
 
     Raises
     ------
@@ -307,10 +327,32 @@ def receive(
         The message cannot be decoded, or is an update (or ``same``) of a version this
         site does not hold; the error reply tells the server, which then sends the whole
         adapter.
+    InitialAdapterMismatch
+        The initial adapter this site rebuilds is not the server's (the reason names
+        what differs).
     """
     if not is_compressed(content):
         return wire.from_array_record(content.array_records[wire.ARRAYS]), None
     header = Header.from_record(content.config_records[WIRE_FORMAT])
+    if header.content == "initial":
+        state = rebuild_initial(content, header, initial)
+        if header.codec not in COMPRESSED_CODECS:
+            return state, None  # a float32 / float16 run: no versions to keep
+    else:
+        state = _reconstruct(node_state, content, header, store)
+    node_state[HELD_GLOBAL] = wire.to_array_record(state)
+    node_state[HELD_GLOBAL_META] = ConfigRecord(
+        {"version": header.global_version, "digest": header.global_digest}
+    )
+    if store is not None and header.content != "same":
+        save_held_global(store, state, Held(header.global_version, header.global_digest))
+    return state, header
+
+
+def _reconstruct(
+    node_state: RecordDict, content: RecordDict, header: Header, store: SiteStateStore | None
+) -> AdapterState:
+    """The global adapter an ``adapter``, ``update`` or ``same`` message stands for."""
     arrays = content.array_records.get(wire.ARRAYS, ArrayRecord())
     if header.content != "adapter" and HELD_GLOBAL_META not in node_state.config_records:
         load_held_global(node_state, store)
@@ -345,13 +387,134 @@ def receive(
             f"the reconstructed global version {header.global_version} does not match its "
             "digest (a lost or reordered message)"
         )
-    node_state[HELD_GLOBAL] = wire.to_array_record(state)
-    node_state[HELD_GLOBAL_META] = ConfigRecord(
-        {"version": header.global_version, "digest": header.global_digest}
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# The initial adapter, rebuilt at the site
+# --------------------------------------------------------------------------------------
+
+
+class InitialAdapterMismatch(WireFormatError):
+    """The initial adapter a site rebuilds is not the server's; the message names why."""
+
+
+def torch_version() -> str:
+    """The installed torch's version (its generator draws the initial A), without
+    importing torch."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        return "none"
+
+
+@dataclass(frozen=True)
+class InitialRecipe:
+    """What the run's initial adapter is made of: the :data:`flower_llm.wire.INITIAL`
+    record of an ``initial`` message, and what a site compares with its own to name a
+    mismatch."""
+
+    seed: int
+    tensors: int
+    parameters: int
+    torch: str
+
+    @classmethod
+    def of(cls, state: Mapping[str, np.ndarray], seed: int) -> InitialRecipe:
+        """The recipe of ``state`` (the initial adapter as it travels) drawn from ``seed``."""
+        parameters = int(sum(np.asarray(v).size for v in state.values()))
+        return cls(seed, len(state), parameters, torch_version())
+
+    def to_record(self) -> ConfigRecord:
+        """The recipe as it travels."""
+        return ConfigRecord(
+            {
+                "seed": self.seed,
+                "tensors": self.tensors,
+                "parameters": self.parameters,
+                "torch": self.torch,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> InitialRecipe:
+        """Parse a received recipe."""
+        values = [record.get(k) for k in ("seed", "tensors", "parameters")]
+        torch = record.get("torch")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or not (
+            isinstance(torch, str)
+        ):
+            raise WireFormatError(f"bad '{wire.INITIAL}' record: {dict(record)}")
+        seed, tensors, parameters = (int(v) for v in values)  # type: ignore[arg-type]
+        return cls(seed, tensors, parameters, torch)
+
+    def differences(self, server: InitialRecipe) -> list[str]:
+        """What differs between this site's recipe and the server's, in words."""
+        return [
+            f"{name} {mine} at this site, {theirs} at the server"
+            for name, mine, theirs in (
+                ("seed", self.seed, server.seed),
+                ("adapter tensors", self.tensors, server.tensors),
+                ("adapter parameters", self.parameters, server.parameters),
+                ("torch", self.torch, server.torch),
+            )
+            if mine != theirs
+        ]
+
+
+InitialBuilder = Callable[[], tuple[AdapterState, InitialRecipe]]
+"""A site's rebuild of the initial global adapter (the part that travels, float32) and
+its recipe."""
+
+
+def initial_message(codec: str, block_size: int, held: Held, recipe: InitialRecipe) -> RecordDict:
+    """The records of an ``initial`` instruction (no arrays; the caller adds the config).
+
+    ``codec`` is the run's ``fed.wire-dtype``; ``held`` the initial adapter's version (0)
+    and digest as the server holds it (rounded to float16 in a float16 run).
+    """
+    header = Header(codec, block_size, "initial", (), held.version, held.digest)
+    return RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(),
+            WIRE_FORMAT: header.to_record(),
+            wire.INITIAL: recipe.to_record(),
+        }
     )
-    if store is not None and header.content != "same":
-        save_held_global(store, state, Held(header.global_version, header.global_digest))
-    return state, header
+
+
+def rebuild_initial(
+    content: RecordDict, header: Header, initial: InitialBuilder | None
+) -> AdapterState:
+    """The initial global adapter an ``initial`` message stands for, rebuilt here and
+    checked against the message's digest.
+
+    Raises
+    ------
+    InitialAdapterMismatch
+        No way to rebuild it here, or the rebuilt adapter's digest is not the server's;
+        the reason names the differences of the recipes (seed, sizes, torch version).
+    """
+    if initial is None:
+        raise InitialAdapterMismatch("this site cannot rebuild the initial adapter")
+    record = content.config_records.get(wire.INITIAL)
+    if record is None:
+        raise WireFormatError(f"an 'initial' message without its '{wire.INITIAL}' record")
+    server = InitialRecipe.from_record(record)
+    state, mine = initial()
+    if header.codec == "float16":  # the server holds (and would send) it in float16
+        state = {k: v.astype(np.float16).astype(np.float32) for k, v in state.items()}
+    rebuilt = digest(state)
+    if rebuilt != header.global_digest:
+        differences = mine.differences(server) or [
+            "same seed, sizes and torch version, other values (other LoRA or model settings)"
+        ]
+        raise InitialAdapterMismatch(
+            f"the initial adapter rebuilt at this site (digest {rebuilt}) is not the "
+            f"server's (digest {header.global_digest}): {'; '.join(differences)}; the "
+            "server sends this site the whole adapter instead"
+        )
+    return state
 
 
 def save_held_global(store: SiteStateStore, state: Mapping[str, np.ndarray], held: Held) -> None:

@@ -26,6 +26,11 @@ LOCAL_ONLY_ARRAYS = "local-only-arrays"
 # ConfigRecord naming the site a reply comes from ({"label": "partition 2/4"}): with a
 # local-only adapter, and whenever the instruction asks (SITE_LABEL).
 SITE = "site"
+# ConfigRecord header of a compressed message (flower_llm.compression.Header).
+WIRE_FORMAT = "wire-format"
+# ConfigRecord of an ``initial`` instruction (flower_llm.updates.InitialRecipe): what the
+# run's seeded initial adapter is made of; the site rebuilds it instead of receiving it.
+INITIAL = "initial-adapter"
 
 # Metric keys in replies. A train reply carries what every ``fed.weighting`` needs:
 # what the site holds (n_k of FedAvg) and what it trained on this round.
@@ -429,13 +434,35 @@ def payload_bytes(content: RecordDict, name: str = ARRAYS) -> int:
     """Bytes of the ArrayRecord ``name`` as sent, plus the packed layout header if any.
 
     What the ``bytes-*`` columns count; the packed header is part of what the adapter
-    costs on the wire, so it counts with it.
+    costs on the wire, so it counts with it. An ``initial`` instruction carries no arrays
+    in their place but its compression header and recipe (:data:`INITIAL`): they count.
     """
     record = content.array_records.get(name)
     sent = num_bytes(record) if record is not None else 0
     if is_packed(content):
         sent += content.config_records[LAYOUT].count_bytes()
+    if INITIAL in content.config_records:
+        for name in (INITIAL, WIRE_FORMAT):
+            if name in content.config_records:
+                sent += config_bytes(content.config_records[name])
     return sent
+
+
+def config_bytes(record: ConfigRecord) -> int:
+    """Bytes of ``record`` counted as ``ConfigRecord.count_bytes`` counts them (keys, 8 per
+    number, 1 per bool, the length of a string), which raises on an empty string or list."""
+
+    def scalar(value: object) -> int:
+        if isinstance(value, bool):
+            return 1
+        if isinstance(value, str | bytes):
+            return len(value)
+        return 8
+
+    return sum(
+        len(key) + sum(scalar(v) for v in (value if isinstance(value, list) else [value]))
+        for key, value in record.items()
+    )
 
 
 def message_bytes(content: RecordDict) -> int:

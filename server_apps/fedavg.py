@@ -43,6 +43,7 @@ from flower_llm.preflight import (
 )
 from flower_llm.streams import RandomStreams
 from flower_llm.tasks import task_summary
+from flower_llm.updates import InitialRecipe
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, dpsgd_warnings, privacy_summary
 from strategies.fedavg import WeightedFedAvg, aggregate_eval_replies
 from strategies.personal import compare_sites
@@ -420,6 +421,9 @@ def _run(
 
     streams = streams or RandomStreams(cfg.seed, secret=cfg.privacy.client_level)
     mode = mode or build_mode(cfg, context, list(shared), streams)
+    if cfg.fed.initial_from_seed:
+        # Sites rebuild this adapter from the seed instead of downloading it.
+        mode.use_initial(arrays, InitialRecipe.of(shared, cfg.seed))
     first_round, resumed_after = 1, None
     if cfg.output.resume:
         checkpoint = resume_from_checkpoint(run_dir.path, cfg, mode, streams)

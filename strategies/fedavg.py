@@ -39,7 +39,7 @@ from flower_llm.aggregation import (
     robust_aggregate,
     update_problem,
 )
-from flower_llm.compression import WIRE_FORMAT, Header, WireFormatError, decode
+from flower_llm.compression import WIRE_FORMAT, Header, WireFormatError, decode, digest
 from flower_llm.config import ROBUST_RULES, WIRE_LAYOUTS, RunConfig
 from flower_llm.lora_aggregation import (
     LORA_AGGREGATIONS,
@@ -49,7 +49,7 @@ from flower_llm.lora_aggregation import (
     to_rank,
 )
 from flower_llm.tasks import pool_task_metrics
-from flower_llm.updates import Downlink
+from flower_llm.updates import Downlink, Held, InitialRecipe, initial_message
 from strategies.sampling import FixedSizeSampler, wait_for_nodes
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,21 @@ class ValidReply:
     values_checked: bool = True
     """False: the values are yet to be checked against the bounds, in the same sweep that
     aggregates them (:func:`flower_llm.aggregation.checked_aggregate`)."""
+
+
+@dataclass
+class InitialAdapter:
+    """The run's seeded initial adapter as the server holds it (see
+    :meth:`WeightedFedAvg.use_initial`)."""
+
+    arrays: ArrayRecord
+    state: AdapterState
+    """Its float32 values (rounded to float16 in a float16 run, as held)."""
+    held: Held
+    """Version 0 and its digest."""
+    recipe: InitialRecipe
+    codec: str
+    """``fed.wire-dtype`` of a compressed run; else float32 or float16, as held."""
 
 
 class WeightedFedAvg(FedAvg):
@@ -236,6 +251,7 @@ class WeightedFedAvg(FedAvg):
         self.min_train_clients = min_train_clients
         self.wire_dtype = wire_dtype
         self.wire_layout = wire_layout
+        self.wire_block_size = wire_block_size
         self.downlink = (
             Downlink(wire_dtype, wire_block_size, error_feedback)
             if wire_dtype in COMPRESSED_FORMATS
@@ -262,6 +278,12 @@ class WeightedFedAvg(FedAvg):
         self._down_at_rank: tuple[ArrayRecord | None, dict[int, ArrayRecord]] = (None, {})
         self._scratch: dict[str, np.ndarray] = {}
         """One float32 buffer per array for the bound checks, reused by every reply."""
+        self.initial: InitialAdapter | None = None
+        """The run's seeded initial adapter, sent as an ``initial`` instruction while it is
+        the global one (:meth:`use_initial`; None: always as arrays)."""
+        self.refuses_initial: set[int] = set()
+        """Nodes whose reply to an ``initial`` instruction was an error: they get arrays."""
+        self._sent_initial: set[int] = set()
         self.report = RoundReport()
         self.last_valid: list[ValidReply] = []
         self.instructions: list[Message] = []
@@ -369,6 +391,7 @@ class WeightedFedAvg(FedAvg):
         # The whole adapter and the update are packed once, not per node (the payload is
         # kept with its message so its id stays its own).
         by_payload: dict[int, tuple[ArrayRecord, RecordDict]] = {}
+        initial = self.initial_instruction(arrays, config)
         messages = []
         for node in nodes:
             content = shared
@@ -377,7 +400,13 @@ class WeightedFedAvg(FedAvg):
                 content = RecordDict(
                     {wire.ARRAYS: self.arrays_at_rank(arrays, rank), wire.CONFIG: config}
                 )
-            if self.downlink is not None:
+            holds_it = self.downlink is not None and self.downlink.holds_current(node)
+            if initial is not None and node not in self.refuses_initial and not holds_it:
+                # The seeded initial adapter: the site rebuilds it (a site of another
+                # rank re-factors it itself, as it does the arrays).
+                content = initial
+                self._sent_initial.add(node)
+            elif self.downlink is not None:
                 payload, header = self.downlink.payload(node)
                 if id(payload) not in by_payload:
                     whole = RecordDict(
@@ -393,6 +422,46 @@ class WeightedFedAvg(FedAvg):
             self.report.bytes_by_node.setdefault(node, [0, 0])[0] += sent
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
+
+    def use_initial(self, arrays: ArrayRecord, recipe: InitialRecipe) -> None:
+        """Send an ``initial`` instruction instead of ``arrays`` (the run's seeded initial
+        adapter, as the server holds it) while the global adapter is still that one, to
+        every site that does not hold it and has not refused it (``fed.initial-from-seed``)."""
+        state = wire.from_array_record(arrays)
+        if self.downlink is not None:
+            codec = self.wire_dtype
+        else:
+            float16 = any(array.dtype == "float16" for array in arrays.values())
+            codec = "float16" if float16 else "float32"
+        self.initial = InitialAdapter(arrays, state, Held(0, digest(state)), recipe, codec)
+
+    def is_initial(self, arrays: ArrayRecord) -> bool:
+        """Whether ``arrays`` is the run's initial adapter (a compressed run compares the
+        downlink's digest; a whole-adapter run the values, stopping at the first array
+        that differs: after round 1, the first B, or the first A)."""
+        initial = self.initial
+        if initial is None:
+            return False
+        if self.downlink is not None and self.downlink.global_state is not None:
+            return self.downlink.held.digest == initial.held.digest
+        if arrays is initial.arrays:
+            return True
+        views = wire.array_views(arrays)
+        return views.keys() == initial.state.keys() and all(
+            views[k].shape == v.shape and np.array_equal(views[k], v)
+            for k, v in initial.state.items()
+        )
+
+    def initial_instruction(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict | None:
+        """The ``initial`` instruction of this exchange, in ``fed.wire-layout``, or None
+        when the global adapter ``arrays`` is not the initial one."""
+        initial = self.initial
+        if initial is None or not self.is_initial(arrays):
+            return None
+        held = self.downlink.held if self.downlink is not None else initial.held
+        content = initial_message(initial.codec, self.wire_block_size, held, initial.recipe)
+        content[wire.CONFIG] = config
+        return self.laid_out(content)
 
     def laid_out(self, content: RecordDict) -> RecordDict:
         """``content`` in ``fed.wire-layout``."""
@@ -694,7 +763,18 @@ class WeightedFedAvg(FedAvg):
         return wire.to_array_record(self.downlink.commit(state, keys))
 
     def note_holds(self, node: int, reply: Message) -> None:
-        """Remember which global version a reply says its site holds (compressed only)."""
+        """Remember which global version a reply says its site holds (compressed only), and
+        a site that answered an ``initial`` instruction with an error (it gets arrays)."""
+        if node in self._sent_initial:
+            self._sent_initial.discard(node)
+            if reply.has_error() and node not in self.refuses_initial:
+                log.warning(
+                    "Node %d could not rebuild the initial adapter (%s); it is sent the "
+                    "adapter itself from now on",
+                    node,
+                    reply.error.reason,
+                )
+                self.refuses_initial.add(node)
         if self.downlink is None:
             return
         header = None if reply.has_error() else reply.content.config_records.get(WIRE_FORMAT)

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from flower_llm import wire
+from flower_llm.updates import InitialRecipe
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg
 from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
 
@@ -107,6 +108,11 @@ class RoundMode(Protocol):
         """The last round's validated individual replies (none under SecAgg+)."""
         ...
 
+    def use_initial(self, arrays: ArrayRecord, recipe: InitialRecipe) -> None:
+        """Send sites an ``initial`` instruction instead of ``arrays``, the run's seeded
+        initial adapter, while it is the global one (``fed.initial-from-seed``)."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state a checkpoint keeps."""
         ...
@@ -179,6 +185,10 @@ class MessageRounds:
     def last_valid(self) -> list[ValidReply]:
         """The last round's validated replies."""
         return self._inner.last_valid
+
+    def use_initial(self, arrays: ArrayRecord, recipe: InitialRecipe) -> None:
+        """Train and evaluation messages both (the wrapped strategy sends them)."""
+        self._inner.use_initial(arrays, recipe)
 
     def state_dict(self) -> dict[str, Any]:
         """The DP wrapper's state and the compressed downlink's (nothing without either)."""

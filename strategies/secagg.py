@@ -50,6 +50,7 @@ from flower_llm import metrics as columns
 from flower_llm import secagg, wire
 from flower_llm.config import RunConfig
 from flower_llm.secagg import SecAggParams, dp_sensitivity
+from flower_llm.updates import InitialRecipe
 from strategies.dp import CentralDP
 from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
 from strategies.rounds import TrainRound, evaluate_with
@@ -688,6 +689,11 @@ class SecAggRounds:
     def last_valid(self) -> list[ValidReply]:
         """None: the server never sees an individual update."""
         return []
+
+    def use_initial(self, arrays: ArrayRecord, recipe: InitialRecipe) -> None:
+        """Evaluation messages only (round 0's): the train download is the legacy
+        workflow's ``FitIns``, the adapter itself in every round."""
+        self.evaluation.use_initial(arrays, recipe)
 
     def state_dict(self) -> dict[str, Any]:
         """The central DP state (nothing without DP); SecAgg+ keeps no state across rounds."""

@@ -32,6 +32,7 @@ from flower_llm.compression import (
 )
 from flower_llm.site_state import SiteStateStore
 from strategies.fedavg import WeightedFedAvg
+from tests.rebuild import rebuilt_initial
 
 
 @pytest.fixture(autouse=True)
@@ -226,7 +227,7 @@ def test_a_damaged_message_is_refused_with_a_reason(damage: str, reason: str) ->
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("format-version", 2, "version"),
+        ("format-version", 3, "version"),
         ("format", "other", "format"),
         ("codec", "int4", "codec"),
         ("block-size", 0, "block size"),
@@ -522,14 +523,16 @@ EVAL_METRICS = {
 
 class CompressedSites:
     """Six sites that follow the compressed protocol with real records: each holds its
-    global adapter in its node state, 'trains' ``global + delta(node, round)`` and sends
-    ``Q(u + e)``, its residual in its node state and its site-state store."""
+    global adapter in its node state (rebuilding the initial one when told to), 'trains'
+    ``global + delta(node, round)`` and sends ``Q(u + e)``, its residual in its node state
+    and its site-state store."""
 
     def __init__(self, store_root: Path, run_id: int, resume: bool, codec: str) -> None:
         self.nodes = [11, 22, 33, 44, 55, 66]
         self.node_states = {n: RecordDict() for n in self.nodes}  # a new Flower run: empty
         self.store_root = store_root
         self.settings = updates.UplinkSettings(codec, 64, True, run_id, resume)
+        self.initial = rebuilt_initial()
         self.cohorts: dict[int, list[int]] = {}
         self.kinds: dict[int, dict[int, list[str]]] = {}
         """round -> node -> what each message to it carried (adapter, update, same)."""
@@ -549,7 +552,7 @@ class CompressedSites:
             config = instruction.config_records[wire.CONFIG]
             server_round = int(config[wire.SERVER_ROUND])  # type: ignore[arg-type]
             global_state, received = updates.receive(
-                self.node_states[node], instruction, self.store(node)
+                self.node_states[node], instruction, self.store(node), self.initial
             )
             assert received is not None
             self.kinds.setdefault(server_round, {}).setdefault(node, []).append(
@@ -651,6 +654,10 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
     assert resumed.kinds == {r: full.kinds[r] for r in (3, 4)}
     sent_kinds = {k for per_node in resumed.kinds.values() for v in per_node.values() for k in v}
     assert {"update", "same", "adapter"} <= sent_kinds
+    # ... the first run's first contacts were `initial` instructions (the sites rebuilt
+    # the seeded adapter), none after the resume (the global adapter had moved on)
+    assert {k for v in full.kinds[0].values() for k in v} == {"initial"}
+    assert "initial" not in sent_kinds
     summary = json.loads((out / "full" / "summary.json").read_text())
     again_summary = json.loads((out / "resumed" / "summary.json").read_text())
     for key in ("bytes-down", "bytes-down-eval", "bytes-up", "bytes-by-site"):
@@ -671,10 +678,11 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_adapter(
 
 
 class EvaluatingSites:
-    """Three sites that answer evaluation messages; records the adapter bytes sent."""
+    """Three sites that answer evaluation messages; records the bytes of each message as
+    it arrived (the adapter, or an ``initial`` instruction's records)."""
 
     def __init__(self) -> None:
-        self.sent: dict[int, int] = {}
+        self.sent: dict[int, list[int]] = {}
 
     def get_node_ids(self) -> list[int]:
         return [7, 8, 9]
@@ -684,8 +692,7 @@ class EvaluatingSites:
         for msg in messages:
             assert msg.metadata.message_type == MessageType.EVALUATE
             node = msg.metadata.dst_node_id
-            sent = wire.num_bytes(msg.content.array_records[wire.ARRAYS])
-            self.sent[node] = self.sent.get(node, 0) + sent
+            self.sent.setdefault(node, []).append(wire.payload_bytes(msg.content))
             content = RecordDict({wire.METRICS: MetricRecord(EVAL_METRICS)})  # type: ignore[arg-type]
             if msg.content.config_records[wire.CONFIG].get(wire.SITE_LABEL):
                 content[wire.SITE] = ConfigRecord({"label": f"site {node - 6}"})
@@ -705,8 +712,11 @@ def test_secagg_runs_count_the_bytes_sent_for_evaluation(
     from strategies.secagg import SecAggRounds
 
     # Prepare: the SecAgg+ protocol itself replaced by a round that sends 100 bytes to and
-    # receives 40 from each site (its own traffic is measured by its CountingGrid)
+    # receives 40 from each site (its own traffic is measured by its CountingGrid) and
+    # moves the adapter
     def protocol(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        moved = {k: v + 0.01 for k, v in wire.from_array_record(arrays).items()}
+        arrays = wire.to_array_record(moved)
         nodes = grid.get_node_ids()
         report = RoundReport(
             sampled=nodes,
@@ -733,17 +743,20 @@ def test_secagg_runs_count_the_bytes_sent_for_evaluation(
     # Execute
     run(sites, engine_context(), parse_run_config(cfg))  # type: ignore[arg-type]
 
-    # Assert: rounds 0, 1 and 2 were evaluated on every site; every adapter byte sent for
-    # it is counted, in the totals and per site, beside the protocol's own
+    # Assert: rounds 0, 1 and 2 were evaluated on every site (round 0's untrained adapter
+    # as an ``initial`` instruction, of a few hundred bytes); every byte sent for it is
+    # counted, in the totals and per site, beside the protocol's own
     summary = json.loads((tmp_path / "secagg" / "summary.json").read_text())
-    adapter = sites.sent[7] // 3
-    assert adapter > 1000 and sites.sent == {7: 3 * adapter, 8: 3 * adapter, 9: 3 * adapter}
-    assert summary["bytes-down-eval"] == 9 * adapter
+    initial, adapter, _ = sites.sent[7]
+    assert 0 < initial < 400 and adapter > 1000
+    assert sites.sent == {n: [initial, adapter, adapter] for n in (7, 8, 9)}
+    per_site = initial + 2 * adapter
+    assert summary["bytes-down-eval"] == 3 * per_site
     assert summary["bytes-down"] == 2 * 300 and summary["bytes-up"] == 2 * 120
     assert summary["bytes-by-site"] == {
-        str(n): {"bytes-down": 3 * adapter + 200, "bytes-up": 80} for n in (7, 8, 9)
+        str(n): {"bytes-down": per_site + 200, "bytes-up": 80} for n in (7, 8, 9)
     }
-    assert summary["mb-down"] == pytest.approx((9 * adapter + 600) / 1e6, abs=0.01)
+    assert summary["mb-down"] == pytest.approx((3 * per_site + 600) / 1e6, abs=0.01)
     # ... and the sites are named by the labels their evaluation replies gave
     assert summary["site-labels"] == {"7": "site 1", "8": "site 2", "9": "site 3"}
 

@@ -52,3 +52,7 @@ def test_an_nf4_run_trains_sends_updates_and_counts_its_bytes(
     adapter_bytes = 4 * summary["adapter-parameters"]
     per_reply = summary["bytes-up"] / sum(r["clients-replied"] for r in rows)
     assert per_reply < adapter_bytes / 5
+    # ... and nobody downloaded the initial adapter: round 0's evaluation and round 1's
+    # training sent `initial` instructions and `same`, round 1's evaluation the nf4
+    # update (3 whole adapters and more without fed.initial-from-seed)
+    assert rows[0]["bytes-down"] + rows[0]["bytes-down-eval"] < adapter_bytes

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from flower_llm import wire
+from flower_llm import updates, wire
 from flower_llm.config import parse_run_config
 from flower_llm.outputs import RunDirectory, RunDirectoryBusy
 from flower_llm.streams import RandomStreams
@@ -26,6 +26,7 @@ from server_apps.fedavg import build_mode, build_strategy, run
 from strategies.dp import CentralDP, DifferentialPrivacyFedAvg, PrivacyError
 from strategies.sampling import FixedSizeSampler, NotEnoughNodes, PoissonSampler, wait_for_nodes
 from strategies.secagg import SecAggRounds
+from tests.rebuild import rebuilt_initial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +123,7 @@ class SitesGrid:
         self.nodes = [11, 22, 33, 44, 55, 66]
         self.cohorts: dict[int, list[int]] = {}
         self.evaluated: dict[int, list[int]] = {}
+        self.initial = rebuilt_initial()
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -138,7 +140,9 @@ class SitesGrid:
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == "train":
                 self.cohorts.setdefault(server_round, []).append(node)
-                state = wire.from_array_record(instruction.array_records[wire.ARRAYS])
+                # The arrays, or the run's initial adapter rebuilt here (an `initial`
+                # instruction, round 1).
+                state, _ = updates.receive(RecordDict(), instruction, None, self.initial)
                 rng = np.random.default_rng([node, server_round])
                 local = {
                     k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in state.items()
