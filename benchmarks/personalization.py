@@ -26,10 +26,14 @@ functions the ClientApp uses (:mod:`flower_llm.personal`) and the server's
 ``weighted_average``; Flower's transport is left out (``tests/test_personal.py`` runs the
 same modes through the real apps).
 
-    python -m benchmarks.personalization [--quick] [--rounds N]
+    python -m benchmarks.personalization [--quick] [--rounds N] [--dirichlet ALPHA]
 
 ``--rounds N`` (default 3) keeps 10 local steps per round and ``personal.local-steps`` =
 N x 10; its results are written as ``personalization-<N>-rounds``, next to the default's.
+``--dirichlet ALPHA`` splits the embedded data by domain proportions drawn from a
+Dirichlet(ALPHA) per site (``data.partitioner = dirichlet``) instead of one domain per
+site: the sites then share part of their task, the setting FedSA-LoRA is evaluated on; its
+results are written as ``personalization-dirichlet-<ALPHA>`` (with ``-<N>-rounds``).
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ PERSONAL_STEPS = ROUNDS * LOCAL_STEPS
 """The fine-tune gets as many steps on the site's own data as its local-only adapter had."""
 
 
-def run(quick: bool, num_rounds: int = ROUNDS) -> dict[str, Any]:
-    """Train every way and return each site's held-out losses."""
+def run(quick: bool, num_rounds: int = ROUNDS, dirichlet: float | None = None) -> dict[str, Any]:
+    """Train every way and return each site's held-out losses (``dirichlet``: the alpha of
+    a Dirichlet split, None for the by-domain split)."""
     from flower_llm.adapters import adapter_state
     from flower_llm.aggregation import weighted_average
     from flower_llm.client import ClientSession, SiteIdentity
@@ -65,6 +70,11 @@ def run(quick: bool, num_rounds: int = ROUNDS) -> dict[str, Any]:
             "train.local-steps": steps,
             "personal.local-steps": personal_steps,
             **({"data.max-seq-length": 64} if quick else {}),
+            **(
+                {"data.partitioner": "dirichlet", "data.dirichlet-alpha": dirichlet}
+                if dirichlet is not None
+                else {}
+            ),
         }
     )
     sessions = [ClientSession(cfg, SiteIdentity(None, i, SITES)) for i in range(SITES)]
@@ -128,6 +138,7 @@ def run(quick: bool, num_rounds: int = ROUNDS) -> dict[str, Any]:
     )
     return {
         "sites": sites,
+        "split": "by-domain" if dirichlet is None else f"dirichlet (alpha {dirichlet:g})",
         "rounds": rounds,
         "local-steps-per-round": steps,
         "personal-local-steps": personal_steps,
@@ -173,7 +184,8 @@ def _worst_gap(sites: Sequence[dict[str, Any]], mode: str, reference: str) -> st
 def to_markdown(result: dict[str, Any]) -> str:
     """Per-site table."""
     head = (
-        f"{SITES} sites (embedded data, by-domain split), {result['rounds']} rounds x "
+        f"{SITES} sites (embedded data, {result.get('split', 'by-domain')} split), "
+        f"{result['rounds']} rounds x "
         f"{result['local-steps-per-round']} local steps; finetune: "
         f"{result['personal-local-steps']} more steps per site (local-only + the same "
         "steps: the local-only adapter trained on as the finetune step trains the global "
@@ -220,14 +232,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print and save."""
     parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="Rounds (default 3).")
+    parser.add_argument(
+        "--dirichlet",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="Dirichlet(ALPHA) split by domain instead of one domain per site (> 0).",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.dirichlet is not None and not args.dirichlet > 0:
+        parser.error(f"--dirichlet must be > 0, got {args.dirichlet}")
     common.setup(args.threads)
     started = time.perf_counter()
-    result = run(args.quick, args.rounds)
+    result = run(args.quick, args.rounds, args.dirichlet)
+    name = "personalization"
+    if args.dirichlet is not None:
+        name += f"-dirichlet-{args.dirichlet:g}"
+    if args.rounds != ROUNDS:
+        name += f"-{args.rounds}-rounds"
     return common.finish(
-        "personalization" if args.rounds == ROUNDS else f"personalization-{args.rounds}-rounds",
+        name,
         result,
         to_markdown(result),
         Path(args.out),
