@@ -105,8 +105,12 @@ def start_state(tiny_model_dir: Path) -> dict[str, np.ndarray]:
 def test_relayed_train_and_evaluate_equal_in_process(
     worker: SiteWorker, tiny_model_dir: Path, start_state: dict[str, np.ndarray]
 ) -> None:
-    # Prepare
+    # Prepare: the process's sessions hold the model (start_state loaded it); the
+    # worker runs in this process, so its count of loads is the process's
+    from client_apps.qlora import sessions
+
     cfg = run_config(tiny_model_dir)
+    loads_before = sessions().model_loads
 
     # Execute: the same train and evaluate messages, in process and through the worker
     local_train = app(message("train", start_state), context(cfg, None))
@@ -129,7 +133,8 @@ def test_relayed_train_and_evaluate_equal_in_process(
     assert relayed_train.metadata.reply_to_message_id == "train-1"
     assert relayed_eval.metadata.message_type == "evaluate"
     assert status["jobs"] == 2 and status["failed-jobs"] == 0
-    assert status["model-loads"] == 1  # one model for every job (and the in-process ones)
+    # one model for every job (and the in-process ones): none loaded since start_state
+    assert status["model-loads"] == loads_before
 
 
 def metrics_but_seconds(reply: Message) -> dict[str, Any]:
