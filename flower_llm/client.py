@@ -15,13 +15,14 @@ reload costs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from flower_llm.config import LoraSettings, RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
 from flower_llm.lora_aggregation import is_lora_a, sent_keys, shared_keys
 from flower_llm.models import BaseModel, describe, load_base_model
+from flower_llm.plan import OutOfGpuMemory, estimate_memory, memory_advice, run_plan_settings
 from flower_llm.site_state import SiteStateEntry, SiteStateStore, run_key, site_state_dir
 from flower_llm.train import (
     EvalStats,
@@ -187,7 +189,23 @@ def load_model(
             if is_lora_a(name):
                 param.requires_grad_(False)
     log.info("Loaded base model: %s", describe(base))
+    gpu = _gpu_bytes(model)
+    if gpu is not None:
+        settings = run_plan_settings(cfg, lora.r)
+        if estimate_memory(model.config, settings).total_bytes > gpu:
+            log.warning(
+                "Training will likely run out of GPU memory: %s",
+                memory_advice(model.config, settings, gpu, base.name_or_path),
+            )
     return LoadedModel(base, model)
+
+
+def _gpu_bytes(model: Any) -> int | None:
+    """Total memory of the CUDA device ``model`` is on, None off CUDA."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
 
 
 class ClientSession:
@@ -353,6 +371,29 @@ class ClientSession:
         )
         return cycle_batches(loader)
 
+    @contextlib.contextmanager
+    def gpu_memory_guard(self, doing: str) -> Iterator[None]:
+        """Turn CUDA's out-of-memory error while ``doing`` into :class:`OutOfGpuMemory`
+        naming the plan of this site's settings and the settings that lower it; the
+        gradients and the allocator's cache are freed first, so the process (a site
+        worker, a simulation actor) can serve its next job."""
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            self.model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            advice = memory_advice(
+                self.model.config,
+                run_plan_settings(self.cfg, self.lora.r),
+                _gpu_bytes(self.model),
+                self.base.name_or_path,
+            )
+            raise OutOfGpuMemory(
+                f"out of GPU memory while {doing} ({first_line}): {advice}"
+            ) from error
+
     def train(
         self,
         global_state: AdapterState,
@@ -365,15 +406,16 @@ class ClientSession:
         return the adapter."""
         load_adapter_state(self.model, self.from_global(global_state))
         torch.manual_seed(derive_seed(self.cfg.seed, self.site.partition_id, server_round, 1))
-        stats = train_adapter(
-            self.model,
-            self.batches_for_round(server_round),
-            steps=self.cfg.train.local_steps if steps is None else steps,
-            learning_rate=learning_rate,
-            grad_accum=self.cfg.train.grad_accum,
-            weight_decay=self.cfg.train.weight_decay,
-            max_grad_norm=self.cfg.train.max_grad_norm,
-        )
+        with self.gpu_memory_guard("training"):
+            stats = train_adapter(
+                self.model,
+                self.batches_for_round(server_round),
+                steps=self.cfg.train.local_steps if steps is None else steps,
+                learning_rate=learning_rate,
+                grad_accum=self.cfg.train.grad_accum,
+                weight_decay=self.cfg.train.weight_decay,
+                max_grad_norm=self.cfg.train.max_grad_norm,
+            )
         return adapter_state(self.model), stats
 
     def train_dp(
@@ -403,21 +445,22 @@ class ClientSession:
             store.path(DPSGD_ACCOUNTANT_ENTRY),
         )
         load_adapter_state(self.model, self.from_global(global_state))
-        result = train_adapter_dpsgd(
-            self.model,
-            self.data.train,
-            steps=self.cfg.train.local_steps,
-            batch_size=self.cfg.train.batch_size,
-            learning_rate=learning_rate,
-            weight_decay=self.cfg.train.weight_decay,
-            noise_multiplier=privacy.dpsgd_noise_multiplier,
-            max_grad_norm=privacy.dpsgd_max_grad_norm,
-            delta=privacy.dpsgd_delta,
-            pad_id=self.pad_id,
-            accountant_state=entry.data["accountant"] if entry is not None else None,
-            accountant=privacy.accountant,
-            seed=seed,
-        )
+        with self.gpu_memory_guard("training with DP-SGD"):
+            result = train_adapter_dpsgd(
+                self.model,
+                self.data.train,
+                steps=self.cfg.train.local_steps,
+                batch_size=self.cfg.train.batch_size,
+                learning_rate=learning_rate,
+                weight_decay=self.cfg.train.weight_decay,
+                noise_multiplier=privacy.dpsgd_noise_multiplier,
+                max_grad_norm=privacy.dpsgd_max_grad_norm,
+                delta=privacy.dpsgd_delta,
+                pad_id=self.pad_id,
+                accountant_state=entry.data["accountant"] if entry is not None else None,
+                accountant=privacy.accountant,
+                seed=seed,
+            )
         store.save(
             DPSGD_ACCOUNTANT_ENTRY,
             {"accountant": result.accountant_state, "last-round": server_round},
@@ -432,7 +475,8 @@ class ClientSession:
         loader = make_dataloader(
             self.data.eval, self.cfg.train.batch_size, shuffle=False, seed=0, pad_id=self.pad_id
         )
-        return evaluate(self.model, loader)
+        with self.gpu_memory_guard("evaluating"):
+            return evaluate(self.model, loader)
 
 
 @dataclass

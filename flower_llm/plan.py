@@ -76,7 +76,7 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -543,3 +543,68 @@ def format_bytes(num_bytes: float) -> str:
         if abs(num_bytes) >= size:
             return f"{num_bytes / size:.2f} {unit}"
     return f"{int(num_bytes)} B"
+
+
+# --------------------------------------------------------------------------------------
+# A site's own settings, and what to change when they do not fit
+# --------------------------------------------------------------------------------------
+
+
+class OutOfGpuMemory(RuntimeError):
+    """A site's training or evaluation ran out of GPU memory; the message says what the
+    plan estimates for its settings and which settings lower it."""
+
+
+def run_plan_settings(cfg: Any, lora_r: int | None = None) -> PlanSettings:
+    """The :class:`PlanSettings` of a run config (``flower_llm.config.RunConfig``), at the
+    site's LoRA rank ``lora_r`` (default ``lora.r``)."""
+    return PlanSettings(
+        seq_len=cfg.data.max_seq_length,
+        batch_size=cfg.train.batch_size,
+        lora_r=lora_r or cfg.lora.r,
+        target_modules=cfg.lora.target_modules,
+        quantization=cfg.model.quantization,
+        double_quant=cfg.model.double_quant,
+        compute_dtype=cfg.model.compute_dtype,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        fp32_stream=cfg.model.fp32_stream,
+    )
+
+
+def memory_advice(
+    config: Any, settings: PlanSettings, gpu_bytes: int | None, model: str = ""
+) -> str:
+    """What :func:`estimate_memory` says of ``settings`` against a GPU of ``gpu_bytes``
+    (None: unknown), and the estimate after each run-config change that lowers it, in the
+    order worth trying: checkpointing, then the compute-dtype stream, then half the batch."""
+    plan = estimate_memory(config, settings, gpu_bytes=gpu_bytes, model=model)
+    text = (
+        f"flower-llm plan estimates {format_bytes(plan.total_bytes)} for batch "
+        f"{settings.batch_size} x {settings.seq_len} tokens"
+    )
+    if gpu_bytes is not None:
+        text += f" on this GPU of {format_bytes(gpu_bytes)}"
+    changes: list[tuple[str, PlanSettings]] = []
+    current = settings
+    if not current.gradient_checkpointing:
+        current = replace(current, gradient_checkpointing=True)
+        changes.append(("model.gradient-checkpointing = true", current))
+    if current.quantization != "none" and current.fp32_stream:
+        current = replace(current, fp32_stream=False)
+        changes.append(("model.fp32-stream = false", current))
+    if current.batch_size > 1:
+        current = replace(current, batch_size=current.batch_size // 2)
+        changes.append(
+            (
+                f"train.batch-size = {current.batch_size} (train.grad-accum x 2 keeps the "
+                "examples per step)",
+                current,
+            )
+        )
+    if not changes:
+        return text + "; lower data.max-seq-length or use a larger GPU"
+    steps = [
+        f"{'then ' if i else ''}{change}: {format_bytes(estimate_memory(config, s).total_bytes)}"
+        for i, (change, s) in enumerate(changes)
+    ]
+    return text + "; set " + ", ".join(steps)

@@ -34,6 +34,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from flower_llm.config import ConfigError
     from flower_llm.data import DataError
     from flower_llm.outputs import RunDirectoryTaken
+    from flower_llm.plan import OutOfGpuMemory
     from flower_llm.tasks import TaskFileError
     from flower_llm.updates import InitialAdapterMismatch
 
@@ -44,6 +45,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         RunDirectoryTaken,
         TaskFileError,
         InitialAdapterMismatch,
+        OutOfGpuMemory,
     )
 
 

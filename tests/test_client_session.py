@@ -200,3 +200,85 @@ def test_evaluating_does_not_change_how_a_session_trains_next(tiny_model_dir: Pa
     # Assert: bit for bit the same round
     for key in start:
         np.testing.assert_array_equal(after_eval[key], plain[key], err_msg=key)
+
+
+def test_memory_advice_lists_each_setting_that_lowers_the_plan(tiny_model_dir: Path) -> None:
+    from flower_llm.plan import estimate_memory, load_model_config, memory_advice, run_plan_settings
+
+    config = load_model_config(str(tiny_model_dir))
+    cfg = parse_run_config({"model.name": str(tiny_model_dir), "train.batch-size": 8})
+    settings = run_plan_settings(cfg)
+
+    advice = memory_advice(config, settings, 2**20)
+
+    total = estimate_memory(config, settings).total_bytes
+    assert advice.startswith(f"flower-llm plan estimates {total / 2**20:.2f} MiB for batch 8 x")
+    assert "on this GPU of 1.00 MiB" in advice
+    changes = advice.split("; set ")[1].split(", then ")
+    assert [c.split(" = ")[0] for c in changes] == [
+        "model.gradient-checkpointing",
+        "model.fp32-stream",
+        "train.batch-size",
+    ]
+    estimates = [float(c.rsplit(": ", 1)[1].split()[0]) for c in changes]
+    assert estimates == sorted(estimates, reverse=True) and estimates[0] < total / 2**20
+    # What is already set is not suggested again; with nothing left, the last resorts
+    lean = run_plan_settings(
+        parse_run_config(
+            {
+                "model.name": str(tiny_model_dir),
+                "model.gradient-checkpointing": True,
+                "model.fp32-stream": False,
+                "train.batch-size": 1,
+            }
+        )
+    )
+    assert memory_advice(config, lean, None).endswith(
+        "; lower data.max-seq-length or use a larger GPU"
+    )
+
+
+def test_running_out_of_gpu_memory_names_the_settings_and_the_session_goes_on(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUDA's out-of-memory error, raised where a GPU's training or evaluation would raise
+    # it (this machine has no GPU to fill)
+    import torch
+
+    import flower_llm.client as client
+    from flower_llm.plan import OutOfGpuMemory
+    from flower_llm.preflight import user_errors
+
+    cfg = parse_run_config({"model.name": str(tiny_model_dir), "train.local-steps": 1})
+    session = ClientSession(cfg, SiteIdentity(None, 0, 2))
+    state = adapter_state(session.model)
+    real_train, real_evaluate = client.train_adapter, client.evaluate
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        for param in session.model.parameters():  # gradients of a step cut short
+            if param.requires_grad:
+                param.grad = torch.ones_like(param)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(client, "train_adapter", full)
+    with pytest.raises(OutOfGpuMemory) as trained:
+        session.train(state, server_round=1, learning_rate=1e-2)
+    monkeypatch.setattr(client, "evaluate", full)
+    with pytest.raises(OutOfGpuMemory) as evaluated:
+        session.evaluate(state)
+
+    # The message: what ran out, torch's first line, the plan and what to set
+    message = str(trained.value)
+    assert message.startswith(
+        "out of GPU memory while training (CUDA out of memory. Tried to allocate 20.00 GiB): "
+        "flower-llm plan estimates "
+    )
+    assert "model.gradient-checkpointing = true" in message and "more" not in message
+    assert str(evaluated.value).startswith("out of GPU memory while evaluating")
+    assert OutOfGpuMemory in user_errors()  # one line in the error reply, not a traceback
+    # No gradient is left behind, and the same session trains once memory allows
+    assert all(p.grad is None for p in session.model.parameters())
+    monkeypatch.setattr(client, "train_adapter", real_train)
+    monkeypatch.setattr(client, "evaluate", real_evaluate)
+    _, stats = session.train(state, server_round=1, learning_rate=1e-2)
+    assert stats.steps == 1 and session.evaluate(state).loss > 0
