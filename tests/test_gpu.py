@@ -70,3 +70,36 @@ def test_dpsgd_step_on_cuda(tiny_model_dir: Path) -> None:
     assert any((after[k] != before[k]).any() for k in after)
     assert result.stats.steps == 2
     assert 0 < result.epsilon < float("inf")
+
+
+def test_out_of_gpu_memory_on_cuda_names_the_settings(tiny_model_dir: Path) -> None:
+    # Prepare: a large batch on a GPU capped (for this process) at what the loaded model
+    # holds plus 16 MiB
+    from flower_llm.plan import OutOfGpuMemory
+
+    cfg = parse_run_config(
+        {
+            "model.name": str(tiny_model_dir),
+            "train.local-steps": 1,
+            "train.batch-size": 64,
+            "data.max-seq-length": 512,
+        }
+    )
+    session = ClientSession(cfg, SiteIdentity(None, 0, 1))
+    start = adapter_state(session.model)
+    held = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((held + 16 * 2**20) / total)
+    try:
+        # Execute
+        with pytest.raises(OutOfGpuMemory) as error:
+            session.train(start, server_round=1, learning_rate=1e-2)
+        left = torch.cuda.memory_allocated()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+    # Assert: the plan and the first setting to try; the step's memory is given back
+    assert str(error.value).startswith("out of GPU memory while training (")
+    assert "flower-llm plan estimates" in str(error.value)
+    assert "model.gradient-checkpointing = true" in str(error.value)
+    assert left <= held + 2**20
