@@ -333,7 +333,7 @@ class RunRecorder:
         log.info(
             "Held-out loss on all sites' data: federated %.4f; local-only %s",
             out["union-eval-loss/federated"],
-            ", ".join(f"{v:.4f}" for v in per_site.values() if v is not None),
+            ", ".join(f"{v:.4f} ({name})" for name, v in sorted(per_site.items()) if v is not None),
         )
         return out
 
