@@ -507,27 +507,68 @@ def _format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLAN_FLAG_DEFAULTS: dict[str, Any] = {
+    "seq-len": 512,
+    "batch-size": 4,
+    "lora-r": 16,
+    "target-modules": "all-linear",
+    "quantization": "nf4",
+    "double-quant": True,
+    "compute-dtype": "bfloat16",
+    "gradient-checkpointing": False,
+    "fp32-stream": True,
+}
+"""``flower-llm plan``'s settings flags and their defaults (a 7-8B model's usual QLoRA)."""
+
+PLAN_FLAG_KEYS = {
+    "model": "model.name",
+    "seq-len": "data.max-seq-length",
+    "batch-size": "train.batch-size",
+    "lora-r": "lora.r",
+    "target-modules": "lora.target-modules",
+    "quantization": "model.quantization",
+    "double-quant": "model.double-quant",
+    "compute-dtype": "model.compute-dtype",
+    "gradient-checkpointing": "model.gradient-checkpointing",
+    "fp32-stream": "model.fp32-stream",
+}
+"""The run-config key each of ``plan``'s flags stands for."""
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the memory breakdown; exit 1 when it does not fit ``--gpu-mem``."""
-    from flower_llm.plan import estimate_memory, load_model_config
+    from flower_llm.plan import estimate_memory, load_model_config, run_plan_settings
 
+    flags = {flag: getattr(args, flag.replace("-", "_")) for flag in PLAN_FLAG_KEYS}
     try:
-        settings = PlanSettings(
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            lora_r=args.lora_r,
-            target_modules=args.target_modules,
-            quantization=args.quantization,
-            double_quant=args.double_quant,
-            compute_dtype=args.compute_dtype,
-            gradient_checkpointing=args.gradient_checkpointing,
-            fp32_stream=args.fp32_stream,
-        )
-        config = load_model_config(args.model)
-        plan = estimate_memory(config, settings, gpu_bytes=args.gpu_mem, model=args.model)
-    except (ValueError, ConfigError) as error:
+        if args.run_config is not None:
+            given = [flag for flag, value in flags.items() if value is not None]
+            if given:
+                raise UsageError(
+                    "--run-config plans the run's own settings; set "
+                    + ", ".join(f"{PLAN_FLAG_KEYS[f]} (not --{f})" for f in given)
+                    + " in it"
+                )
+            texts = [text for text in args.run_config if text.strip()]
+            overrides = parse_overrides(texts) if texts else {}
+            cfg = check_run_config(overrides, app_config(args.app))
+            model = cfg.model.name
+            settings = run_plan_settings(cfg)
+        else:
+            if flags["model"] is None:
+                raise UsageError("name the model: --model NAME_OR_CONFIG, or use --run-config")
+            model = flags.pop("model")
+            settings = PlanSettings(
+                **{
+                    flag.replace("-", "_"): PLAN_FLAG_DEFAULTS[flag] if value is None else value
+                    for flag, value in flags.items()
+                }
+            )
+        config = load_model_config(model)
+        plan = estimate_memory(config, settings, gpu_bytes=args.gpu_mem, model=model)
+    except (ValueError, ConfigError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
-    print(format_plan(plan))
+    print(format_plan(plan, run_config=args.run_config is not None))
     return 1 if plan.fits is False else 0
 
 
@@ -658,8 +699,8 @@ def _count(number: int) -> str:
     return str(number)
 
 
-def format_plan(plan: MemoryPlan) -> str:
-    """The breakdown ``plan`` prints."""
+def format_plan(plan: MemoryPlan, *, run_config: bool = False) -> str:
+    """The breakdown ``plan`` prints (``run_config``: hints name run-config keys, not flags)."""
     s, shape = plan.settings, plan.shape
     quant = s.quantization + (" + double quant" if s.double_quant and "4" in s.quantization else "")
     other_dtype = "fp32" if s.other_weight_bytes == 4 else s.compute_dtype
@@ -722,10 +763,20 @@ def format_plan(plan: MemoryPlan) -> str:
                 f"does not fit in {format_bytes(plan.gpu_bytes)} (short by {format_bytes(-spare)})"
             )
             hints = [
-                flag
-                for flag, applies in (
-                    ("--gradient-checkpointing", not s.gradient_checkpointing),
-                    ("--no-fp32-stream", s.quantization != "none" and s.fp32_stream),
+                (f"{PLAN_FLAG_KEYS[key]} = {value}" if run_config else flag)
+                for key, value, flag, applies in (
+                    (
+                        "gradient-checkpointing",
+                        "true",
+                        "--gradient-checkpointing",
+                        not s.gradient_checkpointing,
+                    ),
+                    (
+                        "fp32-stream",
+                        "false",
+                        "--no-fp32-stream",
+                        s.quantization != "none" and s.fp32_stream,
+                    ),
                 )
                 if applies
             ]
@@ -924,24 +975,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_evaluate)
 
     plan = command("plan", "estimate the GPU memory of one QLoRA client")
-    plan.add_argument(
-        "--model", required=True, metavar="NAME_OR_CONFIG", help="hub id, directory, config.json"
-    )
+    plan.add_argument("--model", metavar="NAME_OR_CONFIG", help="hub id, directory, config.json")
     plan.add_argument("--gpu-mem", type=_memory, metavar="SIZE", help="e.g. 8GiB, 24GB")
-    plan.add_argument("--seq-len", type=_positive, default=512)
-    plan.add_argument("--batch-size", type=_positive, default=4)
-    plan.add_argument("--lora-r", type=_positive, default=16)
-    plan.add_argument("--target-modules", default="all-linear")
-    plan.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4")
-    plan.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    plan.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bfloat16")
-    plan.add_argument("--gradient-checkpointing", action="store_true")
     plan.add_argument(
-        "--fp32-stream",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="model.fp32-stream: a quantized base's other weights and activations in fp32",
+        "--run-config",
+        action="append",
+        metavar="OVERRIDES",
+        help="plan the run's own settings: the app's run config with these overrides, as "
+        "given to `flwr run` ('' for none); replaces --model and the settings below",
     )
+    plan.add_argument(
+        "--app",
+        default=os.environ.get("FLOWER_LLM_CHECKOUT", "."),
+        help="with --run-config: the Flower app directory (as check-config)",
+    )
+    for flag, default in PLAN_FLAG_DEFAULTS.items():
+        option = f"--{flag}"
+        if flag in ("double-quant", "fp32-stream"):
+            plan.add_argument(
+                option,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"default {default}"
+                + (
+                    "; model.fp32-stream: a quantized base's other weights and activations in fp32"
+                    if flag == "fp32-stream"
+                    else ""
+                ),
+            )
+        elif flag == "gradient-checkpointing":
+            plan.add_argument(option, action="store_true", default=None)
+        elif flag in ("quantization", "compute-dtype"):
+            choices = QUANTIZATIONS if flag == "quantization" else COMPUTE_DTYPES
+            plan.add_argument(option, choices=choices, default=None, help=f"default {default}")
+        elif flag == "target-modules":
+            plan.add_argument(option, default=None, help=f"default {default}")
+        else:
+            plan.add_argument(option, type=_positive, default=None, help=f"default {default}")
     plan.set_defaults(handler=cmd_plan)
 
     export = command("export", "copy an adapter and its base model into one portable directory")

@@ -33,6 +33,7 @@ from flower_llm.plan import (
     PlanSettings,
     attention_score_bytes,
     estimate_memory,
+    format_bytes,
     layer_activation_bytes,
     load_model_config,
     parse_memory,
@@ -789,6 +790,40 @@ def test_plan_cli_fits_and_does_not_fit(
     assert "other weights" in bf16_stream[1] and "norms in bfloat16" in bf16_stream[1]
     assert "quantized linear weights" in fits[1] and "8.03 B parameters" in fits[1]
     assert tiny[0] == 0 and "fits in 2.00 GiB" in tiny[1]
+
+
+def test_plan_cli_plans_the_runs_own_settings(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the app's run config (this checkout's pyproject.toml) with overrides
+    app = str(Path(__file__).resolve().parents[1])
+    overrides = f'model.name="{tiny_model_dir}" train.batch-size=2 data.max-seq-length=64 lora.r=4'
+
+    # Execute
+    planned = run_cli(
+        ["plan", "--app", app, "--run-config", overrides, "--gpu-mem", "1MiB"], capsys
+    )
+    defaults = run_cli(["plan", "--app", app, "--run-config", ""], capsys)
+    mixed = run_cli(["plan", "--app", app, "--run-config", "", "--batch-size", "2"], capsys)
+    typo = run_cli(["plan", "--app", app, "--run-config", "train.batchsize=2"], capsys)
+
+    # Assert: the run's settings, the hints as run-config keys, mistakes named
+    expected = estimate_memory(
+        load_model_config(str(tiny_model_dir)),
+        PlanSettings(seq_len=64, batch_size=2, lora_r=4, target_modules="all-linear"),
+    )
+    assert planned[0] == 1 and "batch 2 x 64 tokens, LoRA r=4" in planned[1]
+    total = next(line for line in planned[1].splitlines() if line.split()[0] == "total")
+    assert total.split()[1:] == format_bytes(expected.total_bytes).split()
+    assert (
+        planned[1]
+        .rstrip()
+        .endswith("try model.gradient-checkpointing = true and model.fp32-stream = false")
+    )
+    assert defaults[0] == 0 and "Memory plan for embedded" in defaults[1]
+    assert "batch 8 x 128 tokens" in defaults[1]  # pyproject.toml's defaults
+    assert mixed[0] == 2 and "set train.batch-size (not --batch-size) in it" in mixed[2]
+    assert typo[0] == 2 and "did you mean 'train.batch-size'" in typo[2]
 
 
 @pytest.mark.parametrize(
