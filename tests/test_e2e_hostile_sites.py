@@ -4,7 +4,8 @@ The app is a copy of this project whose ClientApp is ``tests.hostile_clientapp``
 sends float64 values of 1e300, one claims 1e12 training examples); the ServerApp is the
 project's own, with ``lora.aggregation = exact`` and ``lora.site-ranks`` giving the three
 honest sites ranks 4, 8 and 16. The run must finish, name both hostile sites' problems in
-every round of metrics.jsonl, and lower the held-out loss with the three honest sites.
+every round of metrics.jsonl, lower the held-out loss with the three honest sites, and send
+each honest site its downloads at its own rank once the server has seen it.
 """
 
 from __future__ import annotations
@@ -73,3 +74,11 @@ def test_hostile_sites_are_dropped_and_sites_of_ranks_4_8_16_lower_the_loss(
         assert 0 <= row["lora-truncation-error"] < 1, row
     losses = json.loads((run_dir / "summary.json").read_text())["eval-loss-by-round"]
     assert losses[1] < losses[0], losses
+    # Round 2's downloads (train and evaluate) are at each site's rank once the server
+    # has seen it: ranks 4 and 8 get 1/4 and 1/2 of the bytes of rank 16 (the two dropped
+    # sites, whose ranks the server never accepted, and the honest rank-16 site); round
+    # 1's train instructions were the seeded-initial ones, a few hundred bytes each
+    down = sorted(traffic[0] for traffic in rows[1]["bytes-by-site"].values())
+    assert down[2] == down[3] == down[4], down
+    assert 0.22 < down[0] / down[4] < 0.28 and 0.47 < down[1] / down[4] < 0.53, down
+    assert rows[0]["bytes-down"] < 5 * 1024, rows[0]
