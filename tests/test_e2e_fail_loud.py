@@ -111,8 +111,10 @@ def test_ctrl_c_stops_everything_and_a_second_run_owns_its_directory(tmp_path: P
     script = [str(ROOT / "scripts" / "run-default.sh"), "--run-config"]
     log = tmp_path / "first.log"
     with log.open("w") as sink:
+        # 50 rounds (2-3 s each here): `flwr run --stream` relays the server's log in
+        # bursts, so the run must last well beyond the moment round 2 shows in it
         first = subprocess.Popen(
-            ["bash", *script, "fed.num-rounds=5 train.local-steps=40"],
+            ["bash", *script, "fed.num-rounds=50 train.local-steps=40"],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -120,9 +122,9 @@ def test_ctrl_c_stops_everything_and_a_second_run_owns_its_directory(tmp_path: P
         )
         try:
             deadline = time.monotonic() + 240
-            while "[ROUND 2/5]" not in log.read_text() and time.monotonic() < deadline:
+            while "[ROUND 2/50]" not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(1)
-            assert "[ROUND 2/5]" in log.read_text(), log.read_text()[-3000:]
+            assert "[ROUND 2/50]" in log.read_text(), log.read_text()[-3000:]
 
             # Execute: Ctrl-C, as a terminal sends it to the foreground process group
             interrupted = time.monotonic()
