@@ -111,14 +111,17 @@ def test_ctrl_c_stops_everything_and_a_second_run_owns_its_directory(tmp_path: P
     script = [str(ROOT / "scripts" / "run-default.sh"), "--run-config"]
     log = tmp_path / "first.log"
     with log.open("w") as sink:
-        # 50 rounds (2-3 s each here): `flwr run --stream` relays the server's log in
-        # bursts, so the run must last well beyond the moment round 2 shows in it
+        # 50 rounds (2-3 s each here): the run must still be going when round 2 shows
         first = subprocess.Popen(
             ["bash", *script, "fed.num-rounds=50 train.local-steps=40"],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # As a terminal's foreground job has it: a test runner started in the
+            # background (nohup, `&`) ignores SIGINT, and bash cannot trap a signal it
+            # was started ignoring
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 240
