@@ -507,19 +507,6 @@ def _format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PLAN_FLAG_DEFAULTS: dict[str, Any] = {
-    "seq-len": 512,
-    "batch-size": 4,
-    "lora-r": 16,
-    "target-modules": "all-linear",
-    "quantization": "nf4",
-    "double-quant": True,
-    "compute-dtype": "bfloat16",
-    "gradient-checkpointing": False,
-    "fp32-stream": True,
-}
-"""``flower-llm plan``'s settings flags and their defaults (a 7-8B model's usual QLoRA)."""
-
 PLAN_FLAG_KEYS = {
     "model": "model.name",
     "seq-len": "data.max-seq-length",
@@ -559,10 +546,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise UsageError("name the model: --model NAME_OR_CONFIG, or use --run-config")
             model = flags.pop("model")
             settings = PlanSettings(
-                **{
-                    flag.replace("-", "_"): PLAN_FLAG_DEFAULTS[flag] if value is None else value
-                    for flag, value in flags.items()
-                }
+                **{flag.replace("-", "_"): v for flag, v in flags.items() if v is not None}
             )
         config = load_model_config(model)
         plan = estimate_memory(config, settings, gpu_bytes=args.gpu_mem, model=model)
@@ -989,8 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FLOWER_LLM_CHECKOUT", "."),
         help="with --run-config: the Flower app directory (as check-config)",
     )
-    for flag, default in PLAN_FLAG_DEFAULTS.items():
-        option = f"--{flag}"
+    defaults = PlanSettings()  # a 7-8B model's usual QLoRA
+    for flag in list(PLAN_FLAG_KEYS)[1:]:
+        option, default = f"--{flag}", getattr(defaults, flag.replace("-", "_"))
         if flag in ("double-quant", "fp32-stream"):
             plan.add_argument(
                 option,

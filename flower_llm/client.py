@@ -191,11 +191,12 @@ def load_model(
     log.info("Loaded base model: %s", describe(base))
     gpu = _gpu_bytes(model)
     if gpu is not None:
-        settings = run_plan_settings(cfg, lora.r)
-        if estimate_memory(model.config, settings).total_bytes > gpu:
+        plan = estimate_memory(
+            model.config, run_plan_settings(cfg, lora.r), gpu_bytes=gpu, model=base.name_or_path
+        )
+        if plan.fits is False:
             log.warning(
-                "Training will likely run out of GPU memory: %s",
-                memory_advice(model.config, settings, gpu, base.name_or_path),
+                "Training will likely run out of GPU memory: %s", memory_advice(model.config, plan)
             )
     return LoadedModel(base, model)
 
@@ -384,12 +385,13 @@ class ClientSession:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            advice = memory_advice(
+            plan = estimate_memory(
                 self.model.config,
                 run_plan_settings(self.cfg, self.lora.r),
-                _gpu_bytes(self.model),
-                self.base.name_or_path,
+                gpu_bytes=_gpu_bytes(self.model),
+                model=self.base.name_or_path,
             )
+            advice = memory_advice(self.model.config, plan)
             raise OutOfGpuMemory(
                 f"out of GPU memory while {doing} ({first_line}): {advice}"
             ) from error

@@ -571,13 +571,11 @@ def run_plan_settings(cfg: Any, lora_r: int | None = None) -> PlanSettings:
     )
 
 
-def memory_advice(
-    config: Any, settings: PlanSettings, gpu_bytes: int | None, model: str = ""
-) -> str:
-    """What :func:`estimate_memory` says of ``settings`` against a GPU of ``gpu_bytes``
-    (None: unknown), and the estimate after each run-config change that lowers it, in the
-    order worth trying: checkpointing, then the compute-dtype stream, then half the batch."""
-    plan = estimate_memory(config, settings, gpu_bytes=gpu_bytes, model=model)
+def memory_advice(config: Any, plan: MemoryPlan) -> str:
+    """What ``plan`` (of ``config``, the model's config) says against its GPU, and the
+    estimate after each run-config change that lowers it, in the order worth trying:
+    checkpointing, then the compute-dtype stream, then half the batch."""
+    settings, gpu_bytes = plan.settings, plan.gpu_bytes
     text = (
         f"flower-llm plan estimates {format_bytes(plan.total_bytes)} for batch "
         f"{settings.batch_size} x {settings.seq_len} tokens"

@@ -209,7 +209,7 @@ def test_memory_advice_lists_each_setting_that_lowers_the_plan(tiny_model_dir: P
     cfg = parse_run_config({"model.name": str(tiny_model_dir), "train.batch-size": 8})
     settings = run_plan_settings(cfg)
 
-    advice = memory_advice(config, settings, 2**20)
+    advice = memory_advice(config, estimate_memory(config, settings, gpu_bytes=2**20))
 
     total = estimate_memory(config, settings).total_bytes
     assert advice.startswith(f"flower-llm plan estimates {total / 2**20:.2f} MiB for batch 8 x")
@@ -233,7 +233,7 @@ def test_memory_advice_lists_each_setting_that_lowers_the_plan(tiny_model_dir: P
             }
         )
     )
-    assert memory_advice(config, lean, None).endswith(
+    assert memory_advice(config, estimate_memory(config, lean)).endswith(
         "; lower data.max-seq-length or use a larger GPU"
     )
 
