@@ -124,6 +124,9 @@ t_work = time.time()
 heavy = [m for m in ("torch", "transformers", "peft") if m in sys.modules]
 print(json.dumps({"start": t_start, "flwr": t_flwr, "import": t_import, "work": t_work,
                   "heavy": heavy}))
+# The deploy scripts' flwr-clientapp ends this way once Flower's function has exited.
+from flower_llm.clientapp_process import end
+end(0)
 """
 
 

@@ -14,6 +14,13 @@ package (same directory) before importing the submodule. Nothing else changes: s
 arguments, same code, same exit codes. ``scripts/deploy/bin/flwr-clientapp`` calls it; the
 deploy scripts put that directory first on the SuperNode's ``PATH``.
 
+It also ends the process without the interpreter's teardown (:func:`end`): by the time
+Flower's function exits, it has pushed the reply and the context to the SuperNode and run
+its own exit handlers, and what is left is Python freeing every module it imported, about
+0.17 s of CPU per message on a 2-core machine (measured: 0.17-0.18 s to exit normally,
+0.01 s this way, for a process that imported Flower's runtime and the app). Output is
+flushed first and the exit status is the one ``sys.exit`` would give.
+
 This depends on Flower's layout, so :mod:`tests.test_clientapp_process` pins it: Flower's
 console script must still name ``flwr.supernode.cli:flwr_clientapp``, and that function
 must be the one in ``flwr.supernode.cli.flwr_clientapp``. If the layout ever differs,
@@ -22,10 +29,14 @@ must be the one in ``flwr.supernode.cli.flwr_clientapp``. If the layout ever dif
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import os
 import sys
 import types
 from collections.abc import Callable
+from typing import NoReturn
 
 PACKAGE = "flwr.supernode.cli"
 MODULE = "flwr.supernode.cli.flwr_clientapp"
@@ -49,8 +60,9 @@ def load_flwr_clientapp() -> Callable[[], None]:
     return function
 
 
-def main() -> None:
-    """Run ``flwr-clientapp`` with the arguments of this process."""
+def run() -> object:
+    """Run ``flwr-clientapp`` with the arguments of this process; the exit code it gives
+    (``SystemExit``'s, or 0 if it returns)."""
     try:
         flwr_clientapp = load_flwr_clientapp()
     except (ImportError, AttributeError):
@@ -59,7 +71,34 @@ def main() -> None:
             sys.modules.pop(PACKAGE, None)
             sys.modules.pop(MODULE, None)
         from flwr.supernode.cli import flwr_clientapp
-    flwr_clientapp()
+    try:
+        flwr_clientapp()
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def end(code: object) -> NoReturn:
+    """Exit as ``sys.exit(code)`` would (None: 0; an int: itself; anything else printed
+    to stderr, then 1), after flushing logging and both streams, but without the
+    interpreter's teardown (module by module freeing: most of a short process's exit)."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a closed pipe
+            stream.flush()
+    os._exit(status)
+
+
+def main() -> NoReturn:
+    """``flwr-clientapp``: :func:`run`, then :func:`end`."""
+    end(run())
 
 
 if __name__ == "__main__":

@@ -96,8 +96,48 @@ def test_a_changed_layout_falls_back_to_flowers_entry_point(
     monkeypatch.setattr(sys, "argv", ["flwr-clientapp", "--help"])
 
     # Execute
-    with pytest.raises(SystemExit) as exit_info:
-        clientapp_process.main()
+    code = clientapp_process.run()
 
     # Assert: Flower's own flwr_clientapp parsed the arguments (argparse exits 0 on --help)
-    assert exit_info.value.code == 0
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"),
+    [(None, 0, ""), (0, 0, ""), (3, 3, ""), ("stopped: bad input", 1, "stopped: bad input\n")],
+)
+def test_the_fast_end_exits_as_sys_exit_would(code: object, status: int, stderr: str) -> None:
+    # Prepare: output still buffered when the process ends (stdout is a pipe: block-buffered)
+    script = (
+        "import sys\n"
+        "from flower_llm.clientapp_process import end\n"
+        "print('reply pushed')\n"
+        f"end({code!r})\n"
+        "print('never')\n"
+    )
+
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+    # Assert: the status sys.exit gives, and nothing buffered lost
+    assert proc.returncode == status
+    assert proc.stdout == "reply pushed\n"
+    assert proc.stderr == stderr
+
+
+def test_the_script_exits_with_flowers_status_on_bad_arguments() -> None:
+    # Prepare
+    env = {**os.environ, "PATH": f"{SHIM.parent}{os.pathsep}{Path(sys.executable).parent}"}
+
+    # Execute: no token, so Flower's argparse refuses the arguments and exits 2
+    proc = subprocess.run(
+        ["flwr-clientapp", "--insecure"], env=env, capture_output=True, text=True, check=False
+    )
+
+    # Assert: its status and its whole message, through the fast end
+    assert proc.returncode == 2
+    assert "flwr-clientapp: error: one of the arguments --token --token-file is required" in (
+        proc.stderr
+    )
