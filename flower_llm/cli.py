@@ -974,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --run-config: the Flower app directory (as check-config)",
     )
     defaults = PlanSettings()  # a 7-8B model's usual QLoRA
-    for flag in list(PLAN_FLAG_KEYS)[1:]:
+    for flag in (f for f in PLAN_FLAG_KEYS if f != "model"):
         option, default = f"--{flag}", getattr(defaults, flag.replace("-", "_"))
         if flag in ("double-quant", "fp32-stream"):
             plan.add_argument(

@@ -36,7 +36,13 @@ from flower_llm.config import LoraSettings, RunConfig
 from flower_llm.data import ClientData, make_dataloader, prepare_client_data
 from flower_llm.lora_aggregation import is_lora_a, sent_keys, shared_keys
 from flower_llm.models import BaseModel, describe, load_base_model
-from flower_llm.plan import OutOfGpuMemory, estimate_memory, memory_advice, run_plan_settings
+from flower_llm.plan import (
+    MemoryPlan,
+    OutOfGpuMemory,
+    estimate_memory,
+    memory_advice,
+    run_plan_settings,
+)
 from flower_llm.site_state import SiteStateEntry, SiteStateStore, run_key, site_state_dir
 from flower_llm.train import (
     EvalStats,
@@ -189,16 +195,21 @@ def load_model(
             if is_lora_a(name):
                 param.requires_grad_(False)
     log.info("Loaded base model: %s", describe(base))
-    gpu = _gpu_bytes(model)
-    if gpu is not None:
-        plan = estimate_memory(
-            model.config, run_plan_settings(cfg, lora.r), gpu_bytes=gpu, model=base.name_or_path
-        )
+    if _gpu_bytes(model) is not None:
+        plan = _memory_plan(model, cfg, lora.r, base.name_or_path)
         if plan.fits is False:
             log.warning(
                 "Training will likely run out of GPU memory: %s", memory_advice(model.config, plan)
             )
     return LoadedModel(base, model)
+
+
+def _memory_plan(model: Any, cfg: RunConfig, lora_r: int, name: str) -> MemoryPlan:
+    """``flower-llm plan``'s estimate for this site's run settings on the GPU that holds
+    ``model`` (fits unknown off CUDA)."""
+    return estimate_memory(
+        model.config, run_plan_settings(cfg, lora_r), gpu_bytes=_gpu_bytes(model), model=name
+    )
 
 
 def _gpu_bytes(model: Any) -> int | None:
@@ -385,12 +396,7 @@ class ClientSession:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            plan = estimate_memory(
-                self.model.config,
-                run_plan_settings(self.cfg, self.lora.r),
-                gpu_bytes=_gpu_bytes(self.model),
-                model=self.base.name_or_path,
-            )
+            plan = _memory_plan(self.model, self.cfg, self.lora.r, self.base.name_or_path)
             advice = memory_advice(self.model.config, plan)
             raise OutOfGpuMemory(
                 f"out of GPU memory while {doing} ({first_line}): {advice}"
