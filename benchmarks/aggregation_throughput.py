@@ -27,8 +27,10 @@ from benchmarks.common import median, parser, run_and_finish, setup, table
 
 RULES: dict[str, dict[str, Any]] = {
     "fedavg (robust none)": {},
+    "fedavg, NumPy sweep (kernel off)": {"kernel": "off"},
     "lora ffa (B only)": {"lora_aggregation": "ffa"},
     "norm-bound": {"robust": "norm-bound"},
+    "norm-bound, NumPy sweep (kernel off)": {"robust": "norm-bound", "kernel": "off"},
     "trimmed-mean": {"robust": "trimmed-mean"},
     "median": {"robust": "median"},
     "lora exact (rank 8)": {"lora_aggregation": "exact", "lora_rank": 8},
@@ -77,9 +79,20 @@ def floor_seconds(shapes: dict[str, tuple[int, int]], replies: list[Any]) -> flo
 def aggregate_seconds(
     shapes: dict[str, tuple[int, int]], replies: list[Any], options: dict[str, Any]
 ) -> float:
-    """Seconds of one ``aggregate_train`` over ``replies`` with ``options``."""
-    from flower_llm import wire
+    """Seconds of one ``aggregate_train`` over ``replies`` with ``options`` (``kernel``:
+    ``off`` runs the sweep with the compiled kernel off)."""
+    from flower_llm import sumkernel, wire
     from strategies.fedavg import RoundReport, WeightedFedAvg
+
+    options = dict(options)
+    if options.pop("kernel", None) == "off":
+        os.environ[sumkernel.ENV] = "off"
+        sumkernel.reset()
+        try:
+            return aggregate_seconds(shapes, replies, options)
+        finally:
+            del os.environ[sumkernel.ENV]
+            sumkernel.reset()
 
     strategy = WeightedFedAvg(
         min_train_clients=1,
@@ -114,6 +127,9 @@ def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
     b_shapes = {k: v for k, v in shapes.items() if ".lora_B." in k}
     b_replies = make_replies(b_shapes, num_clients, distinct=True)
     b_total = total // 2
+    from flower_llm import sumkernel
+
+    kernel = sumkernel.status()
     load_before = os.getloadavg()[0]
     rows: dict[str, dict[str, float]] = {}
     contenders: dict[str, Any] = {FLOOR: None, **RULES}
@@ -146,6 +162,7 @@ def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
         "stream-bytes-per-second": total / stream,
         "load-average-1min-before": round(load_before, 2),
         "load-average-1min-after": round(os.getloadavg()[0], 2),
+        "sum-kernel": kernel,
         "rules": rows,
     }
 
@@ -170,7 +187,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{1e3 * result['stream-seconds']:.1f} ms, "
         f"{result['stream-bytes-per-second'] / 1e9:.2f} GB/s of replies. Load average (1 min) "
         f"{result['load-average-1min-before']} before, {result['load-average-1min-after']} "
-        "after.\n\n"
+        f"after. Compiled sum kernel: {result.get('sum-kernel', 'not in this version')}.\n\n"
         + table(
             [
                 "rule",

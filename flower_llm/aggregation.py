@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flower_llm import sumkernel
+
 if TYPE_CHECKING:
     from flower_llm.adapters import AdapterState
     from flower_llm.config import RunConfig
@@ -564,7 +566,7 @@ def _checked_aggregate(
         sweep = _Sweep(chosen, reference, bounds, need_norm)
         summed: dict[str, np.ndarray] | None
         if rule in ("none", "norm-bound"):
-            summed = sweep.run(np.asarray(factors), None)
+            summed = sweep.run(np.asarray(factors), None, wide=rule == "norm-bound")
             if rule == "norm-bound" and summed is not None:
                 summed = _scale_to_median(summed, chosen, reference, factors, sweep.norms())
         else:
@@ -622,7 +624,9 @@ def _scale_to_median(
 
 def _rounded(summed: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> AdapterState:
     """The float64 sums rounded once to float32, in the reference's shapes."""
-    return {k: v.astype(np.float32).reshape(reference[k].shape) for k, v in summed.items()}
+    return {
+        k: v.astype(np.float32, copy=False).reshape(reference[k].shape) for k, v in summed.items()
+    }
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -676,12 +680,22 @@ class _Sweep:
         central: tuple[str, int] | None,
         *,
         add_reference: bool = True,
+        wide: bool = True,
     ) -> dict[str, np.ndarray] | None:
         """Check every row; with ``factors`` the weighted sum, with ``central`` = (rule,
         cut) the trimmed mean or median, of the updates, added to the reference (unless
-        ``add_reference`` is False): flat float64 arrays, None if a row failed a check
-        (or if there is nothing to sum)."""
+        ``add_reference`` is False): flat float64 arrays (``wide`` False: a weighted sum
+        may come back as float32, rounded once), None if a row failed a check (or if
+        there is nothing to sum).
+
+        A weighted sum goes through the compiled kernel (:mod:`flower_llm.sumkernel`)
+        where it is on, array by array, and through the NumPy blocks below where it is
+        off or cannot take an array (replies of mixed dtypes)."""
         count = len(self.states)
+        if central is None and factors is not None:
+            compiled = self._compiled(factors, add_reference, wide)
+            if compiled is not None:
+                return compiled
         rows = count if central is not None else min(count, REPLIES_PER_BLOCK)
         summing = factors is not None or central is not None
         result: dict[str, np.ndarray] = {}
@@ -727,6 +741,48 @@ class _Sweep:
             if out is not None:
                 result[key] = out
         return result if summing else None
+
+    def _compiled(
+        self, factors: np.ndarray, add_reference: bool, wide: bool
+    ) -> dict[str, np.ndarray] | None:
+        """:meth:`run`'s weighted sum through the compiled kernel, or None (nothing
+        checked or recorded) if the kernel is off or cannot take every array."""
+        arrays = {key: [s[key].reshape(-1) for s in self.states] for key in self.reference}
+        if not all(sumkernel.accepts(v, self.reference[k]) for k, v in arrays.items()):
+            return None
+        limit = None if self.bounds is None else self.bounds.max_abs_update
+        result: dict[str, np.ndarray] = {}
+        for key, ref in self.reference.items():
+            flat_ref = np.ascontiguousarray(ref.reshape(-1))
+            sums = sumkernel.weighted_sum(
+                arrays[key], flat_ref, factors, limit, add_reference=add_reference, wide=wide
+            )
+            assert sums is not None
+            if self.bounds is not None:
+                self._record(key, arrays[key], flat_ref, sums)
+                if self.problems:
+                    return None
+            result[key] = sums.out
+        return result
+
+    def _record(
+        self, key: str, values: list[np.ndarray], ref: np.ndarray, sums: sumkernel.Sums
+    ) -> None:
+        """The compiled kernel's findings on array ``key``: problems and squares."""
+        assert self.bounds is not None
+        limit = self.bounds.max_abs_update
+        for index, (square, over) in enumerate(zip(sums.squares, sums.over, strict=True)):
+            if not math.isfinite(square):
+                self.problems.setdefault(index, f"'{key}' holds NaN or Inf")
+            elif over > 0 and limit is not None:
+                peak = float(np.max(np.abs(values[index].astype(np.float64) - ref)))
+                self.problems.setdefault(
+                    index,
+                    f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
+                    f"bound {limit:.3g} (fed.update-bound)",
+                )
+        if self.need_norm:
+            self.squares += sums.squares
 
     def _fill(
         self,

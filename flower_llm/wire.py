@@ -317,8 +317,49 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
     PackedLayoutError
         The header does not describe the bytes.
     """
+    out, _, packed = _unpacked(content, None)
+    return out, packed
+
+
+def unpack_views(content: RecordDict, name: str = ARRAYS) -> tuple[RecordDict, AdapterState | None]:
+    """:func:`unpack`, except that record ``name`` comes back apart, as read-only views
+    of its values (:func:`array_views`: float dtypes only), and not in the content.
+
+    For the server, which reads a reply's adapter once: from a packed reply the views
+    point into the packed payload itself, so nothing is copied or re-serialised (unpacking
+    into ``Array`` objects costs several times the aggregation of the values). None:
+    the content has no record ``name``.
+
+    Raises
+    ------
+    PackedLayoutError
+        The header does not describe the bytes.
+    ValueError
+        An array of record ``name`` is not of a float dtype.
+    """
+    out, views, packed = _unpacked(content, name)
+    if packed:
+        if views is None and name in out.array_records:  # present but empty: not packed
+            views = array_views(out.array_records[name])
+        if name in out.array_records:
+            del out[name]
+        return out, views
+    if name not in content.array_records:
+        return content, None
+    views = array_views(content.array_records[name])
+    rest = RecordDict()
+    for key, item in content.items():
+        if key != name:
+            rest[key] = item
+    return rest, views
+
+
+def _unpacked(
+    content: RecordDict, views_of: str | None
+) -> tuple[RecordDict, AdapterState | None, bool]:
+    """:func:`unpack`, with record ``views_of`` (when packed) as views instead."""
     if not is_packed(content):
-        return content, False
+        return content, None, False
     header = content.config_records[LAYOUT]
     if header.get("format") != LAYOUT_FORMAT:
         raise PackedLayoutError(f"format {header.get('format')!r}, expected {LAYOUT_FORMAT!r}")
@@ -334,19 +375,25 @@ def unpack(content: RecordDict) -> tuple[RecordDict, bool]:
         if name not in names and len(record):
             raise PackedLayoutError(f"ArrayRecord '{name}' is not described by the header")
     out = RecordDict()
+    views: AdapterState | None = None
     for name, item in content.items():
         if name == LAYOUT:
             continue
         if name in names:
             if not isinstance(item, ArrayRecord):
                 raise PackedLayoutError(f"'{name}' is not an ArrayRecord")
-            out[name] = _unpack_record(name, item, header)
+            values = _packed_values(name, item, header)
+            if name == views_of:
+                views = _float_views(values)
+                out[name] = ArrayRecord()  # a place holder, removed by unpack_views
+            else:
+                out[name] = _unpack_record(values)
         else:
             out[name] = item
     missing = [n for n in names if n not in out]
     if missing:
         raise PackedLayoutError(f"the header names records {missing} the message lacks")
-    return out, True
+    return out, views, True
 
 
 def distinct_names_problem(value: object, field: str, item: str) -> str | None:
@@ -373,7 +420,9 @@ def _int_list(header: ConfigRecord, field: str) -> list[int]:
     return value  # type: ignore[return-value]
 
 
-def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> ArrayRecord:
+def _packed_values(name: str, record: ArrayRecord, header: ConfigRecord) -> dict[str, np.ndarray]:
+    """The arrays of packed record ``name``, as read-only views into its payload, after
+    every check of the header against the bytes."""
     keys = header.get(f"{name}:keys")
     dtypes = header.get(f"{name}:dtypes")
     if problem := distinct_names_problem(keys, f"'{name}:keys'", "array"):
@@ -421,13 +470,35 @@ def _unpack_record(name: str, record: ArrayRecord, header: ConfigRecord) -> Arra
             f"'{name}': arrays end at byte {end}, header says {total}, payload holds "
             f"{len(payload)} (truncated?)"
         )
-    arrays = {}
+    values = {}
     for key, dtype, shape, offset in zip(keys, dtypes, shapes, offsets, strict=True):
         size = math.prod(shape) * np.dtype(dtype).itemsize
-        value = payload[offset : offset + size].view(np.dtype(dtype).newbyteorder("<"))
-        # np.array keeps a 0-d shape (ascontiguousarray would make it 1-d)
-        arrays[key] = Array(np.array(value.reshape(shape), dtype=np.dtype(dtype), order="C"))
-    return ArrayRecord(arrays)
+        view = payload[offset : offset + size].view(np.dtype(dtype).newbyteorder("<"))
+        values[key] = view.reshape(shape)
+    return values
+
+
+def _unpack_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The arrays layout of a packed record's values: one ``Array`` each."""
+    # np.array keeps a 0-d shape (ascontiguousarray would make it 1-d)
+    return ArrayRecord(
+        {
+            key: Array(np.array(value, dtype=value.dtype.newbyteorder("="), order="C"))
+            for key, value in values.items()
+        }
+    )
+
+
+def _float_views(values: Mapping[str, np.ndarray]) -> AdapterState:
+    """``values`` in native byte order (a view where they already are), float only, as
+    :func:`array_views` gives them."""
+    state: AdapterState = {}
+    for key, value in values.items():
+        if value.dtype.kind != "f":
+            raise ValueError(f"array '{key}' has dtype {value.dtype}, expected a float type")
+        native = value.dtype.newbyteorder("=")
+        state[key] = value if value.dtype == native else value.astype(native)
+    return state
 
 
 def payload_bytes(content: RecordDict, name: str = ARRAYS) -> int:

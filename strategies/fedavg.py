@@ -545,11 +545,18 @@ class WeightedFedAvg(FedAvg):
         """
         if reply.has_error():
             return f"client error: {reply.error.reason}"
+        views: AdapterState | None = None
         try:  # either layout: a site replies in the one it received
-            content, _ = wire.unpack(reply.content)
+            if self.downlink is None:
+                # The adapter as views into the reply's bytes (no copy, even when packed)
+                content, views = wire.unpack_views(reply.content)
+            else:
+                content, _ = wire.unpack(reply.content)
         except wire.PackedLayoutError as err:
             return f"bad packed layout: {err}"
-        if wire.ARRAYS not in content.array_records:
+        except (ValueError, TypeError) as err:
+            return f"unreadable adapter: {err}"
+        if (views is None) if self.downlink is None else wire.ARRAYS not in content.array_records:
             return f"no ArrayRecord '{wire.ARRAYS}'"
         if wire.METRICS not in content.metric_records:
             return f"no MetricRecord '{wire.METRICS}'"
@@ -564,10 +571,8 @@ class WeightedFedAvg(FedAvg):
                 return decoded
             state = decoded
         else:
-            try:
-                state = wire.array_views(content.array_records[wire.ARRAYS])
-            except (ValueError, TypeError) as err:
-                return f"unreadable adapter: {err}"
+            assert views is not None
+            state = views
         expected = self.expected
         if self.lora_aggregation == "exact":
             # A site may train at its own rank (at most lora.r): check it against the

@@ -7,6 +7,8 @@ aggregate over the remaining replies must equal FedAvg of exactly those replies.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -705,11 +707,39 @@ def half_ulps_from(got: np.ndarray, exact: np.ndarray) -> float:
     return float(np.max(np.abs(got.astype(np.float64) - exact) / (spacing / 2)))
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def sum_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The sweep's weighted sum through the compiled kernel (required: a failure to build
+    it fails the test) or through NumPy; counts the kernel's calls in ``calls``."""
+    from flower_llm import sumkernel
+
+    monkeypatch.setenv(sumkernel.ENV, "require" if request.param == "compiled" else "off")
+    sumkernel.reset()
+    real = sumkernel.weighted_sum
+    calls.clear()
+
+    def counted(*args: Any, **kwargs: Any) -> sumkernel.Sums | None:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sumkernel, "weighted_sum", counted)
+    yield request.param
+    sumkernel.reset()
+
+
+calls: list[int] = []
+"""Calls of the compiled kernel in the current test (see ``sum_backend``)."""
+
+
 @pytest.mark.parametrize("rule", ["none", "norm-bound", "trimmed-mean", "median"])
 @pytest.mark.parametrize("count", [3, 70])
-def test_sweep_equals_a_float64_reference_rounded_once(rule: str, count: int) -> None:
+@pytest.mark.parametrize("dtypes", ["mixed", "float32", "float16"])
+def test_sweep_equals_a_float64_reference_rounded_once(
+    rule: str, count: int, dtypes: str, sum_backend: str
+) -> None:
     # Prepare: a reference far from zero and one at zero (round 1 of B), updates of every
-    # size, float32 and float16 replies, weights from 1 to 1e9 (70 > one block of 64)
+    # size, float32 and float16 replies (mixed, or all of one), weights from 1 to 1e9
+    # (70 > one block of 64)
     from flower_llm.aggregation import checked_aggregate
 
     rng = np.random.default_rng(count)
@@ -720,7 +750,11 @@ def test_sweep_equals_a_float64_reference_rounded_once(rule: str, count: int) ->
     }
     states = []
     for k in range(count):
-        dtype = np.float16 if k % 5 == 4 else np.float32
+        dtype = {
+            "mixed": np.float16 if k % 5 == 4 else np.float32,
+            "float32": np.float32,
+            "float16": np.float16,
+        }[dtypes]
         scale = 10.0 ** rng.integers(-6, 0)
         states.append(
             {
@@ -758,9 +792,13 @@ def test_sweep_equals_a_float64_reference_rounded_once(rule: str, count: int) ->
             cut = math.floor(0.2 * count)
             exact = ref64 + np.sort(updates, axis=0)[cut : count - cut].mean(axis=0)
         assert half_ulps_from(checked.state[key], exact) <= 1 + 1e-6, key
+    # ... and the compiled kernel did the weighted sums it can take (one dtype)
+    one_dtype = len({v.dtype for state in states for v in state.values()}) == 1
+    kernel_sums = sum_backend == "compiled" and one_dtype and rule in ("none", "norm-bound")
+    assert bool(calls) == kernel_sums
 
 
-def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest() -> None:
+def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest(sum_backend: str) -> None:
     # Prepare: honest sites, and hostile ones whose fault lies in the LAST array only, so
     # the sweep has summed them into the first before it finds them
     from flower_llm.aggregation import checked_aggregate
@@ -771,8 +809,10 @@ def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest() -> None:
     nan = {**honest_state(4), last: np.full(SHAPES[last], np.nan, np.float32)}
     far = {**honest_state(5), last: honest_state(5)[last] + np.float32(1.0)}
     huge64 = {**honest_state(6), last: np.full(SHAPES[last], 1e300)}
-    states = [honest[0], nan, honest[1], far, huge64, honest[2]]
-    weights = [100.0, 100.0, 300.0, 100.0, 100.0, 50.0]
+    inf = {**honest_state(7), last: honest_state(7)[last]}
+    inf[last][-1, -1] = np.inf
+    states = [honest[0], nan, honest[1], far, huge64, honest[2], inf]
+    weights = [100.0, 100.0, 300.0, 100.0, 100.0, 50.0, 100.0]
     bounds = ReplyBounds(max_weight=1000.0, max_abs_update=BOUND)
 
     # Execute
@@ -785,11 +825,13 @@ def test_sweep_drops_what_bound_reply_drops_and_aggregates_the_rest() -> None:
             assert checked.dropped[index] == verdict
         else:
             assert index in checked.kept
-    assert sorted(checked.dropped) == [1, 3, 4]
+    assert sorted(checked.dropped) == [1, 3, 4, 6]
     expected = weighted_average(honest, [100.0, 300.0, 50.0])
     assert checked.state is not None
     for key in SHAPES:
         np.testing.assert_allclose(checked.state[key], expected[key], rtol=0, atol=1e-7)
+    # (the float64 reply is refused before the sweep, so the rest are all float32)
+    assert bool(calls) == (sum_backend == "compiled")
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])

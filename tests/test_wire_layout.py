@@ -87,6 +87,37 @@ def test_a_whole_adapter_round_trips_bit_for_bit(wire_dtype: str) -> None:
     assert wire.unpack(content) == (content, False)
 
 
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_unpack_views_reads_the_adapter_in_place(wire_dtype: str, packed: bool) -> None:
+    # Prepare: a reply with the adapter and a second record, packed or not
+    record = wire.to_array_record(make_state(1), wire_dtype)
+    local_only = wire.to_array_record(make_state(2), wire_dtype)
+    content = content_of(record, **{wire.LOCAL_ONLY_ARRAYS: local_only})
+    sent = wire.pack(content) if packed else content
+
+    # Execute
+    rest, views = wire.unpack_views(sent)
+
+    # Assert: the adapter's values as sent, read-only, in the bytes of the message itself
+    # (packed: all in its one payload, nothing copied); the rest unpacked as unpack does
+    assert views is not None and list(views) == list(record)
+    for key, view in views.items():
+        np.testing.assert_array_equal(view, record[key].numpy())
+        assert view.dtype == np.dtype(wire_dtype) and not view.flags.writeable
+    if packed:
+        payload = wire.array_view(sent.array_records[wire.ARRAYS][wire.PACKED])
+        assert all(np.shares_memory(v, payload) for v in views.values())
+    assert wire.ARRAYS not in rest and wire.LAYOUT not in rest
+    same_arrays(rest.array_records[wire.LOCAL_ONLY_ARRAYS], local_only)
+    assert dict(rest.config_records[wire.CONFIG]) == {"x": 1}
+    # ... no adapter record: None; a non-float adapter: refused
+    assert wire.unpack_views(content_of(record), "other") == (content_of(record), None)
+    ints = ArrayRecord({"m.lora_A.weight": Array(np.arange(6, dtype=np.int64))})
+    with pytest.raises(ValueError, match="expected a float type"):
+        wire.unpack_views(wire.pack(content_of(ints)) if packed else content_of(ints))
+
+
 @pytest.mark.parametrize("codec", ["float32", "bfloat16", "int8", "nf4"])
 def test_compressed_codes_and_scales_round_trip(codec: str) -> None:
     # Prepare: an odd total so nf4's padding nibble and misaligned offsets are exercised
@@ -200,6 +231,8 @@ def test_a_lying_header_is_refused_with_a_reason(name: str) -> None:
     content = with_header(packed_content(), **changes)
     with pytest.raises(PackedLayoutError, match=reason):
         wire.unpack(content)
+    with pytest.raises(PackedLayoutError, match=reason):
+        wire.unpack_views(content)
 
 
 @pytest.mark.parametrize("cut", [1, 7, 100])

@@ -1,0 +1,378 @@
+"""A compiled one-pass weighted sum with checks, for the server's FedAvg sweep.
+
+:func:`weighted_sum` computes, for one array of every reply,
+
+    out[c] = ref[c] + sum_k p_k (x_k[c] - ref[c])        (float64, rounded once)
+
+together with, per reply, the sum of its squared differences (the update's squared L2
+norm; NaN or Inf exactly when one of its values is) and how many of its values differ
+from the reference by more than a bound. Each reply is read from memory once; every
+difference ``x_k[c] - ref[c]`` is formed in float64, where it is exact for float16 and
+float32 values, and the sum is accumulated in float64, so the result is the float64-grade
+sum of :func:`flower_llm.aggregation.weighted_average` (not bit for bit: the order of the
+additions differs).
+
+NumPy cannot do this in one pass: the cast to float64, the subtraction, the checks and the
+product are separate passes over the data, and even blocked to stay in cache they cost
+several times a read of the replies (docs/aggregation.md, "Aggregation throughput"). The
+kernel is about 60 lines of C, compiled on first use with the machine's C compiler for
+the CPU it runs on (``-march=native``) and kept in ``$FLOWER_LLM_CACHE/kernels`` under a
+name that hashes the source, the compiler, its flags and the CPU's feature flags, so a
+cache shared between machines never hands one machine another's instructions. Before the
+library is used its result is compared with NumPy's float64 sum on a small random case;
+any failure (no compiler, a compile error, a wrong result) leaves the kernel off and the
+caller uses the NumPy sweep, with the reason in :func:`status`.
+
+``FLOWER_LLM_SUM_KERNEL=off`` turns it off; ``FLOWER_LLM_SUM_KERNEL=require`` makes a
+failure to build it an error instead (for benchmarks and tests that measure it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENV = "FLOWER_LLM_SUM_KERNEL"
+"""``off``: never build or use the kernel; ``require``: fail loudly if it cannot be used."""
+
+# One function per element type of the replies. Replies are taken in groups of four: one
+# load of the accumulator per group, and four independent chains for the squares and the
+# counts so that the additions of one chain do not wait on each other. The reductions
+# (squares, counts) are reassociated by the compiler to vectorize them
+# (-fassociative-math); the differences and the weighted sum per column are not
+# reductions and keep the order written here.
+_SOURCE = r"""
+#include <stddef.h>
+#include <math.h>
+#define W 2048
+
+#define DEFINE_SUM(NAME, T)                                                            \
+void NAME(int K, const T *const *xs, const float *ref, size_t n, const double *p,      \
+          double lim, int add_ref, float *out32, double *out64, double *sq,            \
+          double *over)                                                                \
+{                                                                                      \
+    double acc[W], r[W];                                                               \
+    for (size_t s = 0; s < n; s += W) {                                                \
+        size_t m = n - s < W ? n - s : W;                                              \
+        for (size_t c = 0; c < m; c++) { acc[c] = 0.0; r[c] = ref[s + c]; }            \
+        int k = 0;                                                                     \
+        for (; k + 4 <= K; k += 4) {                                                   \
+            const T *restrict x0 = xs[k] + s, *restrict x1 = xs[k + 1] + s;            \
+            const T *restrict x2 = xs[k + 2] + s, *restrict x3 = xs[k + 3] + s;        \
+            double p0 = p[k], p1 = p[k + 1], p2 = p[k + 2], p3 = p[k + 3];             \
+            double q0 = 0, q1 = 0, q2 = 0, q3 = 0, v0 = 0, v1 = 0, v2 = 0, v3 = 0;     \
+            for (size_t c = 0; c < m; c++) {                                           \
+                double rc = r[c];                                                      \
+                double d0 = (double)x0[c] - rc, d1 = (double)x1[c] - rc;               \
+                double d2 = (double)x2[c] - rc, d3 = (double)x3[c] - rc;               \
+                v0 += fabs(d0) > lim ? 1.0 : 0.0;                                      \
+                v1 += fabs(d1) > lim ? 1.0 : 0.0;                                      \
+                v2 += fabs(d2) > lim ? 1.0 : 0.0;                                      \
+                v3 += fabs(d3) > lim ? 1.0 : 0.0;                                      \
+                q0 += d0 * d0; q1 += d1 * d1; q2 += d2 * d2; q3 += d3 * d3;            \
+                acc[c] += (p0 * d0 + p1 * d1) + (p2 * d2 + p3 * d3);                   \
+            }                                                                          \
+            sq[k] += q0; sq[k + 1] += q1; sq[k + 2] += q2; sq[k + 3] += q3;            \
+            over[k] += v0; over[k + 1] += v1; over[k + 2] += v2; over[k + 3] += v3;    \
+        }                                                                              \
+        for (; k < K; k++) {                                                           \
+            const T *restrict x = xs[k] + s;                                           \
+            double pk = p[k], q = 0, v = 0;                                            \
+            for (size_t c = 0; c < m; c++) {                                           \
+                double d = (double)x[c] - r[c];                                        \
+                v += fabs(d) > lim ? 1.0 : 0.0;                                        \
+                q += d * d;                                                            \
+                acc[c] += pk * d;                                                      \
+            }                                                                          \
+            sq[k] += q; over[k] += v;                                                  \
+        }                                                                              \
+        if (!add_ref)                                                                  \
+            for (size_t c = 0; c < m; c++) r[c] = 0.0;                                 \
+        if (out32)                                                                     \
+            for (size_t c = 0; c < m; c++) out32[s + c] = (float)(r[c] + acc[c]);      \
+        else                                                                           \
+            for (size_t c = 0; c < m; c++) out64[s + c] = r[c] + acc[c];               \
+    }                                                                                  \
+}
+
+DEFINE_SUM(flower_llm_sum_f16, _Float16)
+DEFINE_SUM(flower_llm_sum_f32, float)
+DEFINE_SUM(flower_llm_sum_f64, double)
+"""
+
+_FLAGS_BASE = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+_FUNCTIONS: dict[np.dtype[Any], str] = {
+    np.dtype(np.float16): "flower_llm_sum_f16",
+    np.dtype(np.float32): "flower_llm_sum_f32",
+    np.dtype(np.float64): "flower_llm_sum_f64",
+}
+
+
+@dataclass(frozen=True)
+class Sums:
+    """What :func:`weighted_sum` returns for one array of every reply."""
+
+    out: np.ndarray
+    """``ref + sum_k p_k (x_k - ref)`` (or without ``ref``): float32 rounded once, or float64."""
+    squares: np.ndarray
+    """float64 ``[K]``: ``sum_c (x_k[c] - ref[c])^2``; NaN or Inf iff reply k holds one."""
+    over: np.ndarray
+    """float64 ``[K]``: how many of reply k's values differ from ``ref`` by more than the bound."""
+
+
+class _Kernel:
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self.functions: dict[np.dtype[Any], Any] = {}
+        for dtype, name in _FUNCTIONS.items():
+            function = getattr(library, name)
+            function.restype = None
+            function.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_void_p,
+                ctypes.c_double,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ]
+            self.functions[dtype] = function
+
+
+def accepts(values: Sequence[np.ndarray], reference: np.ndarray) -> bool:
+    """Whether :func:`weighted_sum` can take these arrays: the kernel is on, the
+    reference is float32, the values are flat and contiguous, of its size and of one of
+    the kernel's dtypes."""
+    kernel = _kernel()
+    if kernel is None or not values or reference.dtype != np.float32:
+        return False
+    first = values[0]
+    return first.dtype in kernel.functions and all(
+        v.dtype == first.dtype and v.ndim == 1 and v.size == reference.size and v.flags.c_contiguous
+        for v in values
+    )
+
+
+def weighted_sum(
+    values: Sequence[np.ndarray],
+    reference: np.ndarray,
+    factors: np.ndarray,
+    bound: float | None,
+    *,
+    add_reference: bool = True,
+    wide: bool = False,
+) -> Sums | None:
+    """The sums of one array over every reply (see the module's docstring), or None when
+    the kernel is off or cannot take these arrays (then use the NumPy sweep).
+
+    Parameters
+    ----------
+    values : Sequence[np.ndarray]
+        One flat array per reply, all of one dtype (float16, float32 or float64) and of
+        ``reference``'s size; float64 values must already be known to lie within
+        float32's range (as :func:`flower_llm.aggregation.checked_aggregate` checks).
+    reference : np.ndarray
+        Flat float32 array (the global adapter's values).
+    factors : np.ndarray
+        ``p_k``, float64 ``[K]``.
+    bound : float | None
+        Count values with ``|x - ref| > bound`` (None: no bound).
+    add_reference : bool
+        Add ``reference`` to the sum (False: the sum of the weighted differences alone).
+    wide : bool
+        Return float64 (for a sum that is added to later); else float32, rounded once.
+    """
+    kernel = _kernel()
+    if kernel is None or not values:
+        return None
+    return _call(kernel, values, reference, factors, bound, add_reference, wide)
+
+
+def _call(
+    kernel: _Kernel,
+    values: Sequence[np.ndarray],
+    reference: np.ndarray,
+    factors: np.ndarray,
+    bound: float | None,
+    add_reference: bool,
+    wide: bool,
+) -> Sums | None:
+    dtype = values[0].dtype
+    size = reference.size
+    if (
+        dtype not in kernel.functions
+        or reference.dtype != np.float32
+        or reference.ndim != 1
+        or not reference.flags.c_contiguous
+        or any(
+            v.dtype != dtype or v.ndim != 1 or v.size != size or not v.flags.c_contiguous
+            for v in values
+        )
+    ):
+        return None
+    count = len(values)
+    pointers = (ctypes.c_void_p * count)(*(v.ctypes.data for v in values))
+    weights = np.ascontiguousarray(factors, dtype=np.float64)
+    if weights.shape != (count,):
+        raise ValueError(f"{weights.shape[0]} factors for {count} replies")
+    out = np.empty(size, np.float64 if wide else np.float32)
+    squares = np.zeros(count)
+    over = np.zeros(count)
+    limit = float("inf") if bound is None else float(bound)
+    kernel.functions[dtype](
+        count,
+        ctypes.cast(pointers, ctypes.c_void_p),
+        reference.ctypes.data,
+        size,
+        weights.ctypes.data,
+        limit,
+        int(add_reference),
+        None if wide else out.ctypes.data,
+        out.ctypes.data if wide else None,
+        squares.ctypes.data,
+        over.ctypes.data,
+    )
+    return Sums(out, squares, over)
+
+
+def status() -> str:
+    """One line: where the kernel was loaded from, or why it is off."""
+    kernel = _kernel()
+    return f"compiled ({kernel.path.name})" if kernel is not None else f"off: {_why_off()}"
+
+
+def reset() -> None:
+    """Forget the loaded kernel (or why it was off); the next call reads ``ENV`` again."""
+    _kernel.cache_clear()
+    _state.clear()
+
+
+def _why_off() -> str:
+    return _state.get("why", "not tried")
+
+
+_state: dict[str, str] = {}
+
+
+@functools.cache
+def _kernel() -> _Kernel | None:
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("off", "0", "no", "false", "numpy"):
+        _state["why"] = f"{ENV}={setting}"
+        return None
+    try:
+        kernel = _build_and_load()
+        _self_test(kernel)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        _state["why"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        if setting == "require":
+            raise RuntimeError(
+                f"{ENV}=require, but the sum kernel is off: {_state['why']}"
+            ) from exc
+        log.info("Compiled sum kernel off (%s); using the NumPy sweep", _state["why"])
+        return None
+    log.debug("Compiled sum kernel loaded from %s", kernel.path)
+    return kernel
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC", ""), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+
+
+def _cpu_features() -> str | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        return None
+    return None
+
+
+def _build_and_load() -> _Kernel:
+    from flower_llm.embedded import default_cache_root
+
+    compiler = _compiler()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    features = _cpu_features()
+    # Native code only where the CPU's flags are part of the key: a cache shared between
+    # machines must never give one CPU another's instructions.
+    flags = [*_FLAGS_BASE, "-march=native"] if features is not None else list(_FLAGS_BASE)
+    key = hashlib.sha256(
+        "\0".join(
+            [_SOURCE, compiler, version, " ".join(flags), features or "", platform.machine()]
+        ).encode()
+    ).hexdigest()[:16]
+    directory = default_cache_root() / "kernels"
+    path = directory / f"sum-{key}.so"
+    if path.exists():
+        try:
+            return _Kernel(ctypes.CDLL(str(path)), path)
+        except OSError as exc:  # truncated or corrupt: built again below
+            log.warning("Cached sum kernel %s cannot be loaded (%s); building it again", path, exc)
+            path.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        source = Path(scratch) / "sum.c"
+        source.write_text(_SOURCE, encoding="utf-8")
+        built = Path(scratch) / "sum.so"
+        done = subprocess.run(
+            [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(source)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling the sum kernel failed: {done.stderr.strip()}")
+        os.replace(built, path)  # atomic: a concurrent build loads one or the other
+    return _Kernel(ctypes.CDLL(str(path)), path)
+
+
+def _self_test(kernel: _Kernel) -> None:
+    """Compare the kernel with NumPy's float64 sum on a small case, every dtype."""
+    rng = np.random.default_rng(12)
+    size = 2048 + 517  # one full block and a partial one
+    reference = rng.standard_normal(size).astype(np.float32)
+    factors = rng.random(7)
+    factors /= factors.sum()
+    for dtype in kernel.functions:
+        values = [(reference + rng.standard_normal(size)).astype(dtype) for _ in factors]
+        values[2][5] = reference[5] + 4.0  # beyond the bound below, exactly in every dtype
+        differences = np.stack([v.astype(np.float64) - reference for v in values])
+        expected = (reference + factors @ differences).astype(np.float32)
+        sums = _call(kernel, values, reference, factors, 3.9, True, False)
+        counted = (np.abs(differences) > 3.9).sum(axis=1)
+        if (
+            sums is None
+            or not np.array_equal(sums.over, counted)
+            or not np.allclose(sums.squares, (differences**2).sum(axis=1), rtol=1e-12)
+            or np.any(np.abs(sums.out - expected) > np.spacing(np.abs(expected)))
+        ):
+            raise RuntimeError(f"the compiled sum kernel gave a wrong result for {dtype}")

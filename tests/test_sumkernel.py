@@ -1,0 +1,173 @@
+"""The compiled weighted sum of the server's sweep: its result, its checks, and what
+happens when it cannot be built or its cached library is damaged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flower_llm import sumkernel
+
+
+@pytest.fixture
+def kernel_required(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv(sumkernel.ENV, "require")
+    sumkernel.reset()
+    yield
+    sumkernel.reset()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("count", [1, 4, 7])
+@pytest.mark.parametrize("size", [1, 2047, 2049, 5000])
+def test_weighted_sum_equals_numpy_in_float64(
+    dtype: type, count: int, size: int, kernel_required: None
+) -> None:
+    # Prepare: replies around a reference, block edges (2048 values) and the groups of
+    # four replies, with a partial group
+    rng = np.random.default_rng(size + count)
+    reference = rng.normal(0, 1, size).astype(np.float32)
+    values: list[np.ndarray] = [
+        (reference + rng.normal(0, 0.1, size)).astype(dtype) for _ in range(count)
+    ]
+    factors = rng.random(count)
+    differences = np.stack([v.astype(np.float64) - reference for v in values])
+    bound = float(np.quantile(np.abs(differences), 0.9))
+
+    # Execute: the sum with and without the reference, float64 and float32
+    wide = sumkernel.weighted_sum(values, reference, factors, bound, wide=True)
+    alone = sumkernel.weighted_sum(values, reference, factors, None, add_reference=False, wide=True)
+    rounded = sumkernel.weighted_sum(values, reference, factors, bound)
+
+    # Assert: float64 results to float64 precision, the float32 one rounded once, and the
+    # per-reply squares and counts above the bound
+    assert wide is not None and alone is not None and rounded is not None
+    exact = reference + factors @ differences
+    np.testing.assert_allclose(wide.out, exact, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(alone.out, factors @ differences, rtol=1e-12, atol=1e-13)
+    assert rounded.out.dtype == np.float32 and wide.out.dtype == np.float64
+    spacing = np.spacing(np.abs(exact).astype(np.float32))
+    assert np.all(np.abs(rounded.out - exact) <= spacing / 2 * (1 + 1e-6))
+    np.testing.assert_allclose(wide.squares, (differences**2).sum(axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(wide.over, (np.abs(differences) > bound).sum(axis=1))
+    np.testing.assert_array_equal(alone.over, np.zeros(count))
+
+
+def test_nan_and_inf_show_in_the_squares_and_beyond_the_bound(kernel_required: None) -> None:
+    reference = np.zeros(3000, np.float32)
+    values = [reference + np.float32(0.01) for _ in range(5)]
+    values[1][2999] = np.nan
+    values[3][0] = -np.inf
+
+    sums = sumkernel.weighted_sum(values, reference, np.full(5, 0.2), 1.0)
+
+    assert sums is not None
+    assert [np.isfinite(s) for s in sums.squares] == [True, False, True, False, True]
+    assert list(sums.over) == [0, 0, 0, 1, 0]  # NaN compares false; the squares catch it
+
+
+def test_arrays_it_cannot_take_are_left_to_numpy(kernel_required: None) -> None:
+    reference = np.zeros(10, np.float32)
+    same = [np.ones(10, np.float32), np.ones(10, np.float32)]
+    assert sumkernel.accepts(same, reference)
+    assert not sumkernel.accepts([same[0], np.ones(10, np.float16)], reference)  # mixed
+    assert not sumkernel.accepts([np.ones(20, np.float32)[::2]] * 2, reference)  # strided
+    assert not sumkernel.accepts(same, reference.astype(np.float64))
+    assert not sumkernel.accepts([np.ones(10, np.int32)] * 2, reference)
+    assert (
+        sumkernel.weighted_sum([same[0], np.ones(10, np.float16)], reference, np.ones(2), None)
+        is None
+    )
+
+
+def test_off_by_setting_leaves_the_sweep_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sumkernel.ENV, "off")
+    sumkernel.reset()
+    try:
+        reference = np.zeros(4, np.float32)
+        assert sumkernel.weighted_sum([reference], reference, np.ones(1), None) is None
+        assert sumkernel.status() == f"off: {sumkernel.ENV}=off"
+    finally:
+        sumkernel.reset()
+
+
+def test_a_broken_compiler_turns_it_off_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: a "compiler" that fails, and a fresh cache (no library built before)
+    monkeypatch.setenv("FLOWER_LLM_CACHE", str(tmp_path))
+    broken = tmp_path / "cc"
+    broken.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && echo broken-cc 1.0 && exit 0\n'
+        "echo 'sum.c:1: error: no compiler here' >&2; exit 1\n"
+    )
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.delenv(sumkernel.ENV, raising=False)
+    sumkernel.reset()
+    try:
+        # Execute + Assert: off, with the compiler's message; the sweep falls back
+        reference = np.zeros(4, np.float32)
+        assert sumkernel.weighted_sum([reference], reference, np.ones(1), None) is None
+        assert "no compiler here" in sumkernel.status()
+        # ... and with ENV=require it is an error that names the setting
+        monkeypatch.setenv(sumkernel.ENV, "require")
+        sumkernel.reset()
+        with pytest.raises(RuntimeError, match=f"{sumkernel.ENV}=require.*no compiler here"):
+            sumkernel.weighted_sum([reference], reference, np.ones(1), None)
+    finally:
+        sumkernel.reset()
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path: Path) -> None:
+    # Prepare: a process builds the kernel into a fresh cache, then its file is damaged
+    # (a new process each time: a library already loaded in this one is not read again)
+    env = {**os.environ, "FLOWER_LLM_CACHE": str(tmp_path), sumkernel.ENV: "require"}
+    probe = "from flower_llm import sumkernel as s; print(s.status())"
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    (library,) = (tmp_path / "kernels").glob("sum-*.so")
+    library.write_bytes(b"not a shared library")
+
+    # Execute
+    second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+
+    # Assert: loaded again from a rebuilt file of the same name, after a warning
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert "building it again" in second.stderr
+    assert library.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_cache_name_follows_the_cpu_and_native_code_needs_its_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: record the compile commands instead of running them
+    monkeypatch.setenv("FLOWER_LLM_CACHE", str(tmp_path))
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if "--version" in command:
+            return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
+        commands.append(command)
+        Path(command[command.index("-o") + 1]).write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(sumkernel.subprocess, "run", recording)
+    monkeypatch.setattr(sumkernel.ctypes, "CDLL", lambda path: None)
+    monkeypatch.setattr(sumkernel, "_Kernel", lambda library, path: path)
+    built = {}
+    for cpu in ("avx2 fma sse2", "sse2", None):
+        monkeypatch.setattr(sumkernel, "_cpu_features", lambda cpu=cpu: cpu)
+        built[cpu] = sumkernel._build_and_load()
+
+    # Assert: one file per CPU; -march=native only where the CPU's flags are in the name
+    assert len(set(built.values())) == 3
+    assert ["-march=native" in c for c in commands] == [True, True, False]
