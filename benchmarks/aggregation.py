@@ -71,11 +71,16 @@ def task_identity() -> None:
 
 
 def make_replies(
-    shapes: Mapping[str, tuple[int, ...]], num_clients: int, *, distinct: bool = False
+    shapes: Mapping[str, tuple[int, ...]],
+    num_clients: int,
+    *,
+    distinct: bool = False,
+    packed: bool = False,
 ) -> list[Any]:
     """Train replies of ``num_clients`` nodes: float32 adapters with unequal example counts.
 
-    Values differ per client by a constant offset (cheap to make; a weighted sum's cost
+    ``packed``: in the packed wire layout (the same values). Values differ per client by a
+    constant offset (cheap to make; a weighted sum's cost
     does not depend on the values), or with ``distinct`` by independent noise as well, so
     that the replies' order differs from value to value as real updates' does (what a
     per-value median or trimmed mean costs depends on it: presorted columns sort fast).
@@ -104,6 +109,8 @@ def make_replies(
         )
         instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
         content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
+        if packed:  # fed.wire-layout = packed, the run's default
+            content = wire.pack(content)
         replies.append(Message(content, reply_to=instruction))
     return replies
 

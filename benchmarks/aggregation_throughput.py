@@ -3,11 +3,11 @@
 The server must read each reply at least once. The physical limit measured in the same run
 is a float32 ``acc += reply`` over arrays of one reply's size (read the reply, read and
 write the accumulator), repeated for every reply. Reported per rule: reply bytes per second
-of ``WeightedFedAvg.aggregate_train`` on real reply ``Message``s (validation with the
-per-value update bound on, aggregation, packing the result), and that throughput as a
-fraction of the stream figure.
+of ``WeightedFedAvg.aggregate_train`` on real reply ``Message``s in the default packed
+layout (unless the row says otherwise; validation with the per-value update bound on,
+aggregation, packing the result), and that throughput as a fraction of the stream figure.
 
-    python -m benchmarks.aggregation_throughput [--quick]
+    python -m benchmarks.aggregation_throughput [--quick] [--params N --layers L --clients K]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from benchmarks.common import median, parser, run_and_finish, setup, table
 
 RULES: dict[str, dict[str, Any]] = {
     "fedavg (robust none)": {},
+    "fedavg, arrays layout": {"layout": "arrays"},
     "fedavg, NumPy sweep (kernel off)": {"kernel": "off"},
     "lora ffa (B only)": {"lora_aggregation": "ffa"},
     "norm-bound": {"robust": "norm-bound"},
@@ -79,12 +80,15 @@ def floor_seconds(shapes: dict[str, tuple[int, int]], replies: list[Any]) -> flo
 def aggregate_seconds(
     shapes: dict[str, tuple[int, int]], replies: list[Any], options: dict[str, Any]
 ) -> float:
+    # ``replies`` must be in the layout ``options`` names (packed unless it says arrays).
     """Seconds of one ``aggregate_train`` over ``replies`` with ``options`` (``kernel``:
-    ``off`` runs the sweep with the compiled kernel off)."""
+    ``off`` runs the sweep with the compiled kernel off; ``layout``: the replies' wire
+    layout, ``packed`` by default)."""
     from flower_llm import sumkernel, wire
     from strategies.fedavg import RoundReport, WeightedFedAvg
 
     options = dict(options)
+    layout = options.pop("layout", "packed")
     if options.pop("kernel", None) == "off":
         os.environ[sumkernel.ENV] = "off"
         sumkernel.reset()
@@ -98,6 +102,7 @@ def aggregate_seconds(
         min_train_clients=1,
         max_weight=1e6,
         update_bound=lambda _round, _peak: 1.0,
+        wire_layout=layout,
         **options,
     )
     strategy.start_round(1, wire.to_array_record({k: np.zeros(s) for k, s in shapes.items()}))
@@ -109,7 +114,13 @@ def aggregate_seconds(
     return seconds
 
 
-def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
+def run(
+    quick: bool,
+    repeats: int = 5,
+    params: int | None = None,
+    layers: int | None = None,
+    clients: int | None = None,
+) -> dict[str, Any]:
     """Throughput of every rule against the stream reference, best of ``repeats``.
 
     The machine is shared: each row measures the stream reference interleaved with its
@@ -117,15 +128,18 @@ def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
     fraction is the best stream time over the best rule time of that row.
     """
     task_identity()
-    params, layers = (200_000, 2) if quick else (1_000_000, 4)
-    num_clients = 10 if quick else 20
+    params = params or (200_000 if quick else 1_000_000)
+    layers = layers or (2 if quick else 4)
+    num_clients = clients or (10 if quick else 20)
     shapes = adapter_shapes(params, layers)
     replies = make_replies(shapes, num_clients, distinct=True)
+    packed = make_replies(shapes, num_clients, distinct=True, packed=True)
     reply_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
     total = reply_bytes * num_clients
     # ffa: the sites send B alone, half the bytes; its stream reference is over those.
     b_shapes = {k: v for k, v in shapes.items() if ".lora_B." in k}
     b_replies = make_replies(b_shapes, num_clients, distinct=True)
+    b_packed = make_replies(b_shapes, num_clients, distinct=True, packed=True)
     b_total = total // 2
     from flower_llm import sumkernel
 
@@ -142,7 +156,9 @@ def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
             if options is None:
                 times.append(floor_seconds(row_shapes, row_replies))
             else:
-                times.append(aggregate_seconds(row_shapes, row_replies, options))
+                arrays_layout = options.get("layout") == "arrays"
+                sent = row_replies if arrays_layout else (b_packed if ffa else packed)
+                times.append(aggregate_seconds(row_shapes, sent, options))
         best, stream = min(times), min(streams)
         row_bytes = b_total if ffa else total
         rows[name] = {
@@ -156,6 +172,7 @@ def run(quick: bool, repeats: int = 5) -> dict[str, Any]:
     stream = min(r["stream-seconds"] for n, r in rows.items() if "ffa" not in n)
     return {
         "adapter-parameters": sum(int(np.prod(s)) for s in shapes.values()),
+        "arrays-per-reply": len(shapes),
         "clients": num_clients,
         "reply-bytes": total,
         "stream-seconds": stream,
@@ -182,6 +199,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     return (
         f"{result['clients']} float32 replies of {result['adapter-parameters']:,} parameters "
+        f"in {result.get('arrays-per-reply', '?')} arrays "
         f"({result['reply-bytes'] / 1e6:.0f} MB), values distinct per site. Stream reference "
         f"(float32 `acc += reply`, measured interleaved with each row): best "
         f"{1e3 * result['stream-seconds']:.1f} ms, "
@@ -205,9 +223,19 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run, print and save."""
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--params", type=int, help="adapter parameters (default 1M; quick 200k)")
+    p.add_argument("--layers", type=int, help="layers of 7 LoRA modules (default 4; quick 2)")
+    p.add_argument("--clients", type=int, help="replies per round (default 20; quick 10)")
+    p.add_argument("--name", default="aggregation_throughput", help="result file name")
+    args = p.parse_args(argv)
     setup(args.threads)
-    run_and_finish("aggregation_throughput", args, lambda: run(args.quick), to_markdown)
+    run_and_finish(
+        args.name,
+        args,
+        lambda: run(args.quick, params=args.params, layers=args.layers, clients=args.clients),
+        to_markdown,
+    )
 
 
 if __name__ == "__main__":

@@ -614,12 +614,10 @@ def _scale_to_median(
         return summed
     extra = np.asarray([factors[j] * (median / norms[j] - 1.0) for j in scaled])
     more = _Sweep([states[j] for j in scaled], reference, None, False).run(
-        extra, None, add_reference=False
+        extra, None, wide=False, base=summed
     )
     assert more is not None
-    for key, value in more.items():
-        summed[key] += value
-    return summed
+    return more
 
 
 def _rounded(summed: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> AdapterState:
@@ -681,21 +679,26 @@ class _Sweep:
         *,
         add_reference: bool = True,
         wide: bool = True,
+        base: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray] | None:
         """Check every row; with ``factors`` the weighted sum, with ``central`` = (rule,
         cut) the trimmed mean or median, of the updates, added to the reference (unless
         ``add_reference`` is False): flat float64 arrays (``wide`` False: a weighted sum
         may come back as float32, rounded once), None if a row failed a check (or if
-        there is nothing to sum).
+        there is nothing to sum). ``base``: flat float64 arrays the weighted sum is added
+        to instead of the reference (one rounding for both).
 
         A weighted sum goes through the compiled kernel (:mod:`flower_llm.sumkernel`)
         where it is on, array by array, and through the NumPy blocks below where it is
         off or cannot take an array (replies of mixed dtypes)."""
         count = len(self.states)
         if central is None and factors is not None:
-            compiled = self._compiled(factors, add_reference, wide)
+            compiled = self._compiled(factors, add_reference, wide, base)
             if compiled is not None:
                 return compiled
+            if base is not None:
+                extra = self.run(factors, None, add_reference=False)
+                return None if extra is None else {k: base[k] + v for k, v in extra.items()}
         rows = count if central is not None else min(count, REPLIES_PER_BLOCK)
         summing = factors is not None or central is not None
         result: dict[str, np.ndarray] = {}
@@ -743,44 +746,51 @@ class _Sweep:
         return result if summing else None
 
     def _compiled(
-        self, factors: np.ndarray, add_reference: bool, wide: bool
+        self,
+        factors: np.ndarray,
+        add_reference: bool,
+        wide: bool,
+        base: dict[str, np.ndarray] | None,
     ) -> dict[str, np.ndarray] | None:
         """:meth:`run`'s weighted sum through the compiled kernel, or None (nothing
         checked or recorded) if the kernel is off or cannot take every array."""
         arrays = {key: [s[key].reshape(-1) for s in self.states] for key in self.reference}
-        if not all(sumkernel.accepts(v, self.reference[k]) for k, v in arrays.items()):
-            return None
+        refs = {k: np.ascontiguousarray(r.reshape(-1)) for k, r in self.reference.items()}
         limit = None if self.bounds is None else self.bounds.max_abs_update
-        result: dict[str, np.ndarray] = {}
-        for key, ref in self.reference.items():
-            flat_ref = np.ascontiguousarray(ref.reshape(-1))
-            sums = sumkernel.weighted_sum(
-                arrays[key], flat_ref, factors, limit, add_reference=add_reference, wide=wide
-            )
-            assert sums is not None
-            if self.bounds is not None:
-                self._record(key, arrays[key], flat_ref, sums)
-                if self.problems:
-                    return None
-            result[key] = sums.out
-        return result
+        sums = sumkernel.weighted_sums(
+            arrays, refs, factors, limit, add_reference=add_reference, wide=wide, base=base
+        )
+        if sums is None:
+            return None
+        if self.bounds is not None:
+            self._record(arrays, refs, sums)
+            if self.problems:
+                return None
+        return sums.out
 
     def _record(
-        self, key: str, values: list[np.ndarray], ref: np.ndarray, sums: sumkernel.Sums
+        self,
+        arrays: dict[str, list[np.ndarray]],
+        refs: dict[str, np.ndarray],
+        sums: sumkernel.Sums,
     ) -> None:
-        """The compiled kernel's findings on array ``key``: problems and squares."""
-        assert self.bounds is not None
-        limit = self.bounds.max_abs_update
-        for index, (square, over) in enumerate(zip(sums.squares, sums.over, strict=True)):
-            if not math.isfinite(square):
-                self.problems.setdefault(index, f"'{key}' holds NaN or Inf")
-            elif over > 0 and limit is not None:
-                peak = float(np.max(np.abs(values[index].astype(np.float64) - ref)))
-                self.problems.setdefault(
-                    index,
-                    f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
-                    f"bound {limit:.3g} (fed.update-bound)",
-                )
+        """The compiled kernel's findings: each failing reply's reason, named by the
+        first array where it fails (as the NumPy blocks name it), and the squares."""
+        limit = self.bounds.max_abs_update if self.bounds is not None else None
+        for index, square in enumerate(sums.squares):
+            if math.isfinite(square) and not any(over[index] for over in sums.over.values()):
+                continue
+            for key, values in arrays.items():
+                if not np.isfinite(values[index]).all():
+                    self.problems[index] = f"'{key}' holds NaN or Inf"
+                    break
+                if sums.over[key][index] and limit is not None:
+                    peak = float(np.max(np.abs(values[index].astype(np.float64) - refs[key])))
+                    self.problems[index] = (
+                        f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
+                        f"bound {limit:.3g} (fed.update-bound)"
+                    )
+                    break
         if self.need_norm:
             self.squares += sums.squares
 

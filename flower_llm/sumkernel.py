@@ -38,7 +38,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,9 @@ _SOURCE = r"""
 #define W 2048
 
 #define DEFINE_SUM(NAME, T)                                                            \
-void NAME(int K, const T *const *xs, const float *ref, size_t n, const double *p,      \
-          double lim, int add_ref, float *out32, double *out64, double *sq,            \
+static void NAME(int K, const T *const *xs, const float *ref, size_t n, const double *p,      \
+          double lim, int add_ref, const double *base, float *out32, double *out64,    \
+          double *sq,                                                                  \
           double *over)                                                                \
 {                                                                                      \
     double acc[W], r[W];                                                               \
@@ -101,7 +102,9 @@ void NAME(int K, const T *const *xs, const float *ref, size_t n, const double *p
             }                                                                          \
             sq[k] += q; over[k] += v;                                                  \
         }                                                                              \
-        if (!add_ref)                                                                  \
+        if (base)                                                                      \
+            for (size_t c = 0; c < m; c++) r[c] = base[s + c];                         \
+        else if (!add_ref)                                                             \
             for (size_t c = 0; c < m; c++) r[c] = 0.0;                                 \
         if (out32)                                                                     \
             for (size_t c = 0; c < m; c++) out32[s + c] = (float)(r[c] + acc[c]);      \
@@ -110,9 +113,23 @@ void NAME(int K, const T *const *xs, const float *ref, size_t n, const double *p
     }                                                                                  \
 }
 
-DEFINE_SUM(flower_llm_sum_f16, _Float16)
-DEFINE_SUM(flower_llm_sum_f32, float)
-DEFINE_SUM(flower_llm_sum_f64, double)
+/* Every array of the replies in one call: array j of reply k is xs[j * K + k]. */
+#define DEFINE_SUMS(NAME, T)                                                           \
+DEFINE_SUM(NAME##_one, T)                                                              \
+void NAME(int K, int arrays, const T *const *xs, const float *const *refs,             \
+          const size_t *sizes, const double *p, double lim, int add_ref,               \
+          const double *const *bases, float *const *out32, double *const *out64,       \
+          double *sq, double *over)                                                    \
+{                                                                                      \
+    for (int j = 0; j < arrays; j++)                                                   \
+        NAME##_one(K, xs + (size_t)j * K, refs[j], sizes[j], p, lim, add_ref,          \
+                   bases ? bases[j] : 0, out32 ? out32[j] : 0, out64 ? out64[j] : 0, sq, \
+                   over + (size_t)j * K);                                              \
+}
+
+DEFINE_SUMS(flower_llm_sum_f16, _Float16)
+DEFINE_SUMS(flower_llm_sum_f32, float)
+DEFINE_SUMS(flower_llm_sum_f64, double)
 """
 
 _FLAGS_BASE = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -125,14 +142,17 @@ _FUNCTIONS: dict[np.dtype[Any], str] = {
 
 @dataclass(frozen=True)
 class Sums:
-    """What :func:`weighted_sum` returns for one array of every reply."""
+    """What :func:`weighted_sums` returns for the arrays of every reply."""
 
-    out: np.ndarray
-    """``ref + sum_k p_k (x_k - ref)`` (or without ``ref``): float32 rounded once, or float64."""
+    out: dict[str, np.ndarray]
+    """Per array: ``ref + sum_k p_k (x_k - ref)`` (or without ``ref``), flat: float32
+    rounded once, or float64."""
     squares: np.ndarray
-    """float64 ``[K]``: ``sum_c (x_k[c] - ref[c])^2``; NaN or Inf iff reply k holds one."""
-    over: np.ndarray
-    """float64 ``[K]``: how many of reply k's values differ from ``ref`` by more than the bound."""
+    """float64 ``[K]``: ``sum (x_k - ref)^2`` over every array; NaN or Inf iff reply k
+    holds one."""
+    over: dict[str, np.ndarray]
+    """Per array, float64 ``[K]``: how many of reply k's values differ from ``ref`` by
+    more than the bound."""
 
 
 class _Kernel:
@@ -142,34 +162,51 @@ class _Kernel:
         for dtype, name in _FUNCTIONS.items():
             function = getattr(library, name)
             function.restype = None
-            function.argtypes = [
-                ctypes.c_int,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_void_p,
-                ctypes.c_double,
-                ctypes.c_int,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-            ]
+            # K, arrays; xs, refs, sizes, p; lim, add_ref; bases, out32, out64, sq, over
+            function.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 4]
+            function.argtypes += [ctypes.c_double, ctypes.c_int, *[ctypes.c_void_p] * 5]
             self.functions[dtype] = function
 
 
-def accepts(values: Sequence[np.ndarray], reference: np.ndarray) -> bool:
-    """Whether :func:`weighted_sum` can take these arrays: the kernel is on, the
-    reference is float32, the values are flat and contiguous, of its size and of one of
-    the kernel's dtypes."""
+def weighted_sums(
+    values: Mapping[str, Sequence[np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    factors: np.ndarray,
+    bound: float | None,
+    *,
+    add_reference: bool = True,
+    wide: bool = False,
+    base: Mapping[str, np.ndarray] | None = None,
+) -> Sums | None:
+    """The sums of every array over every reply in one call (see the module's
+    docstring), or None when the kernel is off or cannot take these arrays (then use the
+    NumPy sweep): it takes flat, contiguous arrays of one dtype (float16, float32 or
+    float64) for every reply and key, each of its float32 reference's size.
+
+    Parameters
+    ----------
+    values : Mapping[str, Sequence[np.ndarray]]
+        Per key of ``reference``, one flat array per reply, in the same reply order;
+        float64 values must already be known to lie within float32's range (as
+        :func:`flower_llm.aggregation.checked_aggregate` checks).
+    reference : Mapping[str, np.ndarray]
+        Flat float32 arrays (the global adapter's values).
+    factors : np.ndarray
+        ``p_k``, float64 ``[K]``.
+    bound : float | None
+        Count values with ``|x - ref| > bound`` (None: no bound).
+    add_reference : bool
+        Add the reference to the sum (False: the sum of the weighted differences alone).
+    wide : bool
+        Return float64 (for a sum that is added to later); else float32, rounded once.
+    base : Mapping[str, np.ndarray] | None
+        Flat float64 arrays to add the sum to instead of the reference (a float64 sum of
+        an earlier call: the two are added before the one rounding).
+    """
     kernel = _kernel()
-    if kernel is None or not values or reference.dtype != np.float32:
-        return False
-    first = values[0]
-    return first.dtype in kernel.functions and all(
-        v.dtype == first.dtype and v.ndim == 1 and v.size == reference.size and v.flags.c_contiguous
-        for v in values
-    )
+    if kernel is None or not values:
+        return None
+    return _call(kernel, values, reference, factors, bound, add_reference, wide, base)
 
 
 def weighted_sum(
@@ -180,78 +217,84 @@ def weighted_sum(
     *,
     add_reference: bool = True,
     wide: bool = False,
-) -> Sums | None:
-    """The sums of one array over every reply (see the module's docstring), or None when
-    the kernel is off or cannot take these arrays (then use the NumPy sweep).
-
-    Parameters
-    ----------
-    values : Sequence[np.ndarray]
-        One flat array per reply, all of one dtype (float16, float32 or float64) and of
-        ``reference``'s size; float64 values must already be known to lie within
-        float32's range (as :func:`flower_llm.aggregation.checked_aggregate` checks).
-    reference : np.ndarray
-        Flat float32 array (the global adapter's values).
-    factors : np.ndarray
-        ``p_k``, float64 ``[K]``.
-    bound : float | None
-        Count values with ``|x - ref| > bound`` (None: no bound).
-    add_reference : bool
-        Add ``reference`` to the sum (False: the sum of the weighted differences alone).
-    wide : bool
-        Return float64 (for a sum that is added to later); else float32, rounded once.
-    """
-    kernel = _kernel()
-    if kernel is None or not values:
-        return None
-    return _call(kernel, values, reference, factors, bound, add_reference, wide)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`weighted_sums` of one array: ``(out, squares, over)``, or None."""
+    sums = weighted_sums(
+        {"": values}, {"": reference}, factors, bound, add_reference=add_reference, wide=wide
+    )
+    return None if sums is None else (sums.out[""], sums.squares, sums.over[""])
 
 
 def _call(
     kernel: _Kernel,
-    values: Sequence[np.ndarray],
-    reference: np.ndarray,
+    values: Mapping[str, Sequence[np.ndarray]],
+    reference: Mapping[str, np.ndarray],
     factors: np.ndarray,
     bound: float | None,
     add_reference: bool,
     wide: bool,
+    base: Mapping[str, np.ndarray] | None = None,
 ) -> Sums | None:
-    dtype = values[0].dtype
-    size = reference.size
-    if (
-        dtype not in kernel.functions
-        or reference.dtype != np.float32
-        or reference.ndim != 1
-        or not reference.flags.c_contiguous
-        or any(
-            v.dtype != dtype or v.ndim != 1 or v.size != size or not v.flags.c_contiguous
-            for v in values
-        )
-    ):
-        return None
-    count = len(values)
-    pointers = (ctypes.c_void_p * count)(*(v.ctypes.data for v in values))
+    keys = list(reference)
+    if set(values) != set(keys):
+        raise ValueError("values and reference hold different keys")
+    count = len(values[keys[0]])
     weights = np.ascontiguousarray(factors, dtype=np.float64)
     if weights.shape != (count,):
         raise ValueError(f"{weights.shape[0]} factors for {count} replies")
-    out = np.empty(size, np.float64 if wide else np.float32)
+    dtype = values[keys[0]][0].dtype if count else None
+    function = kernel.functions.get(dtype) if dtype is not None else None
+    if function is None:
+        return None
+    for key in keys:
+        ref, arrays = reference[key], values[key]
+        if (
+            ref.dtype != np.float32
+            or ref.ndim != 1
+            or not ref.flags.c_contiguous
+            or len(arrays) != count
+            or not all(
+                v.dtype == dtype and v.ndim == 1 and v.size == ref.size and v.flags.c_contiguous
+                for v in arrays
+            )
+        ):
+            return None
+    if base is not None:
+        for key in keys:
+            b = base[key]
+            if b.dtype != np.float64 or b.ndim != 1 or b.size != reference[key].size:
+                raise ValueError(f"base '{key}' is not a flat float64 array of its size")
+            if not b.flags.c_contiguous:
+                raise ValueError(f"base '{key}' is not contiguous")
+        bases = np.fromiter((base[k].ctypes.data for k in keys), np.uintp, len(keys))
+    sizes = np.fromiter((reference[k].size for k in keys), np.uintp, len(keys))
+    pointers = np.fromiter(
+        (v.ctypes.data for k in keys for v in values[k]), np.uintp, len(keys) * count
+    )
+    refs = np.fromiter((reference[k].ctypes.data for k in keys), np.uintp, len(keys))
+    out_dtype = np.dtype(np.float64 if wide else np.float32)
+    flat = np.empty(int(sizes.sum()), out_dtype)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
+    outs = flat.ctypes.data + starts * np.uintp(out_dtype.itemsize)
     squares = np.zeros(count)
-    over = np.zeros(count)
-    limit = float("inf") if bound is None else float(bound)
-    kernel.functions[dtype](
+    over = np.zeros((len(keys), count))
+    function(
         count,
-        ctypes.cast(pointers, ctypes.c_void_p),
-        reference.ctypes.data,
-        size,
+        len(keys),
+        pointers.ctypes.data,
+        refs.ctypes.data,
+        sizes.ctypes.data,
         weights.ctypes.data,
-        limit,
+        float("inf") if bound is None else float(bound),
         int(add_reference),
-        None if wide else out.ctypes.data,
-        out.ctypes.data if wide else None,
+        None if base is None else bases.ctypes.data,
+        None if wide else outs.ctypes.data,
+        outs.ctypes.data if wide else None,
         squares.ctypes.data,
         over.ctypes.data,
     )
-    return Sums(out, squares, over)
+    out = {k: flat[int(a) : int(a + n)] for k, a, n in zip(keys, starts, sizes, strict=True)}
+    return Sums(out, squares, dict(zip(keys, over, strict=True)))
 
 
 def status() -> str:
@@ -282,7 +325,7 @@ def _kernel() -> _Kernel | None:
     try:
         kernel = _build_and_load()
         _self_test(kernel)
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+    except Exception as exc:  # any failure leaves the NumPy sweep in charge
         _state["why"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
         if setting == "require":
             raise RuntimeError(
@@ -350,7 +393,9 @@ def _build_and_load() -> _Kernel:
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"compiling the sum kernel failed: {done.stderr.strip()}")
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            first_error = next((line for line in lines if "error" in line), lines[-1])
+            raise RuntimeError(f"compiling the sum kernel failed: {first_error}")
         os.replace(built, path)  # atomic: a concurrent build loads one or the other
     return _Kernel(ctypes.CDLL(str(path)), path)
 
@@ -367,12 +412,12 @@ def _self_test(kernel: _Kernel) -> None:
         values[2][5] = reference[5] + 4.0  # beyond the bound below, exactly in every dtype
         differences = np.stack([v.astype(np.float64) - reference for v in values])
         expected = (reference + factors @ differences).astype(np.float32)
-        sums = _call(kernel, values, reference, factors, 3.9, True, False)
+        sums = _call(kernel, {"x": values}, {"x": reference}, factors, 3.9, True, False)
         counted = (np.abs(differences) > 3.9).sum(axis=1)
         if (
             sums is None
-            or not np.array_equal(sums.over, counted)
+            or not np.array_equal(sums.over["x"], counted)
             or not np.allclose(sums.squares, (differences**2).sum(axis=1), rtol=1e-12)
-            or np.any(np.abs(sums.out - expected) > np.spacing(np.abs(expected)))
+            or np.any(np.abs(sums.out["x"] - expected) > np.spacing(np.abs(expected)))
         ):
             raise RuntimeError(f"the compiled sum kernel gave a wrong result for {dtype}")

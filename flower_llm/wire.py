@@ -10,7 +10,7 @@ import functools
 import io
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -411,30 +411,82 @@ def distinct_names_problem(value: object, field: str, item: str) -> str | None:
     return None
 
 
-def _int_list(header: ConfigRecord, field: str) -> list[int]:
-    value = header.get(field, [])
+def _int_list(value: object, field: str) -> list[int]:
+    """``value`` (a header field; None: absent, an empty list) as a list of integers."""
+    value = [] if value is None else list(value) if isinstance(value, tuple) else value
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
         raise PackedLayoutError(f"'{field}' is not a list of integers")
-    return value  # type: ignore[return-value]
+    return value
+
+
+_FIELDS = ("keys", "dtypes", "ranks", "dims", "offsets")
 
 
 def _packed_values(name: str, record: ArrayRecord, header: ConfigRecord) -> dict[str, np.ndarray]:
     """The arrays of packed record ``name``, as read-only views into its payload, after
     every check of the header against the bytes."""
-    keys = header.get(f"{name}:keys")
-    dtypes = header.get(f"{name}:dtypes")
-    if problem := distinct_names_problem(keys, f"'{name}:keys'", "array"):
+    fields = [header.get(f"{name}:{f}", None if f in ("keys", "dtypes") else []) for f in _FIELDS]
+    total = header.get(f"{name}:bytes")
+    # Every site of a round sends the same header: what follows from it alone is worked
+    # out once (cached by value, and only for lists of exactly str / int: True == 1 must
+    # not find the layout of a 1).
+    plain = type(total) is int and all(type(f) is list for f in fields)
+    if plain:
+        kinds = [set(map(type, f)) for f in fields]  # type: ignore[arg-type]
+        plain = kinds[0] <= {str} and kinds[1] <= {str} and all(k <= {int} for k in kinds[2:])
+    if plain:
+        layout = _layout(name, *(tuple(f) for f in fields), total)  # type: ignore[arg-type]
+    else:
+        layout = _layout.__wrapped__(name, *fields, total)
+    if set(record) != {PACKED}:
+        raise PackedLayoutError(f"'{name}' holds arrays {sorted(record)}, expected ['{PACKED}']")
+    try:
+        payload = array_view(record[PACKED])
+    except Exception as err:  # a damaged .npy header: numpy raises its own types
+        raise PackedLayoutError(f"'{name}': unreadable packed array: {err}") from err
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise PackedLayoutError(f"'{name}': packed array is {payload.dtype}, {payload.ndim}-D")
+    assert isinstance(total, int)  # checked with the layout
+    end = layout[-1][3] + layout[-1][4] if layout else 0
+    if len(payload) != total:
+        raise PackedLayoutError(
+            f"'{name}': arrays end at byte {end}, header says {total}, payload holds "
+            f"{len(payload)} (truncated?)"
+        )
+    return {
+        key: payload[offset : offset + size].view(dtype).reshape(shape)
+        for key, dtype, shape, offset, size in layout
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(
+    name: str,
+    keys: object,
+    dtypes: object,
+    ranks_in: object,
+    dims_in: object,
+    offsets_in: object,
+    total: object,
+) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]:
+    """``(key, little-endian dtype, shape, offset, bytes)`` of each array the header
+    fields describe, after every check that needs the header alone (types, lengths,
+    ranks and dimensions, each offset where the layout puts it, the end at ``bytes``).
+    Bounded cache: headers are the senders' to choose."""
+    if problem := distinct_names_problem(
+        list(keys) if isinstance(keys, tuple) else keys, f"'{name}:keys'", "array"
+    ):
         raise PackedLayoutError(problem)
-    assert isinstance(keys, list)
-    if not isinstance(dtypes, list) or not all(d in PACK_DTYPES for d in dtypes):
+    assert isinstance(keys, list | tuple)
+    if not isinstance(dtypes, list | tuple) or not all(d in PACK_DTYPES for d in dtypes):
+        dtypes = list(dtypes) if isinstance(dtypes, tuple) else dtypes
         raise PackedLayoutError(f"'{name}:dtypes' {dtypes!r} is not a list of {PACK_DTYPES}")
     keys, dtypes = [str(k) for k in keys], [str(d) for d in dtypes]
-    ranks = _int_list(header, f"{name}:ranks")
-    dims = _int_list(header, f"{name}:dims")
-    offsets = _int_list(header, f"{name}:offsets")
-    total = header.get(f"{name}:bytes")
+    ranks = _int_list(ranks_in, f"{name}:ranks")
+    dims = _int_list(dims_in, f"{name}:dims")
+    offsets = _int_list(offsets_in, f"{name}:offsets")
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise PackedLayoutError(f"'{name}:bytes' {total!r} is not a byte count")
     if not len(keys) == len(dtypes) == len(ranks) == len(offsets):
@@ -446,36 +498,24 @@ def _packed_values(name: str, record: ArrayRecord, header: ConfigRecord) -> dict
         raise PackedLayoutError(f"'{name}:ranks' do not match '{name}:dims'")
     if any(d < 0 or d > 2**31 for d in dims):
         raise PackedLayoutError(f"'{name}:dims' holds a negative or implausibly large size")
-    if set(record) != {PACKED}:
-        raise PackedLayoutError(f"'{name}' holds arrays {sorted(record)}, expected ['{PACKED}']")
-    try:
-        payload = array_view(record[PACKED])
-    except Exception as err:  # a damaged .npy header: numpy raises its own types
-        raise PackedLayoutError(f"'{name}': unreadable packed array: {err}") from err
-    if payload.dtype != np.uint8 or payload.ndim != 1:
-        raise PackedLayoutError(f"'{name}': packed array is {payload.dtype}, {payload.ndim}-D")
     # Where every array must start, from the sizes alone; the header must agree.
-    shapes, end, start = [], 0, 0
-    for key, dtype, rank, offset in zip(keys, dtypes, ranks, offsets, strict=True):
+    layout, end, start = [], 0, 0
+    for key, dtype_name, rank, offset in zip(keys, dtypes, ranks, offsets, strict=True):
         shape = tuple(dims[start : start + rank])
         start += rank
         if offset != _aligned(end):
             raise PackedLayoutError(
                 f"'{name}': array '{key}' at offset {offset}, expected {_aligned(end)}"
             )
-        end = offset + math.prod(shape) * np.dtype(dtype).itemsize
-        shapes.append(shape)
-    if end != total or len(payload) != total:
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        size = math.prod(shape) * dtype.itemsize
+        end = offset + size
+        layout.append((key, dtype, shape, offset, size))
+    if end != total:
         raise PackedLayoutError(
-            f"'{name}': arrays end at byte {end}, header says {total}, payload holds "
-            f"{len(payload)} (truncated?)"
+            f"'{name}': arrays end at byte {end}, header says {total} (truncated?)"
         )
-    values = {}
-    for key, dtype, shape, offset in zip(keys, dtypes, shapes, offsets, strict=True):
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        view = payload[offset : offset + size].view(np.dtype(dtype).newbyteorder("<"))
-        values[key] = view.reshape(shape)
-    return values
+    return tuple(layout)
 
 
 def _unpack_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -49,14 +49,41 @@ def test_weighted_sum_equals_numpy_in_float64(
     # per-reply squares and counts above the bound
     assert wide is not None and alone is not None and rounded is not None
     exact = reference + factors @ differences
-    np.testing.assert_allclose(wide.out, exact, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(alone.out, factors @ differences, rtol=1e-12, atol=1e-13)
-    assert rounded.out.dtype == np.float32 and wide.out.dtype == np.float64
+    np.testing.assert_allclose(wide[0], exact, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(alone[0], factors @ differences, rtol=1e-12, atol=1e-13)
+    assert rounded[0].dtype == np.float32 and wide[0].dtype == np.float64
     spacing = np.spacing(np.abs(exact).astype(np.float32))
-    assert np.all(np.abs(rounded.out - exact) <= spacing / 2 * (1 + 1e-6))
-    np.testing.assert_allclose(wide.squares, (differences**2).sum(axis=1), rtol=1e-12)
-    np.testing.assert_array_equal(wide.over, (np.abs(differences) > bound).sum(axis=1))
-    np.testing.assert_array_equal(alone.over, np.zeros(count))
+    assert np.all(np.abs(rounded[0] - exact) <= spacing / 2 * (1 + 1e-6))
+    np.testing.assert_allclose(wide[1], (differences**2).sum(axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(wide[2], (np.abs(differences) > bound).sum(axis=1))
+    np.testing.assert_array_equal(alone[2], np.zeros(count))
+
+
+def test_many_arrays_in_one_call_sum_each_and_add_the_squares(kernel_required: None) -> None:
+    # Prepare: three arrays of different sizes, a value beyond the bound in the second
+    rng = np.random.default_rng(3)
+    reference = {
+        k: rng.normal(0, 1, n).astype(np.float32) for k, n in (("a", 5), ("b", 3000), ("c", 1))
+    }
+    values = {
+        k: [(r + rng.normal(0, 0.1, r.size)).astype(np.float32) for _ in range(6)]
+        for k, r in reference.items()
+    }
+    values["b"][4][17] = reference["b"][17] + 2.0
+    factors = rng.random(6)
+
+    # Execute
+    sums = sumkernel.weighted_sums(values, reference, factors, 1.0, wide=True)
+
+    # Assert: each array's own sum, squares over all arrays, counts per array
+    assert sums is not None
+    squares = np.zeros(6)
+    for key, ref in reference.items():
+        differences = np.stack([v.astype(np.float64) - ref for v in values[key]])
+        np.testing.assert_allclose(sums.out[key], ref + factors @ differences, rtol=1e-13)
+        squares += (differences**2).sum(axis=1)
+    np.testing.assert_allclose(sums.squares, squares, rtol=1e-12)
+    assert [list(sums.over[k]) for k in "abc"] == [[0] * 6, [0, 0, 0, 0, 1, 0], [0] * 6]
 
 
 def test_nan_and_inf_show_in_the_squares_and_beyond_the_bound(kernel_required: None) -> None:
@@ -68,22 +95,28 @@ def test_nan_and_inf_show_in_the_squares_and_beyond_the_bound(kernel_required: N
     sums = sumkernel.weighted_sum(values, reference, np.full(5, 0.2), 1.0)
 
     assert sums is not None
-    assert [np.isfinite(s) for s in sums.squares] == [True, False, True, False, True]
-    assert list(sums.over) == [0, 0, 0, 1, 0]  # NaN compares false; the squares catch it
+    _, squares, over = sums
+    assert [np.isfinite(s) for s in squares] == [True, False, True, False, True]
+    assert list(over) == [0, 0, 0, 1, 0]  # NaN compares false; the squares catch it
 
 
 def test_arrays_it_cannot_take_are_left_to_numpy(kernel_required: None) -> None:
     reference = np.zeros(10, np.float32)
     same = [np.ones(10, np.float32), np.ones(10, np.float32)]
-    assert sumkernel.accepts(same, reference)
-    assert not sumkernel.accepts([same[0], np.ones(10, np.float16)], reference)  # mixed
-    assert not sumkernel.accepts([np.ones(20, np.float32)[::2]] * 2, reference)  # strided
-    assert not sumkernel.accepts(same, reference.astype(np.float64))
-    assert not sumkernel.accepts([np.ones(10, np.int32)] * 2, reference)
-    assert (
-        sumkernel.weighted_sum([same[0], np.ones(10, np.float16)], reference, np.ones(2), None)
-        is None
-    )
+
+    def takes(values: list[np.ndarray], ref: np.ndarray = reference) -> bool:
+        return sumkernel.weighted_sum(values, ref, np.ones(len(values)), None) is not None
+
+    assert takes(same)
+    assert not takes([same[0], np.ones(10, np.float16)])  # mixed dtypes
+    assert not takes([np.ones(20, np.float32)[::2]] * 2)  # strided
+    assert not takes([np.ones(11, np.float32)] * 2)  # another size
+    assert not takes(same, reference.astype(np.float64))
+    assert not takes([np.ones(10, np.int32)] * 2)
+    # ... and one array it cannot take leaves all of them to NumPy
+    mixed: dict[str, list[np.ndarray]] = {"a": same, "b": [same[0], same[1].astype(np.float16)]}
+    refs = {"a": reference, "b": reference}
+    assert sumkernel.weighted_sums(mixed, refs, np.ones(2), None) is None
 
 
 def test_off_by_setting_leaves_the_sweep_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,3 +204,26 @@ def test_the_cache_name_follows_the_cpu_and_native_code_needs_its_flags(
     # Assert: one file per CPU; -march=native only where the CPU's flags are in the name
     assert len(set(built.values())) == 3
     assert ["-march=native" in c for c in commands] == [True, True, False]
+
+
+def test_a_float64_base_is_added_before_the_one_rounding(kernel_required: None) -> None:
+    # Prepare: a float64 base that float32 cannot hold exactly (the first pass of a sum)
+    rng = np.random.default_rng(5)
+    reference = rng.normal(0, 1, 3000).astype(np.float32)
+    base = reference.astype(np.float64) + rng.normal(0, 1e-9, 3000)
+    values = [(reference + rng.normal(0, 0.1, 3000)).astype(np.float32) for _ in range(3)]
+    factors = np.array([0.2, -0.1, 0.05])
+
+    # Execute
+    sums = sumkernel.weighted_sums({"a": values}, {"a": reference}, factors, None, base={"a": base})
+
+    # Assert: base + sum_k p_k (x_k - ref), rounded once to float32
+    assert sums is not None
+    exact = base + factors @ np.stack([v.astype(np.float64) - reference for v in values])
+    spacing = np.spacing(np.abs(exact).astype(np.float32))
+    assert sums.out["a"].dtype == np.float32
+    assert np.all(np.abs(sums.out["a"] - exact) <= spacing / 2 * (1 + 1e-6))
+    with pytest.raises(ValueError, match="flat float64"):
+        sumkernel.weighted_sums(
+            {"a": values}, {"a": reference}, factors, None, base={"a": base.astype(np.float32)}
+        )

@@ -235,6 +235,21 @@ def test_a_lying_header_is_refused_with_a_reason(name: str) -> None:
         wire.unpack_views(content)
 
 
+def test_a_header_of_booleans_is_not_taken_for_the_cached_layout_of_ones() -> None:
+    # Prepare: a valid header read once (its layout is cached), then the same header with
+    # its dimensions of 1 written as True (equal to 1, and of the same hash)
+    record = ArrayRecord({"a": Array(np.ones((1, 1), np.float32))})
+    content = wire.pack(content_of(record))
+    wire.unpack(content)
+    dims = list(content.config_records[wire.LAYOUT]["arrays:dims"])  # type: ignore[arg-type]
+    assert dims == [1, 1]
+
+    # Execute + Assert: refused as the first read would refuse it
+    hostile = with_header(content, **{"arrays:dims": [True, True]})
+    with pytest.raises(PackedLayoutError, match="is not a list of integers"):
+        wire.unpack(hostile)
+
+
 @pytest.mark.parametrize("cut", [1, 7, 100])
 def test_a_truncated_payload_is_refused(cut: int) -> None:
     content = packed_content()
