@@ -692,6 +692,10 @@ class _Sweep:
         where it is on, array by array, and through the NumPy blocks below where it is
         off or cannot take an array (replies of mixed dtypes)."""
         count = len(self.states)
+        if central is not None and add_reference:
+            compiled = self._compiled(None, add_reference, wide, None, central)
+            if compiled is not None:
+                return compiled
         if central is None and factors is not None:
             compiled = self._compiled(factors, add_reference, wide, base)
             if compiled is not None:
@@ -747,19 +751,25 @@ class _Sweep:
 
     def _compiled(
         self,
-        factors: np.ndarray,
+        factors: np.ndarray | None,
         add_reference: bool,
         wide: bool,
         base: dict[str, np.ndarray] | None,
+        central: tuple[str, int] | None = None,
     ) -> dict[str, np.ndarray] | None:
-        """:meth:`run`'s weighted sum through the compiled kernel, or None (nothing
-        checked or recorded) if the kernel is off or cannot take every array."""
+        """:meth:`run`'s weighted sum (or, with ``central``, its median or trimmed mean)
+        through the compiled kernel, or None (nothing checked or recorded) if the kernel
+        is off or cannot take every array."""
         arrays = {key: [s[key].reshape(-1) for s in self.states] for key in self.reference}
         refs = {k: np.ascontiguousarray(r.reshape(-1)) for k, r in self.reference.items()}
         limit = None if self.bounds is None else self.bounds.max_abs_update
-        sums = sumkernel.weighted_sums(
-            arrays, refs, factors, limit, add_reference=add_reference, wide=wide, base=base
-        )
+        if central is not None:
+            sums = sumkernel.central_sums(arrays, refs, *central, limit)
+        else:
+            assert factors is not None
+            sums = sumkernel.weighted_sums(
+                arrays, refs, factors, limit, add_reference=add_reference, wide=wide, base=base
+            )
         if sums is None:
             return None
         if self.bounds is not None:

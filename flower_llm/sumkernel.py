@@ -127,9 +127,70 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
                    over + (size_t)j * K);                                              \
 }
 
+/* The order statistics: per column, the mean of rows [lo, hi) of the K differences
+   sorted by a sorting network (pairs: npairs comparators i < j), added to the
+   reference: the median is [K/2, K/2 + 1) or [K/2 - 1, K/2 + 1), the trimmed mean
+   [cut, K - cut). The rows of a block are compared column-wise, so each comparator is
+   a vectorised min and max over CW columns. buf holds K * CW doubles. */
+#define CW 128 /* 20 rows of 128 doubles: 20 KiB, in L1 */
+
+/* One comparator on CW columns. Finite maths lets the compiler use the min and max
+   instructions (NaN would need a blend); a NaN difference makes the reply's squares NaN,
+   and the reply is dropped whatever this sorted. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("finite-math-only")))
+#endif
+static void compare_exchange(double *restrict a, double *restrict b, size_t m)
+{
+    for (size_t c = 0; c < m; c++) {
+        double u = a[c], w = b[c];
+        a[c] = w < u ? w : u;
+        b[c] = w < u ? u : w;
+    }
+}
+
+#define DEFINE_CENTRAL(NAME, T)                                                        \
+void NAME(int K, int arrays, const T *const *xs, const float *const *refs,             \
+          const size_t *sizes, int npairs, const int *pairs, int lo, int hi,           \
+          double lim, double *buf, float *const *out32, double *sq, double *over)      \
+{                                                                                      \
+    for (int j = 0; j < arrays; j++) {                                                 \
+        const T *const *xj = xs + (size_t)j * K;                                       \
+        const float *ref = refs[j];                                                    \
+        size_t n = sizes[j];                                                           \
+        double *ov = over + (size_t)j * K;                                             \
+        for (size_t s = 0; s < n; s += CW) {                                           \
+            size_t m = n - s < CW ? n - s : CW;                                        \
+            for (int k = 0; k < K; k++) {                                              \
+                const T *restrict x = xj[k] + s;                                       \
+                double *restrict row = buf + (size_t)k * CW;                           \
+                double q = 0, v = 0;                                                   \
+                for (size_t c = 0; c < m; c++) {                                       \
+                    double d = (double)x[c] - (double)ref[s + c];                      \
+                    v += fabs(d) > lim ? 1.0 : 0.0;                                    \
+                    q += d * d;                                                        \
+                    row[c] = d;                                                        \
+                }                                                                      \
+                sq[k] += q; ov[k] += v;                                                \
+            }                                                                          \
+            for (int t = 0; t < npairs; t++)                                           \
+                compare_exchange(buf + (size_t)pairs[2 * t] * CW,                      \
+                                 buf + (size_t)pairs[2 * t + 1] * CW, m);              \
+            for (size_t c = 0; c < m; c++) {                                           \
+                double total = buf[(size_t)lo * CW + c];                               \
+                for (int i = lo + 1; i < hi; i++) total += buf[(size_t)i * CW + c];    \
+                out32[j][s + c] = (float)((double)ref[s + c] + total / (hi - lo));     \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
+}
+
 DEFINE_SUMS(flower_llm_sum_f16, _Float16)
 DEFINE_SUMS(flower_llm_sum_f32, float)
 DEFINE_SUMS(flower_llm_sum_f64, double)
+DEFINE_CENTRAL(flower_llm_central_f16, _Float16)
+DEFINE_CENTRAL(flower_llm_central_f32, float)
+DEFINE_CENTRAL(flower_llm_central_f64, double)
 """
 
 _FLAGS_BASE = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -159,6 +220,7 @@ class _Kernel:
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self.functions: dict[np.dtype[Any], Any] = {}
+        self.central: dict[np.dtype[Any], Any] = {}
         for dtype, name in _FUNCTIONS.items():
             function = getattr(library, name)
             function.restype = None
@@ -166,6 +228,13 @@ class _Kernel:
             function.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 4]
             function.argtypes += [ctypes.c_double, ctypes.c_int, *[ctypes.c_void_p] * 5]
             self.functions[dtype] = function
+            central = getattr(library, name.replace("_sum_", "_central_"))
+            central.restype = None
+            # K, arrays; xs, refs, sizes; npairs, pairs, lo, hi; lim; buf, out32, sq, over
+            central.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 3]
+            central.argtypes += [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            central.argtypes += [ctypes.c_double, *[ctypes.c_void_p] * 4]
+            self.central[dtype] = central
 
 
 def weighted_sums(
@@ -235,43 +304,14 @@ def _call(
     wide: bool,
     base: Mapping[str, np.ndarray] | None = None,
 ) -> Sums | None:
-    keys = list(reference)
-    if set(values) != set(keys):
-        raise ValueError("values and reference hold different keys")
+    prepared = _prepare(kernel.functions, values, reference, factors, base)
+    if prepared is None:
+        return None
+    function, keys, sizes, pointers, refs = prepared
     count = len(values[keys[0]])
     weights = np.ascontiguousarray(factors, dtype=np.float64)
-    if weights.shape != (count,):
-        raise ValueError(f"{weights.shape[0]} factors for {count} replies")
-    dtype = values[keys[0]][0].dtype if count else None
-    function = kernel.functions.get(dtype) if dtype is not None else None
-    if function is None:
-        return None
-    for key in keys:
-        ref, arrays = reference[key], values[key]
-        if (
-            ref.dtype != np.float32
-            or ref.ndim != 1
-            or not ref.flags.c_contiguous
-            or len(arrays) != count
-            or not all(
-                v.dtype == dtype and v.ndim == 1 and v.size == ref.size and v.flags.c_contiguous
-                for v in arrays
-            )
-        ):
-            return None
     if base is not None:
-        for key in keys:
-            b = base[key]
-            if b.dtype != np.float64 or b.ndim != 1 or b.size != reference[key].size:
-                raise ValueError(f"base '{key}' is not a flat float64 array of its size")
-            if not b.flags.c_contiguous:
-                raise ValueError(f"base '{key}' is not contiguous")
         bases = np.fromiter((base[k].ctypes.data for k in keys), np.uintp, len(keys))
-    sizes = np.fromiter((reference[k].size for k in keys), np.uintp, len(keys))
-    pointers = np.fromiter(
-        (v.ctypes.data for k in keys for v in values[k]), np.uintp, len(keys) * count
-    )
-    refs = np.fromiter((reference[k].ctypes.data for k in keys), np.uintp, len(keys))
     out_dtype = np.dtype(np.float64 if wide else np.float32)
     flat = np.empty(int(sizes.sum()), out_dtype)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
@@ -295,6 +335,149 @@ def _call(
     )
     out = {k: flat[int(a) : int(a + n)] for k, a, n in zip(keys, starts, sizes, strict=True)}
     return Sums(out, squares, dict(zip(keys, over, strict=True)))
+
+
+def _prepare(
+    functions: Mapping[np.dtype[Any], Any],
+    values: Mapping[str, Sequence[np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    factors: np.ndarray,
+    base: Mapping[str, np.ndarray] | None,
+) -> tuple[Any, list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(function, keys, sizes, value pointers, reference pointers)`` for a call, or
+    None if the kernel cannot take the arrays (mixed or unknown dtypes, strided or
+    multi-dimensional arrays, a reference that is not float32 of the same size)."""
+    keys = list(reference)
+    if set(values) != set(keys):
+        raise ValueError("values and reference hold different keys")
+    count = len(values[keys[0]])
+    if np.shape(factors) != (count,):
+        raise ValueError(f"{np.shape(factors)} factors for {count} replies")
+    dtype = values[keys[0]][0].dtype if count else None
+    function = functions.get(dtype) if dtype is not None else None
+    if function is None:
+        return None
+    for key in keys:
+        ref, arrays = reference[key], values[key]
+        if (
+            ref.dtype != np.float32
+            or ref.ndim != 1
+            or not ref.flags.c_contiguous
+            or len(arrays) != count
+            or not all(
+                v.dtype == dtype and v.ndim == 1 and v.size == ref.size and v.flags.c_contiguous
+                for v in arrays
+            )
+        ):
+            return None
+    if base is not None:
+        for key in keys:
+            b = base[key]
+            if b.dtype != np.float64 or b.ndim != 1 or b.size != reference[key].size:
+                raise ValueError(f"base '{key}' is not a flat float64 array of its size")
+            if not b.flags.c_contiguous:
+                raise ValueError(f"base '{key}' is not contiguous")
+    sizes = np.fromiter((reference[k].size for k in keys), np.uintp, len(keys))
+    pointers = np.fromiter(
+        (v.ctypes.data for k in keys for v in values[k]), np.uintp, len(keys) * count
+    )
+    refs = np.fromiter((reference[k].ctypes.data for k in keys), np.uintp, len(keys))
+    return function, keys, sizes, pointers, refs
+
+
+def central_sums(
+    values: Mapping[str, Sequence[np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    rule: str,
+    cut: int,
+    bound: float | None,
+) -> Sums | None:
+    """Per value, the median (``rule = "median"``) or the mean after cutting ``cut``
+    values at each end (``"trimmed-mean"``) of the differences ``x_k - ref``, added to the
+    reference and rounded once to float32, with the same per-reply squares and counts as
+    :func:`weighted_sums`; or None when the kernel is off or cannot take the arrays.
+
+    The same float64 numbers as sorting each column with NumPy and taking the middle
+    value, the mean of the two middle values, or the mean of the kept ones (added in
+    order): the differences are sorted by Batcher's odd-even merge network, and the
+    kept ones added from the smallest up, as NumPy's reduction along the sorted column
+    adds them.
+    """
+    kernel = _kernel()
+    if kernel is None or not values:
+        return None
+    return _central(kernel, values, reference, rule, cut, bound)
+
+
+def _central(
+    kernel: _Kernel,
+    values: Mapping[str, Sequence[np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    rule: str,
+    cut: int,
+    bound: float | None,
+) -> Sums | None:
+    count = len(values[next(iter(reference))])
+    if rule == "median":
+        lo, hi = (count // 2, count // 2 + 1) if count % 2 else (count // 2 - 1, count // 2 + 1)
+    elif rule == "trimmed-mean":
+        lo, hi = cut, count - cut
+    else:
+        raise ValueError(f"unknown order statistic {rule!r}")
+    if not 0 <= lo < hi <= count:
+        raise ValueError(f"{rule} of {count} values keeps rows [{lo}, {hi})")
+    prepared = _prepare(kernel.central, values, reference, np.ones(count), None)
+    if prepared is None:
+        return None
+    function, keys, sizes, pointers, refs = prepared
+    pairs = _sorting_network(count)
+    flat = np.empty(int(sizes.sum()), np.float32)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
+    outs = flat.ctypes.data + starts * np.uintp(4)
+    squares = np.zeros(count)
+    over = np.zeros((len(keys), count))
+    buffer = np.empty(count * 128)  # K rows of CW columns
+    function(
+        count,
+        len(keys),
+        pointers.ctypes.data,
+        refs.ctypes.data,
+        sizes.ctypes.data,
+        len(pairs) // 2,
+        pairs.ctypes.data,
+        lo,
+        hi,
+        float("inf") if bound is None else float(bound),
+        buffer.ctypes.data,
+        outs.ctypes.data,
+        squares.ctypes.data,
+        over.ctypes.data,
+    )
+    out = {k: flat[int(a) : int(a + n)] for k, a, n in zip(keys, starts, sizes, strict=True)}
+    return Sums(out, squares, dict(zip(keys, over, strict=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _sorting_network(count: int) -> np.ndarray:
+    """Batcher's odd-even merge sorting network for ``count`` inputs, as int32 pairs
+    ``(i, j)``, ``i < j``: after every comparator the smaller value is at ``i``.
+
+    The iterative form for any ``count`` (not only powers of two): merges of sorted runs
+    of length ``p`` = 1, 2, 4, ..., each by comparators ``k`` apart, ``k`` = p, p/2, ...,
+    1, between positions in the same merged run of length ``2p``.
+    """
+    pairs: list[int] = []
+    p = 1
+    while p < count:
+        k = p
+        while k >= 1:
+            for j in range(k % p, count - k, 2 * k):
+                for i in range(min(k, count - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs += (i + j, i + j + k)
+            k //= 2
+        p *= 2
+    return np.asarray(pairs, dtype=np.int32)
 
 
 def status() -> str:
@@ -421,3 +604,11 @@ def _self_test(kernel: _Kernel) -> None:
             or np.any(np.abs(sums.out["x"] - expected) > np.spacing(np.abs(expected)))
         ):
             raise RuntimeError(f"the compiled sum kernel gave a wrong result for {dtype}")
+        for rule, cut in (("median", 0), ("trimmed-mean", 2)):
+            got = _central(kernel, {"x": values}, {"x": reference}, rule, cut, None)
+            ordered = np.sort(differences, axis=0)
+            middle = len(values) // 2  # 7 values: odd
+            central = ordered[middle] if rule == "median" else ordered[cut:-cut].mean(axis=0)
+            want = (reference + central).astype(np.float32)
+            if got is None or not np.array_equal(got.out["x"], want):
+                raise RuntimeError(f"the compiled {rule} gave a wrong result for {dtype}")

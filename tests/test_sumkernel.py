@@ -227,3 +227,59 @@ def test_a_float64_base_is_added_before_the_one_rounding(kernel_required: None) 
         sumkernel.weighted_sums(
             {"a": values}, {"a": reference}, factors, None, base={"a": base.astype(np.float32)}
         )
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("count", [1, 2, 3, 6, 20, 33])
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_order_statistics_equal_numpy_sorted_columns_bit_for_bit(
+    dtype: type, count: int, rule: str, kernel_required: None
+) -> None:
+    # Prepare: two arrays, one crossing the 128-column blocks, ties included
+    rng = np.random.default_rng(count)
+    reference = {"a": rng.normal(0, 1, 700).astype(np.float32), "b": np.zeros(3, np.float32)}
+    values: dict[str, list[np.ndarray]] = {
+        k: [(r + rng.normal(0, 0.1, r.size)).astype(dtype) for _ in range(count)]
+        for k, r in reference.items()
+    }
+    values["a"][0][:10] = values["a"][-1][:10]  # equal values in some columns
+    cut = min(count // 4, (count - 1) // 2)
+
+    # Execute
+    sums = sumkernel.central_sums(values, reference, rule, cut, 0.25)
+
+    # Assert: NumPy's column sort and the middle / kept values' mean, rounded once
+    assert sums is not None
+    squares = np.zeros(count)
+    for key, ref in reference.items():
+        differences = np.sort(np.stack([v.astype(np.float64) - ref for v in values[key]]), axis=0)
+        if rule == "median":
+            middle = count // 2
+            central = (
+                differences[middle]
+                if count % 2
+                else (differences[middle - 1] + differences[middle]) / 2
+            )
+        else:
+            central = differences[cut : count - cut].mean(axis=0)
+        expected = (ref + central).astype(np.float32)
+        np.testing.assert_array_equal(sums.out[key].view(np.uint32), expected.view(np.uint32))
+        unsorted = np.stack([v.astype(np.float64) - ref for v in values[key]])
+        squares += (unsorted**2).sum(axis=1)
+        np.testing.assert_array_equal(sums.over[key], (np.abs(unsorted) > 0.25).sum(axis=1))
+    np.testing.assert_allclose(sums.squares, squares, rtol=1e-12)
+
+
+def test_the_sorting_network_sorts_every_zero_one_input() -> None:
+    # The 0-1 principle: a comparator network that sorts every sequence of 0s and 1s
+    # sorts every sequence.
+    for count in range(1, 15):
+        pairs = sumkernel._sorting_network(count).reshape(-1, 2)
+        inputs = (np.arange(2**count)[:, None] >> np.arange(count)) & 1
+        for i, j in pairs:
+            low, high = (
+                np.minimum(inputs[:, i], inputs[:, j]),
+                np.maximum(inputs[:, i], inputs[:, j]),
+            )
+            inputs[:, i], inputs[:, j] = low, high
+        assert (np.diff(inputs, axis=1) >= 0).all(), count
