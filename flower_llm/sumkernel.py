@@ -350,6 +350,8 @@ def _prepare(
     keys = list(reference)
     if set(values) != set(keys):
         raise ValueError("values and reference hold different keys")
+    if not keys:
+        return None
     count = len(values[keys[0]])
     if np.shape(factors) != (count,):
         raise ValueError(f"{np.shape(factors)} factors for {count} replies")
@@ -404,7 +406,7 @@ def central_sums(
     adds them.
     """
     kernel = _kernel()
-    if kernel is None or not values:
+    if kernel is None or not values or not reference:
         return None
     return _central(kernel, values, reference, rule, cut, bound)
 

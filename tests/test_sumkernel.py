@@ -117,6 +117,9 @@ def test_arrays_it_cannot_take_are_left_to_numpy(kernel_required: None) -> None:
     mixed: dict[str, list[np.ndarray]] = {"a": same, "b": [same[0], same[1].astype(np.float16)]}
     refs = {"a": reference, "b": reference}
     assert sumkernel.weighted_sums(mixed, refs, np.ones(2), None) is None
+    # ... and nothing to sum is nothing for the kernel
+    assert sumkernel.weighted_sums({}, {}, np.ones(2), None) is None
+    assert sumkernel.central_sums({}, {}, "median", 0, None) is None
 
 
 def test_off_by_setting_leaves_the_sweep_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
