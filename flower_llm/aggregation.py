@@ -513,7 +513,8 @@ def checked_aggregate(
     The sweep goes array by array and, inside a large array, block by block of columns;
     for each block it copies every reply into one float64 stack that stays in cache (the
     reply's only read from memory) and subtracts the reference there (exact: the
-    difference of two float32 values is a float64 value), checks each row (NaN/Inf, the
+    difference of two float32 values fits a float64 unless their exponents are more than
+    29 apart), checks each row (NaN/Inf, the
     per-value bound, squares for the norm) and adds the rows to the result: FedAvg is one
     float64 matrix-vector product ``sum_k p_k (w_k - w)`` per block (groups of at most
     :data:`REPLIES_PER_BLOCK` replies, their sums added in float64), the robust rules

@@ -7,8 +7,9 @@
 together with, per reply, the sum of its squared differences (the update's squared L2
 norm; NaN or Inf exactly when one of its values is) and how many of its values differ
 from the reference by more than a bound. Each reply is read from memory once; every
-difference ``x_k[c] - ref[c]`` is formed in float64, where it is exact for float16 and
-float32 values, and the sum is accumulated in float64, so the result is the float64-grade
+difference ``x_k[c] - ref[c]`` is formed in float64 (exact for float16 and float32 values
+whose binary exponents are at most 29 apart; else rounded once at float64's precision),
+and the sum is accumulated in float64, so the result is the float64-grade
 sum of :func:`flower_llm.aggregation.weighted_average` (not bit for bit: the order of the
 additions differs).
 
