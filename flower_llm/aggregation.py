@@ -689,9 +689,10 @@ class _Sweep:
         there is nothing to sum). ``base``: flat float64 arrays the weighted sum is added
         to instead of the reference (one rounding for both).
 
-        A weighted sum goes through the compiled kernel (:mod:`flower_llm.sumkernel`)
-        where it is on, array by array, and through the NumPy blocks below where it is
-        off or cannot take an array (replies of mixed dtypes)."""
+        The sum (weighted or central) goes through the compiled kernel
+        (:mod:`flower_llm.sumkernel`), every array in one call, where it is on, and
+        through the NumPy blocks below where it is off or cannot take an array (replies
+        of mixed dtypes)."""
         count = len(self.states)
         if central is not None and add_reference:
             compiled = self._compiled(None, add_reference, wide, None, central)

@@ -313,12 +313,7 @@ def _call(
     weights = np.ascontiguousarray(factors, dtype=np.float64)
     if base is not None:
         bases = np.fromiter((base[k].ctypes.data for k in keys), np.uintp, len(keys))
-    out_dtype = np.dtype(np.float64 if wide else np.float32)
-    flat = np.empty(int(sizes.sum()), out_dtype)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
-    outs = flat.ctypes.data + starts * np.uintp(out_dtype.itemsize)
-    squares = np.zeros(count)
-    over = np.zeros((len(keys), count))
+    outputs = _Outputs.make(keys, sizes, count, np.float64 if wide else np.float32)
     function(
         count,
         len(keys),
@@ -329,13 +324,44 @@ def _call(
         float("inf") if bound is None else float(bound),
         int(add_reference),
         None if base is None else bases.ctypes.data,
-        None if wide else outs.ctypes.data,
-        outs.ctypes.data if wide else None,
-        squares.ctypes.data,
-        over.ctypes.data,
+        None if wide else outputs.pointers.ctypes.data,
+        outputs.pointers.ctypes.data if wide else None,
+        outputs.squares.ctypes.data,
+        outputs.over.ctypes.data,
     )
-    out = {k: flat[int(a) : int(a + n)] for k, a, n in zip(keys, starts, sizes, strict=True)}
-    return Sums(out, squares, dict(zip(keys, over, strict=True)))
+    return outputs.sums()
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What one kernel call writes: every array's result in one flat buffer, the
+    per-reply squares and the per-array, per-reply counts."""
+
+    keys: list[str]
+    sizes: np.ndarray
+    flat: np.ndarray
+    starts: np.ndarray
+    pointers: np.ndarray
+    """Where each array's result starts in ``flat`` (addresses, for the C side)."""
+    squares: np.ndarray
+    over: np.ndarray
+
+    @classmethod
+    def make(cls, keys: list[str], sizes: np.ndarray, count: int, dtype: type) -> _Outputs:
+        flat: np.ndarray = np.empty(int(sizes.sum()), dtype)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
+        pointers = flat.ctypes.data + starts * np.uintp(flat.itemsize)
+        return cls(
+            keys, sizes, flat, starts, pointers, np.zeros(count), np.zeros((len(keys), count))
+        )
+
+    def sums(self) -> Sums:
+        """The results, one flat view of ``flat`` per array."""
+        out = {
+            k: self.flat[int(a) : int(a + n)]
+            for k, a, n in zip(self.keys, self.starts, self.sizes, strict=True)
+        }
+        return Sums(out, self.squares, dict(zip(self.keys, self.over, strict=True)))
 
 
 def _prepare(
@@ -434,11 +460,7 @@ def _central(
         return None
     function, keys, sizes, pointers, refs = prepared
     pairs = _sorting_network(count)
-    flat = np.empty(int(sizes.sum()), np.float32)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uintp)
-    outs = flat.ctypes.data + starts * np.uintp(4)
-    squares = np.zeros(count)
-    over = np.zeros((len(keys), count))
+    outputs = _Outputs.make(keys, sizes, count, np.float32)
     buffer = np.empty(count * 128)  # K rows of CW columns
     function(
         count,
@@ -452,12 +474,11 @@ def _central(
         hi,
         float("inf") if bound is None else float(bound),
         buffer.ctypes.data,
-        outs.ctypes.data,
-        squares.ctypes.data,
-        over.ctypes.data,
+        outputs.pointers.ctypes.data,
+        outputs.squares.ctypes.data,
+        outputs.over.ctypes.data,
     )
-    out = {k: flat[int(a) : int(a + n)] for k, a, n in zip(keys, starts, sizes, strict=True)}
-    return Sums(out, squares, dict(zip(keys, over, strict=True)))
+    return outputs.sums()
 
 
 @functools.lru_cache(maxsize=16)
