@@ -3,7 +3,11 @@
 One deployment serves the whole module, started with the project's own scripts the way the
 README says: ``scripts/deploy/start-local-deployment.sh 3`` (a SuperLink with TLS and node
 authentication, three registered SuperNodes, each on its own data file) plus a fourth
-SuperNode whose key was never registered. Then, in this order:
+SuperNode whose key was never registered. The default test run checks the deployment
+itself (TLS refuses plaintext and unknown certificates; the unregistered SuperNode is
+refused and never listed). The runs, minutes each because every ClientApp is a process
+that imports torch and loads the model, are in the ``long`` set CI runs after the default
+one, in this order:
 
 1. a 2-round run over TLS, compared with a simulation run of the same job (same files,
    same metrics and summary keys), which also shows the unregistered SuperNode refused;
@@ -50,6 +54,7 @@ from tests.flwr_procs import (
     flwr_run,
     free_ports,
     local_superlink_pids,
+    project_copy,
     read_pid_file,
     stop_pids,
 )
@@ -89,7 +94,7 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "flwr"), *args],
-            cwd=ROOT,
+            cwd=project_copy(),
             env=self.env,
             capture_output=True,
             text=True,
@@ -244,6 +249,7 @@ def simulation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.long  # minutes each: in CI's long set, for the default run's 15 minutes
 def test_deployment_writes_what_a_simulation_writes(
     deployment_run: Path, simulation_run: Path
 ) -> None:
@@ -277,6 +283,7 @@ def test_deployment_writes_what_a_simulation_writes(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.long  # minutes each: in CI's long set, for the default run's 15 minutes
 def test_each_registered_site_trained_on_its_own_file(
     deployment: Deployment, deployment_run: Path
 ) -> None:
@@ -289,9 +296,7 @@ def test_each_registered_site_trained_on_its_own_file(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_supernode_with_unregistered_key_is_refused(
-    deployment: Deployment, deployment_run: Path
-) -> None:
+def test_supernode_with_unregistered_key_is_refused(deployment: Deployment) -> None:
     # It gave up (Flower's exit code 305) instead of retrying forever
     assert not running(deployment.pids[f"supernode-{NUM_SITES}"])
     assert "Failed to activate SuperNode" in deployment.log(f"supernode-{NUM_SITES}")
@@ -399,6 +404,7 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.long  # minutes each: in CI's long set, for the default run's 15 minutes
 def test_resume_from_a_corrupt_checkpoint_fails_naming_it_and_changes_nothing(
     deployment: Deployment, deployment_run: Path
 ) -> None:
