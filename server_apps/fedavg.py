@@ -20,11 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_llm import metrics as columns
 from flower_llm import wire
-from flower_llm.adapters import init_adapter, num_parameters
 from flower_llm.checkpoint import arrays_to_record, resume_from_checkpoint, write_round_checkpoint
 from flower_llm.config import RunConfig, parse_run_config
 from flower_llm.logs import setup_logging, start_progress
-from flower_llm.models import resolve_model_path
 from flower_llm.outputs import (
     FINAL_ADAPTER,
     RunDirectory,
@@ -410,6 +408,11 @@ def _run(
     mode: RoundMode | None,
     streams: RandomStreams | None,
 ) -> None:
+    # The torch stack loads here, after the run-config and the run directory were checked:
+    # a mistake in either fails the run before seconds of imports.
+    from flower_llm.adapters import init_adapter, num_parameters
+    from flower_llm.models import resolve_model_path
+
     started = time.perf_counter()
     # The server needs the model's config only; adapter weights start as peft starts them.
     name_or_path = resolve_model_path(cfg.model)

@@ -43,7 +43,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -51,7 +51,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flower_llm import wire
-from flower_llm.adapters import AdapterState
 from flower_llm.config import DP_MODES, RunConfig
 from flower_llm.metrics import (
     DELTA,
@@ -79,6 +78,9 @@ from flower_llm.privacy import (
 from flower_llm.streams import jsonable
 from strategies.fedavg import RoundReport, ValidReply, WeightedFedAvg
 from strategies.sampling import PoissonSampler, Sampler, wait_for_nodes
+
+if TYPE_CHECKING:
+    from flower_llm.adapters import AdapterState  # torch-free at run time
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from flower_llm import metrics as columns
 from flower_llm import wire
-from flower_llm.adapters import AdapterState
 from flower_llm.aggregation import (
     COMPRESSED_FORMATS,
     ReplyBounds,
@@ -51,6 +50,9 @@ from flower_llm.lora_aggregation import (
 from flower_llm.tasks import pool_task_metrics
 from flower_llm.updates import Downlink, Held, InitialRecipe, initial_message
 from strategies.sampling import FixedSizeSampler, wait_for_nodes
+
+if TYPE_CHECKING:
+    from flower_llm.adapters import AdapterState  # torch-free at run time
 
 log = logging.getLogger(__name__)
 

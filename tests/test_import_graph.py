@@ -113,3 +113,22 @@ def test_dependencies_point_one_way() -> None:
         if dep.split(".")[0] not in ALLOWED[module.split(".")[0]]
     )
     assert wrong == []
+
+
+def test_the_serverapp_and_strategies_load_without_the_training_stack() -> None:
+    # The ServerApp checks its run-config before torch, transformers and peft load (seconds
+    # on a small machine); in-process simulations' workers that unpickle a strategy's
+    # helpers do not pay for them either.
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "bitsandbytes")
+    code = (
+        "import sys, server_apps.fedavg, strategies.dp, strategies.secagg, strategies.personal\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ""
