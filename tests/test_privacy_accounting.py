@@ -755,26 +755,14 @@ def test_orders_are_refused_with_the_pld_accountant() -> None:
 def test_pld_calibration_matches_dp_accounting_and_is_the_smallest(
     target: float, q: float, rounds: int
 ) -> None:
-    # Prepare: dp-accounting's own calibration of the same mechanism under its PLD
-    def event(sigma: float) -> Any:
-        return dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds
-        )
-
-    reference = dp_accounting.calibrate_dp_mechanism(
-        dp_accounting.pld.PLDAccountant,
-        event,
-        target,
-        DELTA,
-        dp_accounting.LowerEndpointAndGuess(0.3, 1.0),
-        tol=1e-3,
-    )
-
     # Execute
     sigma = calibrate_noise_multiplier(target, DELTA, rounds, q, tol=1e-3)
 
-    # Assert
-    assert sigma == pytest.approx(reference, rel=2e-3)
+    # Assert: by dp-accounting's own PLD accountant, 0.2 % more noise is within the target
+    # and 0.2 % less is not, i.e. sigma is the smallest within target to 2e-3 (checked at
+    # the two edges: calibrating with dp-accounting itself costs ~10x the time here)
+    assert dp_accounting_pld([(sigma * (1 + 2e-3), q, rounds)]) <= target
+    assert dp_accounting_pld([(sigma * (1 - 2e-3), q, rounds)]) > target
     assert epsilon_after(rounds, sigma, q, DELTA) <= target
     assert epsilon_after(rounds, 0.995 * sigma, q, DELTA) > target
     assert sigma < calibrate_noise_multiplier(target, DELTA, rounds, q, accountant="rdp")
