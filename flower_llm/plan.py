@@ -341,6 +341,38 @@ def _layer_index(module_name: str) -> int:
 
 def _count(config: Any, settings: PlanSettings) -> dict[str, Any]:
     """Exact parameter counts of the base and LoRA, from a model built on ``meta``."""
+    key = (config.to_json_string(use_diff=False), settings.lora_r, settings.target_modules)
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = _structure(config, settings.lora_r, settings.target_modules)
+    structure = _STRUCTURES[key]
+    total, linears, buffer_bytes, adapted, lora_parameters = structure
+    quantized = sum(i * o for i, o in linears)
+    quantized_bytes = sum(quantized_linear_bytes(i, o, settings) for i, o in linears)
+    if settings.quantization == "none":
+        # Nothing is quantized: every weight is a plain compute-dtype tensor.
+        quantized, quantized_bytes = 0, 0
+    other = total - quantized
+    return {
+        "total": total,
+        "quantized": quantized,
+        "quantized_bytes": quantized_bytes,
+        "other": other,
+        "other_bytes": other * settings.other_weight_bytes + buffer_bytes,
+        "lora": lora_parameters,
+        "adapted": list(adapted),
+    }
+
+
+_Structure = tuple[int, tuple[tuple[int, int], ...], int, tuple["AdaptedLinear", ...], int]
+_STRUCTURES: dict[tuple[str, int, str], _Structure] = {}
+""":func:`_structure` per (config as JSON, LoRA rank, target modules), for this process."""
+
+
+def _structure(config: Any, lora_r: int, target_modules: str) -> _Structure:
+    """What a plan counts in a model built on ``meta`` from ``config`` (seconds for a 7B
+    architecture; the same for every batch size, sequence length and quantization): its
+    parameters, the ``(in, out)`` of every linear bitsandbytes quantizes (each shared
+    weight once), its buffers' bytes, the linears LoRA wraps and the LoRA parameters."""
     import torch
     from accelerate import init_empty_weights
     from peft import get_peft_model
@@ -354,30 +386,22 @@ def _count(config: Any, settings: PlanSettings) -> dict[str, Any]:
     # What bitsandbytes quantizes: every Linear but the output embedding (which
     # transformers keeps in full precision, tied or not).
     output_embedding = model.get_output_embeddings()
-    quantized: dict[int, int] = {}
-    quantized_bytes = 0
+    linears: dict[int, tuple[int, int]] = {}
     for module in model.modules():
         is_quantized = isinstance(module, torch.nn.Linear) and module is not output_embedding
-        if is_quantized and id(module.weight) not in quantized:
-            quantized[id(module.weight)] = module.weight.numel()
-            quantized_bytes += quantized_linear_bytes(
-                module.in_features, module.out_features, settings
-            )
+        if is_quantized and id(module.weight) not in linears:
+            linears[id(module.weight)] = (int(module.in_features), int(module.out_features))
     total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates ties
-    if settings.quantization == "none":
-        # Nothing is quantized: every weight is a plain compute-dtype tensor.
-        quantized, quantized_bytes = {}, 0
-    other = total - sum(quantized.values())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
 
-    lora = LoraSettings(r=settings.lora_r, target_modules=settings.target_modules)
+    lora = LoraSettings(r=lora_r, target_modules=target_modules)
     with init_empty_weights(), warnings.catch_warnings():
         # peft 0.21 asks transformers 5 a deprecated question; the answer is still right.
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
         )
         peft_model = get_peft_model(model, lora_config(lora))
-    adapted = [
+    adapted = tuple(
         AdaptedLinear(
             name=name.rsplit(".", 1)[-1],
             layer=_layer_index(name),
@@ -386,17 +410,9 @@ def _count(config: Any, settings: PlanSettings) -> dict[str, Any]:
         )
         for name, module in peft_model.named_modules()
         if hasattr(module, "lora_A") and "default" in getattr(module, "r", {})
-    ]
+    )
     lora_parameters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return {
-        "total": total,
-        "quantized": sum(quantized.values()),
-        "quantized_bytes": quantized_bytes,
-        "other": other,
-        "other_bytes": other * settings.other_weight_bytes + buffer_bytes,
-        "lora": lora_parameters,
-        "adapted": adapted,
-    }
+    return total, tuple(linears.values()), buffer_bytes, adapted, lora_parameters
 
 
 # --------------------------------------------------------------------------------------
