@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flower_llm import sumkernel
+from flower_llm import sumkernel, wire
 
 if TYPE_CHECKING:
     from flower_llm.adapters import AdapterState
@@ -145,6 +145,8 @@ def weighted_average(
 
 def non_finite_key(state: Mapping[str, np.ndarray]) -> str | None:
     """The first array of ``state`` that holds NaN or Inf, or None."""
+    if isinstance(state, wire.FlatState) and np.isfinite(state.flat).all():
+        return None  # one call over every value (the usual case)
     return next((key for key, value in state.items() if not np.isfinite(value).all()), None)
 
 
@@ -164,6 +166,18 @@ def update_problem(
         return f"weight {weight!r} is not a number"
     if not math.isfinite(weight) or weight <= 0:
         return f"weight {weight!r} is not positive"
+    if (
+        isinstance(state, wire.FlatState)
+        and isinstance(reference, wire.FlatState)
+        and state.layout == reference.layout
+        and state.flat.dtype.kind == "f"
+    ):
+        # The same keys and shapes by construction; one dtype for all (a packed reply).
+        return (
+            None
+            if not check_finite or np.isfinite(state.flat).all()
+            else (f"'{non_finite_key(state)}' holds NaN or Inf")
+        )
     missing = set(reference) - set(state)
     if missing:
         return f"missing {len(missing)} adapter arrays, e.g. '{sorted(missing)[0]}'"
@@ -762,42 +776,52 @@ class _Sweep:
         """:meth:`run`'s weighted sum (or, with ``central``, its median or trimmed mean)
         through the compiled kernel, or None (nothing checked or recorded) if the kernel
         is off or cannot take every array."""
-        arrays = {key: [s[key].reshape(-1) for s in self.states] for key in self.reference}
-        refs = {k: np.ascontiguousarray(r.reshape(-1)) for k, r in self.reference.items()}
+        flat = _flat_inputs(self.states, self.reference, base)
+        if flat is not None:
+            # Every reply, the reference (and base) one array each: one kernel call
+            # over 20 arrays instead of 20 x 56, say.
+            arrays = {"": flat[0]}
+            refs = {"": flat[1]}
+            bases = None if flat[2] is None else {"": flat[2]}
+        else:
+            arrays = {key: [s[key].reshape(-1) for s in self.states] for key in self.reference}
+            refs = {k: np.ascontiguousarray(r.reshape(-1)) for k, r in self.reference.items()}
+            bases = None if base is None else {k: v.reshape(-1) for k, v in base.items()}
         limit = None if self.bounds is None else self.bounds.max_abs_update
         if central is not None:
             sums = sumkernel.central_sums(arrays, refs, *central, limit)
         else:
             assert factors is not None
             sums = sumkernel.weighted_sums(
-                arrays, refs, factors, limit, add_reference=add_reference, wide=wide, base=base
+                arrays, refs, factors, limit, add_reference=add_reference, wide=wide, base=bases
             )
         if sums is None:
             return None
         if self.bounds is not None:
-            self._record(arrays, refs, sums)
+            self._record(sums)
             if self.problems:
                 return None
+        if flat is not None:
+            assert isinstance(self.reference, wire.FlatState)
+            return wire.FlatState(sums.out[""], self.reference.layout)
         return sums.out
 
-    def _record(
-        self,
-        arrays: dict[str, list[np.ndarray]],
-        refs: dict[str, np.ndarray],
-        sums: sumkernel.Sums,
-    ) -> None:
+    def _record(self, sums: sumkernel.Sums) -> None:
         """The compiled kernel's findings: each failing reply's reason, named by the
         first array where it fails (as the NumPy blocks name it), and the squares."""
         limit = self.bounds.max_abs_update if self.bounds is not None else None
         for index, square in enumerate(sums.squares):
             if math.isfinite(square) and not any(over[index] for over in sums.over.values()):
                 continue
-            for key, values in arrays.items():
-                if not np.isfinite(values[index]).all():
+            # A failing reply (rare): find the first array that fails, as the NumPy
+            # blocks would (the kernel counted per array, or per reply when flat).
+            for key, ref in self.reference.items():
+                values = self.states[index][key]
+                if not np.isfinite(values).all():
                     self.problems[index] = f"'{key}' holds NaN or Inf"
                     break
-                if sums.over[key][index] and limit is not None:
-                    peak = float(np.max(np.abs(values[index].astype(np.float64) - refs[key])))
+                peak = float(np.max(np.abs(values.astype(np.float64) - ref), initial=0.0))
+                if limit is not None and peak > limit:
                     self.problems[index] = (
                         f"'{key}' moves a value by {peak:.3g}, beyond the per-value update "
                         f"bound {limit:.3g} (fed.update-bound)"
@@ -849,6 +873,30 @@ class _Sweep:
                 )
             if squares is not None:
                 self.squares[index] += float(squares[row])
+
+
+def _flat_inputs(
+    states: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    base: Mapping[str, np.ndarray] | None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None] | None:
+    """``(one array per reply, the reference's, base's)`` when every state, the
+    reference (float32) and ``base`` (float64, if any) are flat states
+    (:class:`wire.FlatState`) of one layout (same keys, order and shapes), so that each
+    can be read as one array; else None."""
+    if not isinstance(reference, wire.FlatState) or reference.flat.dtype != np.float32:
+        return None
+    layout = reference.layout
+    if not all(isinstance(s, wire.FlatState) and s.layout == layout for s in states):
+        return None
+    flat_base = None
+    if base is not None:
+        if not isinstance(base, wire.FlatState) or base.layout != layout:
+            return None
+        if base.flat.dtype != np.float64:
+            return None
+        flat_base = base.flat
+    return [s.flat for s in states], reference.flat, flat_base  # type: ignore[attr-defined]
 
 
 def _central(block: np.ndarray, rule: str, cut: int) -> np.ndarray:

@@ -88,6 +88,7 @@ def to_array_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32"
     small array; the server publishes every array of the adapter each round).
     """
     dtype = np.dtype(WIRE_DTYPES[wire_dtype])
+    name = str(dtype)
     record = {}
     for key, value in state.items():
         values = np.ascontiguousarray(value, dtype=dtype)
@@ -96,7 +97,7 @@ def to_array_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32"
             record[key] = Array(values)
             continue
         record[key] = Array(
-            dtype=str(values.dtype),
+            dtype=name,
             shape=values.shape,
             stype="numpy.ndarray",
             data=header + values.tobytes(),
@@ -196,6 +197,71 @@ def from_array_record(record: ArrayRecord) -> AdapterState:
     return {key: values.astype(np.float32) for key, values in array_views(record).items()}
 
 
+class FlatState(dict):  # type: ignore[type-arg]
+    """An adapter state (key -> array) whose arrays are views into ONE 1-D array,
+    :attr:`flat`: every value in key order, one dtype, nothing between two arrays.
+
+    The server's sweep reads a reply (or the reference) as that one array instead of one
+    array per tensor: the per-tensor Python of a round (taking the address of 20 x 56
+    arrays, say) is gone. Keys cannot be set or removed (that would part the views from
+    :attr:`flat`); the values stay as writable as the buffer they view. Pickles as a plain
+    dict.
+    """
+
+    __slots__ = ("flat", "layout")
+
+    flat: np.ndarray
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    """``(key, shape)`` of each array, in order: two FlatStates of equal layouts hold the
+    same arrays at the same places of :attr:`flat`."""
+
+    def __init__(self, flat: np.ndarray, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> None:
+        """Views of ``flat`` (1-D, contiguous) cut by ``layout``: ``(key, shape)`` in
+        order, back to back from its start to its end."""
+        if flat.ndim != 1 or not flat.flags.c_contiguous:
+            raise ValueError("a FlatState needs a contiguous 1-D array")
+        cuts = _cuts(layout)
+        end = cuts[-1][2] if cuts else 0
+        if end != flat.size:
+            raise ValueError(f"arrays of {end} values cut from {flat.size}")
+        super().__init__((key, flat[start:stop].reshape(shape)) for key, start, stop, shape in cuts)
+        self.flat = flat
+        self.layout = layout
+
+    def _read_only(self, *_: object, **__: object) -> None:
+        raise TypeError("a FlatState's keys are fixed (its arrays view one buffer)")
+
+    __setitem__ = __delitem__ = _read_only  # type: ignore[assignment]
+    update = setdefault = pop = popitem = clear = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+@functools.lru_cache(maxsize=64)
+def _cuts(
+    layout: tuple[tuple[str, tuple[int, ...]], ...],
+) -> tuple[tuple[str, int, int, tuple[int, ...]], ...]:
+    """``(key, start, stop, shape)`` of each array of a :class:`FlatState` layout. Bounded
+    cache: a reply's layout is its sender's to choose."""
+    cuts, start = [], 0
+    for key, shape in layout:
+        stop = start + math.prod(shape)
+        cuts.append((key, start, stop, shape))
+        start = stop
+    return tuple(cuts)
+
+
+def flat_copy(state: Mapping[str, np.ndarray], dtype: type = np.float32) -> FlatState:
+    """``state`` copied into one contiguous buffer of ``dtype``: a :class:`FlatState`."""
+    flat: np.ndarray = np.empty(sum(v.size for v in state.values()), dtype)
+    start = 0
+    for value in state.values():
+        flat[start : start + value.size] = value.reshape(-1)
+        start += value.size
+    return FlatState(flat, tuple((k, v.shape) for k, v in state.items()))
+
+
 def num_bytes(record: ArrayRecord) -> int:
     """Serialized bytes of the arrays in ``record`` (values plus small per-array headers)."""
     return int(sum(len(array.data) for array in record.values()))
@@ -245,7 +311,13 @@ def _aligned(offset: int) -> int:
 
 def is_packed(content: RecordDict) -> bool:
     """Whether ``content`` uses the packed layout (it carries a :data:`LAYOUT` header)."""
-    return LAYOUT in content.config_records
+    # Not ``content.config_records``: Flower builds that view anew at each access.
+    return isinstance(_record(content, LAYOUT), ConfigRecord)
+
+
+def _record(content: RecordDict, name: str) -> object:
+    """The record ``name`` of ``content``, or None."""
+    return content.get(name, None)
 
 
 def pack(content: RecordDict) -> RecordDict:
@@ -339,9 +411,8 @@ def unpack_views(content: RecordDict, name: str = ARRAYS) -> tuple[RecordDict, A
     """
     out, views, packed = _unpacked(content, name)
     if packed:
-        if views is None and name in out.array_records:  # present but empty: not packed
-            views = array_views(out.array_records[name])
-        if name in out.array_records:
+        if views is None and isinstance(_record(out, name), ArrayRecord):
+            views = array_views(out.array_records[name])  # present but empty: not packed
             del out[name]
         return out, views
     if name not in content.array_records:
@@ -360,7 +431,8 @@ def _unpacked(
     """:func:`unpack`, with record ``views_of`` (when packed) as views instead."""
     if not is_packed(content):
         return content, None, False
-    header = content.config_records[LAYOUT]
+    header = content[LAYOUT]
+    assert isinstance(header, ConfigRecord)
     if header.get("format") != LAYOUT_FORMAT:
         raise PackedLayoutError(f"format {header.get('format')!r}, expected {LAYOUT_FORMAT!r}")
     if header.get("format-version") != LAYOUT_VERSION:
@@ -371,8 +443,8 @@ def _unpacked(
     if problem := distinct_names_problem(names, "'records'", "record"):
         raise PackedLayoutError(problem)
     assert isinstance(names, list)
-    for name, record in content.array_records.items():
-        if name not in names and len(record):
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord) and name not in names and len(record):
             raise PackedLayoutError(f"ArrayRecord '{name}' is not described by the header")
     out = RecordDict()
     views: AdapterState | None = None
@@ -382,15 +454,14 @@ def _unpacked(
         if name in names:
             if not isinstance(item, ArrayRecord):
                 raise PackedLayoutError(f"'{name}' is not an ArrayRecord")
-            values = _packed_values(name, item, header)
+            payload, layout = _checked_payload(name, item, header)
             if name == views_of:
-                views = _float_views(values)
-                out[name] = ArrayRecord()  # a place holder, removed by unpack_views
+                views = _flat_views(payload, layout) or _float_views(_cut(payload, layout))
             else:
-                out[name] = _unpack_record(values)
+                out[name] = _unpack_record(_cut(payload, layout))
         else:
             out[name] = item
-    missing = [n for n in names if n not in out]
+    missing = [n for n in names if n not in out and (n != views_of or views is None)]
     if missing:
         raise PackedLayoutError(f"the header names records {missing} the message lacks")
     return out, views, True
@@ -424,8 +495,13 @@ def _int_list(value: object, field: str) -> list[int]:
 _FIELDS = ("keys", "dtypes", "ranks", "dims", "offsets")
 
 
-def _packed_values(name: str, record: ArrayRecord, header: ConfigRecord) -> dict[str, np.ndarray]:
-    """The arrays of packed record ``name``, as read-only views into its payload, after
+_Layout = tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]
+
+
+def _checked_payload(
+    name: str, record: ArrayRecord, header: ConfigRecord
+) -> tuple[np.ndarray, _Layout]:
+    """The payload of packed record ``name`` (read-only uint8) and its layout, after
     every check of the header against the bytes."""
     fields = [header.get(f"{name}:{f}", None if f in ("keys", "dtypes") else []) for f in _FIELDS]
     total = header.get(f"{name}:bytes")
@@ -455,10 +531,43 @@ def _packed_values(name: str, record: ArrayRecord, header: ConfigRecord) -> dict
             f"'{name}': arrays end at byte {end}, header says {total}, payload holds "
             f"{len(payload)} (truncated?)"
         )
+    return payload, layout
+
+
+def _cut(payload: np.ndarray, layout: _Layout) -> dict[str, np.ndarray]:
+    """The arrays of a checked payload, as views."""
     return {
         key: payload[offset : offset + size].view(dtype).reshape(shape)
         for key, dtype, shape, offset, size in layout
     }
+
+
+def _flat_views(payload: np.ndarray, layout: _Layout) -> FlatState | None:
+    """The arrays of a checked payload as a :class:`FlatState` over the whole payload,
+    or None unless they are all of one native float dtype and lie back to back (no
+    padding: the padding bytes are the sender's and are not values)."""
+    dense = _dense(layout)
+    if dense is None:
+        return None
+    dtype, items = dense
+    return FlatState(payload.view(dtype), items)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense(layout: _Layout) -> tuple[np.dtype[Any], tuple[tuple[str, tuple[int, ...]], ...]] | None:
+    """``(dtype, ((key, shape), ...))`` of a layout whose arrays share one native float
+    dtype and leave no gap between them, else None. Bounded cache, as :func:`_layout`."""
+    if not layout:
+        return None
+    dtype = layout[0][1]
+    if dtype.kind != "f" or dtype != dtype.newbyteorder("="):
+        return None
+    end = 0
+    for _, each, _, offset, size in layout:
+        if each != dtype or offset != end:
+            return None
+        end = offset + size
+    return dtype, tuple((key, shape) for key, _, shape, _, _ in layout)
 
 
 @functools.lru_cache(maxsize=64)
@@ -470,7 +579,7 @@ def _layout(
     dims_in: object,
     offsets_in: object,
     total: object,
-) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]:
+) -> _Layout:
     """``(key, little-endian dtype, shape, offset, bytes)`` of each array the header
     fields describe, after every check that needs the header alone (types, lengths,
     ranks and dimensions, each offset where the layout puts it, the end at ``bytes``).
@@ -578,7 +687,8 @@ def config_bytes(record: ConfigRecord) -> int:
 
 def message_bytes(content: RecordDict) -> int:
     """Bytes of every ArrayRecord in ``content``, plus the packed layout header if any."""
-    sent = sum(num_bytes(record) for record in content.array_records.values())
-    if is_packed(content):
-        sent += content.config_records[LAYOUT].count_bytes()
+    sent = sum(num_bytes(r) for r in content.values() if isinstance(r, ArrayRecord))
+    header = _record(content, LAYOUT)
+    if isinstance(header, ConfigRecord):
+        sent += header.count_bytes()
     return sent

@@ -269,6 +269,8 @@ class WeightedFedAvg(FedAvg):
         self.lora_aggregation = lora_aggregation
         self.lora_rank = lora_rank
         self.reference: AdapterState | None = None
+        self._expected: tuple[AdapterState, AdapterState] | None = None
+        """``(reference, what a reply must hold)``, cached for that reference."""
         """The global adapter the round's sites start from (float32 decoding of what went
         down); the reference every reply is checked and aggregated against."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
@@ -484,7 +486,9 @@ class WeightedFedAvg(FedAvg):
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Set the reference adapter and this round's bounds (also for wrappers)."""
-        self.reference = wire.from_array_record(arrays)
+        # One float32 buffer: the sweep reads it (and replies of the same layout) as one
+        # array.
+        self.reference = wire.flat_copy(wire.array_views(arrays))
         if self.downlink is not None:
             self.downlink.start(self.reference, server_round - 1)
         self._reference_by_rank = {}
@@ -521,9 +525,18 @@ class WeightedFedAvg(FedAvg):
     @property
     def expected(self) -> AdapterState:
         """The arrays a reply must hold: the reference, less the frozen A under ``ffa``."""
-        assert self.reference is not None, "configure_train sets the reference"
-        keys = sent_keys(self.reference, self.lora_aggregation)
-        return {k: self.reference[k] for k in keys}
+        reference = self.reference
+        assert reference is not None, "configure_train sets the reference"
+        if self._expected is None or self._expected[0] is not reference:
+            # Once a round: the sweep reads a FlatState as one array.
+            keys = sent_keys(reference, self.lora_aggregation)
+            expected = {k: reference[k] for k in keys}
+            if keys == list(reference):
+                expected = reference
+            elif isinstance(reference, wire.FlatState):
+                expected = wire.flat_copy(expected)
+            self._expected = (reference, expected)
+        return self._expected[1]
 
     # ----------------------------------------------------------------------------------
     # Validation

@@ -864,3 +864,115 @@ def test_sweep_order_statistics_equal_robust_aggregate_bit_for_bit(
         np.testing.assert_array_equal(
             swept.state[key].view(np.uint32), direct[key].view(np.uint32), err_msg=key
         )
+
+
+# --------------------------------------------------------------------------------------
+# Flat replies: a packed reply read as one array
+# --------------------------------------------------------------------------------------
+
+
+def flat(state: dict[str, np.ndarray]) -> wire.FlatState:
+    """``state`` as the server holds a packed reply: one buffer, views into it."""
+    return wire.flat_copy(state, next(iter(state.values())).dtype.type)
+
+
+@pytest.mark.parametrize("rule", ["none", "norm-bound", "trimmed-mean", "median"])
+def test_flat_replies_aggregate_bit_for_bit_as_per_array_ones(rule: str) -> None:
+    # Prepare: the same replies as dicts of arrays and as flat states (one array each)
+    from flower_llm import sumkernel
+    from flower_llm.aggregation import checked_aggregate
+
+    rng = np.random.default_rng(7)
+    reference = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
+    states = [
+        {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in reference.items()}
+        for _ in range(9)
+    ]
+    weights = [float(w) for w in rng.uniform(1, 100, 9)]
+    bounds = ReplyBounds(max_abs_update=BOUND)
+    sumkernel.reset()
+
+    # Execute
+    per_array = checked_aggregate(states, weights, reference, bounds, rule, want_norm=True)
+    as_flat = checked_aggregate(
+        [flat(s) for s in states], weights, flat(reference), bounds, rule, want_norm=True
+    )
+
+    # Assert: the same values bit for bit, the same norms (and the flat replies were
+    # read as one array each)
+    from flower_llm.aggregation import _flat_inputs
+
+    assert _flat_inputs([flat(s) for s in states], flat(reference), None) is not None
+    assert sumkernel.status().startswith("compiled"), sumkernel.status()
+    assert per_array.state is not None and as_flat.state is not None
+    for key in SHAPES:
+        np.testing.assert_array_equal(
+            as_flat.state[key].view(np.uint32), per_array.state[key].view(np.uint32), key
+        )
+    assert as_flat.norms == pytest.approx(per_array.norms, rel=1e-12)
+
+
+def test_a_flat_reply_beyond_a_bound_is_named_by_its_first_failing_array() -> None:
+    # Prepare: faults in the last array (summed before found) and in the first
+    from flower_llm.aggregation import checked_aggregate
+
+    reference = global_state()
+    first, last = list(SHAPES)
+    honest = [honest_state(s) for s in (1, 2, 3)]
+    nan = {**honest_state(4), last: np.full(SHAPES[last], np.nan, np.float32)}
+    far = {**honest_state(5), first: honest_state(5)[first] + np.float32(1.0)}
+    states = [honest[0], nan, honest[1], far, honest[2]]
+    weights = [100.0, 100.0, 300.0, 100.0, 50.0]
+    bounds = ReplyBounds(max_weight=1000.0, max_abs_update=BOUND)
+
+    # Execute
+    checked = checked_aggregate([flat(s) for s in states], weights, flat(reference), bounds)
+
+    # Assert: bound_reply's reasons, and FedAvg of the honest three
+    assert checked.dropped == {
+        1: bound_reply(nan, reference, 100.0, bounds),
+        3: bound_reply(far, reference, 100.0, bounds),
+    }
+    assert f"'{last}' holds NaN" in checked.dropped[1] and f"'{first}'" in checked.dropped[3]
+    expected = weighted_average(honest, [100.0, 300.0, 50.0])
+    assert checked.state is not None
+    for key in SHAPES:
+        np.testing.assert_allclose(checked.state[key], expected[key], rtol=0, atol=1e-7)
+
+
+def test_a_packed_reply_is_read_as_one_flat_array_unless_padded() -> None:
+    # Prepare: float32 arrays back to back, and one of an odd count (4 bytes of padding)
+    dense = {"a": np.arange(8, dtype=np.float32).reshape(2, 4), "b": np.ones(6, np.float32)}
+    padded = {"a": np.arange(3, dtype=np.float32), "b": np.ones(6, np.float32)}
+
+    def views(state: dict[str, np.ndarray]) -> Any:
+        content = RecordDict({wire.ARRAYS: wire.to_array_record(state)})
+        return wire.unpack_views(wire.pack(content))[1]
+
+    # Execute
+    got_dense, got_padded = views(dense), views(padded)
+
+    # Assert: the dense one is a FlatState over the payload's values, in key order; the
+    # padded one is plain views (its padding bytes are not values); both read the same
+    assert isinstance(got_dense, wire.FlatState)
+    assert got_dense.flat.tolist() == [*range(8), *[1.0] * 6]
+    assert not isinstance(got_padded, wire.FlatState)
+    for sent, got in ((dense, got_dense), (padded, got_padded)):
+        assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in sent.items()}
+
+
+def test_a_flat_state_keeps_its_keys_and_pickles_as_a_dict() -> None:
+    import pickle
+
+    state = wire.flat_copy({"a": np.zeros((2, 2), np.float32), "b": np.ones(3, np.float32)})
+    for change in (
+        lambda: state.__setitem__("c", np.zeros(1)),
+        lambda: state.pop("a"),
+        lambda: state.update(a=np.zeros(1)),
+    ):
+        with pytest.raises(TypeError, match="keys are fixed"):
+            change()
+    state["a"][0, 0] = 5.0  # values stay writable, in the one buffer
+    assert state.flat[0] == 5.0
+    copy = pickle.loads(pickle.dumps(state))
+    assert type(copy) is dict and copy.keys() == state.keys()
