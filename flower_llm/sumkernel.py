@@ -132,28 +132,39 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
    sorted by a sorting network (pairs: npairs comparators i < j), added to the
    reference: the median is [K/2, K/2 + 1) or [K/2 - 1, K/2 + 1), the trimmed mean
    [cut, K - cut). The rows of a block are compared column-wise, so each comparator is
-   a vectorised min and max over CW columns. buf holds K * CW doubles. */
-#define CW 128 /* 20 rows of 128 doubles: 20 KiB, in L1 */
+   a vectorised min and max over CW columns.
+
+   What is sorted is the values x themselves, in S (float for float16 and float32
+   replies, double for float64 ones): d = x - ref is a non-decreasing function of x, so
+   the sorted x give the sorted d, and float holds twice the lanes of double per
+   instruction. The kept rows' d are then formed in double from the sorted x, exactly as
+   before sorting, and added from the smallest up. buf holds K * CW values of S. */
+#define CW 128 /* 20 rows of 128 values: 10-20 KiB, in L1 */
 
 /* One comparator on CW columns. Finite maths lets the compiler use the min and max
-   instructions (NaN would need a blend); a NaN difference makes the reply's squares NaN,
-   and the reply is dropped whatever this sorted. */
+   instructions (NaN would need a blend); a NaN makes the reply's squares NaN, and the
+   reply is dropped whatever this sorted. */
 #if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("finite-math-only")))
+#define FINITE __attribute__((optimize("finite-math-only")))
+#else
+#define FINITE
 #endif
-static void compare_exchange(double *restrict a, double *restrict b, size_t m)
-{
-    for (size_t c = 0; c < m; c++) {
-        double u = a[c], w = b[c];
-        a[c] = w < u ? w : u;
-        b[c] = w < u ? u : w;
-    }
+#define DEFINE_COMPARE(NAME, S)                                                        \
+FINITE static void NAME(S *restrict a, S *restrict b, size_t m)                        \
+{                                                                                      \
+    for (size_t c = 0; c < m; c++) {                                                   \
+        S u = a[c], w = b[c];                                                          \
+        a[c] = w < u ? w : u;                                                          \
+        b[c] = w < u ? u : w;                                                          \
+    }                                                                                  \
 }
+DEFINE_COMPARE(compare_exchange_f, float)
+DEFINE_COMPARE(compare_exchange_d, double)
 
-#define DEFINE_CENTRAL(NAME, T)                                                        \
+#define DEFINE_CENTRAL(NAME, T, S, COMPARE)                                            \
 void NAME(int K, int arrays, const T *const *xs, const float *const *refs,             \
           const size_t *sizes, int npairs, const int *pairs, int lo, int hi,           \
-          double lim, double *buf, float *const *out32, double *sq, double *over)      \
+          double lim, S *buf, float *const *out32, double *sq, double *over)           \
 {                                                                                      \
     for (int j = 0; j < arrays; j++) {                                                 \
         const T *const *xj = xs + (size_t)j * K;                                       \
@@ -164,23 +175,25 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
             size_t m = n - s < CW ? n - s : CW;                                        \
             for (int k = 0; k < K; k++) {                                              \
                 const T *restrict x = xj[k] + s;                                       \
-                double *restrict row = buf + (size_t)k * CW;                           \
+                S *restrict row = buf + (size_t)k * CW;                                \
                 double q = 0, v = 0;                                                   \
                 for (size_t c = 0; c < m; c++) {                                       \
                     double d = (double)x[c] - (double)ref[s + c];                      \
                     v += fabs(d) > lim ? 1.0 : 0.0;                                    \
                     q += d * d;                                                        \
-                    row[c] = d;                                                        \
+                    row[c] = (S)x[c];                                                  \
                 }                                                                      \
                 sq[k] += q; ov[k] += v;                                                \
             }                                                                          \
             for (int t = 0; t < npairs; t++)                                           \
-                compare_exchange(buf + (size_t)pairs[2 * t] * CW,                      \
-                                 buf + (size_t)pairs[2 * t + 1] * CW, m);              \
+                COMPARE(buf + (size_t)pairs[2 * t] * CW,                               \
+                        buf + (size_t)pairs[2 * t + 1] * CW, m);                       \
             for (size_t c = 0; c < m; c++) {                                           \
-                double total = buf[(size_t)lo * CW + c];                               \
-                for (int i = lo + 1; i < hi; i++) total += buf[(size_t)i * CW + c];    \
-                out32[j][s + c] = (float)((double)ref[s + c] + total / (hi - lo));     \
+                double r = (double)ref[s + c];                                         \
+                double total = (double)buf[(size_t)lo * CW + c] - r;                   \
+                for (int i = lo + 1; i < hi; i++)                                      \
+                    total += (double)buf[(size_t)i * CW + c] - r;                      \
+                out32[j][s + c] = (float)(r + total / (hi - lo));                      \
             }                                                                          \
         }                                                                              \
     }                                                                                  \
@@ -189,9 +202,9 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
 DEFINE_SUMS(flower_llm_sum_f16, _Float16)
 DEFINE_SUMS(flower_llm_sum_f32, float)
 DEFINE_SUMS(flower_llm_sum_f64, double)
-DEFINE_CENTRAL(flower_llm_central_f16, _Float16)
-DEFINE_CENTRAL(flower_llm_central_f32, float)
-DEFINE_CENTRAL(flower_llm_central_f64, double)
+DEFINE_CENTRAL(flower_llm_central_f16, _Float16, float, compare_exchange_f)
+DEFINE_CENTRAL(flower_llm_central_f32, float, float, compare_exchange_f)
+DEFINE_CENTRAL(flower_llm_central_f64, double, double, compare_exchange_d)
 """
 
 _FLAGS_BASE = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -461,7 +474,7 @@ def _central(
     function, keys, sizes, pointers, refs = prepared
     pairs = _sorting_network(count)
     outputs = _Outputs.make(keys, sizes, count, np.float32)
-    buffer = np.empty(count * 128)  # K rows of CW columns
+    buffer = np.empty(count * 128)  # K rows of CW columns (float or double values)
     function(
         count,
         len(keys),
