@@ -173,11 +173,9 @@ def update_problem(
         and state.flat.dtype.kind == "f"
     ):
         # The same keys and shapes by construction; one dtype for all (a packed reply).
-        return (
-            None
-            if not check_finite or np.isfinite(state.flat).all()
-            else (f"'{non_finite_key(state)}' holds NaN or Inf")
-        )
+        if check_finite and not np.isfinite(state.flat).all():
+            return f"'{non_finite_key(state)}' holds NaN or Inf"
+        return None
     missing = set(reference) - set(state)
     if missing:
         return f"missing {len(missing)} adapter arrays, e.g. '{sorted(missing)[0]}'"

@@ -269,10 +269,10 @@ class WeightedFedAvg(FedAvg):
         self.lora_aggregation = lora_aggregation
         self.lora_rank = lora_rank
         self.reference: AdapterState | None = None
-        self._expected: tuple[AdapterState, AdapterState] | None = None
-        """``(reference, what a reply must hold)``, cached for that reference."""
         """The global adapter the round's sites start from (float32 decoding of what went
         down); the reference every reply is checked and aggregated against."""
+        self._expected: tuple[AdapterState, AdapterState] | None = None
+        """``(reference, what a reply must hold)``, cached for that reference."""
         self.bounds = ReplyBounds(max_weight=max_weight, clamp=clamp)
         self._reference_by_rank: dict[int, AdapterState] = {}
         self.node_ranks: dict[int, int] = {}

@@ -976,3 +976,18 @@ def test_a_flat_state_keeps_its_keys_and_pickles_as_a_dict() -> None:
     assert state.flat[0] == 5.0
     copy = pickle.loads(pickle.dumps(state))
     assert type(copy) is dict and copy.keys() == state.keys()
+
+
+def test_the_structural_check_of_a_flat_reply_compares_layouts_and_names_a_nan() -> None:
+    from flower_llm.aggregation import update_problem
+
+    reference = flat(global_state())
+    first, last = list(SHAPES)
+    sick = {**honest_state(1), last: np.full(SHAPES[last], np.nan, np.float32)}
+    transposed = {first: honest_state(1)[first].T.copy(), last: honest_state(1)[last]}
+
+    assert update_problem(flat(honest_state(1)), reference, 1.0) is None
+    assert update_problem(flat(sick), reference, 1.0) == f"'{last}' holds NaN or Inf"
+    assert update_problem(flat(sick), reference, 1.0, check_finite=False) is None
+    # Same sizes, another shape: not the reference's layout, checked key by key
+    assert "has shape" in str(update_problem(flat(transposed), reference, 1.0))
