@@ -1268,6 +1268,7 @@ def dp_resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
     dp_resume_runs: dict[str, Any],
 ) -> None:
@@ -1304,6 +1305,7 @@ def test_a_resumed_secagg_dp_run_ends_where_the_uninterrupted_one_ends(
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_secagg_dp_at_q_below_one_records_dp_accountings_epsilon(
     dp_resume_runs: dict[str, Any],
 ) -> None:

@@ -438,6 +438,7 @@ def worker_process(socket_dir: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_secagg_rounds_run_through_a_site_worker(
     worker_process: str, tiny_model_dir: Path, start_state: dict[str, np.ndarray]
 ) -> None:
