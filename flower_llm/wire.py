@@ -312,12 +312,7 @@ def _aligned(offset: int) -> int:
 def is_packed(content: RecordDict) -> bool:
     """Whether ``content`` uses the packed layout (it carries a :data:`LAYOUT` header)."""
     # Not ``content.config_records``: Flower builds that view anew at each access.
-    return isinstance(_record(content, LAYOUT), ConfigRecord)
-
-
-def _record(content: RecordDict, name: str) -> object:
-    """The record ``name`` of ``content``, or None."""
-    return content.get(name, None)
+    return isinstance(content.get(LAYOUT), ConfigRecord)
 
 
 def pack(content: RecordDict) -> RecordDict:
@@ -411,7 +406,7 @@ def unpack_views(content: RecordDict, name: str = ARRAYS) -> tuple[RecordDict, A
     """
     out, views, packed = _unpacked(content, name)
     if packed:
-        if views is None and isinstance(_record(out, name), ArrayRecord):
+        if views is None and isinstance(out.get(name), ArrayRecord):
             views = array_views(out.array_records[name])  # present but empty: not packed
             del out[name]
         return out, views
@@ -688,7 +683,7 @@ def config_bytes(record: ConfigRecord) -> int:
 def message_bytes(content: RecordDict) -> int:
     """Bytes of every ArrayRecord in ``content``, plus the packed layout header if any."""
     sent = sum(num_bytes(r) for r in content.values() if isinstance(r, ArrayRecord))
-    header = _record(content, LAYOUT)
+    header = content.get(LAYOUT)
     if isinstance(header, ConfigRecord):
         sent += header.count_bytes()
     return sent

@@ -530,11 +530,11 @@ class WeightedFedAvg(FedAvg):
         if self._expected is None or self._expected[0] is not reference:
             # Once a round: the sweep reads a FlatState as one array.
             keys = sent_keys(reference, self.lora_aggregation)
-            expected = {k: reference[k] for k in keys}
-            if keys == list(reference):
-                expected = reference
-            elif isinstance(reference, wire.FlatState):
-                expected = wire.flat_copy(expected)
+            expected = reference
+            if keys != list(reference):
+                expected = {k: reference[k] for k in keys}
+                if isinstance(reference, wire.FlatState):
+                    expected = wire.flat_copy(expected)
             self._expected = (reference, expected)
         return self._expected[1]
 
