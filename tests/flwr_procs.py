@@ -126,12 +126,21 @@ def flwr_run(
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` consecutive TCP ports on 127.0.0.1 that nothing listens on right now."""
+    """``count`` consecutive TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    They are drawn below the kernel's ephemeral range (``ip_local_port_range``), from which
+    every outgoing connection takes its local port: a port drawn from inside it can be
+    taken by, say, one SuperNode's connection to the SuperLink between this check and the
+    next SuperNode binding it (a deployment fixture failed that way once).
+    """
     import random
     import socket
 
+    low, high = _ephemeral_range()
+    # 10000 up to the range's start; above its end where the range starts too low for that.
+    start, stop = (10000, low) if low >= 11000 + count else (high + 1, 65536)
     for _ in range(200):
-        first = random.randint(20000, 60000 - count)
+        first = random.randint(start, stop - count)
         try:
             for port in range(first, first + count):
                 with socket.socket() as sock:
@@ -139,7 +148,15 @@ def free_ports(count: int) -> list[int]:
         except OSError:
             continue
         return list(range(first, first + count))
-    raise RuntimeError(f"no {count} consecutive free ports found")
+    raise RuntimeError(f"no {count} consecutive free ports found outside {low}-{high}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
 
 
 def add_connection(flwr_home: Path, name: str, address: str, root_certificates: Path) -> None:

@@ -508,6 +508,36 @@ def test_site_files_are_disjoint_cover_everything_and_lean_to_one_domain(tmp_pat
     assert module.write_site_files(tmp_path / "again", 4)[0].read_text() == paths[0].read_text()
 
 
+def test_a_supernode_whose_port_is_taken_exits_naming_the_port(tmp_path: Path) -> None:
+    import socket
+
+    # Prepare: site 0's certificates, key and data (no SuperLink), and a listener on its port
+    deploy_dir = tmp_path / "deploy"
+    superlink_port, node_port = free_ports(2)
+    env = flwr_env(tmp_path / "home")
+    env.update(
+        DEPLOY_DIR=str(deploy_dir),
+        SUPERLINK_PORT=str(superlink_port),
+        SUPERNODE_BASE_PORT=str(node_port),
+    )
+    certs = script("make-certs.sh", "1", env=env)
+    assert certs.returncode == 0, certs.stderr
+    (deploy_dir / "data").mkdir()
+    (deploy_dir / "data" / "site-0.jsonl").write_text('{"instruction": "x", "response": "y"}\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node_port))
+        taken.listen()
+
+        # Execute
+        started = script("start-supernode.sh", "0", env=env)
+
+    # Assert: a clear reason, not "see the log", and nothing left running
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert f"its port 127.0.0.1:{node_port} is in use" in started.stderr
+    pid = int((deploy_dir / "pids").read_text().split()[1])
+    assert not running(pid)
+
+
 def test_flwr_env_anchors_the_deployment_ca_at_the_checkout(tmp_path: Path) -> None:
     # Prepare: source it from another directory, as a user in any cwd would
     home = tmp_path / "home"

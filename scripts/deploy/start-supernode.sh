@@ -19,8 +19,8 @@
 # server first (flower_llm/clientapp_process.py), about 0.4 s of CPU less per message.
 #
 # It waits until the SuperNode has joined (up to 60 s) and exits 1, saying why, if the
-# SuperLink refused it (an unregistered key). Used again after a SuperNode died, it starts
-# that site again.
+# SuperLink refused it (an unregistered key) or its local port was taken. Used again after
+# a SuperNode died, it starts that site again.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 i="${1:?usage: start-supernode.sh INDEX}"
@@ -41,7 +41,7 @@ for attempt in 1 2 3 4 5 6 7 8; do
   if [ -s "$LOGS/supernode-$i.log" ]; then
     mv "$LOGS/supernode-$i.log" "$LOGS/supernode-$i.$(date +%Y%m%d-%H%M%S).log"
   fi
-  seen=$(wc -l <"$LOGS/superlink.log" 2>/dev/null || echo 0)
+  seen=$( (wc -l <"$LOGS/superlink.log") 2>/dev/null || echo 0)
   node_config="data-path=\"$DATA/site-$i.jsonl\""
   if [ "$SITE_WORKERS" = 1 ]; then
     node_config="$node_config worker-socket=\"$(worker_socket "$i")\""
@@ -85,7 +85,13 @@ for attempt in 1 2 3 4 5 6 7 8; do
   case "$why" in
     "No SuperNode found"*) reason="its public key keys/supernode-$i.pub is not registered" ;;
     "could not be activated") reason="the SuperLink still counts it online" ;;
-    *) reason="see the log" ;;
+    *)
+      if grep -q "address already in use" "$LOGS/supernode-$i.log" 2>/dev/null; then
+        reason="its port 127.0.0.1:$((SUPERNODE_BASE_PORT + i)) is in use (set SUPERNODE_BASE_PORT)"
+      else
+        reason="see the log"
+      fi
+      ;;
   esac
   echo "SuperNode $i was refused and exited: $reason (log $LOGS/supernode-$i.log)" >&2
   exit 1
