@@ -94,5 +94,9 @@ for attempt in 1 2 3 4 5 6 7 8; do
       ;;
   esac
   echo "SuperNode $i was refused and exited: $reason (log $LOGS/supernode-$i.log)" >&2
+  if [ "$reason" = "see the log" ]; then
+    echo "last lines of $LOGS/supernode-$i.log:" >&2
+    tail -n 8 "$LOGS/supernode-$i.log" | sed 's/^/  /' >&2 || true
+  fi
   exit 1
 done
