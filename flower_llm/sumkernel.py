@@ -145,27 +145,33 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
    is prefetched by hand (the checking pass over 20 replies of 1M values: 17 ms, not 22). */
 #define CW 128 /* 20 rows of 128 values: 10-20 KiB, in L1 */
 
-/* One comparator on CW columns. Finite maths lets the compiler use the min and max
-   instructions (NaN would need a blend); a NaN makes the reply's squares NaN, and the
-   reply is dropped whatever this sorted. */
+/* The network on one block: every comparator, each on the block's m columns. Finite
+   maths lets the compiler use the min and max instructions (NaN would need a blend); a
+   NaN makes the reply's squares NaN, and the reply is dropped whatever this sorted. One
+   call a block, with the comparator inlined (a function with its own optimize
+   attribute is not inlined into one without it). */
 #if defined(__GNUC__) && !defined(__clang__)
 #define FINITE __attribute__((optimize("finite-math-only")))
 #else
 #define FINITE
 #endif
-#define DEFINE_COMPARE(NAME, S)                                                        \
-FINITE static void NAME(S *restrict a, S *restrict b, size_t m)                        \
+#define DEFINE_NETWORK(NAME, S)                                                        \
+FINITE static void NAME(S *buf, int npairs, const int *pairs, size_t m)                \
 {                                                                                      \
-    for (size_t c = 0; c < m; c++) {                                                   \
-        S u = a[c], w = b[c];                                                          \
-        a[c] = w < u ? w : u;                                                          \
-        b[c] = w < u ? u : w;                                                          \
+    for (int t = 0; t < npairs; t++) {                                                 \
+        S *restrict a = buf + (size_t)pairs[2 * t] * CW;                               \
+        S *restrict b = buf + (size_t)pairs[2 * t + 1] * CW;                           \
+        for (size_t c = 0; c < m; c++) {                                               \
+            S u = a[c], w = b[c];                                                      \
+            a[c] = w < u ? w : u;                                                      \
+            b[c] = w < u ? u : w;                                                      \
+        }                                                                              \
     }                                                                                  \
 }
-DEFINE_COMPARE(compare_exchange_f, float)
-DEFINE_COMPARE(compare_exchange_d, double)
+DEFINE_NETWORK(network_f, float)
+DEFINE_NETWORK(network_d, double)
 
-#define DEFINE_CENTRAL(NAME, T, S, COMPARE)                                            \
+#define DEFINE_CENTRAL(NAME, T, S, NETWORK)                                            \
 void NAME(int K, int arrays, const T *const *xs, const float *const *refs,             \
           const size_t *sizes, int npairs, const int *pairs, int lo, int hi,           \
           double lim, S *buf, float *const *out32, double *sq, double *over)           \
@@ -192,9 +198,7 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
                 }                                                                      \
                 sq[k] += q; ov[k] += v;                                                \
             }                                                                          \
-            for (int t = 0; t < npairs; t++)                                           \
-                COMPARE(buf + (size_t)pairs[2 * t] * CW,                               \
-                        buf + (size_t)pairs[2 * t + 1] * CW, m);                       \
+            NETWORK(buf, npairs, pairs, m);                                            \
             for (size_t c = 0; c < m; c++) {                                           \
                 double r = (double)ref[s + c];                                         \
                 double total = (double)buf[(size_t)lo * CW + c] - r;                   \
@@ -209,9 +213,9 @@ void NAME(int K, int arrays, const T *const *xs, const float *const *refs,      
 DEFINE_SUMS(flower_llm_sum_f16, _Float16)
 DEFINE_SUMS(flower_llm_sum_f32, float)
 DEFINE_SUMS(flower_llm_sum_f64, double)
-DEFINE_CENTRAL(flower_llm_central_f16, _Float16, float, compare_exchange_f)
-DEFINE_CENTRAL(flower_llm_central_f32, float, float, compare_exchange_f)
-DEFINE_CENTRAL(flower_llm_central_f64, double, double, compare_exchange_d)
+DEFINE_CENTRAL(flower_llm_central_f16, _Float16, float, network_f)
+DEFINE_CENTRAL(flower_llm_central_f32, float, float, network_f)
+DEFINE_CENTRAL(flower_llm_central_f64, double, double, network_d)
 """
 
 _FLAGS_BASE = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
