@@ -16,7 +16,8 @@ additions differs).
 NumPy cannot do this in one pass: the cast to float64, the subtraction, the checks and the
 product are separate passes over the data, and even blocked to stay in cache they cost
 several times a read of the replies (docs/aggregation.md, "Aggregation throughput"). The
-kernel is about 60 lines of C, compiled on first use with the machine's C compiler for
+kernel is about 150 lines of C (and the sorting networks it unrolls for the median and
+the trimmed mean, generated here), compiled on first use with the machine's C compiler for
 the CPU it runs on (``-march=native``) and kept in ``$FLOWER_LLM_CACHE/kernels`` under a
 name that hashes the source, the compiler, its flags and the CPU's feature flags, so a
 cache shared between machines never hands one machine another's instructions. Before the
