@@ -26,10 +26,13 @@ functions the ClientApp uses (:mod:`flower_llm.personal`) and the server's
 ``weighted_average``; Flower's transport is left out (``tests/test_personal.py`` runs the
 same modes through the real apps).
 
-    python -m benchmarks.personalization [--quick] [--rounds N] [--dirichlet ALPHA]
+    python -m benchmarks.personalization [--quick] [--rounds N] [--local-steps S]
+                                          [--dirichlet ALPHA]
 
-``--rounds N`` (default 3) keeps 10 local steps per round and ``personal.local-steps`` =
-N x 10; its results are written as ``personalization-<N>-rounds``, next to the default's.
+``--rounds N`` (default 3) and ``--local-steps S`` (default 10) set the rounds and the
+local steps of each; ``personal.local-steps`` is N x S, so every adapter of a site has
+trained as many steps on its own data. Results are written as
+``personalization-<N>-rounds`` (with ``-<S>-steps``), next to the default's.
 ``--dirichlet ALPHA`` splits the embedded data by domain proportions drawn from a
 Dirichlet(ALPHA) per site (``data.partitioner = dirichlet``) instead of one domain per
 site: the sites then share part of their task, the setting FedSA-LoRA is evaluated on; its
@@ -52,7 +55,12 @@ PERSONAL_STEPS = ROUNDS * LOCAL_STEPS
 """The fine-tune gets as many steps on the site's own data as its local-only adapter had."""
 
 
-def run(quick: bool, num_rounds: int = ROUNDS, dirichlet: float | None = None) -> dict[str, Any]:
+def run(
+    quick: bool,
+    num_rounds: int = ROUNDS,
+    dirichlet: float | None = None,
+    local_steps: int = LOCAL_STEPS,
+) -> dict[str, Any]:
     """Train every way and return each site's held-out losses (``dirichlet``: the alpha of
     a Dirichlet split, None for the by-domain split)."""
     from flower_llm.adapters import adapter_state
@@ -62,7 +70,7 @@ def run(quick: bool, num_rounds: int = ROUNDS, dirichlet: float | None = None) -
     from flower_llm.personal import finetune, kept_part, shared_part, zero_b
 
     rounds, steps, personal_steps = (
-        (1, 2, 2) if quick else (num_rounds, LOCAL_STEPS, num_rounds * LOCAL_STEPS)
+        (1, 2, 2) if quick else (num_rounds, local_steps, num_rounds * local_steps)
     )
     cfg = parse_run_config(
         {
@@ -233,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.parser(__doc__)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="Rounds (default 3).")
     parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=LOCAL_STEPS,
+        help=f"Local steps a round (default {LOCAL_STEPS}); the fine-tune gets rounds x steps.",
+    )
+    parser.add_argument(
         "--dirichlet",
         type=float,
         default=None,
@@ -240,18 +254,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="Dirichlet(ALPHA) split by domain instead of one domain per site (> 0).",
     )
     args = parser.parse_args(argv)
+    if args.local_steps < 1:
+        parser.error(f"--local-steps must be >= 1, got {args.local_steps}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.dirichlet is not None and not args.dirichlet > 0:
         parser.error(f"--dirichlet must be > 0, got {args.dirichlet}")
     common.setup(args.threads)
     started = time.perf_counter()
-    result = run(args.quick, args.rounds, args.dirichlet)
+    result = run(args.quick, args.rounds, args.dirichlet, args.local_steps)
     name = "personalization"
     if args.dirichlet is not None:
         name += f"-dirichlet-{args.dirichlet:g}"
     if args.rounds != ROUNDS:
         name += f"-{args.rounds}-rounds"
+    if args.local_steps != LOCAL_STEPS:
+        name += f"-{args.local_steps}-steps"
     return common.finish(
         name,
         result,

@@ -14,9 +14,17 @@ product the model uses, ``sum_k p_k B_k A_k`` with ``p_k = n_k / n``.
 
       U = [p_1 B_1, ..., p_K B_K]          (d_out x R),  R = sum_k r_k
       V = [A_1; ...; A_K]                  (R x d_in),   U V = sum_k p_k B_k A_k = M
-      U = Q_u R_u,  V^T = Q_v R_v          (thin QR)
+      U = Q_u R_u,  V^T = Q_v R_v          (Q orthonormal; R from the Gram matrices)
       R_u R_v^T = W S Z^T                  (SVD of an R x R core)
       M = (Q_u W) S (Q_v Z)^T              -> B = (Q_u W)[:, :r] S[:r],  A = (Q_v Z)[:, :r]^T
+
+  ``R_u`` comes from a Cholesky factorisation with complete pivoting of ``U^T U`` (which
+  also finds U's numerical rank), ``R_v`` from ``V V^T``; ``Q_u`` and ``Q_v`` are never
+  formed, only applied to the ``r`` kept columns of ``W`` and ``Z``. The Gram matrices are
+  most of the cost, half the multiply-adds of a Householder QR; they square the condition
+  number, so directions of U or V below about ``sqrt(R eps)`` of the largest are dropped
+  (their part of M is under float32's resolution, the dtype the factors travel in), and
+  A's rows are re-orthonormalised at the end (a QR of the r kept rows, folded into B).
 
   The new A has orthonormal rows, each signed so that its largest entry is positive (the
   factors then do not depend on the sign conventions of a LAPACK build, which matters
@@ -112,68 +120,87 @@ def refactor_product_sum(
     """Rank-``rank`` truncated SVD of ``M = sum_k factors[k] B_k A_k`` (module docs).
 
     Sites may have different ranks ``r_k`` (``B_k``: d_out x r_k, ``A_k``: r_k x d_in).
-    Costs ``O((d_out + d_in) R^2 + R^3)`` with ``R = sum_k r_k``.
+    Costs ``O((d_out + d_in) R^2 + R^3)`` with ``R = sum_k r_k``: the two Gram matrices,
+    ``(d_out + d_in) R^2`` multiply-adds, are most of it.
     """
     if not bs or len(bs) != len(as_) or len(bs) != len(factors):
         raise ValueError("need one B, one A and one factor per site, and at least one site")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    u = np.concatenate(
-        [np.asarray(b, np.float64) * f for b, f in zip(bs, factors, strict=True)], axis=1
-    )
-    v = np.concatenate([np.asarray(a, np.float64) for a in as_], axis=0)
-    d_out, d_in = u.shape[0], v.shape[1]
-    if u.shape[1] != v.shape[0]:
-        raise ValueError(f"B ranks sum to {u.shape[1]} but A ranks to {v.shape[0]}")
-    # Q_u and Q_v are kept as Householder reflectors, never formed: forming them costs
-    # more than the factorisations (the QRs are ~3/4 of an exact round's server time).
-    reflectors_u, r_u = _householder_qr(u)  # R_u: m x R, m = min(d_out, R)
-    reflectors_v, r_v = _householder_qr(v.T)  # R_v: n x R
-    w, s, zt = np.linalg.svd(r_u @ r_v.T, full_matrices=False)
+    d_out, d_in = np.shape(bs[0])[0], np.shape(as_[0])[1]
+    sizes = [np.shape(a)[0] for a in as_]
+    for k, (b, a) in enumerate(zip(bs, as_, strict=True)):
+        if np.shape(b) != (d_out, sizes[k]) or np.shape(a) != (sizes[k], d_in):
+            raise ValueError(
+                f"site {k}: B {np.shape(b)} and A {np.shape(a)} are not the factors of one "
+                f"{d_out} x {d_in} product"
+            )
+    # U^T and V, one row per rank-one term, in float64: U V = M.
+    u_rows = np.empty((sum(sizes), d_out))
+    v = np.empty((sum(sizes), d_in))
+    start = 0
+    for b, a, factor, size in zip(bs, as_, factors, sizes, strict=True):
+        np.multiply(np.asarray(b).T, factor, out=u_rows[start : start + size], dtype=np.float64)
+        v[start : start + size] = a
+        start += size
+    left_basis = _RowBasis(u_rows)  # U^T = C_u^T Q_u^T
+    right_basis = _RowBasis(v)  # V = C_v^T Q_v^T, so M = Q_u (C_u C_v^T) Q_v^T
+    w, s, zt = np.linalg.svd(left_basis.coefficients @ right_basis.coefficients.T)
     kept = min(rank, s.size)
-    left = _q_times(reflectors_u, w[:, :kept])  # Q_u W[:, :kept], d_out x kept
-    right = _q_times(reflectors_v, zt[:kept].T).T  # (Q_v Z[:, :kept])^T, kept x d_in
+    rows = min(rank, right_basis.rank)
+    # (Q_v Z)^T for the kept singular values and, when the rank asks for more rows than the
+    # sum has nonzero singular values, further orthonormal rows of V's row space.
+    right = right_basis.times_q(zt[:rows].T).T
+    left = left_basis.times_q(w[:, :kept]) * s[:kept]
+    # Re-orthonormalise A's rows (a Gram-based basis is orthonormal to about eps * cond^2)
+    # and carry the change into B: the product is unchanged.
+    q, r = np.linalg.qr(right.T)
+    a = q.T
+    b = np.zeros((d_out, rows))
+    b[:, :kept] = left
+    b = b @ r.T
     # Singular vectors are defined up to a sign per pair, and LAPACK builds differ in the
     # sign they return. A site re-factors the global adapter and the server checks its
     # reply against its own re-factoring, so both must agree: the largest entry of each
     # row of A is made positive.
-    peaks = right[np.arange(kept), np.argmax(np.abs(right), axis=1)]
+    peaks = a[np.arange(rows), np.argmax(np.abs(a), axis=1)]
     signs = np.where(peaks < 0, -1.0, 1.0)
-    b = np.zeros((d_out, rank))
-    a = np.zeros((rank, d_in))
-    b[:, :kept] = left * (s[:kept] * signs)
-    a[:kept] = right * signs[:, None]
+    out_b = np.zeros((d_out, rank))
+    out_a = np.zeros((rank, d_in))
+    out_b[:, :rows] = b * signs
+    out_a[:rows] = a * signs[:, None]
     error = math.sqrt(float(np.sum(np.square(s[kept:]))))
-    return Refactored(b, a, error, math.sqrt(float(np.sum(np.square(s)))))
+    return Refactored(out_b, out_a, error, math.sqrt(float(np.sum(np.square(s)))))
 
 
-def _householder_qr(
-    matrix: np.ndarray,
-) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """Thin QR of ``matrix`` (rows x cols): ``((reflectors, tau), R)``, ``R`` upper
-    triangular, min(rows, cols) x cols, and ``Q`` left as LAPACK's Householder reflectors
-    (``geqrf``; the same R as ``np.linalg.qr``)."""
-    h, tau = np.linalg.qr(matrix, mode="raw")  # h: LAPACK's factor, transposed
-    return (h, tau), np.triu(h.T[: min(matrix.shape)])
+class _RowBasis:
+    """An orthonormal basis of the row space of ``rows`` (n x d) from its Gram matrix:
+    ``rows = C^T Q^T`` with ``Q^T`` (k x d, orthonormal rows, never formed) and
+    ``C`` (k x n), k the numerical rank, by Cholesky with complete pivoting of
+    ``rows rows^T`` (LAPACK ``pstrf``, its default tolerance ``n * eps * max diagonal``)."""
 
+    def __init__(self, rows: np.ndarray) -> None:
+        from scipy.linalg import lapack  # scipy comes with opacus and dp-accounting
 
-def _q_times(reflectors: tuple[np.ndarray, np.ndarray], c: np.ndarray) -> np.ndarray:
-    """``Q c`` for the thin ``Q`` of :func:`_householder_qr` (``c``: min(rows, cols) x p),
-    by LAPACK ``ormqr`` on ``[c; 0]``: rows x p."""
-    from scipy.linalg import lapack  # scipy comes with opacus and dp-accounting
+        gram = rows @ rows.T
+        factor, pivots, rank, info = lapack.dpstrf(gram, lower=1)
+        if info < 0:
+            raise np.linalg.LinAlgError(f"LAPACK dpstrf failed (info {info})")
+        order = pivots[:rank] - 1
+        lower = np.tril(factor[:, :rank])  # P^T G P = L L^T, L: n x k
+        self.rank = int(rank)
+        self._leading = rows[order]  # = L11 Q^T
+        self._l11 = lower[:rank]
+        self.coefficients = np.zeros((rank, rows.shape[0]))
+        self.coefficients[:, pivots - 1] = lower.T
 
-    h, tau = reflectors
-    factor = h.T[:, : tau.size]  # rows x k reflectors, Fortran order as LAPACK wrote them
-    padded = np.zeros((factor.shape[0], c.shape[1]), order="F")
-    padded[: c.shape[0]] = c
-    if c.shape[1] == 0:
-        return padded
-    product, _, info = lapack.dormqr(
-        "L", "N", factor, tau, padded, lwork=max(1, 64 * c.shape[1]), overwrite_c=True
-    )
-    if info != 0:
-        raise np.linalg.LinAlgError(f"LAPACK dormqr failed (info {info})")
-    return np.asarray(product)
+    def times_q(self, c: np.ndarray) -> np.ndarray:
+        """``Q c`` (d x p) for ``c`` (k x p)."""
+        from scipy.linalg import solve_triangular
+
+        if self.rank == 0:
+            return np.zeros((self._leading.shape[1], c.shape[1]))
+        return self._leading.T @ solve_triangular(self._l11, c, lower=True, trans="T")
 
 
 def rank_of(state: Mapping[str, np.ndarray]) -> int:

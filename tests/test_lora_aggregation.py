@@ -392,3 +392,44 @@ def test_exact_sends_a_lower_rank_site_the_global_adapter_at_its_rank() -> None:
         np.testing.assert_array_equal(got[key], value)
     assert rank_of(got) == 4
     assert strategy.report.bytes_down == sum(wire.num_bytes(r) for r in sent)
+
+
+@pytest.mark.parametrize("case", ["near-identical sites", "scales 1 to 1e-9", "equal B"])
+def test_exact_refactoring_of_ill_conditioned_stacks_stays_within_float32_resolution(
+    case: str,
+) -> None:
+    # Prepare: ten sites whose stacked factors are nearly rank-deficient, as sites that
+    # start from one adapter and move it little make them (the Gram route squares the
+    # condition number of these stacks)
+    rng = np.random.default_rng(7)
+    b0, a0 = rng.normal(0, 0.01, (D_OUT, RANK)), rng.normal(0, 0.3, (RANK, D_IN))
+    bs, as_ = [], []
+    for k in range(10):
+        if case == "near-identical sites":
+            b, a = b0 + rng.normal(0, 1e-5, b0.shape), a0 + rng.normal(0, 3e-4, a0.shape)
+        elif case == "scales 1 to 1e-9":
+            b, a = rng.normal(0, 10.0**-k, b0.shape), rng.normal(0, 1, a0.shape)
+        else:
+            b, a = b0, a0 + rng.normal(0, 3e-4, a0.shape)
+        bs.append(b.astype(np.float32))
+        as_.append(a.astype(np.float32))
+    factors = list(rng.uniform(1, 5, 10) / 30)
+    target = sum(
+        f * (b.astype(np.float64) @ a.astype(np.float64))
+        for f, b, a in zip(factors, bs, as_, strict=True)
+    )
+    singular = np.linalg.svd(target, compute_uv=False)
+
+    for rank in (RANK, 10 * RANK):
+        # Execute
+        out = refactor_product_sum(bs, as_, factors, rank)
+
+        # Assert: the product is the best rank-r one to within float32's resolution of M,
+        # the reported error is the true one, and A's nonzero rows are orthonormal
+        best = float(np.sqrt(np.sum(singular[rank:] ** 2)))
+        got = float(np.linalg.norm(target - out.b @ out.a))
+        scale = float(np.linalg.norm(target))
+        assert got <= best + 1e-7 * scale
+        assert out.error == pytest.approx(best, abs=1e-7 * scale)
+        rows = out.a[np.abs(out.a).sum(axis=1) > 0]
+        np.testing.assert_allclose(rows @ rows.T, np.eye(len(rows)), atol=1e-12)
