@@ -152,7 +152,11 @@ def test_aggregation_throughput_quick_measures_every_rule(tmp_path: Path) -> Non
     aggregation_throughput.main(["--quick", "--out", str(tmp_path)])
 
     result = json.loads((tmp_path / "aggregation_throughput.json").read_text())
-    assert set(result["rules"]) == {*aggregation_throughput.RULES, aggregation_throughput.FLOOR}
+    assert set(result["rules"]) == {
+        *aggregation_throughput.RULES,
+        aggregation_throughput.FLOOR,
+        aggregation_throughput.EXACT_FLOOR,
+    }
     for row in result["rules"].values():
         assert row["reply-bytes-per-second"] > 0
         assert row["fraction-of-stream"] == pytest.approx(row["stream-seconds"] / row["seconds"])
