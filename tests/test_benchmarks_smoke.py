@@ -87,6 +87,7 @@ def test_npy_header_formula_matches_numpy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_wire_bytes_quick_writes_sane_results(tmp_path: Path) -> None:
     # Execute
     wire_bytes.main(["--quick", "--out", str(tmp_path)])

@@ -1061,6 +1061,7 @@ def dp_run() -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_secagg_with_dp_averages_clipped_updates_and_adds_the_noise(dp_run: dict[str, Any]) -> None:
     # Prepare: every client's update clipped to C = 0.5 (their norms are ~5), equal weights
     from flower_llm.privacy.accounting import PldAccountant, RdpAccountant
@@ -1194,6 +1195,7 @@ def timeout_run() -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_secagg_round_ends_at_the_round_timeout_without_the_silent_site(
     timeout_run: dict[str, Any],
 ) -> None:
