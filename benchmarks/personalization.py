@@ -51,8 +51,6 @@ from benchmarks import common
 SITES = 4
 ROUNDS = 3
 LOCAL_STEPS = 10
-PERSONAL_STEPS = ROUNDS * LOCAL_STEPS
-"""The fine-tune gets as many steps on the site's own data as its local-only adapter had."""
 
 
 def run(

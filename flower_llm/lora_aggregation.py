@@ -153,12 +153,10 @@ def refactor_product_sum(
     right = right_basis.times_q(zt[:rows].T).T
     left = left_basis.times_q(w[:, :kept]) * s[:kept]
     # Re-orthonormalise A's rows (a Gram-based basis is orthonormal to about eps * cond^2)
-    # and carry the change into B: the product is unchanged.
+    # and carry the change into B (whose columns beyond ``kept`` are zero): B A unchanged.
     q, r = np.linalg.qr(right.T)
     a = q.T
-    b = np.zeros((d_out, rows))
-    b[:, :kept] = left
-    b = b @ r.T
+    b = left @ r[:, :kept].T
     # Singular vectors are defined up to a sign per pair, and LAPACK builds differ in the
     # sign they return. A site re-factors the global adapter and the server checks its
     # reply against its own re-factoring, so both must agree: the largest entry of each
